@@ -1,0 +1,236 @@
+//! The compute backend: the operations the GLM-5.x forward is made of.
+//!
+//! The model (`crate::model`) is written once against [`Backend`]; each backend implements the
+//! operations for its device. The CPU backend (f32 on dequantized weights) is the oracle every
+//! other backend is checked against, operation by operation.
+//!
+//! Activations are 2-D tensors `[tokens, width]` whose rows follow the segments of a [`Batch`]:
+//! one step may carry several sequences, each a run of consecutive positions (a prefill chunk,
+//! one decode token, or k+1 tokens to verify). Caches are owned by the backend and addressed by
+//! sequence id and cache slot (one slot per owned layer, plus one for the MTP layer).
+
+pub mod cpu;
+
+use anyhow::Result;
+
+use crate::checkpoint::LinearWeight;
+
+/// One sequence's tokens in a step: positions `start .. start + len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub seq: u64,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// The tokens of one forward step. Activation rows follow the segments in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub segments: Vec<Segment>,
+}
+
+impl Batch {
+    pub fn single(seq: u64, start: usize, len: usize) -> Batch {
+        Batch { segments: vec![Segment { seq, start, len }] }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Position of every row, in row order.
+    pub fn positions(&self) -> Vec<usize> {
+        self.segments.iter().flat_map(|s| s.start..s.start + s.len).collect()
+    }
+
+    /// Row index of each segment's last token.
+    pub fn last_rows(&self) -> Vec<usize> {
+        let mut row = 0;
+        self.segments
+            .iter()
+            .map(|s| {
+                row += s.len;
+                row - 1
+            })
+            .collect()
+    }
+
+    /// The largest number of keys any query of this step can see (its position + 1).
+    pub fn max_visible(&self) -> usize {
+        self.segments.iter().map(|s| s.start + s.len).max().unwrap_or(0)
+    }
+}
+
+/// Rotary embedding parameters shared by the MLA and indexer ropes.
+#[derive(Clone, Debug)]
+pub struct RopeSpec {
+    /// One inverse frequency per rotated pair.
+    pub inv_freq: Vec<f32>,
+    /// Pairs are adjacent elements `(2i, 2i+1)`; otherwise `(i, i + half)`.
+    pub interleaved: bool,
+    pub indexer_interleaved: bool,
+}
+
+/// Shapes of the cache slots a model part needs.
+#[derive(Clone, Debug)]
+pub struct CacheSpec {
+    /// Latent width (kv_lora_rank) and rope width of the MLA cache.
+    pub latent: usize,
+    pub rope: usize,
+    /// Indexer key width, and which slots keep indexer keys.
+    pub index_dim: usize,
+    pub slot_has_index: Vec<bool>,
+}
+
+/// Multi-head latent attention dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct MlaDims {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub latent: usize,
+    pub scale: f32,
+}
+
+/// Lightning-indexer dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexDims {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub rope: usize,
+    pub topk: usize,
+}
+
+/// MoE router parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterParams {
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub scaling: f32,
+}
+
+/// One routed expert: gate and up projections stacked (`[2I, H]`), and the down projection.
+pub struct Expert<B: Backend> {
+    pub gate_up: B::Weight,
+    pub down: B::Weight,
+}
+
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// Activations `[rows, cols]`.
+    type Tensor: Send + Sync;
+    /// A linear weight `[out, in]` in its checkpoint precision.
+    type Weight: Send + Sync;
+    /// A small f32 parameter vector (norm weights and biases).
+    type Vector: Send + Sync;
+    /// `kv_b_proj` split per head for the absorbed MLA form.
+    type MlaHeads: Send + Sync;
+    /// Latent and indexer caches of many sequences.
+    type Cache: Send;
+    /// A step's token positions and rope angles, prepared once per forward.
+    type Step: Send + Sync;
+    /// The DSA top-k positions of every query row.
+    type Selection: Send + Sync;
+    /// Each row's chosen experts and their weights.
+    type Routing: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // ---- uploads -------------------------------------------------------------------------
+    fn weight(&self, w: &LinearWeight) -> Result<Self::Weight>;
+    /// Several weights with equal `cols`, stacked along rows (e.g. gate ‖ up).
+    fn weight_stacked(&self, parts: &[LinearWeight]) -> Result<Self::Weight>;
+    fn vector(&self, v: &[f32]) -> Result<Self::Vector>;
+    fn mla_heads(&self, kv_b: &LinearWeight, dims: &MlaDims) -> Result<Self::MlaHeads>;
+    fn new_cache(&self, spec: &CacheSpec) -> Result<Self::Cache>;
+    /// Forgets a sequence's cached positions.
+    fn release(&self, cache: &mut Self::Cache, seq: u64);
+    fn prepare(&self, batch: &Batch, rope: &RopeSpec) -> Result<Self::Step>;
+
+    // ---- host transfers ------------------------------------------------------------------
+    fn tensor(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor>;
+    fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+
+    // ---- elementwise and layout ----------------------------------------------------------
+    /// Rows of `table` for each id.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `x · Wᵀ`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
+    /// `a += b`.
+    fn add_assign(&self, a: &mut Self::Tensor, b: &Self::Tensor) -> Result<()>;
+    /// `silu(x[:, :n]) * x[:, n:]` for `x = [rows, 2n]`.
+    fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `[a | b]` along columns.
+    fn concat_cols(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The listed rows, in order.
+    fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+
+    // ---- multi-head latent attention -----------------------------------------------------
+    /// Normalizes the latent half of `kv_a` output `[T, latent + rope]`, ropes the rope half,
+    /// and stores both at each row's position in `slot`.
+    fn mla_cache_write(
+        &self,
+        kv: &Self::Tensor,
+        norm: &Self::Vector,
+        eps: f32,
+        step: &Self::Step,
+        cache: &mut Self::Cache,
+        slot: usize,
+    ) -> Result<()>;
+    /// From `q_b_proj` output `[T, H·(nope+rope)]`: the absorbed queries `[T, H·latent]`
+    /// (`W_UKᵀ q_nope` per head) and the roped queries `[T, H·rope]`.
+    fn mla_queries(&self, q: &Self::Tensor, heads: &Self::MlaHeads, step: &Self::Step) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Softmax attention of each query row over the cached positions it may see (the
+    /// selection's, or every position up to its own when `sel` is None). Output `[T, H·latent]`.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_attend(
+        &self,
+        q_lat: &Self::Tensor,
+        q_rope: &Self::Tensor,
+        cache: &Self::Cache,
+        slot: usize,
+        step: &Self::Step,
+        sel: Option<&Self::Selection>,
+        dims: &MlaDims,
+    ) -> Result<Self::Tensor>;
+    /// `W_UV ō` per head: `[T, H·latent]` → `[T, H·v]`.
+    fn mla_values(&self, o_lat: &Self::Tensor, heads: &Self::MlaHeads) -> Result<Self::Tensor>;
+
+    // ---- DSA lightning indexer -----------------------------------------------------------
+    /// LayerNorm (with bias) of `wk` output `[T, D]`, rope on its first `rope` dims, stored at
+    /// each row's position in `slot`.
+    #[allow(clippy::too_many_arguments)]
+    fn index_cache_write(
+        &self,
+        k: &Self::Tensor,
+        norm_w: &Self::Vector,
+        norm_b: &Self::Vector,
+        eps: f32,
+        step: &Self::Step,
+        cache: &mut Self::Cache,
+        slot: usize,
+    ) -> Result<()>;
+    /// Scores `Σ_h w_h · relu(q_h · k_t / √D)` over every visible cached position and keeps the
+    /// top `topk`. `q` is `wq_b` output `[T, heads·D]` (roped here), `w` is `weights_proj`
+    /// output `[T, heads]` (scaled here by heads^-0.5).
+    #[allow(clippy::too_many_arguments)]
+    fn index_select(
+        &self,
+        q: &Self::Tensor,
+        w: &Self::Tensor,
+        cache: &Self::Cache,
+        slot: usize,
+        step: &Self::Step,
+        dims: &IndexDims,
+    ) -> Result<Self::Selection>;
+
+    // ---- mixture of experts --------------------------------------------------------------
+    /// Sigmoid router in f32 with the selection-only correction bias and group-limited top-k.
+    fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, p: &RouterParams) -> Result<Self::Routing>;
+    /// `Σ_k g_k · E_k(x)` over each row's routed experts (shared experts excluded).
+    fn moe(&self, x: &Self::Tensor, experts: &[Expert<Self>], routing: &Self::Routing) -> Result<Self::Tensor>;
+}

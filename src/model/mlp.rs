@@ -1,0 +1,94 @@
+//! Feed-forward blocks: the dense SwiGLU MLP of the first layers, and the MoE block (sigmoid
+//! router, routed experts, shared expert) of the rest.
+
+use anyhow::Result;
+
+use crate::backend::{Backend, Expert, RouterParams};
+use crate::checkpoint::Checkpoint;
+
+/// `down(silu(gate x) · up x)`, with gate and up stacked into one weight.
+pub struct SwiGlu<B: Backend> {
+    gate_up: B::Weight,
+    down: B::Weight,
+}
+
+impl<B: Backend> SwiGlu<B> {
+    pub fn load(b: &B, ck: &Checkpoint, prefix: &str, hidden: usize, inter: usize) -> Result<SwiGlu<B>> {
+        let gate = ck.linear(&format!("{prefix}.gate_proj"), inter, hidden)?;
+        let up = ck.linear(&format!("{prefix}.up_proj"), inter, hidden)?;
+        Ok(SwiGlu {
+            gate_up: b.weight_stacked(&[gate, up])?,
+            down: b.weight(&ck.linear(&format!("{prefix}.down_proj"), hidden, inter)?)?,
+        })
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        b.linear(&b.swiglu(&b.linear(x, &self.gate_up)?)?, &self.down)
+    }
+
+    pub fn into_expert(self) -> Expert<B> {
+        Expert { gate_up: self.gate_up, down: self.down }
+    }
+}
+
+pub struct Moe<B: Backend> {
+    gate: B::Weight,
+    bias: B::Vector,
+    experts: Vec<Expert<B>>,
+    shared: SwiGlu<B>,
+    router: RouterParams,
+}
+
+impl<B: Backend> Moe<B> {
+    pub fn load(b: &B, ck: &Checkpoint, layer: usize) -> Result<Moe<B>> {
+        let c = &ck.config;
+        let p = format!("model.layers.{layer}.mlp");
+        let (h, e) = (c.hidden_size, c.n_routed_experts);
+        let experts = (0..e)
+            .map(|i| SwiGlu::load(b, ck, &format!("{p}.experts.{i}"), h, c.moe_intermediate_size).map(SwiGlu::into_expert))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Moe {
+            gate: b.weight(&ck.linear(&format!("{p}.gate"), e, h)?)?,
+            bias: b.vector(&ck.vector(&format!("{p}.gate.e_score_correction_bias"), e)?)?,
+            experts,
+            shared: SwiGlu::load(b, ck, &format!("{p}.shared_experts"), h, c.moe_intermediate_size * c.n_shared_experts)?,
+            router: RouterParams {
+                top_k: c.num_experts_per_tok,
+                n_group: c.n_group,
+                topk_group: c.topk_group,
+                norm_topk_prob: c.norm_topk_prob,
+                scaling: c.routed_scaling_factor,
+            },
+        })
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let routing = b.route(x, &self.gate, &self.bias, &self.router)?;
+        let mut y = b.moe(x, &self.experts, &routing)?;
+        b.add_assign(&mut y, &self.shared.forward(b, x)?)?;
+        Ok(y)
+    }
+}
+
+pub enum Ffn<B: Backend> {
+    Dense(SwiGlu<B>),
+    Moe(Moe<B>),
+}
+
+impl<B: Backend> Ffn<B> {
+    pub fn load(b: &B, ck: &Checkpoint, layer: usize) -> Result<Ffn<B>> {
+        let c = &ck.config;
+        if c.is_moe_layer(layer) {
+            Ok(Ffn::Moe(Moe::load(b, ck, layer)?))
+        } else {
+            Ok(Ffn::Dense(SwiGlu::load(b, ck, &format!("model.layers.{layer}.mlp"), c.hidden_size, c.intermediate_size)?))
+        }
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(b, x),
+            Ffn::Moe(m) => m.forward(b, x),
+        }
+    }
+}
