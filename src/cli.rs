@@ -170,7 +170,7 @@ fn pick_device(device: Device) -> Result<CpuBackend> {
 
 fn eval(dir: &Path, tokens: &[u32], dump: &Path, chunk: Option<usize>, device: Device) -> Result<()> {
     let ck = Checkpoint::open(dir)?;
-    let model = Model::load(pick_device(device)?, &ck, ModelParts::whole(&ck.config))?;
+    let model = Model::load(pick_device(device)?, &ck, ModelParts::whole(&ck))?;
     let b = &model.backend;
     let t = tokens.len();
     if t == 0 {
@@ -237,7 +237,7 @@ fn generate_cmd(
     };
     let mut stop_ids = ck.config.eos_token_ids.clone();
     stop_ids.extend(defaults.eos_token_ids.iter().filter(|id| !ck.config.eos_token_ids.contains(id)));
-    let model = Model::load(pick_device(device)?, &ck, ModelParts { mtp: false, ..ModelParts::whole(&ck.config) })?;
+    let model = Model::load(pick_device(device)?, &ck, ModelParts { mtp: false, ..ModelParts::whole(&ck) })?;
     let opts = GenerateOptions { max_new_tokens, sampling, stop_ids, ignore_eos };
     let mut stdout = std::io::stdout();
     let mut ids = Vec::new();

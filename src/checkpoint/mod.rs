@@ -89,6 +89,21 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, index })
     }
 
+    /// Whether the MTP layer's weights are present (configs may announce one that a
+    /// conversion dropped).
+    pub fn has_mtp_layer(&self) -> bool {
+        match self.config.mtp_layer_index() {
+            Some(i) => {
+                let found = self.index.keys().any(|n| n.starts_with(&format!("model.layers.{i}.eh_proj.")));
+                if !found {
+                    tracing::warn!("config announces an MTP layer but model.layers.{i}.eh_proj is absent; running without it");
+                }
+                found
+            }
+            None => false,
+        }
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

@@ -32,8 +32,9 @@ pub struct ModelParts {
 
 impl ModelParts {
     /// The whole network, with the MTP layer when the checkpoint has one.
-    pub fn whole(cfg: &ModelConfig) -> ModelParts {
-        ModelParts { layers: 0..cfg.num_hidden_layers, embed: true, head: true, mtp: cfg.num_nextn_predict_layers > 0 }
+    pub fn whole(ck: &Checkpoint) -> ModelParts {
+        let cfg = &ck.config;
+        ModelParts { layers: 0..cfg.num_hidden_layers, embed: true, head: true, mtp: ck.has_mtp_layer() }
     }
 }
 
