@@ -6,10 +6,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Batch};
+use crate::backend::{AnyBackend, Backend, Batch, Device};
 use crate::checkpoint::safetensors::{write_file, OwnedTensor};
 use crate::checkpoint::Checkpoint;
 use crate::generate::{generate, GenerateOptions};
@@ -24,14 +23,6 @@ use crate::tiny::{self, TinyQuant, TinySpec};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Device {
-    /// The CUDA backend when a usable GPU is present, else the CPU backend.
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,6 +84,12 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         ranks: usize,
     },
+    /// GPU measurements: `check` (every CUDA op against the CPU oracle, then the reference
+    /// fixtures end to end) or `kernels` (bandwidth at real GLM-5.2 shapes).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Write a small random checkpoint in the GLM-5.2 on-disk layout.
     Tiny {
         #[arg(long)]
@@ -101,6 +98,22 @@ enum Command {
         quant: TinyQuant,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Every CUDA operation against the CPU backend on fresh random inputs, then the fixtures.
+    Check {
+        #[arg(long, default_value = "tests/fixtures")]
+        fixtures: PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Kernel bandwidth at real GLM-5.2 shapes.
+    Kernels {
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
     },
 }
 
@@ -152,6 +165,8 @@ fn run(cmd: Command) -> Result<()> {
             generate_cmd(&dir, input, max_new_tokens, sampling, ignore_eos, json, device, &defaults)
         }
         Command::Inspect { model, ranks } => inspect(&tiny::resolve_model(&model)?, ranks),
+        Command::Bench { what: BenchCommand::Check { fixtures, seed } } => crate::bench::check::run(&fixtures, seed),
+        Command::Bench { what: BenchCommand::Kernels { reps } } => crate::bench::kernels::run(reps),
         Command::Tiny { out, quant, seed } => {
             tiny::write(&out, &TinySpec::new(quant, seed))?;
             println!("wrote a tiny {quant:?} GLM-5.2-layout checkpoint to {}", out.display());
@@ -160,24 +175,20 @@ fn run(cmd: Command) -> Result<()> {
     }
 }
 
-/// Checks the device choice; only the CPU backend exists in this build.
-fn pick_device(device: Device) -> Result<CpuBackend> {
-    match device {
-        Device::Cpu | Device::Auto => Ok(CpuBackend),
-        Device::Cuda => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
-    }
-}
-
 fn eval(dir: &Path, tokens: &[u32], dump: &Path, chunk: Option<usize>, device: Device) -> Result<()> {
     let ck = Checkpoint::open(dir)?;
-    let model = Model::load(pick_device(device)?, &ck, ModelParts::whole(&ck))?;
+    let backend = AnyBackend::open(device, 0)?;
+    crate::with_backend!(backend, b => eval_with(Model::load(b, &ck, ModelParts::whole(&ck))?, tokens, dump, chunk))
+}
+
+fn eval_with<B: Backend>(model: Model<B>, tokens: &[u32], dump: &Path, chunk: Option<usize>) -> Result<()> {
     let b = &model.backend;
     let t = tokens.len();
     if t == 0 {
         bail!("--tokens is empty");
     }
     let chunk = chunk.unwrap_or(t).max(1);
-    let mut cache = model.new_cache()?;
+    let mut cache = model.new_cache(t)?;
     let vocab = model.config.vocab_size;
     let hidden_size = model.config.hidden_size;
     let mut logits = Vec::with_capacity(t * vocab);
@@ -237,14 +248,19 @@ fn generate_cmd(
     };
     let mut stop_ids = ck.config.eos_token_ids.clone();
     stop_ids.extend(defaults.eos_token_ids.iter().filter(|id| !ck.config.eos_token_ids.contains(id)));
-    let model = Model::load(pick_device(device)?, &ck, ModelParts { mtp: false, ..ModelParts::whole(&ck) })?;
     let opts = GenerateOptions { max_new_tokens, sampling, stop_ids, ignore_eos };
+    let parts = ModelParts { mtp: false, ..ModelParts::whole(&ck) };
+    let backend = AnyBackend::open(device, 0)?;
+    crate::with_backend!(backend, b => generate_with(Model::load(b, &ck, parts)?, &prompt, &opts, codec.as_ref(), json))
+}
+
+fn generate_with<B: Backend>(model: Model<B>, prompt: &[u32], opts: &GenerateOptions, codec: Option<&TextCodec>, json: bool) -> Result<()> {
     let mut stdout = std::io::stdout();
     let mut ids = Vec::new();
     let mut printed = 0usize;
-    let result = generate(&model, &prompt, &opts, |tok| {
+    let result = generate(&model, prompt, opts, |tok| {
         ids.push(tok);
-        if let Some(c) = &codec {
+        if let Some(c) = codec {
             // Print the newly completed text; a partial UTF-8 sequence waits for the next token.
             let text = c.decode(&ids, true)?;
             if text.len() > printed && !text.ends_with('\u{fffd}') && text.is_char_boundary(printed) {
@@ -255,7 +271,7 @@ fn generate_cmd(
         }
         Ok(())
     })?;
-    let text = match &codec {
+    let text = match codec {
         Some(c) => c.decode(&result.token_ids, true)?,
         None => String::new(),
     };

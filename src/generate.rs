@@ -49,7 +49,7 @@ pub fn generate<B: Backend>(
         );
     }
     let start = Instant::now();
-    let mut cache = model.new_cache()?;
+    let mut cache = model.new_cache(prompt.len() + opts.max_new_tokens)?;
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut out = Vec::new();
     let mut first_token_at = None;

@@ -10,9 +10,11 @@
 //! - [`checkpoint`]: config, safetensors shards, BF16/FP8/INT4 weights, per-module precision;
 //! - [`text`]: tokenizer and chat template;
 //! - [`plan`]: bytes per layer and the split of layers over ranks;
-//! - [`tiny`]: the built-in tiny checkpoint writer.
+//! - [`tiny`]: the built-in tiny checkpoint writer;
+//! - [`bench`]: GPU correctness table and kernel benchmarks.
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod generate;

@@ -10,6 +10,50 @@
 //! sequence id and cache slot (one slot per owned layer, plus one for the MTP layer).
 
 pub mod cpu;
+pub mod cuda;
+
+/// A backend chosen at run time.
+pub enum AnyBackend {
+    Cpu(cpu::CpuBackend),
+    Cuda(cuda::CudaBackend),
+}
+
+/// Where to run, as `--device` spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// The CUDA backend when a usable GPU is present, else the CPU backend (with a warning).
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl AnyBackend {
+    /// Opens the requested device; `auto` falls back to the CPU when no GPU can be used.
+    pub fn open(device: Device, gpu: usize) -> Result<AnyBackend> {
+        match device {
+            Device::Cpu => Ok(AnyBackend::Cpu(cpu::CpuBackend)),
+            Device::Cuda => Ok(AnyBackend::Cuda(cuda::CudaBackend::new(gpu)?)),
+            Device::Auto => match cuda::CudaBackend::probe() {
+                None => Ok(AnyBackend::Cuda(cuda::CudaBackend::new(gpu)?)),
+                Some(why) => {
+                    tracing::warn!("no usable GPU ({why}); running on the CPU backend");
+                    Ok(AnyBackend::Cpu(cpu::CpuBackend))
+                }
+            },
+        }
+    }
+}
+
+/// Runs `$body` with `$b` bound to the concrete backend inside an [`AnyBackend`].
+#[macro_export]
+macro_rules! with_backend {
+    ($any:expr, $b:ident => $body:expr) => {
+        match $any {
+            $crate::backend::AnyBackend::Cpu($b) => $body,
+            $crate::backend::AnyBackend::Cuda($b) => $body,
+        }
+    };
+}
 
 use anyhow::Result;
 
@@ -71,6 +115,23 @@ pub struct RopeSpec {
     pub indexer_interleaved: bool,
 }
 
+impl RopeSpec {
+    /// `cos` and `sin` of every position's angles, `[positions, pairs]` row-major. The angle is
+    /// rounded to f32 as transformers computes it; cos and sin of that angle are exact.
+    pub fn angles(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let n = positions.len() * self.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+}
+
 /// Shapes of the cache slots a model part needs.
 #[derive(Clone, Debug)]
 pub struct CacheSpec {
@@ -80,6 +141,8 @@ pub struct CacheSpec {
     /// Indexer key width, and which slots keep indexer keys.
     pub index_dim: usize,
     pub slot_has_index: Vec<bool>,
+    /// Positions the cache must hold over all sequences at once.
+    pub capacity: usize,
 }
 
 /// Multi-head latent attention dimensions.
@@ -112,10 +175,11 @@ pub struct RouterParams {
     pub scaling: f32,
 }
 
-/// One routed expert: gate and up projections stacked (`[2I, H]`), and the down projection.
-pub struct Expert<B: Backend> {
-    pub gate_up: B::Weight,
-    pub down: B::Weight,
+/// One routed expert's projections as stored: gate `[I, H]`, up `[I, H]`, down `[H, I]`.
+pub struct ExpertWeights {
+    pub gate: LinearWeight,
+    pub up: LinearWeight,
+    pub down: LinearWeight,
 }
 
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -127,6 +191,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type Vector: Send + Sync;
     /// `kv_b_proj` split per head for the absorbed MLA form.
     type MlaHeads: Send + Sync;
+    /// The routed experts of one MoE layer.
+    type Experts: Send + Sync;
     /// Latent and indexer caches of many sequences.
     type Cache: Send;
     /// A step's token positions and rope angles, prepared once per forward.
@@ -144,10 +210,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn weight_stacked(&self, parts: &[LinearWeight]) -> Result<Self::Weight>;
     fn vector(&self, v: &[f32]) -> Result<Self::Vector>;
     fn mla_heads(&self, kv_b: &LinearWeight, dims: &MlaDims) -> Result<Self::MlaHeads>;
+    fn experts(&self, experts: &[ExpertWeights]) -> Result<Self::Experts>;
     fn new_cache(&self, spec: &CacheSpec) -> Result<Self::Cache>;
     /// Forgets a sequence's cached positions.
     fn release(&self, cache: &mut Self::Cache, seq: u64);
-    fn prepare(&self, batch: &Batch, rope: &RopeSpec) -> Result<Self::Step>;
+    /// Prepares a step: reserves cache room for its positions and computes its rope angles.
+    fn prepare(&self, batch: &Batch, rope: &RopeSpec, cache: &mut Self::Cache) -> Result<Self::Step>;
 
     // ---- host transfers ------------------------------------------------------------------
     fn tensor(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor>;
@@ -232,5 +300,5 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Sigmoid router in f32 with the selection-only correction bias and group-limited top-k.
     fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, p: &RouterParams) -> Result<Self::Routing>;
     /// `Σ_k g_k · E_k(x)` over each row's routed experts (shared experts excluded).
-    fn moe(&self, x: &Self::Tensor, experts: &[Expert<Self>], routing: &Self::Routing) -> Result<Self::Tensor>;
+    fn moe(&self, x: &Self::Tensor, experts: &Self::Experts, routing: &Self::Routing) -> Result<Self::Tensor>;
 }

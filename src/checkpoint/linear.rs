@@ -146,6 +146,33 @@ impl LinearWeight {
         }
     }
 
+    /// The scales as f32: the FP8 block grid `[ceil(rows/br), ceil(cols/bc)]` (one value for a
+    /// per-tensor scale) or the integer group scales `[rows, groups]`; empty for plain weights.
+    pub fn scale_values(&self) -> Vec<f32> {
+        match &self.format {
+            Format::Plain => vec![],
+            Format::Fp8 { scale, .. } | Format::Packed { scale, .. } => (0..scale.numel()).map(|i| scale_at(scale, i)).collect(),
+        }
+    }
+
+    /// Signed zero points `[rows, groups]` of an asymmetric integer weight.
+    pub fn zero_points(&self) -> Option<Vec<i8>> {
+        let Format::Packed { bits, group, zero: Some(zp), .. } = &self.format else { return None };
+        let bits = *bits as usize;
+        let groups = self.cols.div_ceil(*group);
+        let mask = (1u32 << bits) - 1;
+        let offset = 1i32 << (bits - 1);
+        Some(
+            (0..self.rows * groups)
+                .map(|i| {
+                    let (r, g) = (i / groups, i % groups);
+                    let word = i32_at(zp, (r * bits / 32) * groups + g);
+                    (((word >> ((r * bits) % 32)) & mask) as i32 - offset) as i8
+                })
+                .collect(),
+        )
+    }
+
     /// The whole weight as f32, row-major.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];

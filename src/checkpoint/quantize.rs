@@ -110,3 +110,55 @@ pub fn pack_quantized(
     }
     out
 }
+
+/// Storage formats for weights made in-process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SynthFormat {
+    F32,
+    Bf16,
+    F16,
+    /// FP8 e4m3 with block scales of this shape.
+    Fp8([usize; 2]),
+    Int { bits: usize, group: usize, symmetric: bool },
+}
+
+impl std::fmt::Display for SynthFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SynthFormat::F32 => write!(f, "f32"),
+            SynthFormat::Bf16 => write!(f, "bf16"),
+            SynthFormat::F16 => write!(f, "f16"),
+            SynthFormat::Fp8(b) => write!(f, "fp8-{}x{}", b[0], b[1]),
+            SynthFormat::Int { bits, group, symmetric } => write!(f, "int{bits}-g{group}-{}", if *symmetric { "sym" } else { "asym" }),
+        }
+    }
+}
+
+/// A random linear weight `[rows, cols]` (values N(0, 1/cols)) stored in `fmt`, held in memory.
+pub fn synthetic_linear(module: &str, rows: usize, cols: usize, fmt: SynthFormat, rng: &mut crate::sampling::Rng) -> super::LinearWeight {
+    use super::linear::{Format, LinearWeight};
+    use super::safetensors::TensorView;
+    let std = (1.0 / cols as f64).sqrt();
+    let w: Vec<f32> = (0..rows * cols).map(|_| (rng.normal() * std) as f32).collect();
+    let view = |suffix: &str, t: OwnedTensor| TensorView::in_memory(&format!("{module}.{suffix}"), t);
+    let (data, format) = match fmt {
+        SynthFormat::F32 => (view("weight", OwnedTensor::f32(&[rows, cols], &w)), Format::Plain),
+        SynthFormat::Bf16 => (view("weight", OwnedTensor::bf16(&[rows, cols], &w)), Format::Plain),
+        SynthFormat::F16 => {
+            let data = w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect();
+            (view("weight", OwnedTensor { dtype: DType::F16, shape: vec![rows, cols], data }), Format::Plain)
+        }
+        SynthFormat::Fp8(block) => {
+            let (q, s) = fp8_block(&w, rows, cols, block);
+            (view("weight", q), Format::Fp8 { scale: view("weight_scale_inv", s), block })
+        }
+        SynthFormat::Int { bits, group, symmetric } => {
+            let mut parts: std::collections::HashMap<&str, OwnedTensor> = pack_quantized(&w, rows, cols, bits, group, symmetric).into_iter().collect();
+            let data = view("weight_packed", parts.remove("weight_packed").unwrap());
+            let scale = view("weight_scale", parts.remove("weight_scale").unwrap());
+            let zero = parts.remove("weight_zero_point").map(|z| view("weight_zero_point", z));
+            (data, Format::Packed { bits: bits as u32, group, scale, zero })
+        }
+    };
+    LinearWeight { module: module.to_string(), rows, cols, data, format }
+}

@@ -86,13 +86,16 @@ impl fmt::Display for DType {
     }
 }
 
+/// Bytes a tensor view points into: a mapped file, or memory built in-process.
+pub type Storage = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// One tensor inside a mapped file: where its bytes are and what they mean.
 #[derive(Clone)]
 pub struct TensorView {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
-    map: Arc<Mmap>,
+    map: Storage,
     start: usize,
     len: usize,
     pub file: Arc<PathBuf>,
@@ -105,8 +108,22 @@ impl fmt::Debug for TensorView {
 }
 
 impl TensorView {
+    /// A view of tensor data held in memory (weights made in-process, for tests and benches).
+    pub fn in_memory(name: &str, t: OwnedTensor) -> TensorView {
+        let len = t.data.len();
+        TensorView {
+            name: name.to_string(),
+            dtype: t.dtype,
+            shape: t.shape,
+            map: Arc::new(t.data),
+            start: 0,
+            len,
+            file: Arc::new(PathBuf::from("<memory>")),
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
+        &(*self.map).as_ref()[self.start..self.start + self.len]
     }
 
     pub fn numel(&self) -> usize {
@@ -171,7 +188,7 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
 /// A memory-mapped safetensors file with its validated header.
 pub struct SafetensorsFile {
     pub path: Arc<PathBuf>,
-    map: Arc<Mmap>,
+    map: Storage,
     pub tensors: BTreeMap<String, (DType, Vec<usize>, usize, usize)>,
     pub metadata: BTreeMap<String, String>,
 }
@@ -246,7 +263,7 @@ impl SafetensorsFile {
             }
             tensors.insert(name.clone(), (dtype, shape, data_start + begin, end - begin));
         }
-        Ok(SafetensorsFile { path, map: Arc::new(map), tensors, metadata })
+        Ok(SafetensorsFile { path, map: Arc::new(map) as Storage, tensors, metadata })
     }
 
     pub fn view(&self, name: &str) -> Option<TensorView> {

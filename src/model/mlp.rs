@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::backend::{Backend, Expert, RouterParams};
+use crate::backend::{Backend, ExpertWeights, RouterParams};
 use crate::checkpoint::Checkpoint;
 
 /// `down(silu(gate x) · up x)`, with gate and up stacked into one weight.
@@ -26,15 +26,12 @@ impl<B: Backend> SwiGlu<B> {
         b.linear(&b.swiglu(&b.linear(x, &self.gate_up)?)?, &self.down)
     }
 
-    pub fn into_expert(self) -> Expert<B> {
-        Expert { gate_up: self.gate_up, down: self.down }
-    }
 }
 
 pub struct Moe<B: Backend> {
     gate: B::Weight,
     bias: B::Vector,
-    experts: Vec<Expert<B>>,
+    experts: B::Experts,
     shared: SwiGlu<B>,
     router: RouterParams,
 }
@@ -44,9 +41,18 @@ impl<B: Backend> Moe<B> {
         let c = &ck.config;
         let p = format!("model.layers.{layer}.mlp");
         let (h, e) = (c.hidden_size, c.n_routed_experts);
+        let inter = c.moe_intermediate_size;
         let experts = (0..e)
-            .map(|i| SwiGlu::load(b, ck, &format!("{p}.experts.{i}"), h, c.moe_intermediate_size).map(SwiGlu::into_expert))
+            .map(|i| {
+                let ep = format!("{p}.experts.{i}");
+                Ok(ExpertWeights {
+                    gate: ck.linear(&format!("{ep}.gate_proj"), inter, h)?,
+                    up: ck.linear(&format!("{ep}.up_proj"), inter, h)?,
+                    down: ck.linear(&format!("{ep}.down_proj"), h, inter)?,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
+        let experts = b.experts(&experts)?;
         Ok(Moe {
             gate: b.weight(&ck.linear(&format!("{p}.gate"), e, h)?)?,
             bias: b.vector(&ck.vector(&format!("{p}.gate.e_score_correction_bias"), e)?)?,

@@ -109,25 +109,26 @@ impl<B: Backend> Model<B> {
         self.mtp.is_some()
     }
 
-    /// Cache slots: one per owned layer, then one for the MTP layer.
-    pub fn cache_spec(&self) -> CacheSpec {
+    /// Cache slots: one per owned layer, then one for the MTP layer; room for `capacity`
+    /// positions over all sequences.
+    pub fn cache_spec(&self, capacity: usize) -> CacheSpec {
         let c = &self.config;
         let mut slot_has_index: Vec<bool> = self.layers.iter().map(|l| l.attn.has_indexer()).collect();
         if self.mtp.is_some() {
             slot_has_index.push(true);
         }
-        CacheSpec { latent: c.kv_lora_rank, rope: c.qk_rope_head_dim, index_dim: c.index_head_dim, slot_has_index }
+        CacheSpec { latent: c.kv_lora_rank, rope: c.qk_rope_head_dim, index_dim: c.index_head_dim, slot_has_index, capacity }
     }
 
-    pub fn new_cache(&self) -> Result<B::Cache> {
-        self.backend.new_cache(&self.cache_spec())
+    pub fn new_cache(&self, capacity: usize) -> Result<B::Cache> {
+        self.backend.new_cache(&self.cache_spec(capacity))
     }
 
     fn mtp_slot(&self) -> usize {
         self.layers.len()
     }
 
-    pub fn prepare(&self, batch: &Batch) -> Result<B::Step> {
+    pub fn prepare(&self, batch: &Batch, cache: &mut B::Cache) -> Result<B::Step> {
         for s in &batch.segments {
             if s.start + s.len > self.config.max_position_embeddings {
                 bail!(
@@ -138,7 +139,7 @@ impl<B: Backend> Model<B> {
                 );
             }
         }
-        self.backend.prepare(batch, &self.rope)
+        self.backend.prepare(batch, &self.rope, cache)
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -181,7 +182,7 @@ impl<B: Backend> Model<B> {
         if ids.len() != batch.tokens() {
             bail!("{} token ids for a batch of {} tokens", ids.len(), batch.tokens());
         }
-        let step = self.prepare(batch)?;
+        let step = self.prepare(batch, cache)?;
         let x = self.embed(ids)?;
         let x = self.forward_layers(x, batch, &step, cache, &mut Selected::Unset)?;
         self.final_norm(&x)
@@ -194,7 +195,7 @@ impl<B: Backend> Model<B> {
         if next_ids.len() != batch.tokens() {
             bail!("{} token ids for a batch of {} tokens", next_ids.len(), batch.tokens());
         }
-        let step = self.prepare(batch)?;
+        let step = self.prepare(batch, cache)?;
         let emb = self.embed(next_ids)?;
         let mut cx = Ctx { backend: &self.backend, step: &step, cache, max_visible: batch.max_visible() };
         let g = mtp.forward(&mut cx, &emb, hidden, self.mtp_slot())?;

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use self::attention::{CpuCache, CpuMlaHeads, CpuSelection};
 use self::gemm::Stacked;
 use self::moe::CpuRouting;
-use super::{Backend, Batch, CacheSpec, Expert, IndexDims, MlaDims, RopeSpec, RouterParams};
+use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::LinearWeight;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -80,6 +80,7 @@ impl Backend for CpuBackend {
     type Weight = Stacked;
     type Vector = Vec<f32>;
     type MlaHeads = CpuMlaHeads;
+    type Experts = Vec<(Stacked, Stacked)>;
     type Cache = CpuCache;
     type Step = CpuStep;
     type Selection = CpuSelection;
@@ -112,6 +113,13 @@ impl Backend for CpuBackend {
         Ok(CpuMlaHeads { w: kv_b.to_f32(), dims: *dims })
     }
 
+    fn experts(&self, experts: &[ExpertWeights]) -> Result<Vec<(Stacked, Stacked)>> {
+        experts
+            .iter()
+            .map(|e| Ok((self.weight_stacked(&[e.gate.clone(), e.up.clone()])?, self.weight(&e.down)?)))
+            .collect()
+    }
+
     fn new_cache(&self, spec: &CacheSpec) -> Result<CpuCache> {
         Ok(CpuCache::new(spec))
     }
@@ -120,19 +128,10 @@ impl Backend for CpuBackend {
         cache.release(seq);
     }
 
-    fn prepare(&self, batch: &Batch, rope: &RopeSpec) -> Result<CpuStep> {
+    fn prepare(&self, batch: &Batch, rope: &RopeSpec, _cache: &mut CpuCache) -> Result<CpuStep> {
         let positions = batch.positions();
         let half = rope.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in &positions {
-            for &f in &rope.inv_freq {
-                // The angle is rounded to f32 as in transformers; cos/sin are then exact.
-                let angle = (p as f32 * f) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let (cos, sin) = rope.angles(&positions);
         Ok(CpuStep {
             batch: batch.clone(),
             positions,
@@ -272,9 +271,7 @@ impl Backend for CpuBackend {
         moe::route(x, gate, bias, p)
     }
 
-    fn moe(&self, x: &CpuTensor, experts: &[Expert<Self>], routing: &CpuRouting) -> Result<CpuTensor> {
-        // Borrow the weights as (gate_up, down) pairs without copying them.
-        let pairs: Vec<(&Stacked, &Stacked)> = experts.iter().map(|e| (&e.gate_up, &e.down)).collect();
-        moe::moe(x, &pairs, routing)
+    fn moe(&self, x: &CpuTensor, experts: &Vec<(Stacked, Stacked)>, routing: &CpuRouting) -> Result<CpuTensor> {
+        moe::moe(x, experts, routing)
     }
 }

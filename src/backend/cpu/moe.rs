@@ -62,7 +62,7 @@ pub fn route(x: &CpuTensor, gate: &Stacked, bias: &[f32], p: &RouterParams) -> R
     Ok(CpuRouting { top_k: p.top_k, experts, weights })
 }
 
-pub fn moe(x: &CpuTensor, experts: &[(&Stacked, &Stacked)], r: &CpuRouting) -> Result<CpuTensor> {
+pub fn moe(x: &CpuTensor, experts: &[(Stacked, Stacked)], r: &CpuRouting) -> Result<CpuTensor> {
     let h = x.cols;
     let mut out = vec![0f32; x.rows * h];
     // Group rows by expert so each expert's weights are read once per step.
@@ -80,7 +80,7 @@ pub fn moe(x: &CpuTensor, experts: &[(&Stacked, &Stacked)], r: &CpuRouting) -> R
         if rows.is_empty() {
             continue;
         }
-        let (gate_up, down) = experts[e];
+        let (gate_up, down) = &experts[e];
         let xs: Vec<f32> = rows.iter().flat_map(|(t, _)| x.data[t * h..(t + 1) * h].iter().copied()).collect();
         let gu = linear(&xs, rows.len(), gate_up);
         let act = swiglu_rows(&gu, rows.len(), gate_up.rows);

@@ -1,0 +1,97 @@
+// Shared helpers for duet's kernels. Prepended to every kernels/*.cu source before NVRTC
+// compiles it for sm_90a, so no file needs an #include.
+//
+// Conventions: activations are f32, row-major [rows, cols]; weights stay in checkpoint precision
+// (bf16/f16/f32 raw bits, FP8 e4m3 with f32 block scales, INT4/INT8 in int32 words with f32 group
+// scales and int8 zero points); accumulation is f32. Entry points are extern "C".
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define WARP 32
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf16_to_f32(u16 v) { return __uint_as_float(((u32)v) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+
+// Two e4m3 values (low byte first) to two floats, through the f16x2 converter of sm_89+.
+__device__ __forceinline__ void e4m3x2_to_f32(u16 pair, float& lo, float& hi) {
+    u32 h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
+    lo = f16_to_f32((u16)(h2 & 0xffff));
+    hi = f16_to_f32((u16)(h2 >> 16));
+}
+
+__device__ __forceinline__ float e4m3_to_f32(u8 v) {
+    float lo, hi;
+    e4m3x2_to_f32((u16)v, lo, hi);
+    return lo;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; `scratch` holds one float per warp. Every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[w] = v;
+    __syncthreads();
+    float r = 0.f;
+    for (int i = 0; i < nw; i++) r += scratch[i];
+    return r;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[w] = v;
+    __syncthreads();
+    float r = NEG_INF;
+    for (int i = 0; i < nw; i++) r = fmaxf(r, scratch[i]);
+    return r;
+}
+
+// Rotates one pair of a rope vector in place.
+__device__ __forceinline__ void rope_pair(float* x, int i, int half, bool interleaved, float c, float s) {
+    int a = interleaved ? 2 * i : i;
+    int b = interleaved ? 2 * i + 1 : i + half;
+    float xa = x[a], xb = x[b];
+    x[a] = xa * c - xb * s;
+    x[b] = xb * c + xa * s;
+}
+
+// ---- paged caches -----------------------------------------------------------------------------
+// A cache slot is a pool of blocks of CACHE_BLOCK positions, each `width` floats. A step carries
+// per row its position and its sequence's row of the block table.
+#define CACHE_BLOCK 64
+
+struct StepMeta {
+    const int* pos;        // [T] position of each row
+    const int* row_seq;    // [T] index of the row's sequence in the block table
+    const int* blocks;     // [n_seq, max_blocks] block ids
+    int max_blocks;
+};
+
+__device__ __forceinline__ float* cache_row(float* pool, int width, const int* blocks, int max_blocks, int seq, int p) {
+    int b = blocks[seq * max_blocks + p / CACHE_BLOCK];
+    return pool + ((size_t)b * CACHE_BLOCK + (p % CACHE_BLOCK)) * width;
+}

@@ -1,0 +1,47 @@
+// Norms and elementwise operations on f32 activations.
+
+// y = w ⊙ x / sqrt(mean(x²) + eps), one block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
+                                    float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * cols;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) ss = fmaf(xr[c], xr[c], ss);
+    ss = block_sum(ss, scratch);
+    float r = 1.f / sqrtf(ss / cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) y[(size_t)blockIdx.x * cols + c] = w[c] * (xr[c] * r);
+}
+
+extern "C" __global__ void add_assign(float* __restrict__ a, const float* __restrict__ b, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) a[i] += b[i];
+}
+
+// y[r, i] = silu(x[r, i]) · x[r, n + i] for x = [rows, 2n].
+extern "C" __global__ void swiglu(const float* __restrict__ x, float* __restrict__ y, int rows, int n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * n) return;
+    size_t r = i / n, j = i % n;
+    float g = x[r * 2 * n + j], u = x[r * 2 * n + n + j];
+    y[i] = g / (1.f + expf(-g)) * u;
+}
+
+// y = [a | b] along columns.
+extern "C" __global__ void concat_cols(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, int rows,
+                                       int ca, int cb) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int w = ca + cb;
+    if (i >= (size_t)rows * w) return;
+    size_t r = i / w;
+    int c = i % w;
+    y[i] = c < ca ? a[r * ca + c] : b[r * cb + (c - ca)];
+}
+
+// y[i] = x[rows[i]]
+extern "C" __global__ void select_rows(const float* __restrict__ x, const int* __restrict__ rows, float* __restrict__ y, int n,
+                                       int cols) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)n * cols) return;
+    size_t r = i / cols;
+    y[i] = x[(size_t)rows[r] * cols + i % cols];
+}

@@ -1,0 +1,127 @@
+//! The CUDA kernels: `kernels/*.cu`, embedded in the binary and compiled at start-up with NVRTC
+//! for `sm_90a` into cubins, cached on disk by a hash of the source, options and NVRTC version.
+//! No build step needs nvcc or a GPU; CI compiles every kernel through the same path.
+
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+
+/// Prepended to every source (no `#include` needed).
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// (module name, source). Each becomes one NVRTC program and one CUDA module.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("linear", include_str!("../../../kernels/linear.cu")),
+    ("elementwise", include_str!("../../../kernels/elementwise.cu")),
+    ("attention", include_str!("../../../kernels/attention.cu")),
+];
+
+/// The GPU architecture kernels are built for (Hopper, with its arch-specific instructions).
+pub const ARCH: &str = "sm_90a";
+
+const OPTIONS: &[&str] = &["--std=c++17", "--gpu-architecture=sm_90a", "-lineinfo"];
+
+/// Whether libnvrtc can be opened.
+pub fn nvrtc_available() -> bool {
+    unsafe { nvrtc_sys::is_culib_present() }
+}
+
+fn nvrtc_version() -> (i32, i32) {
+    let (mut major, mut minor) = (0, 0);
+    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    (major, minor)
+}
+
+/// FNV-1a: a stable hash for cache keys (no dependency, same on every platform).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for b in *p {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Full source of one module as NVRTC sees it.
+pub fn full_source(name: &str, src: &str) -> String {
+    format!("{COMMON}\n#line 1 \"{name}.cu\"\n{src}")
+}
+
+/// Compiles one module to a cubin.
+pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
+    let full = CString::new(full_source(name, src)).context("kernel source contains a NUL byte")?;
+    let fname = CString::new(format!("{name}.cu")).unwrap();
+    let prog = nvrtc::create_program(&full, Some(&fname)).map_err(|e| anyhow!("nvrtc cannot create {name}.cu: {e:?}"))?;
+    let compiled = unsafe { nvrtc::compile_program(prog, OPTIONS) };
+    let result = match compiled {
+        Err(e) => {
+            let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
+            let log = unsafe { CStr::from_ptr(log.as_ptr()) }.to_string_lossy().into_owned();
+            Err(anyhow!("kernel {name}.cu does not compile ({e:?}): {}", log.trim()))
+        }
+        Ok(()) => unsafe {
+            let mut size = 0usize;
+            nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| anyhow!("nvrtcGetCUBINSize: {e:?}"))?;
+            let mut cubin = vec![0u8; size];
+            nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _).result().map_err(|e| anyhow!("nvrtcGetCUBIN: {e:?}"))?;
+            Ok(cubin)
+        },
+    };
+    unsafe { nvrtc::destroy_program(prog) }.ok();
+    result
+}
+
+fn cache_path(name: &str, src: &str) -> PathBuf {
+    let (major, minor) = nvrtc_version();
+    let key = fnv1a(&[COMMON.as_bytes(), src.as_bytes(), OPTIONS.join(" ").as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    crate::tiny::cache_dir().join("kernels").join(format!("{name}-{key:016x}.cubin"))
+}
+
+/// The cubin of one module, from the disk cache or freshly compiled (and then cached).
+pub fn cubin(name: &str, src: &str) -> Result<Vec<u8>> {
+    let path = cache_path(name, src);
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Ok(bytes);
+    }
+    let bytes = compile(name, src)?;
+    if let Some(dir) = path.parent() {
+        // A cache that cannot be written only costs a recompile next time.
+        if std::fs::create_dir_all(dir).is_ok() {
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &bytes).is_ok() {
+                let _ = std::fs::rename(&tmp, &path);
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Compiles every embedded module (no cache); the CI check that kernels build.
+pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
+    if !nvrtc_available() {
+        bail!("libnvrtc is not available (install nvidia-cuda-nvrtc and put its lib folder on LD_LIBRARY_PATH)");
+    }
+    SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    /// CI sets DUET_REQUIRE_NVRTC=1 with the nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH, so a
+    /// kernel that does not compile fails CI without a GPU.
+    #[test]
+    fn every_kernel_compiles() {
+        if !super::nvrtc_available() && std::env::var_os("DUET_REQUIRE_NVRTC").is_none() {
+            eprintln!("skipped: libnvrtc not found (set DUET_REQUIRE_NVRTC=1 to require it)");
+            return;
+        }
+        for (name, size) in super::compile_all().unwrap() {
+            assert!(size > 0, "{name}: empty cubin");
+        }
+    }
+}

@@ -1,0 +1,641 @@
+//! The CUDA backend: the same operations as the CPU oracle, as NVRTC-compiled kernels on one
+//! GPU. Activations are f32; weights stay in checkpoint precision and are dequantized in
+//! registers. libcuda and libnvrtc are opened at run time, so this compiles and links on
+//! machines without a GPU; [`CudaBackend::probe`] says whether one is usable.
+
+pub mod cache;
+pub mod kernels;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use self::cache::{CudaCache, CudaStep, StepMeta};
+use self::weights::{upload_experts, upload_stacked, CudaExperts, CudaWeight, WDesc};
+use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
+use crate::checkpoint::LinearWeight;
+
+pub struct CudaTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub buf: CudaSlice<f32>,
+}
+
+pub struct CudaVector(CudaSlice<f32>);
+
+/// `kv_b_proj` split per head, in f32: `W_UK [H, nope, latent]` and `W_UV [H, v, latent]`.
+pub struct CudaMlaHeads {
+    wuk: CudaSlice<f32>,
+    wuv: CudaSlice<f32>,
+    dims: MlaDims,
+}
+
+pub struct CudaSelection {
+    pub topk: usize,
+    pub idx: CudaSlice<i32>,
+}
+
+pub struct CudaRouting {
+    pub top_k: usize,
+    pub idx: CudaSlice<i32>,
+    pub weights: CudaSlice<f32>,
+}
+
+/// A kernel argument, passed by value.
+enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+    Desc(WDesc),
+    Meta(StepMeta),
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Vec<Arc<CudaModule>>,
+    functions: RwLock<HashMap<String, CudaFunction>>,
+    device_name: String,
+}
+
+impl CudaBackend {
+    /// Why no GPU can be used, or None when one can.
+    pub fn probe() -> Option<String> {
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Some("libcuda is not available".into());
+        }
+        match CudaContext::device_count() {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Some("no CUDA device found".into()),
+            Err(e) => return Some(format!("CUDA driver error: {e:?}")),
+        }
+        if !kernels::nvrtc_available() {
+            return Some("libnvrtc is not available".into());
+        }
+        None
+    }
+
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        if let Some(why) = CudaBackend::probe() {
+            bail!("cannot use CUDA: {why}");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open CUDA device {ordinal}: {e:?}"))?;
+        // One stream, ordered by us: cudarc's per-buffer events would only add latency.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
+        if (major, minor) != (9, 0) {
+            bail!("CUDA device {ordinal} has compute capability {major}.{minor}; the kernels are built for sm_90a (Hopper)");
+        }
+        let stream = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
+        let mut modules = Vec::new();
+        for (name, src) in kernels::SOURCES {
+            let cubin = kernels::cubin(name, src)?;
+            modules.push(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| anyhow!("loading kernels {name}: {e:?}"))?);
+        }
+        let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), device_name })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow!("CUDA: {e:?}"))
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.read().unwrap().get(name) {
+            return Ok(f.clone());
+        }
+        for m in &self.modules {
+            if let Ok(f) = m.load_function(name) {
+                // Allow large dynamic shared memory (attention keeps scores per key there).
+                let _ = f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    200 * 1024,
+                );
+                self.functions.write().unwrap().insert(name.to_string(), f.clone());
+                return Ok(f);
+            }
+        }
+        bail!("no CUDA kernel named {name}")
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
+        let f = self.function(name)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::Ptr(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::Desc(v) => b.arg(v),
+                Arg::Meta(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem as u32 };
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name}: {e:?}"))?;
+        Ok(())
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // Zeroed so a kernel that misses an element shows as a wrong value, never as garbage.
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| anyhow!("CUDA allocation of {n} floats: {e:?}"))
+    }
+
+    fn tensor_of(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor { rows, cols, buf: self.alloc(rows * cols)? })
+    }
+
+    fn ints(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
+        self.stream.clone_htod(v).map_err(|e| anyhow!("{e:?}"))
+    }
+
+    /// `y[:, yoff .. yoff + w.rows] = x · Wᵀ` for every part of `w`.
+    fn gemv_into(&self, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor) -> Result<()> {
+        let mut yoff = 0;
+        for p in &w.parts {
+            let grid = ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(8), 1);
+            self.launch(
+                &format!("gemv_{}", p.fmt.name()),
+                grid,
+                128,
+                0,
+                &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32)],
+            )?;
+            yoff += p.rows;
+        }
+        Ok(())
+    }
+
+    fn elementwise_grid(n: usize) -> (u32, u32, u32) {
+        ((n as u32).div_ceil(256).max(1), 1, 1)
+    }
+}
+
+fn check_rows(op: &str, t: &CudaTensor, rows: usize, cols: usize) -> Result<()> {
+    if t.rows != rows || t.cols != cols {
+        bail!("{op}: tensor is [{}, {}], expected [{rows}, {cols}]", t.rows, t.cols);
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type Vector = CudaVector;
+    type MlaHeads = CudaMlaHeads;
+    type Experts = CudaExperts;
+    type Cache = CudaCache;
+    type Step = CudaStep;
+    type Selection = CudaSelection;
+    type Routing = CudaRouting;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn weight(&self, w: &LinearWeight) -> Result<CudaWeight> {
+        upload_stacked(&self.stream, std::slice::from_ref(w)).with_context(|| format!("uploading {}", w.module))
+    }
+
+    fn weight_stacked(&self, parts: &[LinearWeight]) -> Result<CudaWeight> {
+        upload_stacked(&self.stream, parts)
+    }
+
+    fn vector(&self, v: &[f32]) -> Result<CudaVector> {
+        Ok(CudaVector(self.stream.clone_htod(v).map_err(|e| anyhow!("{e:?}"))?))
+    }
+
+    fn mla_heads(&self, kv_b: &LinearWeight, dims: &MlaDims) -> Result<CudaMlaHeads> {
+        let MlaDims { heads, nope, v, latent, .. } = *dims;
+        if kv_b.rows != heads * (nope + v) || kv_b.cols != latent {
+            bail!("{}: [{}, {}] does not split into {heads} heads of {nope}+{v} rows", kv_b.module, kv_b.rows, kv_b.cols);
+        }
+        let w = kv_b.to_f32();
+        let (mut uk, mut uv) = (Vec::with_capacity(heads * nope * latent), Vec::with_capacity(heads * v * latent));
+        for h in 0..heads {
+            let base = h * (nope + v) * latent;
+            uk.extend_from_slice(&w[base..base + nope * latent]);
+            uv.extend_from_slice(&w[base + nope * latent..base + (nope + v) * latent]);
+        }
+        Ok(CudaMlaHeads {
+            wuk: self.stream.clone_htod(&uk).map_err(|e| anyhow!("{e:?}"))?,
+            wuv: self.stream.clone_htod(&uv).map_err(|e| anyhow!("{e:?}"))?,
+            dims: *dims,
+        })
+    }
+
+    fn experts(&self, experts: &[ExpertWeights]) -> Result<CudaExperts> {
+        upload_experts(&self.stream, experts)
+    }
+
+    fn new_cache(&self, spec: &CacheSpec) -> Result<CudaCache> {
+        CudaCache::new(&self.stream, spec)
+    }
+
+    fn release(&self, cache: &mut CudaCache, seq: u64) {
+        cache.release(seq);
+    }
+
+    fn prepare(&self, batch: &Batch, rope: &RopeSpec, cache: &mut CudaCache) -> Result<CudaStep> {
+        CudaStep::new(&self.stream, batch, rope, cache)
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            bail!("tensor: {} values for [{rows}, {cols}]", data.len());
+        }
+        let buf = if data.is_empty() { self.alloc(0)? } else { self.stream.clone_htod(data).map_err(|e| anyhow!("{e:?}"))? };
+        Ok(CudaTensor { rows, cols, buf })
+    }
+
+    fn to_host(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let mut v = self.stream.clone_dtoh(&t.buf).map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        self.synchronize()?;
+        v.truncate(t.rows * t.cols);
+        Ok(v)
+    }
+
+    fn shape(&self, t: &CudaTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        let [p] = table.parts.as_slice() else { bail!("embedding tables must be one matrix") };
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.rows) {
+            bail!("token id {bad} is outside the vocabulary ({} rows)", table.rows);
+        }
+        let out = self.tensor_of(ids.len(), table.cols)?;
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let ids_d = self.ints(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
+        self.launch(&format!("embed_{}", p.fmt.name()), (ids.len() as u32, 1, 1), 256, 0, &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&ids_d)), Arg::Ptr(self.ptr(&out.buf))])?;
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
+        if x.cols != w.cols {
+            let name = w.parts.first().map_or("?", |p| p.module.as_str());
+            bail!("linear {name}: input has {} columns, weight expects {}", x.cols, w.cols);
+        }
+        let y = self.tensor_of(x.rows, w.rows)?;
+        if x.rows > 0 {
+            self.gemv_into(x, w, &y)?;
+        }
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaVector, eps: f32) -> Result<CudaTensor> {
+        if w.0.len() != x.cols {
+            bail!("rms_norm: weight of {} for rows of {}", w.0.len(), x.cols);
+        }
+        let y = self.tensor_of(x.rows, x.cols)?;
+        if x.rows > 0 {
+            self.launch("rms_norm", (x.rows as u32, 1, 1), 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&w.0)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.cols as i32), Arg::F32(eps)])?;
+        }
+        Ok(y)
+    }
+
+    fn add_assign(&self, a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
+        check_rows("add", b, a.rows, a.cols)?;
+        let n = a.rows * a.cols;
+        if n > 0 {
+            self.launch("add_assign", Self::elementwise_grid(n), 256, 0, &[Arg::Ptr(self.ptr(&a.buf)), Arg::Ptr(self.ptr(&b.buf)), Arg::Ptr(n as u64)])?;
+        }
+        Ok(())
+    }
+
+    fn swiglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        if x.cols % 2 != 0 {
+            bail!("swiglu: odd width {}", x.cols);
+        }
+        let n = x.cols / 2;
+        let y = self.tensor_of(x.rows, n)?;
+        if x.rows * n > 0 {
+            self.launch("swiglu", Self::elementwise_grid(x.rows * n), 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.rows as i32), Arg::I32(n as i32)])?;
+        }
+        Ok(y)
+    }
+
+    fn concat_cols(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        if a.rows != b.rows {
+            bail!("concat: {} rows and {} rows", a.rows, b.rows);
+        }
+        let y = self.tensor_of(a.rows, a.cols + b.cols)?;
+        let n = a.rows * (a.cols + b.cols);
+        if n > 0 {
+            self.launch(
+                "concat_cols",
+                Self::elementwise_grid(n),
+                256,
+                0,
+                &[Arg::Ptr(self.ptr(&a.buf)), Arg::Ptr(self.ptr(&b.buf)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(a.rows as i32), Arg::I32(a.cols as i32), Arg::I32(b.cols as i32)],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= x.rows) {
+            bail!("select_rows: row {r} of {}", x.rows);
+        }
+        let y = self.tensor_of(rows.len(), x.cols)?;
+        let n = rows.len() * x.cols;
+        if n > 0 {
+            let idx = self.ints(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
+            self.launch("select_rows", Self::elementwise_grid(n), 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&idx)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(rows.len() as i32), Arg::I32(x.cols as i32)])?;
+        }
+        Ok(y)
+    }
+
+    fn mla_cache_write(&self, kv: &CudaTensor, norm: &CudaVector, eps: f32, step: &CudaStep, cache: &mut CudaCache, slot: usize) -> Result<()> {
+        let (l, r) = (cache.spec.latent, cache.spec.rope);
+        check_rows("mla_cache_write", kv, step.positions.len(), l + r)?;
+        if kv.rows == 0 {
+            return Ok(());
+        }
+        let pool = self.ptr(&cache.mla[slot]);
+        self.launch(
+            "mla_cache_write",
+            (kv.rows as u32, 1, 1),
+            128,
+            (l + r) * 4,
+            &[
+                Arg::Ptr(self.ptr(&kv.buf)),
+                Arg::Ptr(self.ptr(&norm.0)),
+                Arg::F32(eps),
+                Arg::Ptr(self.ptr(&step.cos)),
+                Arg::Ptr(self.ptr(&step.sin)),
+                Arg::I32(step.interleaved as i32),
+                Arg::Meta(step.meta),
+                Arg::Ptr(pool),
+                Arg::I32(l as i32),
+                Arg::I32(r as i32),
+            ],
+        )
+    }
+
+    fn mla_queries(&self, q: &CudaTensor, heads: &CudaMlaHeads, step: &CudaStep) -> Result<(CudaTensor, CudaTensor)> {
+        let MlaDims { heads: h, nope, rope, latent, .. } = heads.dims;
+        check_rows("mla_queries", q, step.positions.len(), h * (nope + rope))?;
+        let q_lat = self.tensor_of(q.rows, h * latent)?;
+        let q_pe = self.tensor_of(q.rows, h * rope)?;
+        if q.rows > 0 {
+            self.launch(
+                "mla_queries",
+                ((q.rows * h) as u32, 1, 1),
+                128,
+                (nope + rope) * 4,
+                &[
+                    Arg::Ptr(self.ptr(&q.buf)),
+                    Arg::Ptr(self.ptr(&heads.wuk)),
+                    Arg::Ptr(self.ptr(&q_lat.buf)),
+                    Arg::Ptr(self.ptr(&q_pe.buf)),
+                    Arg::Ptr(self.ptr(&step.cos)),
+                    Arg::Ptr(self.ptr(&step.sin)),
+                    Arg::I32(step.interleaved as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(nope as i32),
+                    Arg::I32(rope as i32),
+                    Arg::I32(latent as i32),
+                ],
+            )?;
+        }
+        Ok((q_lat, q_pe))
+    }
+
+    fn mla_attend(
+        &self,
+        q_lat: &CudaTensor,
+        q_rope: &CudaTensor,
+        cache: &CudaCache,
+        slot: usize,
+        step: &CudaStep,
+        sel: Option<&CudaSelection>,
+        dims: &MlaDims,
+    ) -> Result<CudaTensor> {
+        let MlaDims { heads: h, rope, latent, scale, .. } = *dims;
+        let t = step.positions.len();
+        check_rows("mla_attend", q_lat, t, h * latent)?;
+        let out = self.tensor_of(t, h * latent)?;
+        if t == 0 {
+            return Ok(out);
+        }
+        let nk = match sel {
+            Some(s) => s.topk,
+            None => step.positions.iter().max().map_or(0, |p| p + 1),
+        };
+        let smem = (latent + rope + nk) * 4;
+        if smem > 200 * 1024 {
+            bail!("mla_attend: {nk} keys per query exceed shared memory; DSA must select them");
+        }
+        self.launch(
+            "mla_attend",
+            (t as u32, h as u32, 1),
+            256,
+            smem,
+            &[
+                Arg::Ptr(self.ptr(&q_lat.buf)),
+                Arg::Ptr(self.ptr(&q_rope.buf)),
+                Arg::Ptr(self.ptr(&cache.mla[slot])),
+                Arg::Meta(step.meta),
+                Arg::Ptr(sel.map_or(0, |s| self.ptr(&s.idx))),
+                Arg::I32(sel.map_or(0, |s| s.topk as i32)),
+                Arg::I32(h as i32),
+                Arg::I32(latent as i32),
+                Arg::I32(rope as i32),
+                Arg::F32(scale),
+                Arg::Ptr(self.ptr(&out.buf)),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn mla_values(&self, o_lat: &CudaTensor, heads: &CudaMlaHeads) -> Result<CudaTensor> {
+        let MlaDims { heads: h, v, latent, .. } = heads.dims;
+        if o_lat.cols != h * latent {
+            bail!("mla_values: input has {} columns, expected {}", o_lat.cols, h * latent);
+        }
+        let out = self.tensor_of(o_lat.rows, h * v)?;
+        if o_lat.rows > 0 {
+            self.launch(
+                "mla_values",
+                ((o_lat.rows * h) as u32, 1, 1),
+                256,
+                0,
+                &[Arg::Ptr(self.ptr(&o_lat.buf)), Arg::Ptr(self.ptr(&heads.wuv)), Arg::Ptr(self.ptr(&out.buf)), Arg::I32(h as i32), Arg::I32(v as i32), Arg::I32(latent as i32)],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn index_cache_write(
+        &self,
+        k: &CudaTensor,
+        norm_w: &CudaVector,
+        norm_b: &CudaVector,
+        eps: f32,
+        step: &CudaStep,
+        cache: &mut CudaCache,
+        slot: usize,
+    ) -> Result<()> {
+        let d = cache.spec.index_dim;
+        check_rows("index_cache_write", k, step.positions.len(), d)?;
+        let pool = cache.index[slot].as_ref().ok_or_else(|| anyhow!("index_cache_write: slot {slot} keeps no indexer keys"))?;
+        if k.rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "index_cache_write",
+            (k.rows as u32, 1, 1),
+            128,
+            d * 4,
+            &[
+                Arg::Ptr(self.ptr(&k.buf)),
+                Arg::Ptr(self.ptr(&norm_w.0)),
+                Arg::Ptr(self.ptr(&norm_b.0)),
+                Arg::F32(eps),
+                Arg::Ptr(self.ptr(&step.cos)),
+                Arg::Ptr(self.ptr(&step.sin)),
+                Arg::I32(step.indexer_interleaved as i32),
+                Arg::Meta(step.meta),
+                Arg::Ptr(self.ptr(pool)),
+                Arg::I32(d as i32),
+                Arg::I32(cache.spec.rope as i32),
+            ],
+        )
+    }
+
+    fn index_select(&self, q: &CudaTensor, w: &CudaTensor, cache: &CudaCache, slot: usize, step: &CudaStep, dims: &IndexDims) -> Result<CudaSelection> {
+        let IndexDims { heads: nh, head_dim: d, rope, topk } = *dims;
+        let t = step.positions.len();
+        check_rows("index_select q", q, t, nh * d)?;
+        check_rows("index_select w", w, t, nh)?;
+        if nh > 64 || d % 4 != 0 {
+            bail!("index_select: {nh} heads of {d} dims are not supported (at most 64 heads, dims a multiple of 4)");
+        }
+        let pool = cache.index[slot].as_ref().ok_or_else(|| anyhow!("index_select: slot {slot} keeps no indexer keys"))?;
+        let idx = self.stream.alloc_zeros::<i32>((t * topk).max(1)).map_err(|e| anyhow!("{e:?}"))?;
+        if t == 0 {
+            return Ok(CudaSelection { topk, idx });
+        }
+        let ld = step.positions.iter().max().map_or(1, |p| p + 1);
+        let scores = self.alloc(t * ld)?;
+        self.launch(
+            "index_scores",
+            (t as u32, (ld as u32).div_ceil(128), 1),
+            128,
+            (nh * d + nh) * 4,
+            &[
+                Arg::Ptr(self.ptr(&q.buf)),
+                Arg::Ptr(self.ptr(&w.buf)),
+                Arg::Ptr(self.ptr(pool)),
+                Arg::Meta(step.meta),
+                Arg::Ptr(self.ptr(&step.cos)),
+                Arg::Ptr(self.ptr(&step.sin)),
+                Arg::I32(step.indexer_interleaved as i32),
+                Arg::I32(nh as i32),
+                Arg::I32(d as i32),
+                Arg::I32(rope as i32),
+                Arg::I32(ld as i32),
+                Arg::Ptr(self.ptr(&scores)),
+            ],
+        )?;
+        self.launch(
+            "index_topk",
+            (t as u32, 1, 1),
+            512,
+            0,
+            &[Arg::Ptr(self.ptr(&scores)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32), Arg::Ptr(self.ptr(&idx))],
+        )?;
+        Ok(CudaSelection { topk, idx })
+    }
+
+    fn route(&self, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<CudaRouting> {
+        let e = gate.rows;
+        if bias.0.len() != e {
+            bail!("route: bias of {} for {e} experts", bias.0.len());
+        }
+        if p.n_group > 64 || p.topk_group > 64 {
+            bail!("route: at most 64 expert groups are supported");
+        }
+        let logits = self.linear(x, gate)?;
+        let idx = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(|e| anyhow!("{e:?}"))?;
+        let weights = self.alloc(x.rows * p.top_k)?;
+        if x.rows > 0 {
+            self.launch(
+                "moe_route",
+                (x.rows as u32, 1, 1),
+                256,
+                (2 * e + p.n_group) * 4,
+                &[
+                    Arg::Ptr(self.ptr(&logits.buf)),
+                    Arg::Ptr(self.ptr(&bias.0)),
+                    Arg::Ptr(self.ptr(&idx)),
+                    Arg::Ptr(self.ptr(&weights)),
+                    Arg::I32(e as i32),
+                    Arg::I32(p.n_group as i32),
+                    Arg::I32(p.topk_group as i32),
+                    Arg::I32(p.top_k as i32),
+                    Arg::I32(p.norm_topk_prob as i32),
+                    Arg::F32(p.scaling),
+                ],
+            )?;
+        }
+        Ok(CudaRouting { top_k: p.top_k, idx, weights })
+    }
+
+    fn moe(&self, x: &CudaTensor, experts: &CudaExperts, routing: &CudaRouting) -> Result<CudaTensor> {
+        let (t, k, i, h) = (x.rows, routing.top_k, experts.inter, experts.hidden);
+        if x.cols != h {
+            bail!("moe: input has {} columns, experts expect {h}", x.cols);
+        }
+        let out = self.tensor_of(t, h)?;
+        if t == 0 {
+            return Ok(out);
+        }
+        let pairs = (t * k) as u32;
+        let act = self.alloc(t * k * i)?;
+        let part = self.alloc(t * k * h)?;
+        self.launch(
+            &format!("moe_gate_up_{}", experts.fmt_gate_up.name()),
+            ((i as u32).div_ceil(4), pairs, 1),
+            128,
+            0,
+            &[Arg::Ptr(self.ptr(&experts.gate_up_table)), Arg::Ptr(self.ptr(&routing.idx)), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
+        )?;
+        self.launch(
+            &format!("moe_down_{}", experts.fmt_down.name()),
+            ((h as u32).div_ceil(4), pairs, 1),
+            128,
+            0,
+            &[Arg::Ptr(self.ptr(&experts.down_table)), Arg::Ptr(self.ptr(&routing.idx)), Arg::Ptr(self.ptr(&act)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
+        )?;
+        self.launch(
+            "moe_combine",
+            Self::elementwise_grid(t * h),
+            256,
+            0,
+            &[Arg::Ptr(self.ptr(&part)), Arg::Ptr(self.ptr(&routing.weights)), Arg::Ptr(self.ptr(&out.buf)), Arg::I32(t as i32), Arg::I32(k as i32), Arg::I32(h as i32)],
+        )?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,266 @@
+//! Weights on the GPU, in checkpoint precision: the raw weight bytes, f32 scales and int8 zero
+//! points, described to kernels by a [`WDesc`].
+
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+
+use crate::checkpoint::safetensors::DType;
+use crate::checkpoint::{Format, LinearWeight};
+
+/// Weight formats the kernels know (`FMT_*` in kernels/linear.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fmt {
+    F32,
+    Bf16,
+    F16,
+    Fp8,
+    Int4,
+    Int8,
+}
+
+impl Fmt {
+    /// Suffix of the kernel entry points (`gemv_bf16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Fmt::F32 => "f32",
+            Fmt::Bf16 => "bf16",
+            Fmt::F16 => "f16",
+            Fmt::Fp8 => "fp8",
+            Fmt::Int4 => "int4",
+            Fmt::Int8 => "int8",
+        }
+    }
+
+    /// Elements per 16-byte unit.
+    fn unit(self) -> usize {
+        match self {
+            Fmt::F32 => 4,
+            Fmt::Bf16 | Fmt::F16 => 8,
+            Fmt::Fp8 | Fmt::Int8 => 16,
+            Fmt::Int4 => 32,
+        }
+    }
+}
+
+/// Mirrors `struct WDesc` in kernels/linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WDesc {
+    pub w: u64,
+    pub scale: u64,
+    pub zero: u64,
+    pub rows: i32,
+    pub cols: i32,
+    pub br: i32,
+    pub bc: i32,
+    pub group: i32,
+    pub sc: i32,
+    pub vec: i32,
+    pub _pad: i32,
+}
+
+unsafe impl DeviceRepr for WDesc {}
+
+/// One weight matrix on the device.
+pub struct CudaLinear {
+    pub module: String,
+    pub fmt: Fmt,
+    pub rows: usize,
+    pub cols: usize,
+    _w: CudaSlice<u8>,
+    _scale: Option<CudaSlice<f32>>,
+    _zero: Option<CudaSlice<i8>>,
+    pub desc: WDesc,
+}
+
+/// Host-side form of a weight before upload: raw rows plus per-row scale and zero tables.
+struct HostLinear {
+    module: String,
+    fmt: Fmt,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+    /// fp8: block grid with `br` rows per scale row; int: `[rows, sc]`.
+    scale: Vec<f32>,
+    zero: Option<Vec<i8>>,
+    br: usize,
+    bc: usize,
+    group: usize,
+    sc: usize,
+}
+
+impl HostLinear {
+    fn from(w: &LinearWeight) -> Result<HostLinear> {
+        let (fmt, br, bc, group, sc) = match &w.format {
+            Format::Plain => {
+                let fmt = match w.data.dtype {
+                    DType::F32 => Fmt::F32,
+                    DType::BF16 => Fmt::Bf16,
+                    DType::F16 => Fmt::F16,
+                    d => bail!("{}: dtype {d} has no CUDA kernel", w.module),
+                };
+                (fmt, 0, 0, 0, 0)
+            }
+            Format::Fp8 { block, .. } => (Fmt::Fp8, block[0], block[1], 0, w.cols.div_ceil(block[1])),
+            Format::Packed { bits: 4, group, .. } => (Fmt::Int4, 0, 0, *group, w.cols.div_ceil(*group)),
+            Format::Packed { bits: 8, group, .. } => (Fmt::Int8, 0, 0, *group, w.cols.div_ceil(*group)),
+            Format::Packed { bits, .. } => bail!("{}: {bits}-bit weights have no CUDA kernel", w.module),
+        };
+        let mut h = HostLinear {
+            module: w.module.clone(),
+            fmt,
+            rows: w.rows,
+            cols: w.cols,
+            data: w.data.bytes().to_vec(),
+            scale: w.scale_values(),
+            zero: w.zero_points(),
+            br,
+            bc,
+            group,
+            sc,
+        };
+        if fmt == Fmt::Fp8 && h.scale.len() == 1 {
+            // A per-tensor scale, spelled out as one block row of 128-column blocks.
+            h.br = h.rows;
+            h.bc = 128;
+            h.sc = h.cols.div_ceil(128);
+            h.scale = vec![h.scale[0]; h.sc];
+        }
+        Ok(h)
+    }
+
+    /// Whether rows can be read in 16-byte units.
+    fn vec_ok(&self) -> bool {
+        let u = self.fmt.unit();
+        self.cols % u == 0
+            && match self.fmt {
+                Fmt::Fp8 => self.bc % 16 == 0,
+                Fmt::Int4 => self.group % 32 == 0,
+                Fmt::Int8 => self.group % 16 == 0,
+                _ => true,
+            }
+    }
+
+    /// Rows of an FP8 scale grid spelled out per weight row (block height 1).
+    fn expand_fp8_rows(&mut self) {
+        if self.fmt != Fmt::Fp8 || self.br == 1 {
+            return;
+        }
+        let scale = (0..self.rows).flat_map(|r| self.scale[(r / self.br) * self.sc..(r / self.br + 1) * self.sc].to_vec()).collect();
+        self.scale = scale;
+        self.br = 1;
+    }
+
+    /// Row-concatenation of compatible parts (gate ‖ up), or None.
+    fn stack(mut parts: Vec<HostLinear>) -> Option<HostLinear> {
+        let first = parts.first()?;
+        let same = parts.iter().all(|p| p.fmt == first.fmt && p.cols == first.cols && p.bc == first.bc && p.group == first.group);
+        if !same {
+            return None;
+        }
+        if first.fmt == Fmt::Fp8 {
+            let br = first.br;
+            if parts.iter().any(|p| p.br != br || p.rows % br != 0) {
+                parts.iter_mut().for_each(HostLinear::expand_fp8_rows);
+            }
+        }
+        let any_zero = parts.iter().any(|p| p.zero.is_some());
+        let mut out = HostLinear {
+            module: parts.iter().map(|p| p.module.as_str()).collect::<Vec<_>>().join("+"),
+            fmt: parts[0].fmt,
+            rows: 0,
+            cols: parts[0].cols,
+            data: vec![],
+            scale: vec![],
+            zero: any_zero.then(Vec::new),
+            br: parts[0].br,
+            bc: parts[0].bc,
+            group: parts[0].group,
+            sc: parts[0].sc,
+        };
+        for p in parts {
+            out.rows += p.rows;
+            out.data.extend(p.data);
+            out.scale.extend(p.scale);
+            if let Some(z) = out.zero.as_mut() {
+                z.extend(p.zero.unwrap_or_else(|| vec![0; p.rows * p.sc]));
+            }
+        }
+        Some(out)
+    }
+
+    fn upload(self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
+        let vec = self.vec_ok();
+        let w = stream.clone_htod(&self.data)?;
+        let scale = if self.scale.is_empty() { None } else { Some(stream.clone_htod(&self.scale)?) };
+        let zero = match &self.zero {
+            Some(z) => Some(stream.clone_htod(z)?),
+            None => None,
+        };
+        let desc = WDesc {
+            w: w.device_ptr(stream).0,
+            scale: scale.as_ref().map_or(0, |s| s.device_ptr(stream).0),
+            zero: zero.as_ref().map_or(0, |z| z.device_ptr(stream).0),
+            rows: self.rows as i32,
+            cols: self.cols as i32,
+            br: self.br as i32,
+            bc: self.bc as i32,
+            group: self.group as i32,
+            sc: self.sc as i32,
+            vec: vec as i32,
+            _pad: 0,
+        };
+        Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _zero: zero, desc })
+    }
+}
+
+/// A linear weight: one matrix, or row-stacked parts that could not be fused.
+pub struct CudaWeight {
+    pub parts: Vec<CudaLinear>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+pub fn upload_stacked(stream: &std::sync::Arc<CudaStream>, parts: &[LinearWeight]) -> Result<CudaWeight> {
+    let cols = parts.first().map_or(0, |p| p.cols);
+    if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+        bail!("cannot stack {} ({} columns) with weights of {cols} columns", p.module, p.cols);
+    }
+    let host = parts.iter().map(HostLinear::from).collect::<Result<Vec<_>>>()?;
+    let rows = parts.iter().map(|p| p.rows).sum();
+    let uploaded = match HostLinear::stack(host) {
+        Some(one) => vec![one.upload(stream)?],
+        None => parts.iter().map(|p| HostLinear::from(p)?.upload(stream)).collect::<Result<Vec<_>>>()?,
+    };
+    Ok(CudaWeight { parts: uploaded, rows, cols })
+}
+
+/// The routed experts of one MoE layer: fused gate‖up and down matrices, with a device table
+/// of their descriptors so kernels pick experts by index without the host.
+pub struct CudaExperts {
+    pub fmt_gate_up: Fmt,
+    pub fmt_down: Fmt,
+    pub inter: usize,
+    pub hidden: usize,
+    _weights: Vec<(CudaLinear, CudaLinear)>,
+    pub gate_up_table: CudaSlice<WDesc>,
+    pub down_table: CudaSlice<WDesc>,
+}
+
+pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::backend::ExpertWeights]) -> Result<CudaExperts> {
+    let mut weights = Vec::with_capacity(experts.len());
+    for e in experts {
+        let gu = HostLinear::stack(vec![HostLinear::from(&e.gate)?, HostLinear::from(&e.up)?])
+            .ok_or_else(|| anyhow::anyhow!("{} and {} cannot be fused (different formats)", e.gate.module, e.up.module))?;
+        weights.push((gu.upload(stream)?, HostLinear::from(&e.down)?.upload(stream)?));
+    }
+    let Some((gu0, dn0)) = weights.first() else { bail!("an MoE layer without experts") };
+    let (fmt_gate_up, fmt_down) = (gu0.fmt, dn0.fmt);
+    if let Some((gu, dn)) = weights.iter().find(|(g, d)| g.fmt != fmt_gate_up || d.fmt != fmt_down) {
+        bail!("{} / {}: experts of one layer must share a format", gu.module, dn.module);
+    }
+    let (inter, hidden) = (gu0.rows / 2, gu0.cols);
+    let gate_up_table = stream.clone_htod(&weights.iter().map(|(g, _)| g.desc).collect::<Vec<_>>())?;
+    let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
+    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, _weights: weights, gate_up_table, down_table })
+}

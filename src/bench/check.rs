@@ -1,0 +1,302 @@
+//! `duet bench check`: every CUDA operation against the CPU oracle on fresh random inputs, then
+//! the reference fixtures end to end on the GPU. Prints one table; fails if any row fails.
+//!
+//! Both backends compute in f32 on identically dequantized weights, so the normalized error
+//! ‖gpu − cpu‖ / ‖cpu‖ should sit near f32 rounding (1e-6); DSA and router choices must be the
+//! same sets.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams, Segment};
+use crate::checkpoint::quantize::{synthetic_linear, SynthFormat};
+use crate::checkpoint::Checkpoint;
+use crate::model::{Model, ModelParts};
+use crate::sampling::Rng;
+
+/// Normalized error above which a row fails.
+const TOLERANCE: f64 = 1e-4;
+
+pub struct Table {
+    rows: Vec<(String, String, f64, bool)>,
+}
+
+impl Table {
+    fn push(&mut self, op: &str, case: String, err: f64) {
+        let ok = err.is_finite() && err <= TOLERANCE;
+        println!("{:<22} {:<44} {:>10.2e}  {}", op, case, err, if ok { "ok" } else { "FAIL" });
+        self.rows.push((op.into(), case, err, ok));
+    }
+
+    fn flag(&mut self, op: &str, case: String, ok: bool, note: &str) {
+        println!("{:<22} {:<44} {:>10}  {}", op, case, note, if ok { "ok" } else { "FAIL" });
+        self.rows.push((op.into(), case, if ok { 0.0 } else { f64::INFINITY }, ok));
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ (infinite on NaN or a length mismatch; 0 when both are zero).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        if !x.is_finite() || !y.is_finite() {
+            return f64::INFINITY;
+        }
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    if den == 0.0 {
+        if num == 0.0 { 0.0 } else { f64::INFINITY }
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// The same host data on both backends.
+fn pair(cpu: &CpuBackend, gpu: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> Result<(<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor)> {
+    Ok((cpu.tensor(rows, cols, data)?, gpu.tensor(rows, cols, data)?))
+}
+
+pub fn run(fixtures: &Path, seed: Option<u64>) -> Result<()> {
+    let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
+    let gpu = CudaBackend::new(0)?;
+    let cpu = CpuBackend;
+    println!("duet bench check: CUDA ({}) against the CPU oracle, seed {seed}", gpu.device_name());
+    println!("{:<22} {:<44} {:>10}  status", "op", "case", "rel err");
+    let mut t = Table { rows: vec![] };
+    let mut rng = Rng::new(seed);
+    check_linear(&cpu, &gpu, &mut rng, &mut t)?;
+    check_elementwise(&cpu, &gpu, &mut rng, &mut t)?;
+    check_attention(&cpu, &gpu, &mut rng, &mut t)?;
+    check_moe(&cpu, &gpu, &mut rng, &mut t)?;
+    drop(gpu);
+    check_fixtures(fixtures, &mut t)?;
+    let failed = t.rows.iter().filter(|r| !r.3).count();
+    println!("{} checks, {} failed", t.rows.len(), failed);
+    if failed > 0 {
+        bail!("{failed} GPU checks failed");
+    }
+    Ok(())
+}
+
+fn formats() -> Vec<SynthFormat> {
+    vec![
+        SynthFormat::F32,
+        SynthFormat::Bf16,
+        SynthFormat::F16,
+        SynthFormat::Fp8([128, 128]),
+        SynthFormat::Int { bits: 4, group: 32, symmetric: false },
+        SynthFormat::Int { bits: 4, group: 128, symmetric: true },
+        SynthFormat::Int { bits: 8, group: 32, symmetric: true },
+        SynthFormat::Int { bits: 8, group: 64, symmetric: false },
+    ]
+}
+
+fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
+    for fmt in formats() {
+        // 256 columns take the 16-byte path; 200 the scalar path of some formats.
+        for (rows, cols) in [(320, 256), (72, 200)] {
+            let w = synthetic_linear("w", rows, cols, fmt, rng);
+            let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
+            for tokens in [1, 5, 13] {
+                let x = random(rng, tokens * cols);
+                let (xc, xg) = pair(cpu, gpu, tokens, cols, &x)?;
+                let err = rel_err(&gpu.to_host(&gpu.linear(&xg, &wg)?)?, &cpu.to_host(&cpu.linear(&xc, &wc)?)?);
+                t.push("linear", format!("{fmt} [{rows},{cols}] x{tokens}"), err);
+            }
+        }
+    }
+    // Stacked gate‖up: FP8 parts whose rows are not whole 128-row blocks, and INT4 parts.
+    for fmt in [SynthFormat::Fp8([128, 128]), SynthFormat::Int { bits: 4, group: 32, symmetric: false }] {
+        let parts = [synthetic_linear("gate", 100, 256, fmt, rng), synthetic_linear("up", 100, 256, fmt, rng)];
+        let (wc, wg) = (cpu.weight_stacked(&parts)?, gpu.weight_stacked(&parts)?);
+        let x = random(rng, 3 * 256);
+        let (xc, xg) = pair(cpu, gpu, 3, 256, &x)?;
+        let err = rel_err(&gpu.to_host(&gpu.linear(&xg, &wg)?)?, &cpu.to_host(&cpu.linear(&xc, &wc)?)?);
+        t.push("linear stacked", format!("{fmt} 2x[100,256] x3"), err);
+    }
+    for fmt in [SynthFormat::Bf16, SynthFormat::Fp8([128, 128])] {
+        let w = synthetic_linear("embed", 300, 256, fmt, rng);
+        let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
+        let ids: Vec<u32> = (0..9).map(|_| (rng.next_u64() % 300) as u32).collect();
+        let err = rel_err(&gpu.to_host(&gpu.embed(&wg, &ids)?)?, &cpu.to_host(&cpu.embed(&wc, &ids)?)?);
+        t.push("embed", format!("{fmt} [300,256] x9"), err);
+    }
+    Ok(())
+}
+
+fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
+    let (rows, cols) = (7, 384);
+    let x = random(rng, rows * cols);
+    let y = random(rng, rows * cols);
+    let (xc, xg) = pair(cpu, gpu, rows, cols, &x)?;
+    let (yc, yg) = pair(cpu, gpu, rows, cols, &y)?;
+    let w = random(rng, cols);
+    let err = rel_err(&gpu.to_host(&gpu.rms_norm(&xg, &gpu.vector(&w)?, 1e-5)?)?, &cpu.to_host(&cpu.rms_norm(&xc, &cpu.vector(&w)?, 1e-5)?)?);
+    t.push("rms_norm", format!("[{rows},{cols}]"), err);
+    let (mut ac, mut ag) = pair(cpu, gpu, rows, cols, &x)?;
+    cpu.add_assign(&mut ac, &yc)?;
+    gpu.add_assign(&mut ag, &yg)?;
+    t.push("add", format!("[{rows},{cols}]"), rel_err(&gpu.to_host(&ag)?, &cpu.to_host(&ac)?));
+    t.push("swiglu", format!("[{rows},{cols}]"), rel_err(&gpu.to_host(&gpu.swiglu(&xg)?)?, &cpu.to_host(&cpu.swiglu(&xc)?)?));
+    t.push("concat_cols", format!("2x[{rows},{cols}]"), rel_err(&gpu.to_host(&gpu.concat_cols(&xg, &yg)?)?, &cpu.to_host(&cpu.concat_cols(&xc, &yc)?)?));
+    let pick = [6, 0, 3, 3];
+    t.push("select_rows", format!("{pick:?}"), rel_err(&gpu.to_host(&gpu.select_rows(&xg, &pick)?)?, &cpu.to_host(&cpu.select_rows(&xc, &pick)?)?));
+    Ok(())
+}
+
+fn sets_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            let (mut x, mut y) = (x.clone(), y.clone());
+            x.sort_unstable();
+            y.sort_unstable();
+            x == y
+        })
+}
+
+fn gpu_selection(gpu: &CudaBackend, s: &<CudaBackend as Backend>::Selection, rows: usize) -> Result<Vec<Vec<u32>>> {
+    let v = gpu.stream().clone_dtoh(&s.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    gpu.synchronize()?;
+    Ok((0..rows).map(|r| v[r * s.topk..(r + 1) * s.topk].iter().filter(|&&i| i >= 0).map(|&i| i as u32).collect()).collect())
+}
+
+fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
+    let dims = MlaDims { heads: 4, nope: 32, rope: 16, v: 32, latent: 64, scale: (48f32).powf(-0.5) };
+    let idims = IndexDims { heads: 16, head_dim: 32, rope: 16, topk: 8 };
+    let rope = RopeSpec { inv_freq: (0..8).map(|i| 1.0 / 10000f32.powf(i as f32 / 8.0)).collect(), interleaved: true, indexer_interleaved: true };
+    let spec = CacheSpec { latent: 64, rope: 16, index_dim: 32, slot_has_index: vec![true], capacity: 256 };
+    let kv_b = synthetic_linear("kv_b", dims.heads * (dims.nope + dims.v), dims.latent, SynthFormat::Bf16, rng);
+    let (hc, hg) = (cpu.mla_heads(&kv_b, &dims)?, gpu.mla_heads(&kv_b, &dims)?);
+    let (mut cc, mut cg) = (cpu.new_cache(&spec)?, gpu.new_cache(&spec)?);
+    let norm = random(rng, 64);
+    let (kn_w, kn_b) = (random(rng, 32), random(rng, 32));
+    let (vc, vg) = ((cpu.vector(&norm)?, cpu.vector(&kn_w)?, cpu.vector(&kn_b)?), (gpu.vector(&norm)?, gpu.vector(&kn_w)?, gpu.vector(&kn_b)?));
+    // A prefill of two sequences, then one decode step each.
+    let steps = [
+        Batch { segments: vec![Segment { seq: 1, start: 0, len: 40 }, Segment { seq: 2, start: 0, len: 17 }] },
+        Batch { segments: vec![Segment { seq: 1, start: 40, len: 1 }, Segment { seq: 2, start: 17, len: 1 }] },
+    ];
+    for (si, batch) in steps.iter().enumerate() {
+        let n = batch.tokens();
+        let (sc, sg) = (cpu.prepare(batch, &rope, &mut cc)?, gpu.prepare(batch, &rope, &mut cg)?);
+        let kv = random(rng, n * 80);
+        let (kvc, kvg) = pair(cpu, gpu, n, 80, &kv)?;
+        cpu.mla_cache_write(&kvc, &vc.0, 1e-6, &sc, &mut cc, 0)?;
+        gpu.mla_cache_write(&kvg, &vg.0, 1e-6, &sg, &mut cg, 0)?;
+        let q = random(rng, n * dims.heads * 48);
+        let (qc, qg) = pair(cpu, gpu, n, dims.heads * 48, &q)?;
+        let (qlc, qpc) = cpu.mla_queries(&qc, &hc, &sc)?;
+        let (qlg, qpg) = gpu.mla_queries(&qg, &hg, &sg)?;
+        t.push("mla_queries", format!("step {si}: latent, {n} rows"), rel_err(&gpu.to_host(&qlg)?, &cpu.to_host(&qlc)?));
+        t.push("mla_queries", format!("step {si}: rope, {n} rows"), rel_err(&gpu.to_host(&qpg)?, &cpu.to_host(&qpc)?));
+        let oc = cpu.mla_attend(&qlc, &qpc, &cc, 0, &sc, None, &dims)?;
+        let og = gpu.mla_attend(&qlg, &qpg, &cg, 0, &sg, None, &dims)?;
+        t.push("mla_attend dense", format!("step {si}: {n} rows"), rel_err(&gpu.to_host(&og)?, &cpu.to_host(&oc)?));
+        t.push("mla_values", format!("step {si}: {n} rows"), rel_err(&gpu.to_host(&gpu.mla_values(&og, &hg)?)?, &cpu.to_host(&cpu.mla_values(&oc, &hc)?)?));
+        let k = random(rng, n * 32);
+        let (kc, kg) = pair(cpu, gpu, n, 32, &k)?;
+        cpu.index_cache_write(&kc, &vc.1, &vc.2, 1e-6, &sc, &mut cc, 0)?;
+        gpu.index_cache_write(&kg, &vg.1, &vg.2, 1e-6, &sg, &mut cg, 0)?;
+        let iq = random(rng, n * 16 * 32);
+        let iw = random(rng, n * 16);
+        let (iqc, iqg) = pair(cpu, gpu, n, 16 * 32, &iq)?;
+        let (iwc, iwg) = pair(cpu, gpu, n, 16, &iw)?;
+        let selc = cpu.index_select(&iqc, &iwc, &cc, 0, &sc, &idims)?;
+        let selg = gpu.index_select(&iqg, &iwg, &cg, 0, &sg, &idims)?;
+        let same = sets_equal(&gpu_selection(gpu, &selg, n)?, &selc.rows);
+        t.flag("index_select", format!("step {si}: top-{} over {n} rows", idims.topk), same, "same sets");
+        let oc = cpu.mla_attend(&qlc, &qpc, &cc, 0, &sc, Some(&selc), &dims)?;
+        let og = gpu.mla_attend(&qlg, &qpg, &cg, 0, &sg, Some(&selg), &dims)?;
+        t.push("mla_attend sparse", format!("step {si}: top-{}, {n} rows", idims.topk), rel_err(&gpu.to_host(&og)?, &cpu.to_host(&oc)?));
+    }
+    Ok(())
+}
+
+fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
+    let (e, h, i, tokens) = (16, 256, 64, 5);
+    let p = RouterParams { top_k: 4, n_group: 4, topk_group: 2, norm_topk_prob: true, scaling: 2.5 };
+    let gate = synthetic_linear("gate", e, h, SynthFormat::Bf16, rng);
+    let bias: Vec<f32> = random(rng, e).iter().map(|v| v * 0.1).collect();
+    let x = random(rng, tokens * h);
+    let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
+    let rc = cpu.route(&xc, &cpu.weight(&gate)?, &cpu.vector(&bias)?, &p)?;
+    let rg = gpu.route(&xg, &gpu.weight(&gate)?, &gpu.vector(&bias)?, &p)?;
+    let gi = gpu.stream().clone_dtoh(&rg.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let gw = gpu.stream().clone_dtoh(&rg.weights).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    gpu.synchronize()?;
+    // Compare (expert, weight) pairs per row, sorted by expert.
+    let rows = |idx: Vec<u32>, w: Vec<f32>| -> Vec<Vec<(u32, f32)>> {
+        (0..tokens)
+            .map(|r| {
+                let mut v: Vec<(u32, f32)> = (0..p.top_k).map(|k| (idx[r * p.top_k + k], w[r * p.top_k + k])).collect();
+                v.sort_by_key(|a| a.0);
+                v
+            })
+            .collect()
+    };
+    let c = rows(rc.experts.clone(), rc.weights.clone());
+    let g = rows(gi.iter().map(|&v| v as u32).collect(), gw);
+    let same = c.iter().zip(&g).all(|(a, b)| a.iter().map(|x| x.0).eq(b.iter().map(|x| x.0)));
+    t.flag("route", format!("{e} experts, {} groups keep {}, top-{}", p.n_group, p.topk_group, p.top_k), same, "same sets");
+    if same {
+        let cw: Vec<f32> = c.iter().flatten().map(|x| x.1).collect();
+        let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
+        t.push("route weights", format!("{tokens} rows"), rel_err(&gw, &cw));
+    }
+    for fmt in [SynthFormat::Bf16, SynthFormat::Fp8([128, 128]), SynthFormat::Int { bits: 4, group: 32, symmetric: false }] {
+        let experts: Vec<ExpertWeights> = (0..e)
+            .map(|j| ExpertWeights {
+                gate: synthetic_linear(&format!("e{j}.gate"), i, h, fmt, rng),
+                up: synthetic_linear(&format!("e{j}.up"), i, h, fmt, rng),
+                down: synthetic_linear(&format!("e{j}.down"), h, i, fmt, rng),
+            })
+            .collect();
+        let yc = cpu.moe(&xc, &cpu.experts(&experts)?, &rc)?;
+        let yg = gpu.moe(&xg, &gpu.experts(&experts)?, &rg)?;
+        t.push("moe", format!("{fmt} {e}x[{i},{h}] top-{} x{tokens}", p.top_k), rel_err(&gpu.to_host(&yg)?, &cpu.to_host(&yc)?));
+    }
+    Ok(())
+}
+
+/// The transformers fixtures through the whole model on the GPU.
+fn check_fixtures(dir: &Path, t: &mut Table) -> Result<()> {
+    for variant in ["bf16", "fp8", "int4-fp8mtp"] {
+        let d = dir.join(variant);
+        if !d.exists() {
+            t.flag("fixture", format!("{variant}: {} missing", d.display()), false, "missing");
+            continue;
+        }
+        let ck = Checkpoint::open(&d)?;
+        let expected = crate::checkpoint::safetensors::SafetensorsFile::open(&d.join("expected.safetensors"))?;
+        let get = |n: &str| expected.view(n).ok_or_else(|| anyhow::anyhow!("expected.safetensors lacks {n}"));
+        let ids: Vec<u32> = get("eval_ids")?.to_i64()?.iter().map(|&v| v as u32).collect();
+        let want_logits = get("logits")?.to_f32()?;
+        let model = Model::load(CudaBackend::new(0)?, &ck, ModelParts::whole(&ck))?;
+        let mut cache = model.new_cache(ids.len() + 64)?;
+        let h = model.forward(&ids, &Batch::single(0, 0, ids.len()), &mut cache)?;
+        let logits = model.backend.to_host(&model.logits(&h)?)?;
+        let max = logits.iter().zip(&want_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        t.push("fixture logits", format!("{variant}: {} tokens vs transformers (max {max:.1e})", ids.len()), rel_err(&logits, &want_logits));
+        let prompt: Vec<u32> = get("prompt_ids")?.to_i64()?.iter().map(|&v| v as u32).collect();
+        let want: Vec<u32> = get("greedy_ids")?.to_i64()?.iter().map(|&v| v as u32).collect();
+        let opts = crate::generate::GenerateOptions {
+            max_new_tokens: want.len(),
+            sampling: Default::default(),
+            stop_ids: vec![],
+            ignore_eos: true,
+        };
+        let got = crate::generate::generate(&model, &prompt, &opts, |_| Ok(()))?;
+        t.flag("fixture greedy", format!("{variant}: {} tokens with the cache", want.len()), got.token_ids == want, "identical");
+    }
+    Ok(())
+}

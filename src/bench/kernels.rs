@@ -1,0 +1,214 @@
+//! `duet bench kernels`: the CUDA kernels at real GLM-5.2 shapes, random weights made
+//! in-process, timed with CUDA events (median of repeats after warm-up), reported as achieved
+//! GB/s and as a fraction of the device bandwidth measured in the same run.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaStream};
+
+use crate::backend::cuda::{CudaBackend, CudaRouting};
+use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec};
+use crate::checkpoint::linear::{Format, LinearWeight};
+use crate::checkpoint::safetensors::{DType, OwnedTensor, TensorView};
+use crate::sampling::Rng;
+
+/// Times `f` with CUDA events: `warmup` runs, then the median of `reps` timed runs (ms).
+fn time_ms(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow!("{e:?}"))?;
+        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow!("{e:?}"))?;
+        start.record(stream).map_err(|e| anyhow!("{e:?}"))?;
+        f()?;
+        end.record(stream).map_err(|e| anyhow!("{e:?}"))?;
+        end.synchronize().map_err(|e| anyhow!("{e:?}"))?;
+        times.push(start.elapsed_ms(&end).map_err(|e| anyhow!("{e:?}"))? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// A weight of random bits in its storage format (fast to make at real sizes; the values are
+/// finite and the kernels do the same work as on real weights).
+fn random_weight(module: &str, rows: usize, cols: usize, fmt: &str, rng: &mut Rng) -> LinearWeight {
+    let bytes = |n: usize, rng: &mut Rng| -> Vec<u8> { (0..n.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).take(n).collect() };
+    let view = |suffix: &str, t: OwnedTensor| TensorView::in_memory(&format!("{module}.{suffix}"), t);
+    let (data, format) = match fmt {
+        "bf16" => {
+            // Random mantissas with exponents near 1/√cols.
+            let data: Vec<u8> = (0..rows * cols).flat_map(|_| half::bf16::from_f32(((rng.next_u64() % 2001) as f32 - 1000.0) * 1e-5).to_bits().to_le_bytes()).collect();
+            (view("weight", OwnedTensor { dtype: DType::BF16, shape: vec![rows, cols], data }), Format::Plain)
+        }
+        "fp8" => {
+            // Clear bit 6 so no code is NaN (0x7f / 0xff) and magnitudes stay moderate.
+            let data: Vec<u8> = bytes(rows * cols, rng).into_iter().map(|b| b & 0xbf).collect();
+            let scales = vec![1e-3f32; rows.div_ceil(128) * cols.div_ceil(128)];
+            (
+                view("weight", OwnedTensor { dtype: DType::F8E4M3, shape: vec![rows, cols], data }),
+                Format::Fp8 { scale: view("weight_scale_inv", OwnedTensor::f32(&[rows.div_ceil(128), cols.div_ceil(128)], &scales)), block: [128, 128] },
+            )
+        }
+        _ => {
+            // int4, group 128, asymmetric (AWQ-style).
+            let words = rows * cols / 8;
+            let groups = cols / 128;
+            let data = bytes(words * 4, rng);
+            let scales = vec![1e-3f32; rows * groups];
+            let zeros = bytes(rows.div_ceil(8) * groups * 4, rng);
+            (
+                view("weight_packed", OwnedTensor { dtype: DType::I32, shape: vec![rows, cols / 8], data }),
+                Format::Packed {
+                    bits: 4,
+                    group: 128,
+                    scale: view("weight_scale", OwnedTensor::bf16(&[rows, groups], &scales)),
+                    zero: Some(view("weight_zero_point", OwnedTensor { dtype: DType::I32, shape: vec![rows.div_ceil(8), groups], data: zeros })),
+                },
+            )
+        }
+    };
+    LinearWeight { module: module.to_string(), rows, cols, data, format }
+}
+
+struct Report {
+    peak: f64,
+}
+
+impl Report {
+    fn row(&self, what: &str, bytes: f64, ms: f64) {
+        let gbs = bytes / ms / 1e6;
+        println!("{what:<58} {:>9.1} µs {:>9.1} GB/s {:>6.1}%", ms * 1e3, gbs, 100.0 * gbs / self.peak);
+    }
+}
+
+pub fn run(reps: usize) -> Result<()> {
+    let gpu = CudaBackend::new(0)?;
+    let (ctx, stream) = (gpu.context().clone(), gpu.stream().clone());
+    let mut rng = Rng::new(42);
+    println!("duet bench kernels on {} (median of {reps} after warm-up; % of measured copy bandwidth)", gpu.device_name());
+
+    // Device bandwidth: a 2 GiB device-to-device copy, bytes read plus written.
+    let n = 1usize << 29;
+    let src = stream.alloc_zeros::<f32>(n).map_err(|e| anyhow!("{e:?}"))?;
+    let mut dst = stream.alloc_zeros::<f32>(n).map_err(|e| anyhow!("{e:?}"))?;
+    let ms = time_ms(&ctx, &stream, 3, reps, || stream.memcpy_dtod(&src, &mut dst).map_err(|e| anyhow!("{e:?}")))?;
+    let peak = 2.0 * (n * 4) as f64 / ms / 1e6;
+    drop((src, dst));
+    println!("{:<58} {:>9.1} µs {:>9.1} GB/s (read + write)", "device copy 2 GiB", ms * 1e3, peak);
+    let r = Report { peak };
+
+    // Dense GEMV at decode (one token).
+    for (rows, cols, fmt) in [(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4")] {
+        // Rotate over several copies so the weight is not served from L2.
+        let copies = (2usize << 30) / (rows * cols * 2) + 1;
+        let ws: Vec<_> = (0..copies.min(8)).map(|i| gpu.weight(&random_weight(&format!("w{i}"), rows, cols, fmt, &mut rng))).collect::<Result<_>>()?;
+        let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
+        let mut i = 0;
+        let ms = time_ms(&ctx, &stream, 3, reps, || {
+            i += 1;
+            gpu.linear(&x, &ws[i % ws.len()]).map(|_| ())
+        })?;
+        let bytes = ws[0].parts.iter().map(|p| p.rows * p.cols).sum::<usize>() as f64 * bytes_per_weight(fmt);
+        r.row(&format!("gemv {fmt} {cols}->{rows} x1"), bytes, ms);
+    }
+
+    // Eight routed experts per token, gate/up 6144->2x2048 and down 2048->6144.
+    let (h, inter, n_exp) = (6144usize, 2048usize, 32usize);
+    for fmt in ["fp8", "int4"] {
+        let experts: Vec<ExpertWeights> = (0..n_exp)
+            .map(|e| ExpertWeights {
+                gate: random_weight(&format!("e{e}.gate"), inter, h, fmt, &mut rng),
+                up: random_weight(&format!("e{e}.up"), inter, h, fmt, &mut rng),
+                down: random_weight(&format!("e{e}.down"), h, inter, fmt, &mut rng),
+            })
+            .collect();
+        let ex = gpu.experts(&experts)?;
+        drop(experts);
+        let expert_bytes = 3.0 * (h * inter) as f64 * bytes_per_weight(fmt);
+        for batch in [1usize, 2, 4] {
+            let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;
+            // Each token takes 8 distinct experts; tokens overlap as random routing would.
+            let mut idx = Vec::new();
+            for _ in 0..batch {
+                let mut picks: Vec<i32> = Vec::new();
+                while picks.len() < 8 {
+                    let e = (rng.next_u64() % n_exp as u64) as i32;
+                    if !picks.contains(&e) {
+                        picks.push(e);
+                    }
+                }
+                idx.extend(picks);
+            }
+            let distinct = {
+                let mut d = idx.clone();
+                d.sort_unstable();
+                d.dedup();
+                d.len()
+            };
+            let routing = CudaRouting {
+                top_k: 8,
+                idx: stream.clone_htod(&idx).map_err(|e| anyhow!("{e:?}"))?,
+                weights: stream.clone_htod(&vec![0.125f32; batch * 8]).map_err(|e| anyhow!("{e:?}"))?,
+            };
+            let ms = time_ms(&ctx, &stream, 3, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
+            r.row(&format!("experts {fmt} 8/token x{batch} ({distinct} distinct)"), distinct as f64 * expert_bytes, ms);
+        }
+    }
+
+    // MLA decode with DSA top-2048: one query over a long latent cache.
+    let dims = MlaDims { heads: 64, nope: 192, rope: 64, v: 256, latent: 512, scale: (256f32).powf(-0.5) };
+    let rope = RopeSpec { inv_freq: (0..32).map(|i| 1.0 / 8e6f32.powf(i as f32 / 32.0)).collect(), interleaved: true, indexer_interleaved: true };
+    let kv_b = random_weight("kv_b", 64 * 448, 512, "bf16", &mut rng);
+    let heads = gpu.mla_heads(&kv_b, &dims)?;
+    let idims = IndexDims { heads: 32, head_dim: 128, rope: 64, topk: 2048 };
+    for ctx_len in [4096usize, 32768, 131072] {
+        let spec = CacheSpec { latent: 512, rope: 64, index_dim: 128, slot_has_index: vec![true], capacity: ctx_len + 1 };
+        let mut cache = gpu.new_cache(&spec)?;
+        // Fill the cache in chunks (random latents and indexer keys).
+        let chunk = 8192;
+        let norm = gpu.vector(&vec![1.0; 512])?;
+        let (kw, kb) = (gpu.vector(&vec![1.0; 128])?, gpu.vector(&vec![0.0; 128])?);
+        for start in (0..ctx_len).step_by(chunk) {
+            let len = chunk.min(ctx_len - start);
+            let step = gpu.prepare(&Batch::single(0, start, len), &rope, &mut cache)?;
+            let kv: Vec<f32> = (0..len * 576).map(|_| (rng.next_u64() % 1000) as f32 * 1e-3 - 0.5).collect();
+            gpu.mla_cache_write(&gpu.tensor(len, 576, &kv)?, &norm, 1e-6, &step, &mut cache, 0)?;
+            let k: Vec<f32> = (0..len * 128).map(|_| (rng.next_u64() % 1000) as f32 * 1e-3 - 0.5).collect();
+            gpu.index_cache_write(&gpu.tensor(len, 128, &k)?, &kw, &kb, 1e-6, &step, &mut cache, 0)?;
+        }
+        let step = gpu.prepare(&Batch::single(0, ctx_len - 1, 1), &rope, &mut cache)?;
+        let q: Vec<f32> = (0..64 * 256).map(|_| (rng.next_u64() % 1000) as f32 * 1e-3 - 0.5).collect();
+        let q = gpu.tensor(1, 64 * 256, &q)?;
+        let iq = gpu.tensor(1, 32 * 128, &vec![0.01; 32 * 128])?;
+        let iw = gpu.tensor(1, 32, &vec![1.0; 32])?;
+        let sel = gpu.index_select(&iq, &iw, &cache, 0, &step, &idims)?;
+        let (ql, qp) = gpu.mla_queries(&q, &heads, &step)?;
+        let ms = time_ms(&ctx, &stream, 3, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
+        let keys = 2048.min(ctx_len);
+        r.row(&format!("mla attend top-{keys} of {}K ctx (f32 cache)", ctx_len / 1024), (keys * 576 * 4) as f64, ms);
+        let ms = time_ms(&ctx, &stream, 3, reps, || {
+            let (ql, qp) = gpu.mla_queries(&q, &heads, &step)?;
+            let o = gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims)?;
+            gpu.mla_values(&o, &heads).map(|_| ())
+        })?;
+        let absorb = (64 * (192 + 256) * 512 * 4) as f64;
+        r.row(&format!("mla decode (absorb + attend + values) {}K ctx", ctx_len / 1024), absorb + (keys * 576 * 4) as f64, ms);
+        if ctx_len == 131072 {
+            let ms = time_ms(&ctx, &stream, 3, reps, || gpu.index_select(&iq, &iw, &cache, 0, &step, &idims).map(|_| ()))?;
+            r.row("indexer scores + top-2048 at 128K ctx (f32 keys)", (ctx_len * 128 * 4) as f64, ms);
+        }
+    }
+    Ok(())
+}
+
+fn bytes_per_weight(fmt: &str) -> f64 {
+    match fmt {
+        "bf16" => 2.0,
+        "fp8" => 1.0 + 4.0 / (128.0 * 128.0),
+        // int4 g128: half a byte, a bf16 scale and a packed zero point per 128 weights.
+        _ => 0.5 + (2.0 + 0.5) / 128.0,
+    }
+}
