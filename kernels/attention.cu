@@ -51,55 +51,133 @@ extern "C" __global__ void mla_queries(const float* __restrict__ q, const float*
     for (int i = threadIdx.x; i < R; i += blockDim.x) q_pe[((size_t)t * H + h) * R + i] = sm[N + i];
 }
 
-// Softmax attention of one (row, head) over its keys: the selection's (sel != null, entries
-// beyond the row's position or negative are skipped) or positions 0..pos. grid (T, H);
-// smem: L + R + nk floats.
-extern "C" __global__ void mla_attend(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const float* __restrict__ pool,
-                                      const StepMeta m, const int* __restrict__ sel, int topk, int H, int L, int R, float scale,
-                                      float* __restrict__ out) {
+// Softmax attention over the latent cache, split over keys (flash-decoding): block (t, head
+// group, split) scores MLA_HB heads against its run of keys in tiles of MLA_KT, keeping a
+// running max and sum per head, and writes an unnormalized partial output; mla_combine merges
+// the splits. Keys are the row's selection (sel != null; entries < 0 or beyond the row's
+// position are skipped) or positions 0..pos. All heads of a block share each key tile in
+// shared memory. smem: (MLA_HB·W + MLA_KT·(W+1) + 2·MLA_HB·MLA_KT + 4·MLA_HB) floats, W = L + R.
+#define MLA_HB 8
+#define MLA_KT 16
+#define MLA_DPT 4  // latent dims per thread (L ≤ 4·blockDim)
+
+extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const float* __restrict__ pool,
+                                            const StepMeta m, const int* __restrict__ sel, int topk, int H, int L, int R, float scale,
+                                            int ks, float* __restrict__ part) {
     extern __shared__ float sm[];
-    __shared__ float scratch[32];
-    int t = blockIdx.x, h = blockIdx.y;
-    int W = L + R;
-    float* q = sm;
-    float* sc = sm + W;
-    for (int i = threadIdx.x; i < L; i += blockDim.x) q[i] = q_lat[((size_t)t * H + h) * L + i];
-    for (int i = threadIdx.x; i < R; i += blockDim.x) q[L + i] = q_pe[((size_t)t * H + h) * R + i];
-    __syncthreads();
+    const int W = L + R, WP = W + 1;
+    float* qs = sm;                      // [HB][W]
+    float* kt = qs + MLA_HB * W;         // [KT][W+1]
+    float* ps = kt + MLA_KT * WP;        // [HB][KT] probabilities of the tile
+    float* kval = ps + MLA_HB * MLA_KT;  // [KT] 1 if the key is valid
+    float* mrun = kval + MLA_KT;         // [HB] running max
+    float* lrun = mrun + MLA_HB;         // [HB] running sum
+    float* fac = lrun + MLA_HB;          // [HB] rescale of the previous output
+    int t = blockIdx.x, hb = blockIdx.y * MLA_HB, split = blockIdx.z, S = gridDim.z;
+    int nh = min(MLA_HB, H - hb);
+    for (int i = threadIdx.x; i < MLA_HB * W; i += blockDim.x) {
+        int hh = i / W, c = i % W;
+        float v = 0.f;
+        if (hh < nh) v = c < L ? q_lat[((size_t)t * H + hb + hh) * L + c] : q_pe[((size_t)t * H + hb + hh) * R + (c - L)];
+        qs[i] = v;
+    }
+    if (threadIdx.x < MLA_HB) {
+        mrun[threadIdx.x] = NEG_INF;
+        lrun[threadIdx.x] = 0.f;
+    }
     int pos = m.pos[t], seq = m.row_seq[t];
     int nk = sel ? topk : pos + 1;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int j = warp; j < nk; j += nw) {
-        int p = sel ? sel[(size_t)t * topk + j] : j;
-        float s = NEG_INF;
-        if (p >= 0 && p <= pos) {
-            const float* k = cache_row((float*)pool, W, m.blocks, m.max_blocks, seq, p);
-            float acc = 0.f;
-            for (int i = lane; i < W; i += 32) acc = fmaf(q[i], k[i], acc);
-            s = warp_sum(acc) * scale;
-        }
-        if (lane == 0) sc[j] = s;
-    }
+    int k0 = split * ks, k1 = min(nk, k0 + ks);
+    float o[MLA_HB][MLA_DPT];
+#pragma unroll
+    for (int hh = 0; hh < MLA_HB; hh++)
+#pragma unroll
+        for (int j = 0; j < MLA_DPT; j++) o[hh][j] = 0.f;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
-    float mx = NEG_INF;
-    for (int j = threadIdx.x; j < nk; j += blockDim.x) mx = fmaxf(mx, sc[j]);
-    mx = block_max(mx, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
-        float e = sc[j] == NEG_INF ? 0.f : expf(sc[j] - mx);
-        sc[j] = e;
-        sum += e;
+    for (int base = k0; base < k1; base += MLA_KT) {
+        // Load the tile's keys (zeros for invalid ones).
+        for (int i = threadIdx.x; i < MLA_KT * W; i += blockDim.x) {
+            int k = i / W, c = i % W, j = base + k;
+            int p = j < k1 ? (sel ? sel[(size_t)t * topk + j] : j) : -1;
+            bool valid = p >= 0 && p <= pos;
+            kt[k * WP + c] = valid ? cache_row((float*)pool, W, m.blocks, m.max_blocks, seq, p)[c] : 0.f;
+            if (c == 0) kval[k] = valid ? 1.f : 0.f;
+        }
+        __syncthreads();
+        // Scores: warp w takes heads w, w+nwarps, ...; lanes split (key, half of the dims).
+        for (int hh = warp; hh < MLA_HB; hh += blockDim.x >> 5) {
+            int k = lane & (MLA_KT - 1), half = lane / MLA_KT;
+            int c0 = half * (W / 2), c1 = half ? W : W / 2;
+            float acc = 0.f;
+            for (int c = c0; c < c1; c++) acc = fmaf(qs[hh * W + c], kt[k * WP + c], acc);
+            acc += __shfl_xor_sync(0xffffffffu, acc, MLA_KT);
+            float sc = (kval[k] != 0.f && hh < nh) ? acc * scale : NEG_INF;
+            float tmax = warp_max(sc);
+            float mold = mrun[hh];
+            float mnew = fmaxf(mold, tmax);
+            float p = sc == NEG_INF ? 0.f : expf(sc - mnew);
+            // Each key appears twice in the warp (two halves): count it once.
+            float psum = warp_sum(half ? 0.f : p);
+            if (lane < MLA_KT) ps[hh * MLA_KT + k] = p;
+            __syncwarp();
+            if (lane == 0) {
+                float f = mold == NEG_INF ? 0.f : expf(mold - mnew);
+                fac[hh] = f;
+                mrun[hh] = mnew;
+                lrun[hh] = lrun[hh] * f + psum;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int hh = 0; hh < MLA_HB; hh++) {
+            float f = fac[hh];
+#pragma unroll
+            for (int j = 0; j < MLA_DPT; j++) {
+                int d = threadIdx.x + j * blockDim.x;
+                if (d < L) {
+                    float acc = o[hh][j] * f;
+#pragma unroll 4
+                    for (int k = 0; k < MLA_KT; k++) acc = fmaf(ps[hh * MLA_KT + k], kt[k * WP + d], acc);
+                    o[hh][j] = acc;
+                }
+            }
+        }
+        __syncthreads();
     }
-    sum = block_sum(sum, scratch);
+    // Partial layout: [t][h][split][L + 2] = unnormalized output, running max, running sum.
+    for (int hh = 0; hh < nh; hh++) {
+        float* dst = part + (((size_t)t * H + hb + hh) * S + split) * (L + 2);
+#pragma unroll
+        for (int j = 0; j < MLA_DPT; j++) {
+            int d = threadIdx.x + j * blockDim.x;
+            if (d < L) dst[d] = o[hh][j];
+        }
+        if (threadIdx.x == 0) {
+            dst[L] = mrun[hh];
+            dst[L + 1] = lrun[hh];
+        }
+    }
+}
+
+// Merges the splits of each (row, head); grid (T, H).
+extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, int L, int S, float* __restrict__ out) {
+    int t = blockIdx.x, h = blockIdx.y;
+    const float* src = part + ((size_t)t * H + h) * S * (L + 2);
+    float mx = NEG_INF;
+    for (int s = 0; s < S; s++) mx = fmaxf(mx, src[s * (L + 2) + L]);
+    float denom = 0.f;
+    for (int s = 0; s < S; s++) {
+        float ms = src[s * (L + 2) + L];
+        if (ms != NEG_INF) denom += src[s * (L + 2) + L + 1] * expf(ms - mx);
+    }
     for (int d = threadIdx.x; d < L; d += blockDim.x) {
         float acc = 0.f;
-        for (int j = 0; j < nk; j++) {
-            float e = sc[j];
-            if (e == 0.f) continue;
-            int p = sel ? sel[(size_t)t * topk + j] : j;
-            acc = fmaf(e, cache_row((float*)pool, W, m.blocks, m.max_blocks, seq, p)[d], acc);
+        for (int s = 0; s < S; s++) {
+            float ms = src[s * (L + 2) + L];
+            if (ms != NEG_INF) acc = fmaf(src[s * (L + 2) + d], expf(ms - mx), acc);
         }
-        out[((size_t)t * H + h) * L + d] = acc / sum;
+        out[((size_t)t * H + h) * L + d] = acc / denom;
     }
 }
 
@@ -223,9 +301,21 @@ extern "C" __global__ void index_topk(const float* __restrict__ scores, const St
         int shift = 24 - 8 * pass;
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        for (int s = threadIdx.x; s < n; s += blockDim.x) {
-            u32 key = order_key(row[s]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        for (int base = 0; base < n; base += blockDim.x) {
+            int s = base + threadIdx.x;
+            bool mine = false;
+            u32 bin = 0;
+            if (s < n) {
+                u32 key = order_key(row[s]);
+                mine = (key & mask) == prefix;
+                bin = (key >> shift) & 255u;
+            }
+            // Lanes with the same bin add once (scores often share their top bits).
+            u32 active = __ballot_sync(0xffffffffu, mine);
+            if (mine) {
+                u32 same = __match_any_sync(active, bin);
+                if ((threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&hist[bin], __popc(same));
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {

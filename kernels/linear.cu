@@ -1,11 +1,10 @@
 // Linear layers y = x·Wᵀ with W in its checkpoint precision, dequantized in registers.
 //
-// A warp owns one output row: its lanes stream the row in 16-byte units (8 bf16, 16 fp8, 32 int4
-// or 16 int8 values), convert each unit to f32 and dot it with up to TOK token rows of x, then
-// reduce across the warp. Decode steps (a few tokens) read every weight byte once, which is the
-// bandwidth floor. Rows whose length is not a multiple of the unit take a scalar path.
-
-#define TOK 8
+// A block owns four output rows: its threads split the columns in 16-byte units (8 bf16, 16 fp8,
+// 32 int4 or 16 int8 values), so each lane has four independent loads in flight; each unit is
+// converted to f32 once and dotted with up to 8 token rows of x, then the block reduces. Decode
+// steps (a few tokens) read every weight byte once, which is the bandwidth floor. Rows whose
+// length is not a multiple of the unit take a scalar path.
 
 enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_FP8 = 3, FMT_INT4 = 4, FMT_INT8 = 5 };
 
@@ -24,56 +23,60 @@ struct WDesc {
 
 template <int FMT> struct Fmt;
 
+// Each format says how to load a row's 16-byte unit, its per-unit dequantization parameters
+// (w = q·s + b for integer codes, w = e·s for FP8), and how to turn the i-th group of 4
+// elements of a loaded unit into floats.
+
+__device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// Exact small non-negative integer to float without the slow I2F: 2^23 + n, minus 2^23.
+__device__ __forceinline__ float small_int(u32 n) { return __uint_as_float(0x4B000000u | n) - 8388608.f; }
+
 template <> struct Fmt<FMT_F32> {
     static constexpr int U = 4;
-    __device__ static void unit(const WDesc& d, int r, int u, float* o) {
-        float4 v = ((const float4*)d.w)[(size_t)r * (d.cols / 4) + u];
-        o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
+    __device__ static float4 chunk(const uint4& v, int, float, float) {
+        return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
     }
     __device__ static float at(const WDesc& d, int r, int c) { return ((const float*)d.w)[(size_t)r * d.cols + c]; }
 };
 
 template <> struct Fmt<FMT_BF16> {
     static constexpr int U = 8;
-    __device__ static void unit(const WDesc& d, int r, int u, float* o) {
-        uint4 v = ((const uint4*)d.w)[(size_t)r * (d.cols / 8) + u];
-        u32 a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            o[2 * i] = __uint_as_float(a[i] << 16);
-            o[2 * i + 1] = __uint_as_float(a[i] & 0xffff0000u);
-        }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
+    __device__ static float4 chunk(const uint4& v, int i, float, float) {
+        u32 a = word(v, 2 * i), c = word(v, 2 * i + 1);
+        return make_float4(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u), __uint_as_float(c << 16), __uint_as_float(c & 0xffff0000u));
     }
     __device__ static float at(const WDesc& d, int r, int c) { return bf16_to_f32(((const u16*)d.w)[(size_t)r * d.cols + c]); }
 };
 
 template <> struct Fmt<FMT_F16> {
     static constexpr int U = 8;
-    __device__ static void unit(const WDesc& d, int r, int u, float* o) {
-        uint4 v = ((const uint4*)d.w)[(size_t)r * (d.cols / 8) + u];
-        u32 a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            o[2 * i] = f16_to_f32((u16)(a[i] & 0xffff));
-            o[2 * i + 1] = f16_to_f32((u16)(a[i] >> 16));
-        }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
+    __device__ static float4 chunk(const uint4& v, int i, float, float) {
+        u32 a = word(v, 2 * i), c = word(v, 2 * i + 1);
+        return make_float4(f16_to_f32((u16)(a & 0xffff)), f16_to_f32((u16)(a >> 16)), f16_to_f32((u16)(c & 0xffff)), f16_to_f32((u16)(c >> 16)));
     }
     __device__ static float at(const WDesc& d, int r, int c) { return f16_to_f32(((const u16*)d.w)[(size_t)r * d.cols + c]); }
 };
 
 template <> struct Fmt<FMT_FP8> {
     static constexpr int U = 16;
-    __device__ static void unit(const WDesc& d, int r, int u, float* o) {
-        uint4 v = ((const uint4*)d.w)[(size_t)r * (d.cols / 16) + u];
-        float s = d.scale[(r / d.br) * d.sc + (u * 16) / d.bc];
-        u32 a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float f0, f1, f2, f3;
-            e4m3x2_to_f32((u16)(a[i] & 0xffff), f0, f1);
-            e4m3x2_to_f32((u16)(a[i] >> 16), f2, f3);
-            o[4 * i] = f0 * s; o[4 * i + 1] = f1 * s; o[4 * i + 2] = f2 * s; o[4 * i + 3] = f3 * s;
-        }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) {
+        s = d.scale[(r / d.br) * d.sc + (u * U) / d.bc];
+        b = 0.f;
+    }
+    __device__ static float4 chunk(const uint4& v, int i, float s, float) {
+        u32 a = word(v, i);
+        float f0, f1, f2, f3;
+        e4m3x2_to_f32((u16)(a & 0xffff), f0, f1);
+        e4m3x2_to_f32((u16)(a >> 16), f2, f3);
+        return make_float4(f0 * s, f1 * s, f2 * s, f3 * s);
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         u8 b = ((const u8*)d.w)[(size_t)r * d.cols + c];
@@ -81,111 +84,147 @@ template <> struct Fmt<FMT_FP8> {
     }
 };
 
-// (q − zp)·s with q = field − 8 equals field·s − (8 + zp)·s exactly in f32 for 4-bit fields and
-// 16-bit scales, so one FMA per element reproduces the reference dequantization bit for bit.
+// (q − zp)·s with q = field − 2^(bits−1) equals field·s + b with b = −(2^(bits−1) + zp)·s, exactly in
+// f32 for 4- and 8-bit fields and 16-bit scales: one FMA per element reproduces the reference
+// dequantization bit for bit.
+__device__ __forceinline__ void int_param(const WDesc& d, int r, int u, int U, float offset, float& s, float& b) {
+    int g = (u * U) / d.group;
+    s = d.scale[(size_t)r * d.sc + g];
+    float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
+    b = -(offset + z) * s;
+}
+
 template <> struct Fmt<FMT_INT4> {
     static constexpr int U = 32;
-    __device__ static void unit(const WDesc& d, int r, int u, float* o) {
-        uint4 v = ((const uint4*)d.w)[(size_t)r * (d.cols / 32) + u];
-        int g = (u * 32) / d.group;
-        float s = d.scale[(size_t)r * d.sc + g];
-        float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
-        float b = -(8.f + z) * s;
-        u32 a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) o[8 * i + j] = fmaf((float)((a[i] >> (4 * j)) & 15u), s, b);
-        }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 8.f, s, b); }
+    __device__ static float4 chunk(const uint4& v, int i, float s, float b) {
+        u32 a = word(v, i / 2) >> (16 * (i % 2));
+        return make_float4(fmaf(small_int(a & 15u), s, b), fmaf(small_int((a >> 4) & 15u), s, b), fmaf(small_int((a >> 8) & 15u), s, b),
+                           fmaf(small_int((a >> 12) & 15u), s, b));
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols * 4 + 31) / 32;
-        u32 word = ((const u32*)d.w)[(size_t)r * wpr + c / 8];
+        u32 w = ((const u32*)d.w)[(size_t)r * wpr + c / 8];
         int g = c / d.group;
         float s = d.scale[(size_t)r * d.sc + g];
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
-        return fmaf((float)((word >> (4 * (c % 8))) & 15u), s, -(8.f + z) * s);
+        return fmaf(small_int((w >> (4 * (c % 8))) & 15u), s, -(8.f + z) * s);
     }
 };
 
 template <> struct Fmt<FMT_INT8> {
     static constexpr int U = 16;
-    __device__ static void unit(const WDesc& d, int r, int u, float* o) {
-        uint4 v = ((const uint4*)d.w)[(size_t)r * (d.cols / 16) + u];
-        int g = (u * 16) / d.group;
-        float s = d.scale[(size_t)r * d.sc + g];
-        float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
-        float b = -(128.f + z) * s;
-        u32 a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) o[4 * i + j] = fmaf((float)((a[i] >> (8 * j)) & 255u), s, b);
-        }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 128.f, s, b); }
+    __device__ static float4 chunk(const uint4& v, int i, float s, float b) {
+        u32 a = word(v, i);
+        return make_float4(fmaf(small_int(a & 255u), s, b), fmaf(small_int((a >> 8) & 255u), s, b), fmaf(small_int((a >> 16) & 255u), s, b),
+                           fmaf(small_int(a >> 24), s, b));
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols + 3) / 4;
-        u32 word = ((const u32*)d.w)[(size_t)r * wpr + c / 4];
+        u32 w = ((const u32*)d.w)[(size_t)r * wpr + c / 4];
         int g = c / d.group;
         float s = d.scale[(size_t)r * d.sc + g];
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
-        return fmaf((float)((word >> (8 * (c % 4))) & 255u), s, -(128.f + z) * s);
+        return fmaf(small_int((w >> (8 * (c % 4))) & 255u), s, -(128.f + z) * s);
     }
 };
 
-// This lane's partial dot products of row r with `nt` rows of x (stride ldx).
-template <int FMT, int NT>
-__device__ __forceinline__ void row_dots(const WDesc& d, int r, const float* x, int ldx, int nt, float* acc) {
-    int lane = threadIdx.x & 31;
+#define MAX_WARPS 8
+
+// The whole block computes the dot products of ROWS weight rows (`rows`, -1 = unused) with up to
+// NT rows of x (stride ldx). Threads split the columns in 16-byte units, so every lane keeps
+// ROWS independent loads in flight; the results land in `res[rr * NT + t]` (shared), valid
+// after the call for every thread.
+template <int FMT, int ROWS, int NT>
+__device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, const float* __restrict__ x, int ldx, int nt, float* res) {
+    __shared__ float red[MAX_WARPS * ROWS * NT];
+    float acc[ROWS][NT];
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[rr][t] = 0.f;
     constexpr int U = Fmt<FMT>::U;
     if (d.vec) {
         int units = d.cols / U;
 #pragma unroll 2
-        for (int u = lane; u < units; u += 32) {
-            float w[U];
-            Fmt<FMT>::unit(d, r, u, w);
+        for (int u = threadIdx.x; u < units; u += blockDim.x) {
+            uint4 raw[ROWS];
+            float s[ROWS], b[ROWS];
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                if (t < nt) {
-                    const float4* xv = (const float4*)(x + (size_t)t * ldx + u * U);
-                    float s = 0.f;
+            for (int rr = 0; rr < ROWS; rr++) {
+                if (rows[rr] >= 0) {
+                    raw[rr] = Fmt<FMT>::load(d, rows[rr], u);
+                    Fmt<FMT>::param(d, rows[rr], u, s[rr], b[rr]);
+                } else {
+                    raw[rr] = make_uint4(0, 0, 0, 0);
+                    s[rr] = 0.f;
+                    b[rr] = 0.f;
+                }
+            }
 #pragma unroll
-                    for (int i = 0; i < U / 4; i++) {
-                        float4 a = xv[i];
-                        s = fmaf(w[4 * i], a.x, s);
-                        s = fmaf(w[4 * i + 1], a.y, s);
-                        s = fmaf(w[4 * i + 2], a.z, s);
-                        s = fmaf(w[4 * i + 3], a.w, s);
+            for (int i = 0; i < U / 4; i++) {
+                float4 w[ROWS];
+#pragma unroll
+                for (int rr = 0; rr < ROWS; rr++) w[rr] = Fmt<FMT>::chunk(raw[rr], i, s[rr], b[rr]);
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    if (t < nt) {
+                        float4 xv = *(const float4*)(x + (size_t)t * ldx + u * U + 4 * i);
+#pragma unroll
+                        for (int rr = 0; rr < ROWS; rr++)
+                            acc[rr][t] = fmaf(w[rr].x, xv.x, fmaf(w[rr].y, xv.y, fmaf(w[rr].z, xv.z, fmaf(w[rr].w, xv.w, acc[rr][t]))));
                     }
-                    acc[t] += s;
                 }
             }
         }
     } else {
-        for (int c = lane; c < d.cols; c += 32) {
-            float w = Fmt<FMT>::at(d, r, c);
+        for (int c = threadIdx.x; c < d.cols; c += blockDim.x) {
 #pragma unroll
-            for (int t = 0; t < NT; t++)
-                if (t < nt) acc[t] = fmaf(w, x[(size_t)t * ldx + c], acc[t]);
+            for (int rr = 0; rr < ROWS; rr++) {
+                if (rows[rr] < 0) continue;
+                float w = Fmt<FMT>::at(d, rows[rr], c);
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (t < nt) acc[rr][t] = fmaf(w, x[(size_t)t * ldx + c], acc[rr][t]);
+            }
         }
     }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = warp_sum(acc[rr][t]);
+            if (lane == 0) red[(warp * ROWS + rr) * NT + t] = v;
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < ROWS * NT; i += blockDim.x) {
+        float v = 0.f;
+        for (int w = 0; w < nw; w++) v += red[w * ROWS * NT + i];
+        res[i] = v;
+    }
+    __syncthreads();
 }
 
-// y[t, yoff + r] = x[t] · W[r], for T tokens; grid (ceil(rows / warps), ceil(T / TOK)).
-template <int FMT>
+#define GEMV_ROWS 4
+
+// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / 4), ceil(T / NT)).
+template <int FMT, int NT>
 __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= d.rows) return;
-    int t0 = blockIdx.y * TOK;
-    int nt = min(TOK, T - t0);
-    float acc[TOK];
+    __shared__ float res[GEMV_ROWS * NT];
+    int r0 = blockIdx.x * GEMV_ROWS;
+    int t0 = blockIdx.y * NT;
+    int nt = min(NT, T - t0);
+    int rows[GEMV_ROWS];
 #pragma unroll
-    for (int t = 0; t < TOK; t++) acc[t] = 0.f;
-    row_dots<FMT, TOK>(d, r, x + (size_t)t0 * d.cols, d.cols, nt, acc);
-#pragma unroll
-    for (int t = 0; t < TOK; t++) {
-        float v = warp_sum(acc[t]);
-        if ((threadIdx.x & 31) == 0 && t < nt) y[(size_t)(t0 + t) * ldy + yoff + r] = v;
+    for (int rr = 0; rr < GEMV_ROWS; rr++) rows[rr] = r0 + rr < d.rows ? r0 + rr : -1;
+    block_dots<FMT, GEMV_ROWS, NT>(d, rows, x + (size_t)t0 * d.cols, d.cols, nt, res);
+    for (int i = threadIdx.x; i < GEMV_ROWS * NT; i += blockDim.x) {
+        int rr = i / NT, t = i % NT;
+        if (rows[rr] >= 0 && t < nt) y[(size_t)(t0 + t) * ldy + yoff + rows[rr]] = res[i];
     }
 }
 
@@ -198,40 +237,44 @@ __device__ void embed(const WDesc d, const int* __restrict__ ids, float* __restr
 }
 
 // ---- mixture of experts: one (token, expert) pair per grid row --------------------------------
-// act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t), with gate and up stacked as rows [0, I) and
-// [I, 2I) of the expert's gate_up weight; p = t·K + k and e = idx[p].
+// act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t) for two consecutive r per block, with gate and
+// up stacked as rows [0, I) and [I, 2I) of the expert's gate_up weight; p = t·K + k, e = idx[p].
 template <int FMT>
 __device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict__ idx, const float* __restrict__ x,
                             float* __restrict__ act, int K, int I) {
+    __shared__ float res[4];
     int p = blockIdx.y;
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= I) return;
+    int r = blockIdx.x * 2;
     const WDesc d = gu[idx[p]];
-    const float* xt = x + (size_t)(p / K) * d.cols;
-    float g[1] = {0.f}, u[1] = {0.f};
-    row_dots<FMT, 1>(d, r, xt, d.cols, 1, g);
-    row_dots<FMT, 1>(d, r + I, xt, d.cols, 1, u);
-    float gs = warp_sum(g[0]), us = warp_sum(u[0]);
-    if ((threadIdx.x & 31) == 0) act[(size_t)p * I + r] = gs / (1.f + expf(-gs)) * us;
+    int rows[4] = {r, r + 1 < I ? r + 1 : -1, I + r, r + 1 < I ? I + r + 1 : -1};
+    block_dots<FMT, 4, 1>(d, rows, x + (size_t)(p / K) * d.cols, d.cols, 1, res);
+    if (threadIdx.x < 2 && rows[threadIdx.x] >= 0) {
+        float g = res[threadIdx.x], u = res[2 + threadIdx.x];
+        act[(size_t)p * I + r + threadIdx.x] = g / (1.f + expf(-g)) * u;
+    }
 }
 
-// part[p, r] = down_e[r] · act[p]
+// part[p, r] = down_e[r] · act[p], four rows per block.
 template <int FMT>
 __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ idx, const float* __restrict__ act,
                          float* __restrict__ part, int H) {
+    __shared__ float res[4];
     int p = blockIdx.y;
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= H) return;
+    int r0 = blockIdx.x * 4;
     const WDesc d = dn[idx[p]];
-    float a[1] = {0.f};
-    row_dots<FMT, 1>(d, r, act + (size_t)p * d.cols, d.cols, 1, a);
-    float v = warp_sum(a[0]);
-    if ((threadIdx.x & 31) == 0) part[(size_t)p * H + r] = v;
+    int rows[4];
+#pragma unroll
+    for (int rr = 0; rr < 4; rr++) rows[rr] = r0 + rr < H ? r0 + rr : -1;
+    block_dots<FMT, 4, 1>(d, rows, act + (size_t)p * d.cols, d.cols, 1, res);
+    if (threadIdx.x < 4 && rows[threadIdx.x] >= 0) part[(size_t)p * H + rows[threadIdx.x]] = res[threadIdx.x];
 }
 
 #define INSTANTIATE(NAME, FMT)                                                                            \
-    extern "C" __global__ void gemv_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
-        gemv<FMT>(d, x, y, T, ldy, yoff);                                                                  \
+    extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
+        gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
+    }                                                                                                      \
+    extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
+        gemv<FMT, 8>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { embed<FMT>(d, ids, out); } \
     extern "C" __global__ void moe_gate_up_##NAME(const WDesc* gu, const int* idx, const float* x, float* act, int K, int I) { \

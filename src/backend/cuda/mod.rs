@@ -170,12 +170,14 @@ impl CudaBackend {
     /// `y[:, yoff .. yoff + w.rows] = x · Wᵀ` for every part of `w`.
     fn gemv_into(&self, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor) -> Result<()> {
         let mut yoff = 0;
+        // One token (decode) has its own instantiation: fewer registers, no idle token lanes.
+        let (nt, kernel) = if x.rows == 1 { (1, "gemv1") } else { (8, "gemv8") };
         for p in &w.parts {
-            let grid = ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(8), 1);
+            let grid = ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1);
             self.launch(
-                &format!("gemv_{}", p.fmt.name()),
+                &format!("{kernel}_{}", p.fmt.name()),
                 grid,
-                128,
+                256,
                 0,
                 &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32)],
             )?;
@@ -443,13 +445,20 @@ impl Backend for CudaBackend {
             Some(s) => s.topk,
             None => step.positions.iter().max().map_or(0, |p| p + 1),
         };
-        let smem = (latent + rope + nk) * 4;
-        if smem > 200 * 1024 {
-            bail!("mla_attend: {nk} keys per query exceed shared memory; DSA must select them");
+        // Splits of 64 keys for parallelism, fewer when many rows would make the partials large.
+        let budget = 256usize << 20;
+        let max_splits = (budget / (t * h * (latent + 2) * 4)).max(1);
+        let splits = nk.div_ceil(64).clamp(1, max_splits);
+        let ks = nk.div_ceil(splits);
+        let part = self.alloc(t * h * splits * (latent + 2))?;
+        let w = latent + rope;
+        let smem = (8 * w + 16 * (w + 1) + 2 * 8 * 16 + 16 + 3 * 8) * 4;
+        if latent > 4 * 256 {
+            bail!("mla_attend: latent width {latent} exceeds the kernel's 1024");
         }
         self.launch(
-            "mla_attend",
-            (t as u32, h as u32, 1),
+            "mla_attend_split",
+            (t as u32, (h as u32).div_ceil(8), splits as u32),
             256,
             smem,
             &[
@@ -463,8 +472,16 @@ impl Backend for CudaBackend {
                 Arg::I32(latent as i32),
                 Arg::I32(rope as i32),
                 Arg::F32(scale),
-                Arg::Ptr(self.ptr(&out.buf)),
+                Arg::I32(ks as i32),
+                Arg::Ptr(self.ptr(&part)),
             ],
+        )?;
+        self.launch(
+            "mla_combine",
+            (t as u32, h as u32, 1),
+            256,
+            0,
+            &[Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32), Arg::I32(latent as i32), Arg::I32(splits as i32), Arg::Ptr(self.ptr(&out.buf))],
         )?;
         Ok(out)
     }
@@ -562,7 +579,7 @@ impl Backend for CudaBackend {
         self.launch(
             "index_topk",
             (t as u32, 1, 1),
-            512,
+            1024,
             0,
             &[Arg::Ptr(self.ptr(&scores)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32), Arg::Ptr(self.ptr(&idx))],
         )?;
@@ -617,15 +634,15 @@ impl Backend for CudaBackend {
         let part = self.alloc(t * k * h)?;
         self.launch(
             &format!("moe_gate_up_{}", experts.fmt_gate_up.name()),
-            ((i as u32).div_ceil(4), pairs, 1),
-            128,
+            ((i as u32).div_ceil(2), pairs, 1),
+            256,
             0,
             &[Arg::Ptr(self.ptr(&experts.gate_up_table)), Arg::Ptr(self.ptr(&routing.idx)), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )?;
         self.launch(
             &format!("moe_down_{}", experts.fmt_down.name()),
             ((h as u32).div_ceil(4), pairs, 1),
-            128,
+            256,
             0,
             &[Arg::Ptr(self.ptr(&experts.down_table)), Arg::Ptr(self.ptr(&routing.idx)), Arg::Ptr(self.ptr(&act)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
         )?;
