@@ -219,6 +219,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     // ---- host transfers ------------------------------------------------------------------
     fn tensor(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor>;
+    /// A selection as `[rows, topk]` positions padded with -1 (to cross a pipeline boundary).
+    fn selection_to_host(&self, sel: &Self::Selection, rows: usize) -> Result<(usize, Vec<i32>)>;
+    fn selection_from_host(&self, rows: usize, topk: usize, data: &[i32]) -> Result<Self::Selection>;
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
 

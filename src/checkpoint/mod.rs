@@ -30,6 +30,8 @@ pub struct Checkpoint {
     shards: Vec<SafetensorsFile>,
     /// Tensor name → index into `shards`.
     index: HashMap<String, usize>,
+    /// Bytes of the weights handed out so far (what a rank actually loads).
+    loaded: std::sync::atomic::AtomicUsize,
 }
 
 impl Checkpoint {
@@ -86,7 +88,7 @@ impl Checkpoint {
         } else {
             bail!("no {INDEX_FILE} or {SINGLE_FILE} in {}", dir.display());
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, index })
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, index, loaded: Default::default() })
     }
 
     /// Whether the MTP layer's weights are present (configs may announce one that a
@@ -102,6 +104,15 @@ impl Checkpoint {
             }
             None => false,
         }
+    }
+
+    /// Bytes of weights loaded through [`Checkpoint::linear`] and [`Checkpoint::vector`].
+    pub fn loaded_bytes(&self) -> usize {
+        self.loaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, bytes: usize) {
+        self.loaded.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -143,6 +154,7 @@ impl Checkpoint {
         if !t.dtype.is_float() {
             bail!("tensor '{name}' in {} has dtype {}, expected a float type", t.file.display(), t.dtype);
         }
+        self.count(t.nbytes());
         t.to_f32()
     }
 
@@ -193,6 +205,7 @@ impl Checkpoint {
             bail!("checkpoint {} is missing tensor '{what}'", self.dir.display());
         }
         let w = LinearWeight { module: module.to_string(), rows, cols, data, format };
+        self.count(w.nbytes());
         let found_kind = match w.format {
             Format::Plain => "plain",
             Format::Fp8 { .. } => "fp8",

@@ -150,6 +150,27 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(rows, cols, data.to_vec()))
     }
 
+    fn selection_to_host(&self, sel: &CpuSelection, rows: usize) -> Result<(usize, Vec<i32>)> {
+        if sel.rows.len() != rows {
+            bail!("selection has {} rows, expected {rows}", sel.rows.len());
+        }
+        let topk = sel.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut out = vec![-1i32; rows * topk];
+        for (r, picks) in sel.rows.iter().enumerate() {
+            for (j, &p) in picks.iter().enumerate() {
+                out[r * topk + j] = p as i32;
+            }
+        }
+        Ok((topk, out))
+    }
+
+    fn selection_from_host(&self, rows: usize, topk: usize, data: &[i32]) -> Result<CpuSelection> {
+        if data.len() != rows * topk {
+            bail!("selection of {} values for [{rows}, {topk}]", data.len());
+        }
+        Ok(CpuSelection { rows: data.chunks(topk.max(1)).take(rows).map(|r| r.iter().filter(|&&p| p >= 0).map(|&p| p as u32).collect()).collect() })
+    }
+
     fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
         Ok(t.data.clone())
     }

@@ -268,6 +268,21 @@ impl Backend for CudaBackend {
         Ok(CudaTensor { rows, cols, buf })
     }
 
+    fn selection_to_host(&self, sel: &CudaSelection, rows: usize) -> Result<(usize, Vec<i32>)> {
+        let mut v = self.stream.clone_dtoh(&sel.idx).map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        self.synchronize()?;
+        v.truncate(rows * sel.topk);
+        Ok((sel.topk, v))
+    }
+
+    fn selection_from_host(&self, rows: usize, topk: usize, data: &[i32]) -> Result<CudaSelection> {
+        if data.len() != rows * topk {
+            bail!("selection of {} values for [{rows}, {topk}]", data.len());
+        }
+        let idx = if data.is_empty() { self.stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))? } else { self.ints(data)? };
+        Ok(CudaSelection { topk, idx })
+    }
+
     fn to_host(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         let mut v = self.stream.clone_dtoh(&t.buf).map_err(|e| anyhow!("CUDA: {e:?}"))?;
         self.synchronize()?;

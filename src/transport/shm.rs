@@ -1,0 +1,424 @@
+//! Shared-memory link: a ring of fixed slots in a memfd mapped by both processes.
+//!
+//! The consumer creates the region (so it can bind the pages to its own NUMA node), two
+//! eventfds ("data ready" and "space free"), and hands the three fds to the producer over a
+//! Unix socket with SCM_RIGHTS. That socket stays open for the link's lifetime: when either
+//! process dies the other sees it hang up at once.
+//!
+//! Layout: a 4 KiB control page (magic, geometry, head and tail counters on their own cache
+//! lines, sleep flags), then `slots` slots of `slot_bytes`: the header length and payload length,
+//! the rkyv header (16-byte aligned) and, at [`HEADER_AREA`], the payload (256-byte aligned,
+//! page-aligned slots), so the region can be registered with CUDA for direct DMA.
+//!
+//! Waiting: spin briefly on the head/tail counters, then announce sleep and block in poll on
+//! the eventfd and the socket; the other side writes the eventfd only when a sleeper is flagged.
+
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use super::frame::{FrameHeader, HEADER_AREA};
+use super::{FrameReceiver, FrameSender, Health};
+
+const MAGIC: u64 = 0x6475_6574_5249_4e47; // "duetRING"
+const VERSION: u32 = 1;
+const CONTROL: usize = 4096;
+/// Offset of the header inside a slot (after the two length words).
+const HEADER_OFFSET: usize = 64;
+
+#[repr(C)]
+struct Control {
+    magic: u64,
+    version: u32,
+    slots: u32,
+    slot_bytes: u64,
+    _pad0: [u8; 40],
+    head: AtomicU64,
+    _pad1: [u8; 56],
+    tail: AtomicU64,
+    _pad2: [u8; 56],
+    consumer_sleeping: AtomicU32,
+    producer_sleeping: AtomicU32,
+    _pad3: [u8; 56],
+}
+
+/// Ring geometry.
+#[derive(Clone, Copy, Debug)]
+pub struct RingSpec {
+    pub slots: u32,
+    /// Largest payload one frame may carry.
+    pub max_payload: usize,
+    /// Spin this long before sleeping in poll.
+    pub spin: Duration,
+}
+
+impl RingSpec {
+    fn slot_bytes(&self) -> usize {
+        (HEADER_AREA + self.max_payload).div_ceil(4096) * 4096
+    }
+}
+
+/// The mapped region (unmapped on drop).
+struct Region {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+unsafe impl Send for Region {}
+
+impl Region {
+    fn map(fd: &OwnedFd, len: usize) -> Result<Region> {
+        let ptr = unsafe {
+            mmap(None, NonZeroUsize::new(len).context("empty ring")?, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)
+        }
+        .map_err(|e| anyhow!("mmap of the shared ring failed: {e}"))?;
+        Ok(Region { base: ptr.cast(), len })
+    }
+
+    fn control(&self) -> &Control {
+        // Safety: the first page holds the control block, written before the fds are shared.
+        unsafe { &*(self.base.as_ptr() as *const Control) }
+    }
+
+    fn slot(&self, spec_slot_bytes: usize, i: usize) -> *mut u8 {
+        unsafe { self.base.as_ptr().add(CONTROL + i * spec_slot_bytes) }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        let _ = unsafe { munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Binds the pages of a region to a NUMA node (best effort: a warning when the kernel refuses).
+fn bind_to_node(region: &Region, node: Option<usize>) {
+    let Some(node) = node else { return };
+    if node >= 64 {
+        return;
+    }
+    let mask: u64 = 1 << node;
+    const MPOL_BIND: i64 = 2;
+    let rc = unsafe {
+        libc::syscall(libc::SYS_mbind, region.base.as_ptr() as usize, region.len, MPOL_BIND, &mask as *const u64, 65usize, 0usize)
+    };
+    if rc != 0 {
+        tracing::warn!("mbind of the shared ring to NUMA node {node} failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn wait_fd(fds: &[(&dyn AsFd, PollFlags)], timeout: Duration) -> Result<Vec<PollFlags>> {
+    let mut pfds: Vec<PollFd> = fds.iter().map(|(fd, ev)| PollFd::new(fd.as_fd(), *ev)).collect();
+    let ms = timeout.as_millis().min(10_000) as i32;
+    match poll(&mut pfds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+        Err(e) => bail!("poll: {e}"),
+    }
+    Ok(pfds.iter().map(|p| p.revents().unwrap_or(PollFlags::empty())).collect())
+}
+
+/// Whether the peer hung up the link socket.
+fn peer_gone(flags: PollFlags, sock: &UnixStream) -> bool {
+    if flags.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+        return true;
+    }
+    if flags.contains(PollFlags::POLLIN) {
+        let mut b = [0u8; 16];
+        // The socket carries no data after setup: readable means EOF.
+        return matches!(nix::sys::socket::recv(sock.as_raw_fd(), &mut b, MsgFlags::MSG_DONTWAIT), Ok(0));
+    }
+    false
+}
+
+fn drain(efd: &EventFd) {
+    let mut b = [0u8; 8];
+    let _ = nix::unistd::read(efd, &mut b);
+}
+
+/// The consumer end.
+pub struct ShmReceiver {
+    region: Region,
+    slot_bytes: usize,
+    slots: usize,
+    data: EventFd,
+    space: EventFd,
+    sock: UnixStream,
+    spin: Duration,
+    expect_step: u64,
+    health: Health,
+    peer: String,
+    path: PathBuf,
+}
+
+/// The producer end.
+pub struct ShmSender {
+    region: Region,
+    slot_bytes: usize,
+    slots: usize,
+    data: EventFd,
+    space: EventFd,
+    sock: UnixStream,
+    spin: Duration,
+    step: u64,
+    max_payload: usize,
+    health: Health,
+    peer: String,
+}
+
+impl ShmReceiver {
+    /// Creates the ring, listens on `path` and hands the ring to the producer that connects
+    /// (waiting up to `timeout`).
+    pub fn create(path: &Path, spec: RingSpec, numa_node: Option<usize>, health: Health, peer: &str, timeout: Duration) -> Result<ShmReceiver> {
+        let slot_bytes = spec.slot_bytes();
+        let len = CONTROL + slot_bytes * spec.slots as usize;
+        let fd = nix::sys::memfd::memfd_create(c"duet-ring", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).map_err(|e| anyhow!("memfd_create: {e}"))?;
+        nix::unistd::ftruncate(&fd, len as i64).map_err(|e| anyhow!("sizing the shared ring to {len} bytes: {e}"))?;
+        let region = Region::map(&fd, len)?;
+        bind_to_node(&region, numa_node);
+        unsafe {
+            let c = region.base.as_ptr() as *mut Control;
+            std::ptr::write_bytes(c as *mut u8, 0, CONTROL);
+            (*c).magic = MAGIC;
+            (*c).version = VERSION;
+            (*c).slots = spec.slots;
+            (*c).slot_bytes = slot_bytes as u64;
+        }
+        let data = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| anyhow!("eventfd: {e}"))?;
+        let space = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| anyhow!("eventfd: {e}"))?;
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        let sock = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    health.check()?;
+                    if Instant::now() > deadline {
+                        bail!("{peer} did not connect to {} within {timeout:?}", path.display());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => bail!("accept on {}: {e}", path.display()),
+            }
+        };
+        sock.set_nonblocking(false)?;
+        let fds = [fd.as_raw_fd(), data.as_raw_fd(), space.as_raw_fd()];
+        let hello = MAGIC.to_le_bytes();
+        sendmsg::<()>(sock.as_raw_fd(), &[std::io::IoSlice::new(&hello)], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+            .map_err(|e| anyhow!("passing the ring to {peer}: {e}"))?;
+        let _ = std::fs::remove_file(path);
+        Ok(ShmReceiver {
+            region,
+            slot_bytes,
+            slots: spec.slots as usize,
+            data,
+            space,
+            sock,
+            spin: spec.spin,
+            expect_step: 0,
+            health,
+            peer: peer.to_string(),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl ShmSender {
+    /// Connects to a consumer listening on `path` (retrying until `timeout`) and maps its ring.
+    pub fn connect(path: &Path, spin: Duration, health: Health, peer: &str, timeout: Duration) -> Result<ShmSender> {
+        let deadline = Instant::now() + timeout;
+        let sock = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    health.check()?;
+                    if Instant::now() > deadline {
+                        bail!("cannot reach {peer} at {}: {e}", path.display());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        let mut hello = [0u8; 8];
+        let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+        let fds: Vec<RawFd> = {
+            let mut iov = [std::io::IoSliceMut::new(&mut hello)];
+            let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).map_err(|e| anyhow!("receiving the ring from {peer}: {e}"))?;
+            let mut fds = vec![];
+            for c in msg.cmsgs().map_err(|e| anyhow!("{e}"))? {
+                if let ControlMessageOwned::ScmRights(f) = c {
+                    fds.extend(f);
+                }
+            }
+            fds
+        };
+        if u64::from_le_bytes(hello) != MAGIC || fds.len() != 3 {
+            bail!("{peer} sent a malformed ring handshake ({} fds)", fds.len());
+        }
+        // Safety: the fds were just received and are owned by no one else in this process.
+        let (fd, data, space) = unsafe { (OwnedFd::from_raw_fd(fds[0]), EventFd::from_owned_fd(OwnedFd::from_raw_fd(fds[1])), EventFd::from_owned_fd(OwnedFd::from_raw_fd(fds[2]))) };
+        let len = nix::sys::stat::fstat(&fd).map_err(|e| anyhow!("fstat of the ring: {e}"))?.st_size as usize;
+        if len < CONTROL {
+            bail!("the ring from {peer} is only {len} bytes");
+        }
+        let region = Region::map(&fd, len)?;
+        let (slots, slot_bytes) = {
+            let c = region.control();
+            if c.magic != MAGIC || c.version != VERSION {
+                bail!("the ring from {peer} has magic {:#x} version {}, expected {MAGIC:#x} version {VERSION}", c.magic, c.version);
+            }
+            (c.slots as usize, c.slot_bytes as usize)
+        };
+        if slots == 0 || slot_bytes <= HEADER_AREA || CONTROL + slots * slot_bytes > len {
+            bail!("the ring from {peer} has an inconsistent geometry: {slots} slots of {slot_bytes} bytes in {len}");
+        }
+        Ok(ShmSender {
+            region,
+            slot_bytes,
+            slots,
+            data,
+            space,
+            sock,
+            spin,
+            step: 0,
+            max_payload: slot_bytes - HEADER_AREA,
+            health,
+            peer: peer.to_string(),
+        })
+    }
+}
+
+impl FrameSender for ShmSender {
+    fn send(&mut self, header: &mut FrameHeader, payload: &[&[u8]]) -> Result<()> {
+        header.step = self.step;
+        let total: usize = payload.iter().map(|p| p.len()).sum();
+        header.payload_len = total as u64;
+        if total > self.max_payload {
+            bail!("frame of {total} bytes exceeds the ring's {}-byte slots", self.max_payload);
+        }
+        let bytes = header.encode()?;
+        if bytes.len() > HEADER_AREA - HEADER_OFFSET {
+            bail!("frame header of {} bytes exceeds the {}-byte header area", bytes.len(), HEADER_AREA - HEADER_OFFSET);
+        }
+        let c = self.region.control();
+        // Wait for a free slot.
+        let start = Instant::now();
+        loop {
+            let head = c.head.load(Ordering::Relaxed);
+            if head - c.tail.load(Ordering::Acquire) < self.slots as u64 {
+                break;
+            }
+            if start.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            c.producer_sleeping.store(1, Ordering::SeqCst);
+            if head - c.tail.load(Ordering::SeqCst) < self.slots as u64 {
+                c.producer_sleeping.store(0, Ordering::SeqCst);
+                break;
+            }
+            let ev = wait_fd(&[(&self.space, PollFlags::POLLIN), (&self.sock, PollFlags::POLLIN)], Duration::from_millis(100))?;
+            c.producer_sleeping.store(0, Ordering::SeqCst);
+            drain(&self.space);
+            if peer_gone(ev[1], &self.sock) {
+                bail!("{} closed the link", self.peer);
+            }
+            self.health.check()?;
+        }
+        let head = c.head.load(Ordering::Relaxed);
+        let slot = self.region.slot(self.slot_bytes, (head % self.slots as u64) as usize);
+        // Safety: the slot is ours until head advances; bounds were checked above.
+        unsafe {
+            (slot as *mut u64).write(bytes.len() as u64);
+            (slot.add(8) as *mut u64).write(total as u64);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot.add(HEADER_OFFSET), bytes.len());
+            let mut off = HEADER_AREA;
+            for p in payload {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), slot.add(off), p.len());
+                off += p.len();
+            }
+        }
+        c.head.store(head + 1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if c.consumer_sleeping.load(Ordering::SeqCst) != 0 {
+            let _ = self.data.write(1);
+        }
+        self.step += 1;
+        Ok(())
+    }
+}
+
+impl FrameReceiver for ShmReceiver {
+    fn recv_with(&mut self, timeout: Duration, f: &mut dyn FnMut(&FrameHeader, &[u8]) -> Result<()>) -> Result<bool> {
+        let c = self.region.control();
+        let start = Instant::now();
+        let tail = c.tail.load(Ordering::Relaxed);
+        loop {
+            if c.head.load(Ordering::Acquire) != tail {
+                break;
+            }
+            let waited = start.elapsed();
+            if waited < self.spin.min(timeout) {
+                std::hint::spin_loop();
+                continue;
+            }
+            if waited >= timeout {
+                self.health.check()?;
+                return Ok(false);
+            }
+            c.consumer_sleeping.store(1, Ordering::SeqCst);
+            if c.head.load(Ordering::SeqCst) != tail {
+                c.consumer_sleeping.store(0, Ordering::SeqCst);
+                break;
+            }
+            let ev = wait_fd(&[(&self.data, PollFlags::POLLIN), (&self.sock, PollFlags::POLLIN)], (timeout - waited).min(Duration::from_millis(100)))?;
+            c.consumer_sleeping.store(0, Ordering::SeqCst);
+            drain(&self.data);
+            if c.head.load(Ordering::Acquire) != tail {
+                break;
+            }
+            if peer_gone(ev[1], &self.sock) {
+                bail!("{} closed the link", self.peer);
+            }
+            self.health.check()?;
+        }
+        let slot = self.region.slot(self.slot_bytes, (tail % self.slots as u64) as usize);
+        // Safety: the slot is ours until tail advances; lengths are checked before use.
+        let (hlen, plen) = unsafe { ((slot as *const u64).read() as usize, (slot.add(8) as *const u64).read() as usize) };
+        if hlen > HEADER_AREA - HEADER_OFFSET || plen > self.slot_bytes - HEADER_AREA {
+            bail!("corrupt frame from {}: header {hlen} bytes, payload {plen} bytes", self.peer);
+        }
+        let hbytes = unsafe { std::slice::from_raw_parts(slot.add(HEADER_OFFSET), hlen) };
+        let header = FrameHeader::decode(hbytes).with_context(|| format!("frame from {}", self.peer))?;
+        if header.payload_len != plen as u64 {
+            bail!("corrupt frame from {}: header says {} payload bytes, slot holds {plen}", self.peer, header.payload_len);
+        }
+        header.validate(self.expect_step, None).with_context(|| format!("frame from {}", self.peer))?;
+        let payload = unsafe { std::slice::from_raw_parts(slot.add(HEADER_AREA), plen) };
+        let r = f(&header, payload);
+        c.tail.store(tail + 1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if c.producer_sleeping.load(Ordering::SeqCst) != 0 {
+            let _ = self.space.write(1);
+        }
+        self.expect_step += 1;
+        r.map(|_| true)
+    }
+}
+
+impl Drop for ShmReceiver {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
