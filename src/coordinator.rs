@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::backend::{Backend, Device};
 use crate::generate::{GenerateOptions, Generation};
-use crate::pipeline::rank::{run_head, EngineState};
+use crate::pipeline::rank::{start_engine, EngineState};
 use crate::pipeline::RankOptions;
 use crate::scheduler::{Event, FinishReason, Request};
 
@@ -118,14 +118,8 @@ pub struct LocalHead {
 
 impl LocalHead {
     pub fn start<B: Backend>(backend: B, opts: RankOptions) -> LocalHead {
-        let (tx, rx) = std_mpsc::channel();
-        let state = Arc::new(EngineState::default());
-        let st = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("duet-rank0".into())
-            .spawn(move || run_head(backend, &opts, rx, st))
-            .expect("spawn rank 0");
-        LocalHead { requests: Some(tx), state, thread: Some(thread) }
+        let (handle, thread) = start_engine(backend, opts);
+        LocalHead { requests: Some(handle.requests), state: handle.state, thread: Some(thread) }
     }
 
     /// Waits until every rank is connected; fails if rank 0 stopped or a peer exited.

@@ -5,7 +5,9 @@
 mod eval;
 mod generate;
 mod inspect;
+mod prompt;
 mod rank;
+mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -121,6 +123,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Run one rank of a pipeline (the launch script starts one per GPU module).
     Rank(rank::RankArgs),
+    /// Serve the OpenAI-compatible API, starting `--ranks` ranks on this machine.
+    Serve(serve::ServeArgs),
+    /// Send a prompt to a running server and stream the reply.
+    Prompt(prompt::PromptArgs),
     /// Summarize a checkpoint: config, precision per module, bytes, memory plan per rank.
     Inspect {
         #[arg(long)]
@@ -181,6 +187,8 @@ fn run(cmd: Command) -> Result<()> {
         Command::Eval { model, tokens, dump, chunk, device } => eval::eval(&tiny::resolve_model(&model)?, &tokens, &dump, chunk, device),
         Command::Generate(args) => generate::run(args),
         Command::Rank(args) => rank::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Prompt(args) => prompt::run(args),
         Command::Inspect { model, ranks } => inspect::inspect(&tiny::resolve_model(&model)?, ranks),
         Command::Bench { what: BenchCommand::Check { fixtures, seed } } => crate::bench::check::run(&fixtures, seed),
         Command::Bench { what: BenchCommand::Kernels { reps } } => crate::bench::kernels::run(reps),

@@ -18,12 +18,9 @@ pub struct RankArgs {
     world: usize,
     #[arg(long)]
     model: PathBuf,
-    /// Rank 0: address of the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    http: String,
-    /// Rank 0: require `Authorization: Bearer KEY`.
-    #[arg(long, env = "DUET_API_KEY")]
-    api_key: Option<String>,
+    /// Rank 0's HTTP API.
+    #[command(flatten)]
+    http: super::serve::HttpArgs,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -36,8 +33,7 @@ pub fn run(a: RankArgs) -> Result<()> {
     let opts = a.pipeline.options(a.rank, a.world, dir, 29500);
     let backend = AnyBackend::open(a.pipeline.device, a.pipeline.gpu.unwrap_or(a.rank))?;
     if a.rank == 0 {
-        let cfg = crate::server::ServerConfig { addr: a.http, api_key: a.api_key, ..Default::default() };
-        crate::with_backend!(backend, b => crate::server::serve(b, opts, cfg))
+        crate::with_backend!(backend, b => crate::server::serve(b, opts, a.http.config()))
     } else {
         crate::with_backend!(backend, b => run_peer(b, &opts))
     }

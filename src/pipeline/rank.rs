@@ -113,6 +113,24 @@ fn load_stage<B: Backend>(backend: B, ck: &Checkpoint, plan: &[std::ops::Range<u
 // ---------------------------------------------------------------------------------------------
 // Rank 0
 
+/// The engine thread of rank 0 and what talks to it.
+pub struct EngineHandle {
+    pub requests: std_mpsc::Sender<Request>,
+    pub state: Arc<EngineState>,
+}
+
+pub fn start_engine<B: Backend>(backend: B, opts: RankOptions) -> (EngineHandle, std::thread::JoinHandle<Result<()>>) {
+    let (tx, rx) = std_mpsc::channel();
+    let state = Arc::new(EngineState::default());
+    let st = state.clone();
+    let join = std::thread::Builder::new()
+        .name("duet-engine".into())
+        .spawn(move || run_head(backend, &opts, rx, st))
+        .expect("spawn the engine thread");
+    (EngineHandle { requests: tx, state }, join)
+}
+
+
 /// Rank 0: serves requests from `requests` until `state.shutdown`, reconnecting to the other
 /// ranks whenever the pipeline breaks.
 pub fn run_head<B: Backend>(backend: B, opts: &RankOptions, requests: std_mpsc::Receiver<Request>, state: Arc<EngineState>) -> Result<()> {
