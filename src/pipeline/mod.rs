@@ -101,16 +101,37 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
     }
 }
 
-/// Identifies a checkpoint: its config, its index (or single-file header) and shard sizes.
+/// Identifies a checkpoint: its config, its index, and for every shard its size and a sample
+/// of its bytes (header, start and end of the data), so two checkpoints of the same shape with
+/// different weights differ.
 pub fn fingerprint(dir: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     fnv(&mut h, &std::fs::read(dir.join("config.json")).with_context(|| format!("cannot read {}/config.json", dir.display()))?);
     let index = dir.join(INDEX_FILE);
-    if index.exists() {
-        fnv(&mut h, &std::fs::read(&index)?);
+    let mut shards: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read(&index)?;
+        fnv(&mut h, &text);
+        let v: serde_json::Value = serde_json::from_slice(&text).with_context(|| format!("{}: bad JSON", index.display()))?;
+        let mut files: Vec<String> = v["weight_map"].as_object().map(|m| m.values().filter_map(|f| f.as_str().map(str::to_string)).collect()).unwrap_or_default();
+        files.sort();
+        files.dedup();
+        files.into_iter().map(|f| dir.join(f)).collect()
     } else {
-        let single = dir.join(SINGLE_FILE);
-        fnv(&mut h, &std::fs::metadata(&single).map(|m| m.len()).unwrap_or(0).to_le_bytes());
+        vec![dir.join(SINGLE_FILE)]
+    };
+    shards.sort();
+    const SAMPLE: u64 = 64 * 1024;
+    for path in shards {
+        let mut f = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let len = f.metadata()?.len();
+        fnv(&mut h, &len.to_le_bytes());
+        let mut buf = vec![0u8; SAMPLE.min(len) as usize];
+        f.read_exact(&mut buf)?;
+        fnv(&mut h, &buf);
+        f.seek(SeekFrom::Start(len.saturating_sub(SAMPLE)))?;
+        f.read_exact(&mut buf)?;
+        fnv(&mut h, &buf);
     }
     Ok(format!("{h:016x}"))
 }

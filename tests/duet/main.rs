@@ -3,5 +3,6 @@
 
 mod common;
 mod malformed;
+mod pipeline;
 mod reference;
 mod tiny;
