@@ -44,7 +44,7 @@ pub struct ServerConfig {
     pub served_name: Option<String>,
     /// Split GLM `<think>` reasoning into `reasoning_content`.
     pub reasoning: bool,
-    /// Requests waiting beyond this get 429.
+    /// Requests waiting for their first token beyond this get 429.
     pub max_queue: usize,
     pub max_body_bytes: usize,
     /// `max_tokens` when a chat request gives none.
@@ -76,6 +76,8 @@ struct App {
     metrics: Metrics,
     cache_positions: usize,
     created: u64,
+    /// Requests accepted here that have not produced their first event (waiting or in prefill).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 type AppState = Arc<App>;
@@ -108,11 +110,17 @@ impl App {
         if !self.state.ready.load(Ordering::SeqCst) {
             return Err(ApiError::new(503, "service_unavailable", "the model is not ready (a rank is loading or down)"));
         }
-        if self.state.queue_depth.load(Ordering::Relaxed) >= self.cfg.max_queue {
+        Ok(())
+    }
+
+    /// Takes a place in the queue, or answers 429.
+    fn enqueue(&self) -> Result<Pending, ApiError> {
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= self.cfg.max_queue {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             self.metrics.requests_rejected.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::new(429, "rate_limit_error", format!("the queue is full ({} requests waiting)", self.cfg.max_queue)));
         }
-        Ok(())
+        Ok(Pending(Some(self.pending.clone())))
     }
 
     fn stop_ids(&self, extra: &[u32], ignore_eos: bool) -> Vec<u32> {
@@ -136,6 +144,7 @@ impl App {
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return Err(ApiError::bad("prompt", format!("token id {t} is outside the vocabulary of {}", self.config.vocab_size)));
         }
+        let pending = self.enqueue()?;
         let room = ctx - prompt.len();
         let max_tokens = match p.max_tokens {
             Some(m) if m > room => {
@@ -159,7 +168,7 @@ impl App {
         };
         self.requests.lock().unwrap().send(req).map_err(|_| ApiError::new(503, "service_unavailable", "the engine has stopped"))?;
         self.metrics.prompt_tokens.fetch_add(prompt.len() as u64, Ordering::Relaxed);
-        Ok(Running { rx, cancel: CancelOnDrop(cancel), prompt_tokens: prompt.len(), stop_ids, started: Instant::now(), last_token: None })
+        Ok(Running { rx, cancel: CancelOnDrop(cancel), prompt_tokens: prompt.len(), stop_ids, started: Instant::now(), last_token: None, pending })
     }
 }
 
@@ -172,8 +181,26 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// A place in the queue, given back when the request starts producing (or goes away).
+struct Pending(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl Pending {
+    fn release(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// A generation in flight.
 struct Running {
+    pending: Pending,
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
     cancel: CancelOnDrop,
     prompt_tokens: usize,
@@ -191,7 +218,9 @@ enum Step {
 
 impl Running {
     async fn next(&mut self, out: &mut Output, logprobs: bool, metrics: &Metrics) -> Step {
-        match self.rx.recv().await {
+        let event = self.rx.recv().await;
+        self.pending.release();
+        match event {
             Some(Event::Token(t)) => {
                 let now = Instant::now();
                 match self.last_token {
@@ -555,6 +584,7 @@ pub fn serve_with(engine: EngineHandle, opts: &RankOptions, cfg: ServerConfig, j
         metrics: Metrics::default(),
         cache_positions: opts.cache_positions,
         created: now_secs(),
+        pending: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().thread_name("duet-http").build()?;
     let result = rt.block_on(async move {

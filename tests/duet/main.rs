@@ -3,6 +3,7 @@
 
 mod common;
 mod malformed;
+mod openai;
 mod pipeline;
 mod reference;
 mod tiny;
