@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -253,7 +252,8 @@ impl Drop for QuicSender {
 
 /// Data link, consumer end: a task reads frames into a bounded queue.
 pub struct QuicReceiver {
-    rx: std_mpsc::Receiver<Result<Frame>>,
+    rt: tokio::runtime::Handle,
+    rx: mpsc::Receiver<Result<Frame>>,
     expect_step: u64,
     health: Health,
     peer: String,
@@ -262,7 +262,7 @@ pub struct QuicReceiver {
 impl QuicReceiver {
     pub fn new(node: &Node, stream: Stream, health: Health, peer: &str) -> QuicReceiver {
         node.watch(&stream.conn, health.clone(), peer.to_string());
-        let (tx, rx) = std_mpsc::sync_channel(4);
+        let (tx, rx) = mpsc::channel(4);
         let mut recv = stream.recv;
         let keep = (stream.conn, stream.send);
         let who = peer.to_string();
@@ -271,13 +271,12 @@ impl QuicReceiver {
             loop {
                 let r = read_frame(&mut recv).await.with_context(|| format!("frame from {who}"));
                 let stop = r.is_err();
-                let tx = tx.clone();
-                if tokio::task::spawn_blocking(move || tx.send(r)).await.map_or(true, |s| s.is_err()) || stop {
+                if tx.send(r).await.is_err() || stop {
                     break;
                 }
             }
         });
-        QuicReceiver { rx, expect_step: 0, health, peer: peer.to_string() }
+        QuicReceiver { rt: node.rt.clone(), rx, expect_step: 0, health, peer: peer.to_string() }
     }
 }
 
@@ -305,16 +304,25 @@ impl FrameReceiver for QuicReceiver {
     fn recv_with(&mut self, timeout: Duration, f: &mut dyn FnMut(&FrameHeader, &[u8]) -> Result<()>) -> Result<bool> {
         let deadline = Instant::now() + timeout;
         let frame = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left.min(Duration::from_millis(100))) {
-                Ok(r) => break r?,
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+            // A frame already queued is taken without entering the runtime.
+            let next = match self.rx.try_recv() {
+                Ok(r) => Some(Some(r)),
+                Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+                    let rx = &mut self.rx;
+                    self.rt.block_on(async { tokio::time::timeout(left, rx.recv()).await.ok() })
+                }
+            };
+            match next {
+                Some(Some(r)) => break r?,
+                Some(None) => bail!("{} closed the link", self.peer),
+                None => {
                     self.health.check()?;
                     if Instant::now() >= deadline {
                         return Ok(false);
                     }
                 }
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => bail!("{} closed the link", self.peer),
             }
         };
         frame.header.validate(self.expect_step, None).with_context(|| format!("frame from {}", self.peer))?;
