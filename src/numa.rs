@@ -1,8 +1,17 @@
-//! Pinning a rank next to its GPU: hwloc finds the NUMA nodes; the rank binds its threads and
-//! memory to the chosen node and reports where it actually landed. Binding that the machine
-//! refuses (one node, containers) is a warning, never an error.
+//! Pinning a rank next to its GPU. The NUMA nodes with CPUs are read from sysfs (or, built with
+//! the `hwloc` feature, discovered by hwloc); the rank binds its threads (sched_setaffinity) and
+//! its memory (set_mempolicy, MPOL_BIND) to the chosen node and reports where it actually
+//! landed. Binding that the machine refuses (one node, containers) is a warning, never an error.
+//! Threads and allocations made after pinning inherit it, so ranks pin before starting workers.
 
 use std::fmt;
+
+/// A NUMA node that has CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NumaNode {
+    pub id: usize,
+    pub cpus: Vec<usize>,
+}
 
 /// Where a rank runs.
 #[derive(Clone, Debug, Default)]
@@ -22,10 +31,24 @@ impl fmt::Display for Placement {
     }
 }
 
-/// The CPUs this process may run on, as a compact list ("0-15,32-47").
-pub fn current_cpus() -> String {
-    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else { return "?".into() };
-    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect();
+/// Parses a kernel CPU list such as "0-3,8,10-11".
+pub fn parse_cpulist(s: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => out.extend(part.trim().parse::<usize>()),
+        }
+    }
+    out
+}
+
+/// Formats CPUs compactly ("0-15,32-47").
+pub fn format_cpulist(cpus: &[usize]) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < cpus.len() {
@@ -37,6 +60,47 @@ pub fn current_cpus() -> String {
         i = j + 1;
     }
     out.join(",")
+}
+
+/// NUMA nodes with CPUs (GPU-memory nodes have none and are skipped).
+#[cfg(not(feature = "hwloc"))]
+pub fn nodes() -> Vec<NumaNode> {
+    let mut nodes: Vec<NumaNode> = std::fs::read_dir("/sys/devices/system/node")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix("node")?.parse::<usize>().ok()?;
+            let cpus = parse_cpulist(&std::fs::read_to_string(e.path().join("cpulist")).ok()?);
+            (!cpus.is_empty()).then_some(NumaNode { id, cpus })
+        })
+        .collect();
+    nodes.sort_by_key(|n| n.id);
+    nodes
+}
+
+/// NUMA nodes with CPUs, as hwloc sees them.
+#[cfg(feature = "hwloc")]
+pub fn nodes() -> Vec<NumaNode> {
+    use hwlocality::object::types::ObjectType;
+    let Ok(topo) = hwlocality::Topology::new() else { return vec![] };
+    let mut nodes: Vec<NumaNode> = topo
+        .objects_with_type(ObjectType::NUMANode)
+        .filter_map(|n| {
+            let cpus: Vec<usize> = n.cpuset()?.iter_set().map(usize::from).collect();
+            (!cpus.is_empty()).then_some(NumaNode { id: n.os_index()?, cpus })
+        })
+        .collect();
+    nodes.sort_by_key(|n| n.id);
+    nodes
+}
+
+/// The CPUs this thread may run on.
+pub fn current_cpus() -> String {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else { return "?".into() };
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect();
+    format_cpulist(&cpus)
 }
 
 /// The NUMA node of a GPU, from its PCI address in sysfs.
@@ -53,12 +117,27 @@ pub fn gpu_node(gpu: usize) -> Option<usize> {
     std::fs::read_to_string(path).ok()?.trim().parse::<i64>().ok().filter(|n| *n >= 0).map(|n| n as usize)
 }
 
-/// Binds this process to a NUMA node: the one asked for, else the GPU's, else `rank` modulo the
-/// nodes that have CPUs.
+/// Binds this thread (and what it starts later) to a NUMA node: the one asked for, else the
+/// GPU's, else `rank` modulo the nodes with CPUs.
 pub fn pin(rank: usize, numa_node: Option<usize>, gpu: Option<usize>) -> Placement {
     let mut p = Placement { gpu, ..Default::default() };
-    let wanted = numa_node.or_else(|| gpu.and_then(gpu_node));
-    bind(rank, wanted, &mut p);
+    let nodes = nodes();
+    p.nodes_total = nodes.len();
+    if nodes.is_empty() {
+        p.warnings.push("no NUMA node with CPUs found; not pinned".into());
+    } else {
+        let wanted = numa_node.or_else(|| gpu.and_then(gpu_node));
+        let fallback = &nodes[rank % nodes.len()];
+        let target = match wanted {
+            Some(w) => nodes.iter().find(|n| n.id == w).unwrap_or_else(|| {
+                p.warnings.push(format!("NUMA node {w} does not exist or has no CPUs; using node {}", fallback.id));
+                fallback
+            }),
+            None => fallback,
+        };
+        p.node = Some(target.id);
+        bind(target, &mut p);
+    }
     p.cpus = current_cpus();
     for w in &p.warnings {
         tracing::warn!("rank {rank}: {w}");
@@ -66,55 +145,41 @@ pub fn pin(rank: usize, numa_node: Option<usize>, gpu: Option<usize>) -> Placeme
     p
 }
 
-#[cfg(feature = "hwloc")]
-fn bind(rank: usize, wanted: Option<usize>, p: &mut Placement) {
-    use hwlocality::cpu::binding::CpuBindingFlags;
-    use hwlocality::memory::binding::{MemoryBindingFlags, MemoryBindingPolicy};
-    use hwlocality::object::types::ObjectType;
-    use hwlocality::Topology;
-
-    let topo = match Topology::new() {
-        Ok(t) => t,
-        Err(e) => {
-            p.warnings.push(format!("hwloc cannot read the topology ({e}); not pinned"));
-            return;
-        }
-    };
-    let nodes: Vec<_> = topo.objects_with_type(ObjectType::NUMANode).filter(|n| n.cpuset().is_some_and(|c| !c.is_empty())).collect();
-    p.nodes_total = nodes.len();
-    if nodes.is_empty() {
-        p.warnings.push("no NUMA node with CPUs found; not pinned".into());
+fn bind(node: &NumaNode, p: &mut Placement) {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in &node.cpus {
+        let _ = set.set(c);
+    }
+    if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+        p.warnings.push(format!("cannot bind CPUs to node {}: {e}", node.id));
+    }
+    if node.id >= 64 {
+        p.warnings.push(format!("memory of node {} is not bound (node ids above 63)", node.id));
         return;
     }
-    let target = match wanted {
-        Some(w) => match nodes.iter().find(|n| n.os_index() == Some(w)) {
-            Some(n) => *n,
-            None => {
-                p.warnings.push(format!("NUMA node {w} does not exist or has no CPUs; using node {}", nodes[rank % nodes.len()].os_index().unwrap_or(0)));
-                nodes[rank % nodes.len()]
-            }
-        },
-        None => nodes[rank % nodes.len()],
-    };
-    p.node = target.os_index();
-    if let Some(cpus) = target.cpuset() {
-        if let Err(e) = topo.bind_cpu(&*cpus, CpuBindingFlags::PROCESS) {
-            p.warnings.push(format!("cannot bind CPUs to node {:?}: {e}", p.node));
-        }
-    }
-    if let Some(nodeset) = target.nodeset() {
-        // Linux binds memory per thread: bind this (main) thread before the workers start.
-        let r = topo
-            .bind_memory(nodeset, MemoryBindingPolicy::Bind, MemoryBindingFlags::PROCESS)
-            .or_else(|_| topo.bind_memory(nodeset, MemoryBindingPolicy::Bind, MemoryBindingFlags::THREAD));
-        if let Err(e) = r {
-            p.warnings.push(format!("cannot bind memory to node {:?}: {e}", p.node));
-        }
+    let mask: u64 = 1 << node.id;
+    const MPOL_BIND: i64 = 2;
+    // Safety: a plain syscall with a valid mask pointer and its size in bits.
+    let rc = unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_BIND, &mask as *const u64, 65usize) };
+    if rc != 0 {
+        p.warnings.push(format!("cannot bind memory to node {}: {}", node.id, std::io::Error::last_os_error()));
     }
 }
 
-#[cfg(not(feature = "hwloc"))]
-fn bind(_rank: usize, wanted: Option<usize>, p: &mut Placement) {
-    p.node = None;
-    p.warnings.push(format!("built without hwloc: not pinned (wanted node {wanted:?})"));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpulists() {
+        assert_eq!(parse_cpulist("0-3,8,10-11\n"), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(format_cpulist(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+        assert!(parse_cpulist("").is_empty());
+    }
+
+    #[test]
+    fn pinning_never_fails() {
+        let p = pin(0, None, None);
+        assert!(!p.cpus.is_empty());
+    }
 }
