@@ -29,7 +29,7 @@ extern "C" __global__ void mla_cache_write(const float* __restrict__ kv, const f
     for (int i = threadIdx.x; i < W; i += blockDim.x) dst[i] = row[i];
 }
 
-// q_lat[t,h,:] = W_UK[h]ᵀ q_nope[t,h]; q_pe[t,h] = rope(q_rope[t,h]); grid T·H.
+// q_lat[t,h,:] = W_UK[h]ᵀ q_nope[t,h]; q_pe[t,h] = rope(q_rope[t,h]); grid (T·H, ceil(L / blockDim)).
 extern "C" __global__ void mla_queries(const float* __restrict__ q, const float* __restrict__ wuk, float* __restrict__ q_lat,
                                        float* __restrict__ q_pe, const float* __restrict__ cosv, const float* __restrict__ sinv,
                                        int interleaved, int H, int N, int R, int L) {
@@ -38,17 +38,21 @@ extern "C" __global__ void mla_queries(const float* __restrict__ q, const float*
     const float* qh = q + (size_t)t * H * (N + R) + (size_t)h * (N + R);
     for (int i = threadIdx.x; i < N + R; i += blockDim.x) sm[i] = qh[i];
     __syncthreads();
-    int half = R / 2;
-    for (int i = threadIdx.x; i < half; i += blockDim.x)
-        rope_pair(sm + N, i, half, interleaved, cosv[t * half + i], sinv[t * half + i]);
     const float* w = wuk + (size_t)h * N * L;
-    for (int j = threadIdx.x; j < L; j += blockDim.x) {
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j < L) {
         float acc = 0.f;
+#pragma unroll 8
         for (int d = 0; d < N; d++) acc = fmaf(sm[d], w[(size_t)d * L + j], acc);
         q_lat[((size_t)t * H + h) * L + j] = acc;
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < R; i += blockDim.x) q_pe[((size_t)t * H + h) * R + i] = sm[N + i];
+    if (blockIdx.y == 0) {
+        int half = R / 2;
+        for (int i = threadIdx.x; i < half; i += blockDim.x)
+            rope_pair(sm + N, i, half, interleaved, cosv[t * half + i], sinv[t * half + i]);
+        __syncthreads();
+        for (int i = threadIdx.x; i < R; i += blockDim.x) q_pe[((size_t)t * H + h) * R + i] = sm[N + i];
+    }
 }
 
 // Softmax attention over the latent cache, split over keys (flash-decoding): block (t, head
@@ -73,6 +77,7 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
     float* mrun = kval + MLA_KT;         // [HB] running max
     float* lrun = mrun + MLA_HB;         // [HB] running sum
     float* fac = lrun + MLA_HB;          // [HB] rescale of the previous output
+    __shared__ const float* rowp[MLA_KT];
     int t = blockIdx.x, hb = blockIdx.y * MLA_HB, split = blockIdx.z, S = gridDim.z;
     int nh = min(MLA_HB, H - hb);
     for (int i = threadIdx.x; i < MLA_HB * W; i += blockDim.x) {
@@ -96,13 +101,28 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     for (int base = k0; base < k1; base += MLA_KT) {
-        // Load the tile's keys (zeros for invalid ones).
-        for (int i = threadIdx.x; i < MLA_KT * W; i += blockDim.x) {
-            int k = i / W, c = i % W, j = base + k;
+        // The tile's key rows (null for invalid ones), then the keys themselves (zeros if invalid).
+        if (threadIdx.x < MLA_KT) {
+            int j = base + threadIdx.x;
             int p = j < k1 ? (sel ? sel[(size_t)t * topk + j] : j) : -1;
             bool valid = p >= 0 && p <= pos;
-            kt[k * WP + c] = valid ? cache_row((float*)pool, W, m.blocks, m.max_blocks, seq, p)[c] : 0.f;
-            if (c == 0) kval[k] = valid ? 1.f : 0.f;
+            rowp[threadIdx.x] = valid ? cache_row((float*)pool, W, m.blocks, m.max_blocks, seq, p) : nullptr;
+            kval[threadIdx.x] = valid ? 1.f : 0.f;
+        }
+        __syncthreads();
+        if ((W & 3) == 0) {
+            int w4 = W / 4;
+            for (int i = threadIdx.x; i < MLA_KT * w4; i += blockDim.x) {
+                int k = i / w4, c = (i % w4) * 4;
+                float4 v = rowp[k] ? *(const float4*)(rowp[k] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+                float* dst = kt + k * WP + c;
+                dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+            }
+        } else {
+            for (int i = threadIdx.x; i < MLA_KT * W; i += blockDim.x) {
+                int k = i / W, c = i % W;
+                kt[k * WP + c] = rowp[k] ? rowp[k][c] : 0.f;
+            }
         }
         __syncthreads();
         // Scores: warp w takes heads w, w+nwarps, ...; lanes split (key, half of the dims).
@@ -181,13 +201,13 @@ extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, in
     }
 }
 
-// out[t,h,j] = W_UV[h][j] · o_lat[t,h]; grid T·H, a warp per output.
+// out[t,h,j] = W_UV[h][j] · o_lat[t,h]; grid (T·H, ceil(V / warps)), a warp per output.
 extern "C" __global__ void mla_values(const float* __restrict__ o_lat, const float* __restrict__ wuv, float* __restrict__ out, int H,
                                       int V, int L) {
     int t = blockIdx.x / H, h = blockIdx.x % H;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float* o = o_lat + ((size_t)t * H + h) * L;
-    for (int j = warp; j < V; j += nw) {
+    for (int j = blockIdx.y * nw + warp; j < min(V, (int)(blockIdx.y + 1) * nw); j += nw) {
         const float* w = wuv + ((size_t)h * V + j) * L;
         float acc = 0.f;
         for (int i = lane; i < L; i += 32) acc = fmaf(w[i], o[i], acc);
@@ -223,8 +243,6 @@ extern "C" __global__ void index_cache_write(const float* __restrict__ k, const 
     for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] = row[i];
 }
 
-#define MAX_INDEX_HEADS 64
-
 // scores[t, s] = Σ_h w_h·nh^-½ · relu(q_h·k_s · D^-½) for s ≤ pos[t], -inf beyond;
 // grid (T, ceil(ld / blockDim)); smem NH·D + NH floats. D must be a multiple of 4.
 extern "C" __global__ void index_scores(const float* __restrict__ q, const float* __restrict__ w, const float* __restrict__ pool,
@@ -252,25 +270,28 @@ extern "C" __global__ void index_scores(const float* __restrict__ q, const float
         return;
     }
     const float4* k4 = (const float4*)cache_row((float*)pool, D, m.blocks, m.max_blocks, m.row_seq[t], s);
-    float acc[MAX_INDEX_HEADS];
-#pragma unroll
-    for (int h = 0; h < MAX_INDEX_HEADS; h++) acc[h] = 0.f;
     const float4* q4 = (const float4*)qs;
-    for (int d = 0; d < D / 4; d++) {
-        float4 kv = k4[d];
-#pragma unroll
-        for (int h = 0; h < MAX_INDEX_HEADS; h++) {
-            if (h < NH) {
-                float4 qv = q4[h * (D / 4) + d];
-                acc[h] = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, acc[h]))));
-            }
-        }
-    }
     float qscale = rsqrtf((float)D);
     float score = 0.f;
+    // Eight heads at a time keep the accumulators in registers; the key row stays in L1.
+    for (int h0 = 0; h0 < NH; h0 += 8) {
+        float acc[8];
 #pragma unroll
-    for (int h = 0; h < MAX_INDEX_HEADS; h++)
-        if (h < NH) score = fmaf(ws[h], fmaxf(acc[h] * qscale, 0.f), score);
+        for (int h = 0; h < 8; h++) acc[h] = 0.f;
+        for (int d = 0; d < D / 4; d++) {
+            float4 kv = k4[d];
+#pragma unroll
+            for (int h = 0; h < 8; h++) {
+                if (h0 + h < NH) {
+                    float4 qv = q4[(h0 + h) * (D / 4) + d];
+                    acc[h] = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, acc[h]))));
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 8; h++)
+            if (h0 + h < NH) score = fmaf(ws[h0 + h], fmaxf(acc[h] * qscale, 0.f), score);
+    }
     scores[(size_t)t * ld + s] = score;
 }
 

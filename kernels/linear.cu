@@ -23,9 +23,11 @@ struct WDesc {
 
 template <int FMT> struct Fmt;
 
-// Each format says how to load a row's 16-byte unit, its per-unit dequantization parameters
-// (w = q·s + b for integer codes, w = e·s for FP8), and how to turn the i-th group of 4
-// elements of a loaded unit into floats.
+// Each format says how to load a row's 16-byte unit, how to turn the i-th group of 4 elements
+// of a loaded unit into floats (the stored codes), and the unit's dequantization parameters:
+// w = code·s for FP8 (SCALED), w = code·s + b for integers (SCALED and BIASED), w = code for
+// plain floats. The scale and offset are applied once per unit to the unit's dot product:
+// Σ x·(c·s + b) = s·Σ x·c + b·Σ x.
 
 __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
@@ -34,9 +36,10 @@ __device__ __forceinline__ float small_int(u32 n) { return __uint_as_float(0x4B0
 
 template <> struct Fmt<FMT_F32> {
     static constexpr int U = 4;
+    static constexpr bool SCALED = false, BIASED = false;
     __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
     __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
-    __device__ static float4 chunk(const uint4& v, int, float, float) {
+    __device__ static float4 chunk(const uint4& v, int) {
         return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
     }
     __device__ static float at(const WDesc& d, int r, int c) { return ((const float*)d.w)[(size_t)r * d.cols + c]; }
@@ -44,9 +47,10 @@ template <> struct Fmt<FMT_F32> {
 
 template <> struct Fmt<FMT_BF16> {
     static constexpr int U = 8;
+    static constexpr bool SCALED = false, BIASED = false;
     __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
     __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
-    __device__ static float4 chunk(const uint4& v, int i, float, float) {
+    __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, 2 * i), c = word(v, 2 * i + 1);
         return make_float4(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u), __uint_as_float(c << 16), __uint_as_float(c & 0xffff0000u));
     }
@@ -55,9 +59,10 @@ template <> struct Fmt<FMT_BF16> {
 
 template <> struct Fmt<FMT_F16> {
     static constexpr int U = 8;
+    static constexpr bool SCALED = false, BIASED = false;
     __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
     __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
-    __device__ static float4 chunk(const uint4& v, int i, float, float) {
+    __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, 2 * i), c = word(v, 2 * i + 1);
         return make_float4(f16_to_f32((u16)(a & 0xffff)), f16_to_f32((u16)(a >> 16)), f16_to_f32((u16)(c & 0xffff)), f16_to_f32((u16)(c >> 16)));
     }
@@ -66,17 +71,18 @@ template <> struct Fmt<FMT_F16> {
 
 template <> struct Fmt<FMT_FP8> {
     static constexpr int U = 16;
+    static constexpr bool SCALED = true, BIASED = false;
     __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) {
         s = d.scale[(r / d.br) * d.sc + (u * U) / d.bc];
         b = 0.f;
     }
-    __device__ static float4 chunk(const uint4& v, int i, float s, float) {
+    __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, i);
         float f0, f1, f2, f3;
         e4m3x2_to_f32((u16)(a & 0xffff), f0, f1);
         e4m3x2_to_f32((u16)(a >> 16), f2, f3);
-        return make_float4(f0 * s, f1 * s, f2 * s, f3 * s);
+        return make_float4(f0, f1, f2, f3);
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         u8 b = ((const u8*)d.w)[(size_t)r * d.cols + c];
@@ -84,9 +90,7 @@ template <> struct Fmt<FMT_FP8> {
     }
 };
 
-// (q − zp)·s with q = field − 2^(bits−1) equals field·s + b with b = −(2^(bits−1) + zp)·s, exactly in
-// f32 for 4- and 8-bit fields and 16-bit scales: one FMA per element reproduces the reference
-// dequantization bit for bit.
+// (q − zp)·s with q = field − 2^(bits−1) equals field·s + b with b = −(2^(bits−1) + zp)·s.
 __device__ __forceinline__ void int_param(const WDesc& d, int r, int u, int U, float offset, float& s, float& b) {
     int g = (u * U) / d.group;
     s = d.scale[(size_t)r * d.sc + g];
@@ -96,12 +100,12 @@ __device__ __forceinline__ void int_param(const WDesc& d, int r, int u, int U, f
 
 template <> struct Fmt<FMT_INT4> {
     static constexpr int U = 32;
+    static constexpr bool SCALED = true, BIASED = true;
     __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 8.f, s, b); }
-    __device__ static float4 chunk(const uint4& v, int i, float s, float b) {
+    __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, i / 2) >> (16 * (i % 2));
-        return make_float4(fmaf(small_int(a & 15u), s, b), fmaf(small_int((a >> 4) & 15u), s, b), fmaf(small_int((a >> 8) & 15u), s, b),
-                           fmaf(small_int((a >> 12) & 15u), s, b));
+        return make_float4(small_int(a & 15u), small_int((a >> 4) & 15u), small_int((a >> 8) & 15u), small_int((a >> 12) & 15u));
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols * 4 + 31) / 32;
@@ -115,12 +119,12 @@ template <> struct Fmt<FMT_INT4> {
 
 template <> struct Fmt<FMT_INT8> {
     static constexpr int U = 16;
+    static constexpr bool SCALED = true, BIASED = true;
     __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 128.f, s, b); }
-    __device__ static float4 chunk(const uint4& v, int i, float s, float b) {
+    __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, i);
-        return make_float4(fmaf(small_int(a & 255u), s, b), fmaf(small_int((a >> 8) & 255u), s, b), fmaf(small_int((a >> 16) & 255u), s, b),
-                           fmaf(small_int(a >> 24), s, b));
+        return make_float4(small_int(a & 255u), small_int((a >> 8) & 255u), small_int((a >> 16) & 255u), small_int(a >> 24));
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols + 3) / 4;
@@ -135,18 +139,19 @@ template <> struct Fmt<FMT_INT8> {
 #define MAX_WARPS 8
 
 // The whole block computes the dot products of ROWS weight rows (`rows`, -1 = unused) with up to
-// NT rows of x (stride ldx). Threads split the columns in 16-byte units, so every lane keeps
-// ROWS independent loads in flight; the results land in `res[rr * NT + t]` (shared), valid
-// after the call for every thread.
+// NT rows of x (`xr[t]`). Threads split the columns in 16-byte units, so every lane keeps ROWS
+// independent loads in flight; the results land in `res[rr * NT + t]` (shared), valid after
+// the call for every thread.
 template <int FMT, int ROWS, int NT>
-__device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, const float* __restrict__ x, int ldx, int nt, float* res) {
+__device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, const float* const* xr, int nt, float* res) {
     __shared__ float red[MAX_WARPS * ROWS * NT];
     float acc[ROWS][NT];
 #pragma unroll
     for (int rr = 0; rr < ROWS; rr++)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[rr][t] = 0.f;
-    constexpr int U = Fmt<FMT>::U;
+    using F = Fmt<FMT>;
+    constexpr int U = F::U;
     if (d.vec) {
         int units = d.cols / U;
 #pragma unroll 2
@@ -156,39 +161,56 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
 #pragma unroll
             for (int rr = 0; rr < ROWS; rr++) {
                 if (rows[rr] >= 0) {
-                    raw[rr] = Fmt<FMT>::load(d, rows[rr], u);
-                    Fmt<FMT>::param(d, rows[rr], u, s[rr], b[rr]);
+                    raw[rr] = F::load(d, rows[rr], u);
+                    F::param(d, rows[rr], u, s[rr], b[rr]);
                 } else {
                     raw[rr] = make_uint4(0, 0, 0, 0);
                     s[rr] = 0.f;
                     b[rr] = 0.f;
                 }
             }
+            float ud[ROWS][NT], xs[NT];
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                xs[t] = 0.f;
+#pragma unroll
+                for (int rr = 0; rr < ROWS; rr++) ud[rr][t] = 0.f;
+            }
 #pragma unroll
             for (int i = 0; i < U / 4; i++) {
                 float4 w[ROWS];
 #pragma unroll
-                for (int rr = 0; rr < ROWS; rr++) w[rr] = Fmt<FMT>::chunk(raw[rr], i, s[rr], b[rr]);
+                for (int rr = 0; rr < ROWS; rr++) w[rr] = F::chunk(raw[rr], i);
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
                     if (t < nt) {
-                        float4 xv = *(const float4*)(x + (size_t)t * ldx + u * U + 4 * i);
+                        float4 xv = *(const float4*)(xr[t] + u * U + 4 * i);
+                        if (F::BIASED) xs[t] += (xv.x + xv.y) + (xv.z + xv.w);
 #pragma unroll
                         for (int rr = 0; rr < ROWS; rr++)
-                            acc[rr][t] = fmaf(w[rr].x, xv.x, fmaf(w[rr].y, xv.y, fmaf(w[rr].z, xv.z, fmaf(w[rr].w, xv.w, acc[rr][t]))));
+                            ud[rr][t] = fmaf(w[rr].x, xv.x, fmaf(w[rr].y, xv.y, fmaf(w[rr].z, xv.z, fmaf(w[rr].w, xv.w, ud[rr][t]))));
                     }
                 }
             }
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    float v = ud[rr][t];
+                    if (F::SCALED) v *= s[rr];
+                    if (F::BIASED) v = fmaf(b[rr], xs[t], v);
+                    acc[rr][t] += v;
+                }
         }
     } else {
         for (int c = threadIdx.x; c < d.cols; c += blockDim.x) {
 #pragma unroll
             for (int rr = 0; rr < ROWS; rr++) {
                 if (rows[rr] < 0) continue;
-                float w = Fmt<FMT>::at(d, rows[rr], c);
+                float w = F::at(d, rows[rr], c);
 #pragma unroll
                 for (int t = 0; t < NT; t++)
-                    if (t < nt) acc[rr][t] = fmaf(w, x[(size_t)t * ldx + c], acc[rr][t]);
+                    if (t < nt) acc[rr][t] = fmaf(w, xr[t][c], acc[rr][t]);
             }
         }
     }
@@ -221,7 +243,10 @@ __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restri
     int rows[GEMV_ROWS];
 #pragma unroll
     for (int rr = 0; rr < GEMV_ROWS; rr++) rows[rr] = r0 + rr < d.rows ? r0 + rr : -1;
-    block_dots<FMT, GEMV_ROWS, NT>(d, rows, x + (size_t)t0 * d.cols, d.cols, nt, res);
+    const float* xr[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) xr[t] = x + (size_t)(t0 + min(t, nt - 1)) * d.cols;
+    block_dots<FMT, GEMV_ROWS, NT>(d, rows, xr, nt, res);
     for (int i = threadIdx.x; i < GEMV_ROWS * NT; i += blockDim.x) {
         int rr = i / NT, t = i % NT;
         if (rows[rr] >= 0 && t < nt) y[(size_t)(t0 + t) * ldy + yoff + rows[rr]] = res[i];
@@ -236,37 +261,95 @@ __device__ void embed(const WDesc d, const int* __restrict__ ids, float* __restr
     for (int c = threadIdx.x; c < d.cols; c += blockDim.x) out[(size_t)t * d.cols + c] = Fmt<FMT>::at(d, r, c);
 }
 
-// ---- mixture of experts: one (token, expert) pair per grid row --------------------------------
-// act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t) for two consecutive r per block, with gate and
-// up stacked as rows [0, I) and [I, 2I) of the expert's gate_up weight; p = t·K + k, e = idx[p].
+// ---- mixture of experts ------------------------------------------------------------------
+// The (token, expert) pairs p = t·K + k of a step are grouped by expert (moe_plan), so each
+// expert's weights are read once per step however many tokens chose it. plan layout (ints):
+// [0] groups, [1 .. 1+P) expert of each group, [1+P .. 2+2P) group offsets, [2+2P .. 2+3P) pairs.
+#define MOE_NT 8
+
+__device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& experts, const int*& offs, const int*& pairs) {
+    experts = plan + 1;
+    offs = plan + 1 + P;
+    pairs = plan + 2 + 2 * P;
+}
+
+// act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t) for two consecutive r per block and every pair
+// of the block's expert group; gate and up are rows [0, I) and [I, 2I) of the gate_up weight.
 template <int FMT>
-__device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict__ idx, const float* __restrict__ x,
+__device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict__ plan, int P, const float* __restrict__ x,
                             float* __restrict__ act, int K, int I) {
-    __shared__ float res[4];
-    int p = blockIdx.y;
+    __shared__ float res[4 * MOE_NT];
+    const int *experts, *offs, *pairs;
+    plan_parts(plan, P, experts, offs, pairs);
+    int g = blockIdx.y;
+    if (g >= plan[0]) return;
+    const WDesc d = gu[experts[g]];
     int r = blockIdx.x * 2;
-    const WDesc d = gu[idx[p]];
     int rows[4] = {r, r + 1 < I ? r + 1 : -1, I + r, r + 1 < I ? I + r + 1 : -1};
-    block_dots<FMT, 4, 1>(d, rows, x + (size_t)(p / K) * d.cols, d.cols, 1, res);
-    if (threadIdx.x < 2 && rows[threadIdx.x] >= 0) {
-        float g = res[threadIdx.x], u = res[2 + threadIdx.x];
-        act[(size_t)p * I + r + threadIdx.x] = g / (1.f + expf(-g)) * u;
+    for (int p0 = offs[g]; p0 < offs[g + 1]; p0 += MOE_NT) {
+        int nt = min(MOE_NT, offs[g + 1] - p0);
+        const float* xr[MOE_NT];
+#pragma unroll
+        for (int t = 0; t < MOE_NT; t++) xr[t] = x + (size_t)(pairs[p0 + min(t, nt - 1)] / K) * d.cols;
+        block_dots<FMT, 4, MOE_NT>(d, rows, xr, nt, res);
+        for (int i = threadIdx.x; i < 2 * nt; i += blockDim.x) {
+            int j = i / nt, t = i % nt;
+            if (rows[j] < 0) continue;
+            float gv = res[j * MOE_NT + t], uv = res[(2 + j) * MOE_NT + t];
+            act[(size_t)pairs[p0 + t] * I + r + j] = gv / (1.f + expf(-gv)) * uv;
+        }
+        __syncthreads();
     }
 }
 
-// part[p, r] = down_e[r] · act[p], four rows per block.
+// part[p, r] = down_e[r] · act[p], four rows per block, every pair of the block's group.
 template <int FMT>
-__device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ idx, const float* __restrict__ act,
+__device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ plan, int P, const float* __restrict__ act,
                          float* __restrict__ part, int H) {
-    __shared__ float res[4];
-    int p = blockIdx.y;
+    __shared__ float res[4 * MOE_NT];
+    const int *experts, *offs, *pairs;
+    plan_parts(plan, P, experts, offs, pairs);
+    int g = blockIdx.y;
+    if (g >= plan[0]) return;
+    const WDesc d = dn[experts[g]];
     int r0 = blockIdx.x * 4;
-    const WDesc d = dn[idx[p]];
     int rows[4];
 #pragma unroll
     for (int rr = 0; rr < 4; rr++) rows[rr] = r0 + rr < H ? r0 + rr : -1;
-    block_dots<FMT, 4, 1>(d, rows, act + (size_t)p * d.cols, d.cols, 1, res);
-    if (threadIdx.x < 4 && rows[threadIdx.x] >= 0) part[(size_t)p * H + rows[threadIdx.x]] = res[threadIdx.x];
+    for (int p0 = offs[g]; p0 < offs[g + 1]; p0 += MOE_NT) {
+        int nt = min(MOE_NT, offs[g + 1] - p0);
+        const float* xr[MOE_NT];
+#pragma unroll
+        for (int t = 0; t < MOE_NT; t++) xr[t] = act + (size_t)pairs[p0 + min(t, nt - 1)] * d.cols;
+        block_dots<FMT, 4, MOE_NT>(d, rows, xr, nt, res);
+        for (int i = threadIdx.x; i < 4 * nt; i += blockDim.x) {
+            int rr = i / nt, t = i % nt;
+            if (rows[rr] >= 0) part[(size_t)pairs[p0 + t] * H + rows[rr]] = res[rr * MOE_NT + t];
+        }
+        __syncthreads();
+    }
+}
+
+// Groups the step's pairs by expert (one thread; P is small at decode). smem: E ints.
+extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int* __restrict__ plan) {
+    extern __shared__ int cnt[];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    for (int p = 0; p < P; p++) cnt[idx[p]]++;
+    int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
+    int groups = 0, off = 0;
+    for (int e = 0; e < E; e++) {
+        if (cnt[e] == 0) continue;
+        experts[groups] = e;
+        offs[groups] = off;
+        off += cnt[e];
+        cnt[e] = offs[groups];  // becomes the next free slot of the group
+        groups++;
+    }
+    offs[groups] = off;
+    plan[0] = groups;
+    for (int p = 0; p < P; p++) pairs[cnt[idx[p]]++] = p;
 }
 
 #define INSTANTIATE(NAME, FMT)                                                                            \
@@ -277,11 +360,11 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ i
         gemv<FMT, 8>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { embed<FMT>(d, ids, out); } \
-    extern "C" __global__ void moe_gate_up_##NAME(const WDesc* gu, const int* idx, const float* x, float* act, int K, int I) { \
-        moe_gate_up<FMT>(gu, idx, x, act, K, I);                                                           \
+    extern "C" __global__ void moe_gate_up_##NAME(const WDesc* gu, const int* plan, int P, const float* x, float* act, int K, int I) { \
+        moe_gate_up<FMT>(gu, plan, P, x, act, K, I);                                                       \
     }                                                                                                      \
-    extern "C" __global__ void moe_down_##NAME(const WDesc* dn, const int* idx, const float* act, float* part, int H) { \
-        moe_down<FMT>(dn, idx, act, part, H);                                                              \
+    extern "C" __global__ void moe_down_##NAME(const WDesc* dn, const int* plan, int P, const float* act, float* part, int H) { \
+        moe_down<FMT>(dn, plan, P, act, part, H);                                                          \
     }
 
 INSTANTIATE(f32, FMT_F32)

@@ -32,6 +32,22 @@ fn time_ms(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, warmup: usize, reps
     Ok(times[times.len() / 2])
 }
 
+/// Times `f` as the GPU runs it, without host launch overhead: `inner` calls are captured in a
+/// CUDA graph, the graph is replayed `reps` times between events; returns ms per call.
+fn time_graph(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, inner: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    f()?; // warm-up outside the graph (module load, first allocations)
+    stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| anyhow!("begin capture: {e:?}"))?;
+    let captured: Result<()> = (0..inner).try_for_each(|_| f());
+    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(|e| anyhow!("end capture: {e:?}"))?;
+    captured?;
+    let graph = graph.ok_or_else(|| anyhow!("empty graph"))?;
+    graph.upload().map_err(|e| anyhow!("{e:?}"))?;
+    let ms = time_ms(ctx, stream, 2, reps, || graph.launch().map_err(|e| anyhow!("graph launch: {e:?}")))?;
+    Ok(ms / inner as f64)
+}
+
 /// A weight of random bits in its storage format (fast to make at real sizes; the values are
 /// finite and the kernels do the same work as on real weights).
 fn random_weight(module: &str, rows: usize, cols: usize, fmt: &str, rng: &mut Rng) -> LinearWeight {
@@ -84,11 +100,12 @@ impl Report {
     }
 }
 
-pub fn run(reps: usize) -> Result<()> {
+pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
+    let want = |part: &str| only.is_none_or(|o| o.split(',').any(|x| x == part));
     let gpu = CudaBackend::new(0)?;
     let (ctx, stream) = (gpu.context().clone(), gpu.stream().clone());
     let mut rng = Rng::new(42);
-    println!("duet bench kernels on {} (median of {reps} after warm-up; % of measured copy bandwidth)", gpu.device_name());
+    println!("duet bench kernels on {} (CUDA-graph replays, median of {reps}; % of measured copy bandwidth)", gpu.device_name());
 
     // Device bandwidth: a 2 GiB device-to-device copy, bytes read plus written.
     let n = 1usize << 29;
@@ -101,13 +118,14 @@ pub fn run(reps: usize) -> Result<()> {
     let r = Report { peak };
 
     // Dense GEMV at decode (one token).
-    for (rows, cols, fmt) in [(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4")] {
+    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4")] } else { &[] };
+    for &(rows, cols, fmt) in gemvs {
         // Rotate over several copies so the weight is not served from L2.
         let copies = (2usize << 30) / (rows * cols * 2) + 1;
         let ws: Vec<_> = (0..copies.min(8)).map(|i| gpu.weight(&random_weight(&format!("w{i}"), rows, cols, fmt, &mut rng))).collect::<Result<_>>()?;
         let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
         let mut i = 0;
-        let ms = time_ms(&ctx, &stream, 3, reps, || {
+        let ms = time_graph(&ctx, &stream, ws.len() * 4, reps, || {
             i += 1;
             gpu.linear(&x, &ws[i % ws.len()]).map(|_| ())
         })?;
@@ -117,7 +135,8 @@ pub fn run(reps: usize) -> Result<()> {
 
     // Eight routed experts per token, gate/up 6144->2x2048 and down 2048->6144.
     let (h, inter, n_exp) = (6144usize, 2048usize, 32usize);
-    for fmt in ["fp8", "int4"] {
+    let expert_fmts: &[&str] = if want("experts") { &["fp8", "int4"] } else { &[] };
+    for &fmt in expert_fmts {
         let experts: Vec<ExpertWeights> = (0..n_exp)
             .map(|e| ExpertWeights {
                 gate: random_weight(&format!("e{e}.gate"), inter, h, fmt, &mut rng),
@@ -153,7 +172,7 @@ pub fn run(reps: usize) -> Result<()> {
                 idx: stream.clone_htod(&idx).map_err(|e| anyhow!("{e:?}"))?,
                 weights: stream.clone_htod(&vec![0.125f32; batch * 8]).map_err(|e| anyhow!("{e:?}"))?,
             };
-            let ms = time_ms(&ctx, &stream, 3, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
+            let ms = time_graph(&ctx, &stream, 8, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
             r.row(&format!("experts {fmt} 8/token x{batch} ({distinct} distinct)"), distinct as f64 * expert_bytes, ms);
         }
     }
@@ -164,7 +183,8 @@ pub fn run(reps: usize) -> Result<()> {
     let kv_b = random_weight("kv_b", 64 * 448, 512, "bf16", &mut rng);
     let heads = gpu.mla_heads(&kv_b, &dims)?;
     let idims = IndexDims { heads: 32, head_dim: 128, rope: 64, topk: 2048 };
-    for ctx_len in [4096usize, 32768, 131072] {
+    let contexts: &[usize] = if want("mla") { &[4096, 32768, 131072] } else { &[] };
+    for &ctx_len in contexts {
         let spec = CacheSpec { latent: 512, rope: 64, index_dim: 128, slot_has_index: vec![true], capacity: ctx_len + 1 };
         let mut cache = gpu.new_cache(&spec)?;
         // Fill the cache in chunks (random latents and indexer keys).
@@ -186,10 +206,10 @@ pub fn run(reps: usize) -> Result<()> {
         let iw = gpu.tensor(1, 32, &vec![1.0; 32])?;
         let sel = gpu.index_select(&iq, &iw, &cache, 0, &step, &idims)?;
         let (ql, qp) = gpu.mla_queries(&q, &heads, &step)?;
-        let ms = time_ms(&ctx, &stream, 3, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
+        let ms = time_graph(&ctx, &stream, 8, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
         let keys = 2048.min(ctx_len);
         r.row(&format!("mla attend top-{keys} of {}K ctx (f32 cache)", ctx_len / 1024), (keys * 576 * 4) as f64, ms);
-        let ms = time_ms(&ctx, &stream, 3, reps, || {
+        let ms = time_graph(&ctx, &stream, 8, reps, || {
             let (ql, qp) = gpu.mla_queries(&q, &heads, &step)?;
             let o = gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims)?;
             gpu.mla_values(&o, &heads).map(|_| ())
@@ -197,7 +217,7 @@ pub fn run(reps: usize) -> Result<()> {
         let absorb = (64 * (192 + 256) * 512 * 4) as f64;
         r.row(&format!("mla decode (absorb + attend + values) {}K ctx", ctx_len / 1024), absorb + (keys * 576 * 4) as f64, ms);
         if ctx_len == 131072 {
-            let ms = time_ms(&ctx, &stream, 3, reps, || gpu.index_select(&iq, &iw, &cache, 0, &step, &idims).map(|_| ()))?;
+            let ms = time_graph(&ctx, &stream, 8, reps, || gpu.index_select(&iq, &iw, &cache, 0, &step, &idims).map(|_| ()))?;
             r.row("indexer scores + top-2048 at 128K ctx (f32 keys)", (ctx_len * 128 * 4) as f64, ms);
         }
     }

@@ -165,6 +165,9 @@ enum BenchCommand {
     Kernels {
         #[arg(long, default_value_t = 20)]
         reps: usize,
+        /// Only these parts: gemv, experts, mla (comma-separated).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -191,7 +194,7 @@ fn run(cmd: Command) -> Result<()> {
         Command::Prompt(args) => prompt::run(args),
         Command::Inspect { model, ranks } => inspect::inspect(&tiny::resolve_model(&model)?, ranks),
         Command::Bench { what: BenchCommand::Check { fixtures, seed } } => crate::bench::check::run(&fixtures, seed),
-        Command::Bench { what: BenchCommand::Kernels { reps } } => crate::bench::kernels::run(reps),
+        Command::Bench { what: BenchCommand::Kernels { reps, only } } => crate::bench::kernels::run(reps, only.as_deref()),
         Command::Tiny { out, quant, seed } => {
             tiny::write(&out, &TinySpec::new(quant, seed))?;
             println!("wrote a tiny {quant:?} GLM-5.2-layout checkpoint to {}", out.display());

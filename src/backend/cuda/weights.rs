@@ -242,6 +242,7 @@ pub struct CudaExperts {
     pub fmt_down: Fmt,
     pub inter: usize,
     pub hidden: usize,
+    pub count: usize,
     _weights: Vec<(CudaLinear, CudaLinear)>,
     pub gate_up_table: CudaSlice<WDesc>,
     pub down_table: CudaSlice<WDesc>,
@@ -262,5 +263,5 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     let (inter, hidden) = (gu0.rows / 2, gu0.cols);
     let gate_up_table = stream.clone_htod(&weights.iter().map(|(g, _)| g.desc).collect::<Vec<_>>())?;
     let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
-    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, _weights: weights, gate_up_table, down_table })
+    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), _weights: weights, gate_up_table, down_table })
 }
