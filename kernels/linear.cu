@@ -263,9 +263,9 @@ __device__ void embed(const WDesc d, const int* __restrict__ ids, float* __restr
 
 // ---- mixture of experts ------------------------------------------------------------------
 // The (token, expert) pairs p = t·K + k of a step are grouped by expert (moe_plan), so each
-// expert's weights are read once per step however many tokens chose it. plan layout (ints):
+// expert's weights are read once per step however many tokens chose it; MOE_NT tokens of a
+// group are processed per pass (1 at batch-1 decode keeps registers low). plan layout (ints):
 // [0] groups, [1 .. 1+P) expert of each group, [1+P .. 2+2P) group offsets, [2+2P .. 2+3P) pairs.
-#define MOE_NT 8
 
 __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& experts, const int*& offs, const int*& pairs) {
     experts = plan + 1;
@@ -275,7 +275,7 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t) for two consecutive r per block and every pair
 // of the block's expert group; gate and up are rows [0, I) and [I, 2I) of the gate_up weight.
-template <int FMT>
+template <int FMT, int MOE_NT>
 __device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict__ plan, int P, const float* __restrict__ x,
                             float* __restrict__ act, int K, int I) {
     __shared__ float res[4 * MOE_NT];
@@ -303,7 +303,7 @@ __device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict_
 }
 
 // part[p, r] = down_e[r] · act[p], four rows per block, every pair of the block's group.
-template <int FMT>
+template <int FMT, int MOE_NT>
 __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ plan, int P, const float* __restrict__ act,
                          float* __restrict__ part, int H) {
     __shared__ float res[4 * MOE_NT];
@@ -352,6 +352,14 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
     for (int p = 0; p < P; p++) pairs[cnt[idx[p]]++] = p;
 }
 
+#define MOE_NT_KERNELS(NAME, FMT, NT)                                                                      \
+    extern "C" __global__ void moe_gate_up##NT##_##NAME(const WDesc* gu, const int* plan, int P, const float* x, float* act, int K, int I) { \
+        moe_gate_up<FMT, NT>(gu, plan, P, x, act, K, I);                                                   \
+    }                                                                                                      \
+    extern "C" __global__ void moe_down##NT##_##NAME(const WDesc* dn, const int* plan, int P, const float* act, float* part, int H) { \
+        moe_down<FMT, NT>(dn, plan, P, act, part, H);                                                      \
+    }
+
 #define INSTANTIATE(NAME, FMT)                                                                            \
     extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
         gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
@@ -360,12 +368,10 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
         gemv<FMT, 8>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { embed<FMT>(d, ids, out); } \
-    extern "C" __global__ void moe_gate_up_##NAME(const WDesc* gu, const int* plan, int P, const float* x, float* act, int K, int I) { \
-        moe_gate_up<FMT>(gu, plan, P, x, act, K, I);                                                       \
-    }                                                                                                      \
-    extern "C" __global__ void moe_down_##NAME(const WDesc* dn, const int* plan, int P, const float* act, float* part, int H) { \
-        moe_down<FMT>(dn, plan, P, act, part, H);                                                          \
-    }
+    MOE_NT_KERNELS(NAME, FMT, 1)                                                                           \
+    MOE_NT_KERNELS(NAME, FMT, 2)                                                                           \
+    MOE_NT_KERNELS(NAME, FMT, 4)                                                                           \
+    MOE_NT_KERNELS(NAME, FMT, 8)
 
 INSTANTIATE(f32, FMT_F32)
 INSTANTIATE(bf16, FMT_BF16)

@@ -659,8 +659,15 @@ impl Backend for CudaBackend {
         )?;
         let act = self.alloc(pairs * i)?;
         let part = self.alloc(pairs * h)?;
+        // Tokens per pass of a group: a token picks an expert at most once, so at most t.
+        let nt = match t {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => 8,
+        };
         self.launch(
-            &format!("moe_gate_up_{}", experts.fmt_gate_up.name()),
+            &format!("moe_gate_up{nt}_{}", experts.fmt_gate_up.name()),
             ((i as u32).div_ceil(2), groups, 1),
             256,
             0,
@@ -675,7 +682,7 @@ impl Backend for CudaBackend {
             ],
         )?;
         self.launch(
-            &format!("moe_down_{}", experts.fmt_down.name()),
+            &format!("moe_down{nt}_{}", experts.fmt_down.name()),
             ((h as u32).div_ceil(4), groups, 1),
             256,
             0,
