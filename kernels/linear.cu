@@ -369,8 +369,6 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
     }                                                                                                      \
     extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { embed<FMT>(d, ids, out); } \
     MOE_NT_KERNELS(NAME, FMT, 1)                                                                           \
-    MOE_NT_KERNELS(NAME, FMT, 2)                                                                           \
-    MOE_NT_KERNELS(NAME, FMT, 4)                                                                           \
     MOE_NT_KERNELS(NAME, FMT, 8)
 
 INSTANTIATE(f32, FMT_F32)

@@ -659,13 +659,9 @@ impl Backend for CudaBackend {
         )?;
         let act = self.alloc(pairs * i)?;
         let part = self.alloc(pairs * h)?;
-        // Tokens per pass of a group: a token picks an expert at most once, so at most t.
-        let nt = match t {
-            1 => 1,
-            2 => 2,
-            3 | 4 => 4,
-            _ => 8,
-        };
+        // Decode batches take a group's tokens one per pass (the second read of a tile hits
+        // L1/L2, and one token needs the fewest registers); prefill takes eight at a time.
+        let nt = if t <= 8 { 1 } else { 8 };
         self.launch(
             &format!("moe_gate_up{nt}_{}", experts.fmt_gate_up.name()),
             ((i as u32).div_ceil(2), groups, 1),
