@@ -243,18 +243,35 @@ extern "C" __global__ void index_cache_write(const float* __restrict__ k, const 
     for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] = row[i];
 }
 
-// scores[t, s] = Σ_h w_h·nh^-½ · relu(q_h·k_s · D^-½) for s ≤ pos[t], -inf beyond;
-// grid (T, ceil(ld / blockDim)); smem NH·D + NH floats. D must be a multiple of 4.
+// scores[t, s] = Σ_h w_h·nh^-½ · relu(q_h·k_s · D^-½) for s ≤ pos[t], -inf beyond.
+// grid (T, ceil(ld / IDX_KT)), block 256: a tile of IDX_KT keys sits in shared memory (rows
+// padded by one float, so threads on different keys hit different banks); thread (key, head
+// group) accumulates its group's heads over the key, and the groups' sums meet in shared memory.
+// smem: NH·D + NH + IDX_KT·(D+1) + IDX_KT·groups floats. D must be a multiple of 4.
+#define IDX_KT 64
 extern "C" __global__ void index_scores(const float* __restrict__ q, const float* __restrict__ w, const float* __restrict__ pool,
                                         const StepMeta m, const float* __restrict__ cosv, const float* __restrict__ sinv,
                                         int interleaved, int NH, int D, int R, int ld, float* __restrict__ scores) {
     extern __shared__ float sm[];
+    int groups = blockDim.x / IDX_KT;  // head groups per key
     float* qs = sm;
-    float* ws = sm + NH * D;
+    float* ws = qs + NH * D;
+    float* ks = ws + NH;                // [IDX_KT][D+1]
+    float* part = ks + IDX_KT * (D + 1); // [IDX_KT][groups]
     int t = blockIdx.x;
     for (int i = threadIdx.x; i < NH * D; i += blockDim.x) qs[i] = q[(size_t)t * NH * D + i];
     float wscale = rsqrtf((float)NH);
     for (int i = threadIdx.x; i < NH; i += blockDim.x) ws[i] = w[(size_t)t * NH + i] * wscale;
+    int pos = m.pos[t], seq = m.row_seq[t];
+    int s0 = blockIdx.y * IDX_KT;
+    // The tile's keys (zeros beyond the row's position).
+    for (int i = threadIdx.x; i < IDX_KT * (D / 4); i += blockDim.x) {
+        int k = i / (D / 4), c = (i % (D / 4)) * 4, s = s0 + k;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (s <= pos && s < ld) v = *(const float4*)(cache_row((float*)pool, D, m.blocks, m.max_blocks, seq, s) + c);
+        float* dst = ks + k * (D + 1) + c;
+        dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+    }
     __syncthreads();
     int half = R / 2;
     for (int i = threadIdx.x; i < NH * half; i += blockDim.x) {
@@ -262,37 +279,32 @@ extern "C" __global__ void index_scores(const float* __restrict__ q, const float
         rope_pair(qs + h * D, p, half, interleaved, cosv[t * half + p], sinv[t * half + p]);
     }
     __syncthreads();
-    int s = blockIdx.y * blockDim.x + threadIdx.x;
-    if (s >= ld) return;
-    int pos = m.pos[t];
-    if (s > pos) {
-        scores[(size_t)t * ld + s] = NEG_INF;
-        return;
-    }
-    const float4* k4 = (const float4*)cache_row((float*)pool, D, m.blocks, m.max_blocks, m.row_seq[t], s);
-    const float4* q4 = (const float4*)qs;
+    int k = threadIdx.x % IDX_KT, g = threadIdx.x / IDX_KT;
     float qscale = rsqrtf((float)D);
+    const float* kr = ks + k * (D + 1);
     float score = 0.f;
-    // Eight heads at a time keep the accumulators in registers; the key row stays in L1.
-    for (int h0 = 0; h0 < NH; h0 += 8) {
-        float acc[8];
+    for (int h0 = g * 4; h0 < NH; h0 += groups * 4) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int c = 0; c < D; c++) {
+            float kv = kr[c];
 #pragma unroll
-        for (int h = 0; h < 8; h++) acc[h] = 0.f;
-        for (int d = 0; d < D / 4; d++) {
-            float4 kv = k4[d];
-#pragma unroll
-            for (int h = 0; h < 8; h++) {
-                if (h0 + h < NH) {
-                    float4 qv = q4[(h0 + h) * (D / 4) + d];
-                    acc[h] = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, fmaf(qv.z, kv.z, fmaf(qv.w, kv.w, acc[h]))));
-                }
-            }
+            for (int j = 0; j < 4; j++)
+                if (h0 + j < NH) acc[j] = fmaf(qs[(h0 + j) * D + c], kv, acc[j]);
         }
 #pragma unroll
-        for (int h = 0; h < 8; h++)
-            if (h0 + h < NH) score = fmaf(ws[h0 + h], fmaxf(acc[h] * qscale, 0.f), score);
+        for (int j = 0; j < 4; j++)
+            if (h0 + j < NH) score = fmaf(ws[h0 + j], fmaxf(acc[j] * qscale, 0.f), score);
     }
-    scores[(size_t)t * ld + s] = score;
+    part[k * groups + g] = score;
+    __syncthreads();
+    if (threadIdx.x < IDX_KT) {
+        int s = s0 + threadIdx.x;
+        if (s < ld) {
+            float v = 0.f;
+            for (int j = 0; j < groups; j++) v += part[threadIdx.x * groups + j];
+            scores[(size_t)t * ld + s] = s <= pos ? v : NEG_INF;
+        }
+    }
 }
 
 __device__ __forceinline__ u32 order_key(float f) {

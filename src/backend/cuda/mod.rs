@@ -179,7 +179,7 @@ impl CudaBackend {
             self.launch(
                 &format!("{kernel}_{}", p.fmt.name()),
                 grid,
-                256,
+                threads_for(p.cols, p.fmt),
                 0,
                 &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32)],
             )?;
@@ -191,6 +191,13 @@ impl CudaBackend {
     fn elementwise_grid(n: usize) -> (u32, u32, u32) {
         ((n as u32).div_ceil(256).max(1), 1, 1)
     }
+}
+
+/// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
+/// and eight warps.
+fn threads_for(cols: usize, fmt: weights::Fmt) -> u32 {
+    let units = cols.div_ceil(fmt.unit());
+    (units.div_ceil(32) * 32).clamp(64, 256) as u32
 }
 
 fn check_rows(op: &str, t: &CudaTensor, rows: usize, cols: usize) -> Result<()> {
@@ -575,9 +582,9 @@ impl Backend for CudaBackend {
         let scores = self.alloc(t * ld)?;
         self.launch(
             "index_scores",
-            (t as u32, (ld as u32).div_ceil(128), 1),
-            128,
-            (nh * d + nh) * 4,
+            (t as u32, (ld as u32).div_ceil(64), 1),
+            256,
+            (nh * d + nh + 64 * (d + 1) + 64 * 4) * 4,
             &[
                 Arg::Ptr(self.ptr(&q.buf)),
                 Arg::Ptr(self.ptr(&w.buf)),
@@ -665,7 +672,7 @@ impl Backend for CudaBackend {
         self.launch(
             &format!("moe_gate_up{nt}_{}", experts.fmt_gate_up.name()),
             ((i as u32).div_ceil(2), groups, 1),
-            256,
+            threads_for(h, experts.fmt_gate_up),
             0,
             &[
                 Arg::Ptr(self.ptr(&experts.gate_up_table)),
@@ -680,7 +687,7 @@ impl Backend for CudaBackend {
         self.launch(
             &format!("moe_down{nt}_{}", experts.fmt_down.name()),
             ((h as u32).div_ceil(4), groups, 1),
-            256,
+            threads_for(i, experts.fmt_down),
             0,
             &[Arg::Ptr(self.ptr(&experts.down_table)), Arg::Ptr(self.ptr(&plan)), Arg::I32(pairs as i32), Arg::Ptr(self.ptr(&act)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
         )?;

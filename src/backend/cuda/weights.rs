@@ -32,7 +32,7 @@ impl Fmt {
     }
 
     /// Elements per 16-byte unit.
-    fn unit(self) -> usize {
+    pub fn unit(self) -> usize {
         match self {
             Fmt::F32 => 4,
             Fmt::Bf16 | Fmt::F16 => 8,
