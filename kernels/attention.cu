@@ -312,82 +312,147 @@ __device__ __forceinline__ u32 order_key(float f) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// The top-k positions of each row's scores (positions 0..pos), by radix select on the float
-// bits: four 8-bit passes find the k-th largest key, then keys above it are taken and ties at
-// it are taken in position order. grid T; rows with at most k keys take them all, padded with -1.
-extern "C" __global__ void index_topk(const float* __restrict__ scores, const StepMeta m, int ld, int topk, int* __restrict__ sel) {
-    __shared__ u32 hist[256];
-    __shared__ u32 prefix_s, remain_s, count_gt;
+// ---- top-k of long score rows, across many blocks ---------------------------------------------
+// The k largest scores of each row (positions 0..pos): a histogram of the top 12 bits of every
+// score's order key (many blocks), the bin holding the k-th largest (one block per row), then
+// every score above that bin is taken and those in it become candidates (many blocks), and the
+// candidates are finished by radix select (one block per row). meta per row: [bin, taken above,
+// candidates, n]. Ties at the very threshold are taken in no particular order.
+#define TOPK_BINS 4096
+#define TOPK_CHUNK 8192
+
+__device__ __forceinline__ int row_len(const StepMeta& m, int t, int ld) { return min(m.pos[t] + 1, ld); }
+
+extern "C" __global__ void topk_hist(const float* __restrict__ scores, const StepMeta m, int ld, int topk, u32* __restrict__ hist) {
+    __shared__ u32 h[TOPK_BINS];
+    int t = blockIdx.x, n = row_len(m, t, ld);
+    if (n <= topk) return;
+    for (int i = threadIdx.x; i < TOPK_BINS; i += blockDim.x) h[i] = 0;
+    __syncthreads();
+    int s1 = min(n, (int)(blockIdx.y + 1) * TOPK_CHUNK);
+    for (int s = blockIdx.y * TOPK_CHUNK + threadIdx.x; s < s1; s += blockDim.x) atomicAdd(&h[order_key(scores[(size_t)t * ld + s]) >> 20], 1u);
+    __syncthreads();
+    for (int i = threadIdx.x; i < TOPK_BINS; i += blockDim.x)
+        if (h[i]) atomicAdd(&hist[(size_t)t * TOPK_BINS + i], h[i]);
+}
+
+// One block of 1024 threads per row; each thread owns 4 bins, counted from the top.
+extern "C" __global__ void topk_threshold(const u32* __restrict__ hist, const StepMeta m, int ld, int topk, int* __restrict__ meta) {
     __shared__ u32 warp_tot[32];
-    int t = blockIdx.x;
-    int n = m.pos[t] + 1;
-    if (n > ld) n = ld;
-    int* out = sel + (size_t)t * topk;
-    const float* row = scores + (size_t)t * ld;
+    int t = blockIdx.x, n = row_len(m, t, ld);
+    int* mt = meta + t * 4;
     if (n <= topk) {
+        if (threadIdx.x == 0) { mt[0] = -1; mt[3] = n; }
+        return;
+    }
+    const u32* h = hist + (size_t)t * TOPK_BINS;
+    int i = threadIdx.x;
+    int top = TOPK_BINS - 1 - 4 * i;  // this thread's bins: top, top-1, top-2, top-3
+    u32 c[4], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) { c[j] = h[top - j]; sum += c[j]; }
+    // Exclusive prefix over threads (higher bins first).
+    int lane = i & 31, w = i >> 5;
+    u32 incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+    }
+    if (lane == 31) warp_tot[w] = incl;
+    __syncthreads();
+    u32 before = incl - sum;
+    for (int j = 0; j < w; j++) before += warp_tot[j];
+    if (before < (u32)topk && before + sum >= (u32)topk) {
+        u32 acc = before;
+        for (int j = 0; j < 4; j++) {
+            if (acc + c[j] >= (u32)topk) {
+                mt[0] = top - j;
+                mt[1] = 0;  // filled by topk_collect
+                mt[2] = 0;
+                mt[3] = n;
+                break;
+            }
+            acc += c[j];
+        }
+    }
+}
+
+extern "C" __global__ void topk_collect(const float* __restrict__ scores, const StepMeta m, int ld, int topk, int* __restrict__ meta,
+                                        int* __restrict__ sel, int* __restrict__ cand) {
+    int t = blockIdx.x;
+    int* mt = meta + t * 4;
+    int bin = mt[0], n = mt[3];
+    if (bin < 0) return;
+    int s1 = min(n, (int)(blockIdx.y + 1) * TOPK_CHUNK);
+    for (int s = blockIdx.y * TOPK_CHUNK + threadIdx.x; s < s1; s += blockDim.x) {
+        int b = order_key(scores[(size_t)t * ld + s]) >> 20;
+        if (b > bin) sel[(size_t)t * topk + atomicAdd(&mt[1], 1)] = s;
+        else if (b == bin) cand[(size_t)t * ld + atomicAdd(&mt[2], 1)] = s;
+    }
+}
+
+// One radix pass over the candidates: narrows `prefix` by the `bits` bits below `shift`.
+__device__ void radix_pass(const float* row, const int* c, int nc, int shift, int bits, u32& prefix, u32& mask, u32* hist, u32* prefix_s, u32* remain_s) {
+    u32 digits = 1u << bits;
+    for (u32 i = threadIdx.x; i < digits; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < nc; i += blockDim.x) {
+        u32 key = order_key(row[c[i]]);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (digits - 1)], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 r = *remain_s, cum = 0;
+        int d = digits - 1;
+        for (; d > 0; d--) {
+            if (cum + hist[d] >= r) break;
+            cum += hist[d];
+        }
+        *remain_s = r - cum;
+        *prefix_s = prefix | ((u32)d << shift);
+    }
+    __syncthreads();
+    prefix = *prefix_s;
+    mask |= (digits - 1) << shift;
+}
+
+// Finishes each row: all of it when it has at most k positions, else the best candidates
+// (whose top 12 bits are equal) by radix select on the low 20 bits.
+extern "C" __global__ void topk_finish(const float* __restrict__ scores, const StepMeta m, int ld, int topk, const int* __restrict__ meta,
+                                       const int* __restrict__ cand, int* __restrict__ sel) {
+    __shared__ u32 hist[256];
+    __shared__ u32 prefix_s, remain_s, count_gt, count_tie;
+    int t = blockIdx.x;
+    const int* mt = meta + t * 4;
+    int* out = sel + (size_t)t * topk;
+    if (mt[0] < 0) {
+        int n = mt[3];
         for (int j = threadIdx.x; j < topk; j += blockDim.x) out[j] = j < n ? j : -1;
         return;
     }
-    u32 prefix = 0, mask = 0;
-    if (threadIdx.x == 0) remain_s = topk;
-    for (int pass = 0; pass < 4; pass++) {
-        int shift = 24 - 8 * pass;
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        for (int base = 0; base < n; base += blockDim.x) {
-            int s = base + threadIdx.x;
-            bool mine = false;
-            u32 bin = 0;
-            if (s < n) {
-                u32 key = order_key(row[s]);
-                mine = (key & mask) == prefix;
-                bin = (key >> shift) & 255u;
-            }
-            // Lanes with the same bin add once (scores often share their top bits).
-            u32 active = __ballot_sync(0xffffffffu, mine);
-            if (mine) {
-                u32 same = __match_any_sync(active, bin);
-                if ((threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&hist[bin], __popc(same));
-            }
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            u32 need = remain_s, cum = 0;
-            int d = 255;
-            for (; d > 0; d--) {
-                if (cum + hist[d] >= need) break;
-                cum += hist[d];
-            }
-            remain_s = need - cum;
-            prefix_s = prefix | ((u32)d << shift);
-        }
-        __syncthreads();
-        prefix = prefix_s;
-        mask |= 255u << shift;
-    }
-    u32 thr = prefix, ties = remain_s;  // take every key > thr, and `ties` keys == thr
-    if (threadIdx.x == 0) count_gt = 0;
-    __syncthreads();
-    for (int s = threadIdx.x; s < n; s += blockDim.x) {
-        if (order_key(row[s]) > thr) out[atomicAdd(&count_gt, 1u)] = s;
+    int taken = mt[1], nc = mt[2];
+    const int* c = cand + (size_t)t * ld;
+    const float* row = scores + (size_t)t * ld;
+    u32 prefix = (u32)mt[0] << 20, mask = 0xfff00000u;
+    if (threadIdx.x == 0) {
+        remain_s = topk - taken;
+        count_gt = 0;
+        count_tie = 0;
     }
     __syncthreads();
-    u32 base = topk - ties;
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    for (int start = 0; start < n && base < (u32)topk; start += blockDim.x) {
-        int s = start + threadIdx.x;
-        bool eq = s < n && order_key(row[s]) == thr;
-        u32 ballot = __ballot_sync(0xffffffffu, eq);
-        if (lane == 0) warp_tot[w] = __popc(ballot);
-        __syncthreads();
-        u32 before = 0, total = 0;
-        for (int i = 0; i < nw; i++) {
-            if (i < w) before += warp_tot[i];
-            total += warp_tot[i];
+    radix_pass(row, c, nc, 12, 8, prefix, mask, hist, &prefix_s, &remain_s);
+    radix_pass(row, c, nc, 4, 8, prefix, mask, hist, &prefix_s, &remain_s);
+    radix_pass(row, c, nc, 0, 4, prefix, mask, hist, &prefix_s, &remain_s);
+    u32 thr = prefix, ties = remain_s;
+    u32 above = topk - taken - ties;  // candidates strictly above the threshold
+    for (int i = threadIdx.x; i < nc; i += blockDim.x) {
+        u32 key = order_key(row[c[i]]);
+        if (key > thr) {
+            out[taken + atomicAdd(&count_gt, 1u)] = c[i];
+        } else if (key == thr) {
+            u32 k = atomicAdd(&count_tie, 1u);
+            if (k < ties) out[taken + above + k] = c[i];
         }
-        before += __popc(ballot & ((1u << lane) - 1u));
-        if (eq && base + before < (u32)topk) out[base + before] = s;
-        base += total;
-        __syncthreads();
     }
 }

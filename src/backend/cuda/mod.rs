@@ -45,6 +45,7 @@ pub struct CudaRouting {
 }
 
 /// A kernel argument, passed by value.
+#[derive(Clone)]
 enum Arg {
     Ptr(u64),
     I32(i32),
@@ -600,13 +601,23 @@ impl Backend for CudaBackend {
                 Arg::Ptr(self.ptr(&scores)),
             ],
         )?;
+        // Top-k across many blocks: histogram, threshold bin, collect, finish.
+        let chunks = (ld as u32).div_ceil(8192);
+        let hist = self.stream.alloc_zeros::<u32>(t * 4096).map_err(|e| anyhow!("{e:?}"))?;
+        let meta = self.stream.alloc_zeros::<i32>(t * 4).map_err(|e| anyhow!("{e:?}"))?;
+        let cand = unsafe { self.stream.alloc::<i32>(t * ld) }.map_err(|e| anyhow!("{e:?}"))?;
+        let base = [Arg::Ptr(self.ptr(&scores)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32)];
+        let with = |extra: &[Arg]| base.iter().cloned().chain(extra.iter().cloned()).collect::<Vec<Arg>>();
+        self.launch("topk_hist", (t as u32, chunks, 1), 256, 0, &with(&[Arg::Ptr(self.ptr(&hist))]))?;
         self.launch(
-            "index_topk",
+            "topk_threshold",
             (t as u32, 1, 1),
             1024,
             0,
-            &[Arg::Ptr(self.ptr(&scores)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32), Arg::Ptr(self.ptr(&idx))],
+            &[Arg::Ptr(self.ptr(&hist)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32), Arg::Ptr(self.ptr(&meta))],
         )?;
+        self.launch("topk_collect", (t as u32, chunks, 1), 256, 0, &with(&[Arg::Ptr(self.ptr(&meta)), Arg::Ptr(self.ptr(&idx)), Arg::Ptr(self.ptr(&cand))]))?;
+        self.launch("topk_finish", (t as u32, 1, 1), 256, 0, &with(&[Arg::Ptr(self.ptr(&meta)), Arg::Ptr(self.ptr(&cand)), Arg::Ptr(self.ptr(&idx))]))?;
         Ok(CudaSelection { topk, idx })
     }
 
