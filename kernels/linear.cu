@@ -34,22 +34,22 @@ __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x
 // Exact small non-negative integer to float without the slow I2F: 2^23 + n, minus 2^23.
 __device__ __forceinline__ float small_int(u32 n) { return __uint_as_float(0x4B000000u | n) - 8388608.f; }
 
-template <> struct Fmt<FMT_F32> {
-    static constexpr int U = 4;
+// Plain floats: a unit is U elements read as they are, with no dequantization parameters.
+template <int UNIT> struct PlainFmt {
+    static constexpr int U = UNIT;
     static constexpr bool SCALED = false, BIASED = false;
     __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
     __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
+};
+
+template <> struct Fmt<FMT_F32> : PlainFmt<4> {
     __device__ static float4 chunk(const uint4& v, int) {
         return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w));
     }
     __device__ static float at(const WDesc& d, int r, int c) { return ((const float*)d.w)[(size_t)r * d.cols + c]; }
 };
 
-template <> struct Fmt<FMT_BF16> {
-    static constexpr int U = 8;
-    static constexpr bool SCALED = false, BIASED = false;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
-    __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
+template <> struct Fmt<FMT_BF16> : PlainFmt<8> {
     __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, 2 * i), c = word(v, 2 * i + 1);
         return make_float4(__uint_as_float(a << 16), __uint_as_float(a & 0xffff0000u), __uint_as_float(c << 16), __uint_as_float(c & 0xffff0000u));
@@ -57,11 +57,7 @@ template <> struct Fmt<FMT_BF16> {
     __device__ static float at(const WDesc& d, int r, int c) { return bf16_to_f32(((const u16*)d.w)[(size_t)r * d.cols + c]); }
 };
 
-template <> struct Fmt<FMT_F16> {
-    static constexpr int U = 8;
-    static constexpr bool SCALED = false, BIASED = false;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
-    __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
+template <> struct Fmt<FMT_F16> : PlainFmt<8> {
     __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, 2 * i), c = word(v, 2 * i + 1);
         return make_float4(f16_to_f32((u16)(a & 0xffff)), f16_to_f32((u16)(a >> 16)), f16_to_f32((u16)(c & 0xffff)), f16_to_f32((u16)(c >> 16)));

@@ -125,15 +125,7 @@ impl LinearWeight {
                     let row = &mut out[i * cols..(i + 1) * cols];
                     for g in 0..groups {
                         let s = scale_at(scale, r * groups + g);
-                        let z = match zero {
-                            // Zero points are packed along rows: element (r, g) sits at bit r·bits of
-                            // column g in word row (r·bits)/32.
-                            Some(zp) => {
-                                let word = i32_at(zp, (r * bits / 32) * groups + g);
-                                ((word >> ((r * bits) % 32)) & mask) as i32 - offset
-                            }
-                            None => 0,
-                        };
+                        let z = zero.as_ref().map_or(0, |zp| zero_point_at(zp, bits, groups, r, g));
                         let c_end = ((g + 1) * group).min(cols);
                         for c in g * group..c_end {
                             let word = i32_at(&self.data, r * words_per_row + c * bits / 32);
@@ -158,19 +150,8 @@ impl LinearWeight {
     /// Signed zero points `[rows, groups]` of an asymmetric integer weight.
     pub fn zero_points(&self) -> Option<Vec<i8>> {
         let Format::Packed { bits, group, zero: Some(zp), .. } = &self.format else { return None };
-        let bits = *bits as usize;
         let groups = self.cols.div_ceil(*group);
-        let mask = (1u32 << bits) - 1;
-        let offset = 1i32 << (bits - 1);
-        Some(
-            (0..self.rows * groups)
-                .map(|i| {
-                    let (r, g) = (i / groups, i % groups);
-                    let word = i32_at(zp, (r * bits / 32) * groups + g);
-                    (((word >> ((r * bits) % 32)) & mask) as i32 - offset) as i8
-                })
-                .collect(),
-        )
+        Some((0..self.rows * groups).map(|i| zero_point_at(zp, *bits as usize, groups, i / groups, i % groups) as i8).collect())
     }
 
     /// The whole weight as f32, row-major.
@@ -179,6 +160,13 @@ impl LinearWeight {
         self.dequant_rows(0, self.rows, &mut out);
         out
     }
+}
+
+/// The signed zero point of row `r`, group `g`. Zero points are packed along rows: element
+/// (r, g) sits at bit r·bits of column g in word row (r·bits)/32.
+fn zero_point_at(zp: &TensorView, bits: usize, groups: usize, r: usize, g: usize) -> i32 {
+    let word = i32_at(zp, (r * bits / 32) * groups + g);
+    ((word >> ((r * bits) % 32)) & ((1u32 << bits) - 1)) as i32 - (1i32 << (bits - 1))
 }
 
 /// Validates that a scale tensor has a supported dtype.

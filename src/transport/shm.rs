@@ -145,34 +145,109 @@ fn drain(efd: &EventFd) {
     let _ = nix::unistd::read(efd, &mut b);
 }
 
-/// The consumer end.
-pub struct ShmReceiver {
+/// Which end of the ring is waiting: the producer waits for space, the consumer for data.
+#[derive(Clone, Copy)]
+enum End {
+    Producer,
+    Consumer,
+}
+
+/// What both ends hold: the mapped ring, its geometry, the two eventfds and the link socket.
+struct Ring {
     region: Region,
     slot_bytes: usize,
     slots: usize,
+    /// Written by the producer when a sleeping consumer must wake.
     data: EventFd,
+    /// Written by the consumer when a sleeping producer must wake.
     space: EventFd,
     sock: UnixStream,
     spin: Duration,
-    expect_step: u64,
     health: Health,
     peer: String,
+}
+
+impl Ring {
+    /// The eventfd an end sleeps on.
+    fn doorbell(&self, end: End) -> &EventFd {
+        match end {
+            End::Producer => &self.space,
+            End::Consumer => &self.data,
+        }
+    }
+
+    fn sleeping(&self, end: End) -> &AtomicU32 {
+        let c = self.region.control();
+        match end {
+            End::Producer => &c.producer_sleeping,
+            End::Consumer => &c.consumer_sleeping,
+        }
+    }
+
+    /// Waits until `ready` holds: spins for the spin budget, then announces sleep and blocks in
+    /// poll on this end's eventfd and the link socket. Returns false when `timeout` passes
+    /// first, and an error when the peer hangs up or the rank is stopping.
+    fn wait(&self, end: End, timeout: Duration, ready: impl Fn(&Control) -> bool) -> Result<bool> {
+        let c = self.region.control();
+        let efd = self.doorbell(end);
+        let sleeping = self.sleeping(end);
+        let start = Instant::now();
+        loop {
+            if ready(c) {
+                return Ok(true);
+            }
+            let waited = start.elapsed();
+            if waited < self.spin.min(timeout) {
+                std::hint::spin_loop();
+                continue;
+            }
+            if waited >= timeout {
+                self.health.check()?;
+                return Ok(false);
+            }
+            sleeping.store(1, Ordering::SeqCst);
+            if ready(c) {
+                sleeping.store(0, Ordering::SeqCst);
+                return Ok(true);
+            }
+            let ev = wait_fd(&[(efd, PollFlags::POLLIN), (&self.sock, PollFlags::POLLIN)], (timeout - waited).min(Duration::from_millis(100)))?;
+            sleeping.store(0, Ordering::SeqCst);
+            drain(efd);
+            if ready(c) {
+                return Ok(true);
+            }
+            if peer_gone(ev[1], &self.sock) {
+                bail!("{} closed the link", self.peer);
+            }
+            self.health.check()?;
+        }
+    }
+
+    /// Wakes the other end if it announced sleep (after this end moved its counter).
+    fn wake(&self, other: End) {
+        fence(Ordering::SeqCst);
+        if self.sleeping(other).load(Ordering::SeqCst) != 0 {
+            let _ = self.doorbell(other).write(1);
+        }
+    }
+
+    fn slot(&self, counter: u64) -> *mut u8 {
+        self.region.slot(self.slot_bytes, (counter % self.slots as u64) as usize)
+    }
+}
+
+/// The consumer end.
+pub struct ShmReceiver {
+    ring: Ring,
+    expect_step: u64,
     path: PathBuf,
 }
 
 /// The producer end.
 pub struct ShmSender {
-    region: Region,
-    slot_bytes: usize,
-    slots: usize,
-    data: EventFd,
-    space: EventFd,
-    sock: UnixStream,
-    spin: Duration,
+    ring: Ring,
     step: u64,
     max_payload: usize,
-    health: Health,
-    peer: String,
 }
 
 impl ShmReceiver {
@@ -218,19 +293,8 @@ impl ShmReceiver {
         sendmsg::<()>(sock.as_raw_fd(), &[std::io::IoSlice::new(&hello)], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
             .map_err(|e| anyhow!("passing the ring to {peer}: {e}"))?;
         let _ = std::fs::remove_file(path);
-        Ok(ShmReceiver {
-            region,
-            slot_bytes,
-            slots: spec.slots as usize,
-            data,
-            space,
-            sock,
-            spin: spec.spin,
-            expect_step: 0,
-            health,
-            peer: peer.to_string(),
-            path: path.to_path_buf(),
-        })
+        let ring = Ring { region, slot_bytes, slots: spec.slots as usize, data, space, sock, spin: spec.spin, health, peer: peer.to_string() };
+        Ok(ShmReceiver { ring, expect_step: 0, path: path.to_path_buf() })
     }
 }
 
@@ -283,19 +347,8 @@ impl ShmSender {
         if slots == 0 || slot_bytes <= HEADER_AREA || CONTROL + slots * slot_bytes > len {
             bail!("the ring from {peer} has an inconsistent geometry: {slots} slots of {slot_bytes} bytes in {len}");
         }
-        Ok(ShmSender {
-            region,
-            slot_bytes,
-            slots,
-            data,
-            space,
-            sock,
-            spin,
-            step: 0,
-            max_payload: slot_bytes - HEADER_AREA,
-            health,
-            peer: peer.to_string(),
-        })
+        let ring = Ring { region, slot_bytes, slots, data, space, sock, spin, health, peer: peer.to_string() };
+        Ok(ShmSender { ring, step: 0, max_payload: slot_bytes - HEADER_AREA })
     }
 }
 
@@ -311,33 +364,12 @@ impl FrameSender for ShmSender {
         if bytes.len() > HEADER_AREA - HEADER_OFFSET {
             bail!("frame header of {} bytes exceeds the {}-byte header area", bytes.len(), HEADER_AREA - HEADER_OFFSET);
         }
-        let c = self.region.control();
-        // Wait for a free slot.
-        let start = Instant::now();
-        loop {
-            let head = c.head.load(Ordering::Relaxed);
-            if head - c.tail.load(Ordering::Acquire) < self.slots as u64 {
-                break;
-            }
-            if start.elapsed() < self.spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            c.producer_sleeping.store(1, Ordering::SeqCst);
-            if head - c.tail.load(Ordering::SeqCst) < self.slots as u64 {
-                c.producer_sleeping.store(0, Ordering::SeqCst);
-                break;
-            }
-            let ev = wait_fd(&[(&self.space, PollFlags::POLLIN), (&self.sock, PollFlags::POLLIN)], Duration::from_millis(100))?;
-            c.producer_sleeping.store(0, Ordering::SeqCst);
-            drain(&self.space);
-            if peer_gone(ev[1], &self.sock) {
-                bail!("{} closed the link", self.peer);
-            }
-            self.health.check()?;
-        }
+        let ring = &self.ring;
+        let c = ring.region.control();
+        let slots = ring.slots as u64;
+        ring.wait(End::Producer, Duration::MAX, |c| c.head.load(Ordering::Relaxed) - c.tail.load(Ordering::Acquire) < slots)?;
         let head = c.head.load(Ordering::Relaxed);
-        let slot = self.region.slot(self.slot_bytes, (head % self.slots as u64) as usize);
+        let slot = ring.slot(head);
         // Safety: the slot is ours until head advances; bounds were checked above.
         unsafe {
             (slot as *mut u64).write(bytes.len() as u64);
@@ -350,10 +382,7 @@ impl FrameSender for ShmSender {
             }
         }
         c.head.store(head + 1, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if c.consumer_sleeping.load(Ordering::SeqCst) != 0 {
-            let _ = self.data.write(1);
-        }
+        ring.wake(End::Consumer);
         self.step += 1;
         Ok(())
     }
@@ -361,57 +390,28 @@ impl FrameSender for ShmSender {
 
 impl FrameReceiver for ShmReceiver {
     fn recv_with(&mut self, timeout: Duration, f: &mut dyn FnMut(&FrameHeader, &[u8]) -> Result<()>) -> Result<bool> {
-        let c = self.region.control();
-        let start = Instant::now();
+        let ring = &self.ring;
+        let c = ring.region.control();
         let tail = c.tail.load(Ordering::Relaxed);
-        loop {
-            if c.head.load(Ordering::Acquire) != tail {
-                break;
-            }
-            let waited = start.elapsed();
-            if waited < self.spin.min(timeout) {
-                std::hint::spin_loop();
-                continue;
-            }
-            if waited >= timeout {
-                self.health.check()?;
-                return Ok(false);
-            }
-            c.consumer_sleeping.store(1, Ordering::SeqCst);
-            if c.head.load(Ordering::SeqCst) != tail {
-                c.consumer_sleeping.store(0, Ordering::SeqCst);
-                break;
-            }
-            let ev = wait_fd(&[(&self.data, PollFlags::POLLIN), (&self.sock, PollFlags::POLLIN)], (timeout - waited).min(Duration::from_millis(100)))?;
-            c.consumer_sleeping.store(0, Ordering::SeqCst);
-            drain(&self.data);
-            if c.head.load(Ordering::Acquire) != tail {
-                break;
-            }
-            if peer_gone(ev[1], &self.sock) {
-                bail!("{} closed the link", self.peer);
-            }
-            self.health.check()?;
+        if !ring.wait(End::Consumer, timeout, |c| c.head.load(Ordering::Acquire) != tail)? {
+            return Ok(false);
         }
-        let slot = self.region.slot(self.slot_bytes, (tail % self.slots as u64) as usize);
+        let slot = ring.slot(tail);
         // Safety: the slot is ours until tail advances; lengths are checked before use.
         let (hlen, plen) = unsafe { ((slot as *const u64).read() as usize, (slot.add(8) as *const u64).read() as usize) };
-        if hlen > HEADER_AREA - HEADER_OFFSET || plen > self.slot_bytes - HEADER_AREA {
-            bail!("corrupt frame from {}: header {hlen} bytes, payload {plen} bytes", self.peer);
+        if hlen > HEADER_AREA - HEADER_OFFSET || plen > ring.slot_bytes - HEADER_AREA {
+            bail!("corrupt frame from {}: header {hlen} bytes, payload {plen} bytes", ring.peer);
         }
         let hbytes = unsafe { std::slice::from_raw_parts(slot.add(HEADER_OFFSET), hlen) };
-        let header = FrameHeader::decode(hbytes).with_context(|| format!("frame from {}", self.peer))?;
+        let header = FrameHeader::decode(hbytes).with_context(|| format!("frame from {}", ring.peer))?;
         if header.payload_len != plen as u64 {
-            bail!("corrupt frame from {}: header says {} payload bytes, slot holds {plen}", self.peer, header.payload_len);
+            bail!("corrupt frame from {}: header says {} payload bytes, slot holds {plen}", ring.peer, header.payload_len);
         }
-        header.validate(self.expect_step, None).with_context(|| format!("frame from {}", self.peer))?;
+        header.validate(self.expect_step, None).with_context(|| format!("frame from {}", ring.peer))?;
         let payload = unsafe { std::slice::from_raw_parts(slot.add(HEADER_AREA), plen) };
         let r = f(&header, payload);
         c.tail.store(tail + 1, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if c.producer_sleeping.load(Ordering::SeqCst) != 0 {
-            let _ = self.space.write(1);
-        }
+        ring.wake(End::Producer);
         self.expect_step += 1;
         r.map(|_| true)
     }
