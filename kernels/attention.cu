@@ -29,22 +29,33 @@ extern "C" __global__ void mla_cache_write(const float* __restrict__ kv, const f
     for (int i = threadIdx.x; i < W; i += blockDim.x) dst[i] = row[i];
 }
 
-// q_lat[t,h,:] = W_UK[h]ᵀ q_nope[t,h]; q_pe[t,h] = rope(q_rope[t,h]); grid (T·H, ceil(L / blockDim)).
+// q_lat[t,h,:] = W_UK[h]ᵀ q_nope[t,h]; q_pe[t,h] = rope(q_rope[t,h]); grid (T·H, ceil(L / 128)),
+// block 128·parts: thread (column j, part) sums every parts-th of the N dims (so each block keeps
+// many independent weight loads in flight), and the parts meet in shared memory.
+// smem: N + R + blockDim floats.
 extern "C" __global__ void mla_queries(const float* __restrict__ q, const float* __restrict__ wuk, float* __restrict__ q_lat,
                                        float* __restrict__ q_pe, const float* __restrict__ cosv, const float* __restrict__ sinv,
                                        int interleaved, int H, int N, int R, int L) {
-    extern __shared__ float sm[];  // N + R
+    extern __shared__ float sm[];  // [N + R] query, [blockDim] partial sums
+    float* red = sm + N + R;
     int t = blockIdx.x / H, h = blockIdx.x % H;
     const float* qh = q + (size_t)t * H * (N + R) + (size_t)h * (N + R);
     for (int i = threadIdx.x; i < N + R; i += blockDim.x) sm[i] = qh[i];
     __syncthreads();
     const float* w = wuk + (size_t)h * N * L;
-    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    int jl = threadIdx.x % 128, part = threadIdx.x / 128, parts = blockDim.x / 128;
+    int j = blockIdx.y * 128 + jl;
+    float acc = 0.f;
     if (j < L) {
-        float acc = 0.f;
 #pragma unroll 8
-        for (int d = 0; d < N; d++) acc = fmaf(sm[d], w[(size_t)d * L + j], acc);
-        q_lat[((size_t)t * H + h) * L + j] = acc;
+        for (int d = part; d < N; d += parts) acc = fmaf(sm[d], w[(size_t)d * L + j], acc);
+    }
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    if (part == 0 && j < L) {
+        float v = 0.f;
+        for (int p = 0; p < parts; p++) v += red[p * 128 + jl];
+        q_lat[((size_t)t * H + h) * L + j] = v;
     }
     if (blockIdx.y == 0) {
         int half = R / 2;
@@ -60,32 +71,40 @@ extern "C" __global__ void mla_queries(const float* __restrict__ q, const float*
 // running max and sum per head, and writes an unnormalized partial output; mla_combine merges
 // the splits. Keys are the row's selection (sel != null; entries < 0 or beyond the row's
 // position are skipped) or positions 0..pos. All heads of a block share each key tile in
-// shared memory. smem: (MLA_HB·W + MLA_KT·(W+1) + 2·MLA_HB·MLA_KT + 4·MLA_HB) floats, W = L + R.
+// shared memory, and every key value read from shared memory serves all MLA_HB heads from
+// registers (queries and probabilities are stored head-minor so a lane fetches them as float4
+// broadcasts): the loop is bound by shared-memory reads, so reuse is what sets its speed.
+// Scores: lane = key, warp = a slice of the W dims, partial dots reduced across warps.
+// smem: (W·MLA_HB + MLA_KT·(W+1) + warps·MLA_HB·MLA_KT + MLA_KT·MLA_HB + 3·MLA_HB) floats.
 #define MLA_HB 8
-#define MLA_KT 16
+#define MLA_KT 32
 #define MLA_DPT 4  // latent dims per thread (L ≤ 4·blockDim)
+static_assert(MLA_HB == 8 && MLA_KT == 32, "the unrolled head loops assume 8 heads, the lane-per-key scores 32 keys");
 
 extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const float* __restrict__ pool,
                                             const StepMeta m, const int* __restrict__ sel, int topk, int H, int L, int R, float scale,
                                             int ks, float* __restrict__ part) {
-    extern __shared__ float sm[];
-    const int W = L + R, WP = W + 1;
-    float* qs = sm;                      // [HB][W]
-    float* kt = qs + MLA_HB * W;         // [KT][W+1]
-    float* ps = kt + MLA_KT * WP;        // [HB][KT] probabilities of the tile
-    float* kval = ps + MLA_HB * MLA_KT;  // [KT] 1 if the key is valid
-    float* mrun = kval + MLA_KT;         // [HB] running max
-    float* lrun = mrun + MLA_HB;         // [HB] running sum
-    float* fac = lrun + MLA_HB;          // [HB] rescale of the previous output
+    extern __shared__ float4 sm4[];
+    float* sm = (float*)sm4;
+    const int W = L + R, WP = W + 1, nwarps = blockDim.x >> 5;
+    float* qs = sm;                                  // [W][HB]
+    float* kt = qs + W * MLA_HB;                     // [KT][W+1]
+    float* red = kt + MLA_KT * WP;                   // [warps][HB][KT] partial scores
+    float* ps = red + nwarps * MLA_HB * MLA_KT;      // [KT][HB] probabilities of the tile
+    float* mrun = ps + MLA_KT * MLA_HB;              // [HB] running max
+    float* lrun = mrun + MLA_HB;                     // [HB] running sum
+    float* fac = lrun + MLA_HB;                      // [HB] rescale of the previous output
     __shared__ const float* rowp[MLA_KT];
+    __shared__ float kval[MLA_KT];
     int t = blockIdx.x, hb = blockIdx.y * MLA_HB, split = blockIdx.z, S = gridDim.z;
     int nh = min(MLA_HB, H - hb);
-    for (int i = threadIdx.x; i < MLA_HB * W; i += blockDim.x) {
-        int hh = i / W, c = i % W;
-        float v = 0.f;
-        if (hh < nh) v = c < L ? q_lat[((size_t)t * H + hb + hh) * L + c] : q_pe[((size_t)t * H + hb + hh) * R + (c - L)];
-        qs[i] = v;
-    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int hh = warp; hh < MLA_HB; hh += nwarps)
+        for (int c = lane; c < W; c += 32) {
+            float v = 0.f;
+            if (hh < nh) v = c < L ? q_lat[((size_t)t * H + hb + hh) * L + c] : q_pe[((size_t)t * H + hb + hh) * R + (c - L)];
+            qs[c * MLA_HB + hh] = v;
+        }
     if (threadIdx.x < MLA_HB) {
         mrun[threadIdx.x] = NEG_INF;
         lrun[threadIdx.x] = 0.f;
@@ -98,10 +117,11 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
     for (int hh = 0; hh < MLA_HB; hh++)
 #pragma unroll
         for (int j = 0; j < MLA_DPT; j++) o[hh][j] = 0.f;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int cpw = (W + nwarps - 1) / nwarps, c0 = warp * cpw, c1 = min(W, c0 + cpw);
     __syncthreads();
     for (int base = k0; base < k1; base += MLA_KT) {
-        // The tile's key rows (null for invalid ones), then the keys themselves (zeros if invalid).
+        // The tile's key rows (null for invalid ones), then the keys themselves (zeros if invalid),
+        // all copies in flight at once; a warp copies whole rows.
         if (threadIdx.x < MLA_KT) {
             int j = base + threadIdx.x;
             int p = j < k1 ? (sel ? sel[(size_t)t * topk + j] : j) : -1;
@@ -110,37 +130,43 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
             kval[threadIdx.x] = valid ? 1.f : 0.f;
         }
         __syncthreads();
-        if ((W & 3) == 0) {
-            int w4 = W / 4;
-            for (int i = threadIdx.x; i < MLA_KT * w4; i += blockDim.x) {
-                int k = i / w4, c = (i % w4) * 4;
-                float4 v = rowp[k] ? *(const float4*)(rowp[k] + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-                float* dst = kt + k * WP + c;
-                dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
+        for (int k = warp; k < MLA_KT; k += nwarps) {
+            const float* r = rowp[k];
+            for (int c = lane; c < W; c += 32) copy_async(kt + k * WP + c, r ? r + c : pool, r != nullptr);
+        }
+        copy_async_wait();
+        __syncthreads();
+        {
+            float acc[MLA_HB];
+#pragma unroll
+            for (int hh = 0; hh < MLA_HB; hh++) acc[hh] = 0.f;
+            const float* krow = kt + lane * WP;
+            for (int c = c0; c < c1; c++) {
+                float kv = krow[c];
+                float4 qa = sm4[(c * MLA_HB) / 4], qb = sm4[(c * MLA_HB) / 4 + 1];
+                acc[0] = fmaf(qa.x, kv, acc[0]);
+                acc[1] = fmaf(qa.y, kv, acc[1]);
+                acc[2] = fmaf(qa.z, kv, acc[2]);
+                acc[3] = fmaf(qa.w, kv, acc[3]);
+                acc[4] = fmaf(qb.x, kv, acc[4]);
+                acc[5] = fmaf(qb.y, kv, acc[5]);
+                acc[6] = fmaf(qb.z, kv, acc[6]);
+                acc[7] = fmaf(qb.w, kv, acc[7]);
             }
-        } else {
-            for (int i = threadIdx.x; i < MLA_KT * W; i += blockDim.x) {
-                int k = i / W, c = i % W;
-                kt[k * WP + c] = rowp[k] ? rowp[k][c] : 0.f;
-            }
+#pragma unroll
+            for (int hh = 0; hh < MLA_HB; hh++) red[(warp * MLA_HB + hh) * MLA_KT + lane] = acc[hh];
         }
         __syncthreads();
-        // Scores: warp w takes heads w, w+nwarps, ...; lanes split (key, half of the dims).
-        for (int hh = warp; hh < MLA_HB; hh += blockDim.x >> 5) {
-            int k = lane & (MLA_KT - 1), half = lane / MLA_KT;
-            int c0 = half * (W / 2), c1 = half ? W : W / 2;
-            float acc = 0.f;
-            for (int c = c0; c < c1; c++) acc = fmaf(qs[hh * W + c], kt[k * WP + c], acc);
-            acc += __shfl_xor_sync(0xffffffffu, acc, MLA_KT);
-            float sc = (kval[k] != 0.f && hh < nh) ? acc * scale : NEG_INF;
-            float tmax = warp_max(sc);
+        // Online softmax: warp hh owns head hh's 32 scores, one per lane.
+        for (int hh = warp; hh < MLA_HB; hh += nwarps) {
+            float s = 0.f;
+            for (int w = 0; w < nwarps; w++) s += red[(w * MLA_HB + hh) * MLA_KT + lane];
+            float sc = (kval[lane] != 0.f && hh < nh) ? s * scale : NEG_INF;
             float mold = mrun[hh];
-            float mnew = fmaxf(mold, tmax);
+            float mnew = fmaxf(mold, warp_max(sc));
             float p = sc == NEG_INF ? 0.f : expf(sc - mnew);
-            // Each key appears twice in the warp (two halves): count it once.
-            float psum = warp_sum(half ? 0.f : p);
-            if (lane < MLA_KT) ps[hh * MLA_KT + k] = p;
-            __syncwarp();
+            float psum = warp_sum(p);
+            ps[lane * MLA_HB + hh] = p;
             if (lane == 0) {
                 float f = mold == NEG_INF ? 0.f : expf(mold - mnew);
                 fac[hh] = f;
@@ -153,13 +179,25 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
         for (int hh = 0; hh < MLA_HB; hh++) {
             float f = fac[hh];
 #pragma unroll
+            for (int j = 0; j < MLA_DPT; j++) o[hh][j] *= f;
+        }
+        const float4* ps4 = (const float4*)ps;
+#pragma unroll 4
+        for (int k = 0; k < MLA_KT; k++) {
+            float4 pa = ps4[k * 2], pb = ps4[k * 2 + 1];
+#pragma unroll
             for (int j = 0; j < MLA_DPT; j++) {
                 int d = threadIdx.x + j * blockDim.x;
                 if (d < L) {
-                    float acc = o[hh][j] * f;
-#pragma unroll 4
-                    for (int k = 0; k < MLA_KT; k++) acc = fmaf(ps[hh * MLA_KT + k], kt[k * WP + d], acc);
-                    o[hh][j] = acc;
+                    float kv = kt[k * WP + d];
+                    o[0][j] = fmaf(pa.x, kv, o[0][j]);
+                    o[1][j] = fmaf(pa.y, kv, o[1][j]);
+                    o[2][j] = fmaf(pa.z, kv, o[2][j]);
+                    o[3][j] = fmaf(pa.w, kv, o[3][j]);
+                    o[4][j] = fmaf(pb.x, kv, o[4][j]);
+                    o[5][j] = fmaf(pb.y, kv, o[5][j]);
+                    o[6][j] = fmaf(pb.z, kv, o[6][j]);
+                    o[7][j] = fmaf(pb.w, kv, o[7][j]);
                 }
             }
         }
@@ -180,24 +218,30 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
     }
 }
 
-// Merges the splits of each (row, head); grid (T, H).
+// Merges the splits of each (row, head): every split's weight exp(m_s - max) once into shared
+// memory, then each thread sums its latent dim over the splits; grid (T, H, ceil(L / blockDim)),
+// smem S floats.
 extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, int L, int S, float* __restrict__ out) {
+    extern __shared__ float fs[];
+    __shared__ float scratch[32];
     int t = blockIdx.x, h = blockIdx.y;
     const float* src = part + ((size_t)t * H + h) * S * (L + 2);
     float mx = NEG_INF;
-    for (int s = 0; s < S; s++) mx = fmaxf(mx, src[s * (L + 2) + L]);
-    float denom = 0.f;
-    for (int s = 0; s < S; s++) {
+    for (int s = threadIdx.x; s < S; s += blockDim.x) mx = fmaxf(mx, src[s * (L + 2) + L]);
+    mx = block_max(mx, scratch);
+    float den = 0.f;
+    for (int s = threadIdx.x; s < S; s += blockDim.x) {
         float ms = src[s * (L + 2) + L];
-        if (ms != NEG_INF) denom += src[s * (L + 2) + L + 1] * expf(ms - mx);
+        float f = ms == NEG_INF ? 0.f : expf(ms - mx);
+        fs[s] = f;
+        den = fmaf(src[s * (L + 2) + L + 1], f, den);
     }
-    for (int d = threadIdx.x; d < L; d += blockDim.x) {
+    den = block_sum(den, scratch);
+    int d = blockIdx.z * blockDim.x + threadIdx.x;
+    if (d < L) {
         float acc = 0.f;
-        for (int s = 0; s < S; s++) {
-            float ms = src[s * (L + 2) + L];
-            if (ms != NEG_INF) acc = fmaf(src[s * (L + 2) + d], expf(ms - mx), acc);
-        }
-        out[((size_t)t * H + h) * L + d] = acc / denom;
+        for (int s = 0; s < S; s++) acc = fmaf(src[s * (L + 2) + d], fs[s], acc);
+        out[((size_t)t * H + h) * L + d] = acc / den;
     }
 }
 
@@ -244,65 +288,92 @@ extern "C" __global__ void index_cache_write(const float* __restrict__ k, const 
 }
 
 // scores[t, s] = Σ_h w_h·nh^-½ · relu(q_h·k_s · D^-½) for s ≤ pos[t], -inf beyond.
-// grid (T, ceil(ld / IDX_KT)), block 256: a tile of IDX_KT keys sits in shared memory (rows
-// padded by one float, so threads on different keys hit different banks); thread (key, head
-// group) accumulates its group's heads over the key, and the groups' sums meet in shared memory.
-// smem: NH·D + NH + IDX_KT·(D+1) + IDX_KT·groups floats. D must be a multiple of 4.
+// grid (T, ceil(ld / (IDX_KT·IDX_TILES))), block 256: the block stages the queries once, then
+// walks IDX_TILES tiles of keys; each tile of IDX_KT keys is copied asynchronously into
+// shared memory (rows padded by one float, so threads on different keys hit different banks);
+// thread (key, head group) accumulates IDX_HP heads at a time over the key, reading the queries
+// (stored dim-major, heads padded to a multiple of IDX_HP with zeros) as float4 broadcasts, and
+// the groups' sums meet in shared memory.
+// smem: D·NHP + NHP + IDX_KT·(D+1) + IDX_KT·groups floats, NHP = NH rounded up to IDX_HP.
 #define IDX_KT 64
+#define IDX_HP 8
+#define IDX_TILES 4
+static_assert(IDX_HP == 8, "the unrolled head loop assumes 8 heads per pass");
 extern "C" __global__ void index_scores(const float* __restrict__ q, const float* __restrict__ w, const float* __restrict__ pool,
                                         const StepMeta m, const float* __restrict__ cosv, const float* __restrict__ sinv,
                                         int interleaved, int NH, int D, int R, int ld, float* __restrict__ scores) {
-    extern __shared__ float sm[];
-    int groups = blockDim.x / IDX_KT;  // head groups per key
-    float* qs = sm;
-    float* ws = qs + NH * D;
-    float* ks = ws + NH;                // [IDX_KT][D+1]
+    extern __shared__ float4 sm4[];
+    float* sm = (float*)sm4;
+    const int groups = blockDim.x / IDX_KT;  // head groups per key
+    const int NHP = (NH + IDX_HP - 1) / IDX_HP * IDX_HP;
+    float* qs = sm;                      // [D][NHP]
+    float* ws = qs + D * NHP;            // [NHP]
+    float* ks = ws + NHP;                // [IDX_KT][D+1]
     float* part = ks + IDX_KT * (D + 1); // [IDX_KT][groups]
+    __shared__ const float* rowp[IDX_KT];
     int t = blockIdx.x;
-    for (int i = threadIdx.x; i < NH * D; i += blockDim.x) qs[i] = q[(size_t)t * NH * D + i];
-    float wscale = rsqrtf((float)NH);
-    for (int i = threadIdx.x; i < NH; i += blockDim.x) ws[i] = w[(size_t)t * NH + i] * wscale;
     int pos = m.pos[t], seq = m.row_seq[t];
-    int s0 = blockIdx.y * IDX_KT;
-    // The tile's keys (zeros beyond the row's position).
-    for (int i = threadIdx.x; i < IDX_KT * (D / 4); i += blockDim.x) {
-        int k = i / (D / 4), c = (i % (D / 4)) * 4, s = s0 + k;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (s <= pos && s < ld) v = *(const float4*)(cache_row((float*)pool, D, m.blocks, m.max_blocks, seq, s) + c);
-        float* dst = ks + k * (D + 1) + c;
-        dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
-    }
-    __syncthreads();
-    int half = R / 2;
-    for (int i = threadIdx.x; i < NH * half; i += blockDim.x) {
-        int h = i / half, p = i % half;
-        rope_pair(qs + h * D, p, half, interleaved, cosv[t * half + p], sinv[t * half + p]);
-    }
-    __syncthreads();
-    int k = threadIdx.x % IDX_KT, g = threadIdx.x / IDX_KT;
-    float qscale = rsqrtf((float)D);
-    const float* kr = ks + k * (D + 1);
-    float score = 0.f;
-    for (int h0 = g * 4; h0 < NH; h0 += groups * 4) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int c = 0; c < D; c++) {
-            float kv = kr[c];
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                if (h0 + j < NH) acc[j] = fmaf(qs[(h0 + j) * D + c], kv, acc[j]);
+    // The queries, roped on their first R dims; consecutive threads take consecutive heads.
+    const int half = R / 2;
+    for (int i = threadIdx.x; i < D * NHP; i += blockDim.x) {
+        int c = i / NHP, h = i % NHP;
+        float v = 0.f;
+        if (h < NH) {
+            const float* x = q + ((size_t)t * NH + h) * D;
+            v = c < R ? rope_at(x, c, half, interleaved, cosv + t * half, sinv + t * half) : x[c];
         }
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            if (h0 + j < NH) score = fmaf(ws[h0 + j], fmaxf(acc[j] * qscale, 0.f), score);
+        qs[i] = v;
     }
-    part[k * groups + g] = score;
-    __syncthreads();
-    if (threadIdx.x < IDX_KT) {
-        int s = s0 + threadIdx.x;
-        if (s < ld) {
-            float v = 0.f;
-            for (int j = 0; j < groups; j++) v += part[threadIdx.x * groups + j];
-            scores[(size_t)t * ld + s] = s <= pos ? v : NEG_INF;
+    float wscale = rsqrtf((float)NH);
+    for (int i = threadIdx.x; i < NHP; i += blockDim.x) ws[i] = i < NH ? w[(size_t)t * NH + i] * wscale : 0.f;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int k = threadIdx.x % IDX_KT, g = threadIdx.x / IDX_KT;
+    const float qscale = rsqrtf((float)D);
+    for (int tile = 0; tile < IDX_TILES; tile++) {
+        int s0 = (blockIdx.y * IDX_TILES + tile) * IDX_KT;
+        if (s0 >= ld) break;
+        if (threadIdx.x < IDX_KT) {
+            int s = s0 + threadIdx.x;
+            rowp[threadIdx.x] = s <= pos && s < ld ? cache_row((float*)pool, D, m.blocks, m.max_blocks, seq, s) : nullptr;
+        }
+        __syncthreads();
+        // The tile's keys (zeros beyond the row's position), all copies in flight at once.
+        for (int kk = warp; kk < IDX_KT; kk += nwarps) {
+            const float* r = rowp[kk];
+            for (int c = lane; c < D; c += 32) copy_async(ks + kk * (D + 1) + c, r ? r + c : pool, r != nullptr);
+        }
+        copy_async_wait();
+        __syncthreads();
+        const float* kr = ks + k * (D + 1);
+        float score = 0.f;
+        for (int h0 = g * IDX_HP; h0 < NHP; h0 += groups * IDX_HP) {
+            float acc[IDX_HP];
+#pragma unroll
+            for (int j = 0; j < IDX_HP; j++) acc[j] = 0.f;
+            for (int c = 0; c < D; c++) {
+                float kv = kr[c];
+                float4 qa = sm4[(c * NHP + h0) / 4], qb = sm4[(c * NHP + h0) / 4 + 1];
+                acc[0] = fmaf(qa.x, kv, acc[0]);
+                acc[1] = fmaf(qa.y, kv, acc[1]);
+                acc[2] = fmaf(qa.z, kv, acc[2]);
+                acc[3] = fmaf(qa.w, kv, acc[3]);
+                acc[4] = fmaf(qb.x, kv, acc[4]);
+                acc[5] = fmaf(qb.y, kv, acc[5]);
+                acc[6] = fmaf(qb.z, kv, acc[6]);
+                acc[7] = fmaf(qb.w, kv, acc[7]);
+            }
+#pragma unroll
+            for (int j = 0; j < IDX_HP; j++) score = fmaf(ws[h0 + j], fmaxf(acc[j] * qscale, 0.f), score);
+        }
+        part[k * groups + g] = score;
+        __syncthreads();
+        if (threadIdx.x < IDX_KT) {
+            int s = s0 + threadIdx.x;
+            if (s < ld) {
+                float v = 0.f;
+                for (int j = 0; j < groups; j++) v += part[threadIdx.x * groups + j];
+                scores[(size_t)t * ld + s] = s <= pos ? v : NEG_INF;
+            }
         }
     }
 }
@@ -385,10 +456,22 @@ extern "C" __global__ void topk_collect(const float* __restrict__ scores, const 
     int bin = mt[0], n = mt[3];
     if (bin < 0) return;
     int s1 = min(n, (int)(blockIdx.y + 1) * TOPK_CHUNK);
-    for (int s = blockIdx.y * TOPK_CHUNK + threadIdx.x; s < s1; s += blockDim.x) {
-        int b = order_key(scores[(size_t)t * ld + s]) >> 20;
-        if (b > bin) sel[(size_t)t * topk + atomicAdd(&mt[1], 1)] = s;
-        else if (b == bin) cand[(size_t)t * ld + atomicAdd(&mt[2], 1)] = s;
+    int lane = threadIdx.x & 31;
+    u32 below = (1u << lane) - 1;
+    // One atomic per warp and list: the warp's hits are counted by ballot and placed by rank.
+    for (int s0 = blockIdx.y * TOPK_CHUNK; s0 < s1; s0 += blockDim.x) {
+        int s = s0 + threadIdx.x;
+        int b = s < s1 ? (int)(order_key(scores[(size_t)t * ld + s]) >> 20) : -1;
+        u32 above = __ballot_sync(0xffffffffu, b > bin), tie = __ballot_sync(0xffffffffu, b == bin);
+        int base_above = 0, base_tie = 0;
+        if (lane == 0) {
+            if (above) base_above = atomicAdd(&mt[1], __popc(above));
+            if (tie) base_tie = atomicAdd(&mt[2], __popc(tie));
+        }
+        base_above = __shfl_sync(0xffffffffu, base_above, 0);
+        base_tie = __shfl_sync(0xffffffffu, base_tie, 0);
+        if (b > bin) sel[(size_t)t * topk + base_above + __popc(above & below)] = s;
+        else if (b == bin) cand[(size_t)t * ld + base_tie + __popc(tie & below)] = s;
     }
 }
 

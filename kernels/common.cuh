@@ -70,6 +70,27 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return r;
 }
 
+// Element e of rope(x) for a vector of 2·half values, reading its pair partner from x; cs and sn
+// hold one value per pair. Same rotation as rope_pair.
+__device__ __forceinline__ float rope_at(const float* x, int e, int half, bool interleaved, const float* cs, const float* sn) {
+    bool first = interleaved ? (e & 1) == 0 : e < half;
+    int i = interleaved ? e >> 1 : (first ? e : e - half);
+    int partner = interleaved ? e ^ 1 : (first ? e + half : e - half);
+    return first ? x[e] * cs[i] - x[partner] * sn[i] : x[e] * cs[i] + x[partner] * sn[i];
+}
+
+// Asynchronous copy of one float from global to shared memory (cp.async): a loop of these keeps
+// every load in flight at once, where a load-then-store loop through a pointer the compiler
+// cannot prove distinct from shared memory waits for each load in turn. With `valid` false the
+// destination gets a zero and src is not read (it must still be a global address).
+__device__ __forceinline__ void copy_async(float* dst, const float* src, bool valid) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+// Waits for this thread's asynchronous copies (a __syncthreads must follow before others read).
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 // Rotates one pair of a rope vector in place.
 __device__ __forceinline__ void rope_pair(float* x, int i, int half, bool interleaved, float c, float s) {
     int a = interleaved ? 2 * i : i;

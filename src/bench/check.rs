@@ -171,8 +171,8 @@ fn gpu_selection(gpu: &CudaBackend, s: &<CudaBackend as Backend>::Selection, row
 }
 
 fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
-    let dims = MlaDims { heads: 4, nope: 32, rope: 16, v: 32, latent: 64, scale: (48f32).powf(-0.5) };
-    let idims = IndexDims { heads: 16, head_dim: 32, rope: 16, topk: 8 };
+    let dims = MlaDims { heads: 12, nope: 32, rope: 16, v: 32, latent: 64, scale: (48f32).powf(-0.5) };
+    let idims = IndexDims { heads: 12, head_dim: 32, rope: 16, topk: 8 };
     let rope = RopeSpec { inv_freq: (0..8).map(|i| 1.0 / 10000f32.powf(i as f32 / 8.0)).collect(), interleaved: true, indexer_interleaved: true };
     let spec = CacheSpec { latent: 64, rope: 16, index_dim: 32, slot_has_index: vec![true], capacity: 256 };
     let kv_b = synthetic_linear("kv_b", dims.heads * (dims.nope + dims.v), dims.latent, SynthFormat::Bf16, rng);
@@ -207,10 +207,11 @@ fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut T
         let (kc, kg) = pair(cpu, gpu, n, 32, &k)?;
         cpu.index_cache_write(&kc, &vc.1, &vc.2, 1e-6, &sc, &mut cc, 0)?;
         gpu.index_cache_write(&kg, &vg.1, &vg.2, 1e-6, &sg, &mut cg, 0)?;
-        let iq = random(rng, n * 16 * 32);
-        let iw = random(rng, n * 16);
-        let (iqc, iqg) = pair(cpu, gpu, n, 16 * 32, &iq)?;
-        let (iwc, iwg) = pair(cpu, gpu, n, 16, &iw)?;
+        let ih = idims.heads;
+        let iq = random(rng, n * ih * 32);
+        let iw = random(rng, n * ih);
+        let (iqc, iqg) = pair(cpu, gpu, n, ih * 32, &iq)?;
+        let (iwc, iwg) = pair(cpu, gpu, n, ih, &iw)?;
         let selc = cpu.index_select(&iqc, &iwc, &cc, 0, &sc, &idims)?;
         let selg = gpu.index_select(&iqg, &iwg, &cg, 0, &sg, &idims)?;
         let same = sets_equal(&gpu_selection(gpu, &selg, n)?, &selc.rows);

@@ -429,8 +429,8 @@ impl Backend for CudaBackend {
             self.launch(
                 "mla_queries",
                 ((q.rows * h) as u32, (latent as u32).div_ceil(128), 1),
-                128,
-                (nope + rope) * 4,
+                512,
+                (nope + rope + 512) * 4,
                 &[
                     Arg::Ptr(self.ptr(&q.buf)),
                     Arg::Ptr(self.ptr(&heads.wuk)),
@@ -476,8 +476,9 @@ impl Backend for CudaBackend {
         let splits = nk.div_ceil(64).clamp(1, max_splits);
         let ks = nk.div_ceil(splits);
         let part = self.alloc(t * h * splits * (latent + 2))?;
-        let w = latent + rope;
-        let smem = (8 * w + 16 * (w + 1) + 2 * 8 * 16 + 16 + 3 * 8) * 4;
+        // Shared memory of mla_attend_split (its comment has the layout): 8 heads, 32-key tiles, 8 warps.
+        let (w, hb, kt, warps) = (latent + rope, 8, 32, 8);
+        let smem = (w * hb + kt * (w + 1) + warps * hb * kt + kt * hb + 3 * hb) * 4;
         if latent > 4 * 256 {
             bail!("mla_attend: latent width {latent} exceeds the kernel's 1024");
         }
@@ -503,9 +504,9 @@ impl Backend for CudaBackend {
         )?;
         self.launch(
             "mla_combine",
-            (t as u32, h as u32, 1),
-            256,
-            0,
+            (t as u32, h as u32, (latent as u32).div_ceil(128)),
+            128,
+            splits * 4,
             &[Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32), Arg::I32(latent as i32), Arg::I32(splits as i32), Arg::Ptr(self.ptr(&out.buf))],
         )?;
         Ok(out)
@@ -583,9 +584,14 @@ impl Backend for CudaBackend {
         let scores = self.alloc(t * ld)?;
         self.launch(
             "index_scores",
-            (t as u32, (ld as u32).div_ceil(64), 1),
+            // 64-key tiles, 4 per block.
+            (t as u32, (ld as u32).div_ceil(64 * 4), 1),
             256,
-            (nh * d + nh + 64 * (d + 1) + 64 * 4) * 4,
+            {
+                // index_scores' shared memory (its comment has the layout): heads padded to 8, 64-key tiles, 4 groups.
+                let nhp = nh.div_ceil(8) * 8;
+                (d * nhp + nhp + 64 * (d + 1) + 64 * 4) * 4
+            },
             &[
                 Arg::Ptr(self.ptr(&q.buf)),
                 Arg::Ptr(self.ptr(&w.buf)),
