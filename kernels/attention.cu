@@ -30,32 +30,51 @@ extern "C" __global__ void mla_cache_write(const float* __restrict__ kv, const f
 }
 
 // q_lat[t,h,:] = W_UK[h]ᵀ q_nope[t,h]; q_pe[t,h] = rope(q_rope[t,h]); grid (T·H, ceil(L / 128)),
-// block 128·parts: thread (column j, part) sums every parts-th of the N dims (so each block keeps
-// many independent weight loads in flight), and the parts meet in shared memory.
-// smem: N + R + blockDim floats.
+// block 32·parts: thread (4 columns, part) sums every parts-th of the N dims with 16-byte loads
+// (so each SM keeps many weight bytes in flight), and the parts meet in shared memory.
+// smem: N + R + 4·blockDim floats.
 extern "C" __global__ void mla_queries(const float* __restrict__ q, const float* __restrict__ wuk, float* __restrict__ q_lat,
                                        float* __restrict__ q_pe, const float* __restrict__ cosv, const float* __restrict__ sinv,
                                        int interleaved, int H, int N, int R, int L) {
-    extern __shared__ float sm[];  // [N + R] query, [blockDim] partial sums
-    float* red = sm + N + R;
+    extern __shared__ float4 sm4[];
+    float* sm = (float*)sm4;  // [N + R] query (padded to a float4), then [parts][128] partial sums
+    float* red = sm + (N + R + 3) / 4 * 4;
     int t = blockIdx.x / H, h = blockIdx.x % H;
     const float* qh = q + (size_t)t * H * (N + R) + (size_t)h * (N + R);
     for (int i = threadIdx.x; i < N + R; i += blockDim.x) sm[i] = qh[i];
     __syncthreads();
     const float* w = wuk + (size_t)h * N * L;
-    int jl = threadIdx.x % 128, part = threadIdx.x / 128, parts = blockDim.x / 128;
+    int jl = (threadIdx.x & 31) * 4, part = threadIdx.x >> 5, parts = blockDim.x >> 5;
     int j = blockIdx.y * 128 + jl;
-    float acc = 0.f;
-    if (j < L) {
-#pragma unroll 8
-        for (int d = part; d < N; d += parts) acc = fmaf(sm[d], w[(size_t)d * L + j], acc);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if ((L & 3) == 0 && j < L) {
+#pragma unroll 4
+        for (int d = part; d < N; d += parts) {
+            float4 v = *(const float4*)(w + (size_t)d * L + j);
+            float x = sm[d];
+            acc.x = fmaf(x, v.x, acc.x);
+            acc.y = fmaf(x, v.y, acc.y);
+            acc.z = fmaf(x, v.z, acc.z);
+            acc.w = fmaf(x, v.w, acc.w);
+        }
+    } else if (j < L) {
+        for (int d = part; d < N; d += parts) {
+            const float* row = w + (size_t)d * L + j;
+            float x = sm[d];
+            acc.x = fmaf(x, row[0], acc.x);
+            if (j + 1 < L) acc.y = fmaf(x, row[1], acc.y);
+            if (j + 2 < L) acc.z = fmaf(x, row[2], acc.z);
+            if (j + 3 < L) acc.w = fmaf(x, row[3], acc.w);
+        }
     }
-    red[threadIdx.x] = acc;
+    float* r = red + part * 128 + jl;
+    r[0] = acc.x; r[1] = acc.y; r[2] = acc.z; r[3] = acc.w;
     __syncthreads();
-    if (part == 0 && j < L) {
+    int jj = blockIdx.y * 128 + threadIdx.x;
+    if (threadIdx.x < 128 && jj < L) {
         float v = 0.f;
-        for (int p = 0; p < parts; p++) v += red[p * 128 + jl];
-        q_lat[((size_t)t * H + h) * L + j] = v;
+        for (int p = 0; p < parts; p++) v += red[p * 128 + threadIdx.x];
+        q_lat[((size_t)t * H + h) * L + jj] = v;
     }
     if (blockIdx.y == 0) {
         int half = R / 2;
@@ -390,7 +409,7 @@ __device__ __forceinline__ u32 order_key(float f) {
 // candidates are finished by radix select (one block per row). meta per row: [bin, taken above,
 // candidates, n]. Ties at the very threshold are taken in no particular order.
 #define TOPK_BINS 4096
-#define TOPK_CHUNK 8192
+#define TOPK_CHUNK 1024  // scores per block in topk_hist and topk_collect
 
 __device__ __forceinline__ int row_len(const StepMeta& m, int t, int ld) { return min(m.pos[t] + 1, ld); }
 
@@ -476,7 +495,8 @@ extern "C" __global__ void topk_collect(const float* __restrict__ scores, const 
 }
 
 // One radix pass over the candidates: narrows `prefix` by the `bits` bits below `shift`.
-__device__ void radix_pass(const float* row, const int* c, int nc, int shift, int bits, u32& prefix, u32& mask, u32* hist, u32* prefix_s, u32* remain_s) {
+__device__ void radix_pass(const float* row, const int* c, int nc, int shift, int bits, u32& prefix, u32& mask, u32* hist, u32* scan_s, u32* prefix_s,
+                           u32* remain_s) {
     u32 digits = 1u << bits;
     for (u32 i = threadIdx.x; i < digits; i += blockDim.x) hist[i] = 0;
     __syncthreads();
@@ -485,15 +505,15 @@ __device__ void radix_pass(const float* row, const int* c, int nc, int shift, in
         if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (digits - 1)], 1u);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        u32 r = *remain_s, cum = 0;
-        int d = digits - 1;
-        for (; d > 0; d--) {
-            if (cum + hist[d] >= r) break;
-            cum += hist[d];
-        }
-        *remain_s = r - cum;
-        *prefix_s = prefix | ((u32)d << shift);
+    // The digit holding the r-th largest remaining key: a scan over the digits from the top
+    // (thread i owns digit digits-1-i; the block has at least `digits` threads).
+    u32 r = *remain_s;
+    u32 dgt = digits - 1 - threadIdx.x;
+    u32 cnt = threadIdx.x < digits ? hist[dgt] : 0u;
+    u32 incl = block_scan(cnt, scan_s);
+    if (threadIdx.x < digits && incl - cnt < r && (incl >= r || dgt == 0)) {
+        *remain_s = r - (incl - cnt);
+        *prefix_s = prefix | (dgt << shift);
     }
     __syncthreads();
     prefix = *prefix_s;
@@ -504,7 +524,7 @@ __device__ void radix_pass(const float* row, const int* c, int nc, int shift, in
 // (whose top 12 bits are equal) by radix select on the low 20 bits.
 extern "C" __global__ void topk_finish(const float* __restrict__ scores, const StepMeta m, int ld, int topk, const int* __restrict__ meta,
                                        const int* __restrict__ cand, int* __restrict__ sel) {
-    __shared__ u32 hist[256];
+    __shared__ u32 hist[256], scan_s[32];
     __shared__ u32 prefix_s, remain_s, count_gt, count_tie;
     int t = blockIdx.x;
     const int* mt = meta + t * 4;
@@ -524,9 +544,9 @@ extern "C" __global__ void topk_finish(const float* __restrict__ scores, const S
         count_tie = 0;
     }
     __syncthreads();
-    radix_pass(row, c, nc, 12, 8, prefix, mask, hist, &prefix_s, &remain_s);
-    radix_pass(row, c, nc, 4, 8, prefix, mask, hist, &prefix_s, &remain_s);
-    radix_pass(row, c, nc, 0, 4, prefix, mask, hist, &prefix_s, &remain_s);
+    radix_pass(row, c, nc, 12, 8, prefix, mask, hist, scan_s, &prefix_s, &remain_s);
+    radix_pass(row, c, nc, 4, 8, prefix, mask, hist, scan_s, &prefix_s, &remain_s);
+    radix_pass(row, c, nc, 0, 4, prefix, mask, hist, scan_s, &prefix_s, &remain_s);
     u32 thr = prefix, ties = remain_s;
     u32 above = topk - taken - ties;  // candidates strictly above the threshold
     for (int i = threadIdx.x; i < nc; i += blockDim.x) {

@@ -70,6 +70,22 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return r;
 }
 
+// Inclusive prefix sum over the block (blockDim a multiple of 32); `scratch` holds one value
+// per warp. Every thread of the block must call it.
+__device__ __forceinline__ u32 block_scan(u32 v, u32* scratch) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[w] = v;
+    __syncthreads();
+    for (int j = 0; j < w; j++) v += scratch[j];
+    return v;
+}
+
 // Element e of rope(x) for a vector of 2·half values, reading its pair partner from x; cs and sn
 // hold one value per pair. Same rotation as rope_pair.
 __device__ __forceinline__ float rope_at(const float* x, int e, int half, bool interleaved, const float* cs, const float* sn) {

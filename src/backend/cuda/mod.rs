@@ -430,7 +430,7 @@ impl Backend for CudaBackend {
                 "mla_queries",
                 ((q.rows * h) as u32, (latent as u32).div_ceil(128), 1),
                 512,
-                (nope + rope + 512) * 4,
+                ((nope + rope).div_ceil(4) * 4 + 4 * 512) * 4,
                 &[
                     Arg::Ptr(self.ptr(&q.buf)),
                     Arg::Ptr(self.ptr(&heads.wuk)),
@@ -608,7 +608,7 @@ impl Backend for CudaBackend {
             ],
         )?;
         // Top-k across many blocks: histogram, threshold bin, collect, finish.
-        let chunks = (ld as u32).div_ceil(8192);
+        let chunks = (ld as u32).div_ceil(1024); // TOPK_CHUNK in attention.cu
         let hist = self.stream.alloc_zeros::<u32>(t * 4096).map_err(|e| anyhow!("{e:?}"))?;
         let meta = self.stream.alloc_zeros::<i32>(t * 4).map_err(|e| anyhow!("{e:?}"))?;
         let cand = unsafe { self.stream.alloc::<i32>(t * ld) }.map_err(|e| anyhow!("{e:?}"))?;
