@@ -160,18 +160,7 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
 #pragma unroll
             for (int hh = 0; hh < MLA_HB; hh++) acc[hh] = 0.f;
             const float* krow = kt + lane * WP;
-            for (int c = c0; c < c1; c++) {
-                float kv = krow[c];
-                float4 qa = sm4[(c * MLA_HB) / 4], qb = sm4[(c * MLA_HB) / 4 + 1];
-                acc[0] = fmaf(qa.x, kv, acc[0]);
-                acc[1] = fmaf(qa.y, kv, acc[1]);
-                acc[2] = fmaf(qa.z, kv, acc[2]);
-                acc[3] = fmaf(qa.w, kv, acc[3]);
-                acc[4] = fmaf(qb.x, kv, acc[4]);
-                acc[5] = fmaf(qb.y, kv, acc[5]);
-                acc[6] = fmaf(qb.z, kv, acc[6]);
-                acc[7] = fmaf(qb.w, kv, acc[7]);
-            }
+            dot8(acc, sm4, MLA_HB / 4, krow, c0, c1);
 #pragma unroll
             for (int hh = 0; hh < MLA_HB; hh++) red[(warp * MLA_HB + hh) * MLA_KT + lane] = acc[hh];
         }
@@ -369,18 +358,7 @@ extern "C" __global__ void index_scores(const float* __restrict__ q, const float
             float acc[IDX_HP];
 #pragma unroll
             for (int j = 0; j < IDX_HP; j++) acc[j] = 0.f;
-            for (int c = 0; c < D; c++) {
-                float kv = kr[c];
-                float4 qa = sm4[(c * NHP + h0) / 4], qb = sm4[(c * NHP + h0) / 4 + 1];
-                acc[0] = fmaf(qa.x, kv, acc[0]);
-                acc[1] = fmaf(qa.y, kv, acc[1]);
-                acc[2] = fmaf(qa.z, kv, acc[2]);
-                acc[3] = fmaf(qa.w, kv, acc[3]);
-                acc[4] = fmaf(qb.x, kv, acc[4]);
-                acc[5] = fmaf(qb.y, kv, acc[5]);
-                acc[6] = fmaf(qb.z, kv, acc[6]);
-                acc[7] = fmaf(qb.w, kv, acc[7]);
-            }
+            dot8(acc, sm4 + h0 / 4, NHP / 4, kr, 0, D);
 #pragma unroll
             for (int j = 0; j < IDX_HP; j++) score = fmaf(ws[h0 + j], fmaxf(acc[j] * qscale, 0.f), score);
         }

@@ -86,6 +86,24 @@ __device__ __forceinline__ u32 block_scan(u32 v, u32* scratch) {
     return v;
 }
 
+// acc[j] += Σ_c q[c][j]·k[c] over dims c0..c1 for 8 heads j: q is dim-major (stride4 float4s per
+// dim, the 8 heads adjacent), k one key's values. Each value of k is read once for all 8 heads
+// and the queries come as two float4 broadcasts: shared-memory reads bound these loops.
+__device__ __forceinline__ void dot8(float acc[8], const float4* q, int stride4, const float* k, int c0, int c1) {
+    for (int c = c0; c < c1; c++) {
+        float kv = k[c];
+        float4 qa = q[c * stride4], qb = q[c * stride4 + 1];
+        acc[0] = fmaf(qa.x, kv, acc[0]);
+        acc[1] = fmaf(qa.y, kv, acc[1]);
+        acc[2] = fmaf(qa.z, kv, acc[2]);
+        acc[3] = fmaf(qa.w, kv, acc[3]);
+        acc[4] = fmaf(qb.x, kv, acc[4]);
+        acc[5] = fmaf(qb.y, kv, acc[5]);
+        acc[6] = fmaf(qb.z, kv, acc[6]);
+        acc[7] = fmaf(qb.w, kv, acc[7]);
+    }
+}
+
 // Element e of rope(x) for a vector of 2·half values, reading its pair partner from x; cs and sn
 // hold one value per pair. Same rotation as rope_pair.
 __device__ __forceinline__ float rope_at(const float* x, int e, int half, bool interleaved, const float* cs, const float* sn) {
