@@ -10,7 +10,9 @@ pub enum Control {
     /// A rank introduces itself.
     Hello { rank: usize, world: usize, build: String, fingerprint: String, transport: TransportKind },
     /// Rank 0 accepts it and says which layers each rank owns.
-    Welcome { layers: Vec<(usize, usize)>, cache_positions: usize, max_batch: usize },
+    /// `max_rows`: the most token rows one step carries (rank 0's prefill chunk or batch, whichever
+    /// is larger), which sizes every link's frames.
+    Welcome { layers: Vec<(usize, usize)>, cache_positions: usize, max_rows: usize },
     /// Rank 0 refuses it (different build or checkpoint, wrong world size...).
     Refuse { reason: String },
     /// The rank has loaded its layers and connected its links.

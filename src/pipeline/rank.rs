@@ -19,7 +19,7 @@ use super::stage::{Stage, StepInput, StepOutput};
 use super::trace::{rank_file, Tracer};
 use super::{build_id, fingerprint, layer_plan, next_needs_selection, parts_for, RankOptions};
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, ModelConfig};
 use crate::model::Model;
 use crate::scheduler::{Engine, Links, Request, SchedulerConfig};
 use crate::transport::frame::{FrameHeader, FrameKind, WireSelection};
@@ -38,10 +38,11 @@ pub struct EngineState {
     pub last_error: std::sync::Mutex<Option<String>>,
 }
 
-/// Largest frame payload: a full prefill chunk of activations plus its selection.
-fn ring_spec(opts: &RankOptions, hidden: usize, topk: usize) -> RingSpec {
-    let rows = opts.prefill_chunk.max(opts.max_batch);
-    RingSpec { slots: 4, max_payload: rows * (hidden + topk) * 4, spin: opts.spin }
+/// Largest frame payload: `max_rows` rows of activations plus their DSA selection. Every rank
+/// sizes its links from rank 0's `max_rows` (sent in `Welcome`), never from its own flags.
+fn ring_spec(config: &ModelConfig, max_rows: usize, cache_positions: usize, spin: Duration) -> RingSpec {
+    let topk = config.index_topk.min(cache_positions);
+    RingSpec { slots: 4, max_payload: max_rows * (config.hidden_size + topk) * 4, spin }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -209,6 +210,7 @@ fn connect_peers(
 ) -> Result<Option<(Links, Vec<Stream>)>> {
     let mut peers: Vec<Option<Stream>> = (0..opts.world).map(|_| None).collect();
     let layers: Vec<(usize, usize)> = plan.iter().map(|r| (r.start, r.end)).collect();
+    let max_rows = opts.prefill_chunk.max(opts.max_batch);
     while peers.iter().skip(1).any(Option::is_none) {
         if state.shutdown.load(Ordering::SeqCst) {
             return Ok(None);
@@ -234,7 +236,7 @@ fn connect_peers(
         };
         let reply = match &refuse {
             Some(reason) => Control::Refuse { reason: reason.clone() },
-            None => Control::Welcome { layers: layers.clone(), cache_positions: opts.cache_positions, max_batch: opts.max_batch },
+            None => Control::Welcome { layers: layers.clone(), cache_positions: opts.cache_positions, max_rows },
         };
         let _ = node.rt.block_on(s.send_msg(&reply));
         match refuse {
@@ -254,8 +256,7 @@ fn connect_peers(
         }
     }
     let mut peers: Vec<Stream> = peers.into_iter().flatten().collect();
-    let topk = ck.config.index_topk.min(opts.cache_positions);
-    let links = connect_links(opts, node, health, opts.world - 1, 1, ring_spec(opts, ck.config.hidden_size, topk))?;
+    let links = connect_links(opts, node, health, opts.world - 1, 1, ring_spec(&ck.config, max_rows, opts.cache_positions, opts.spin))?;
     for p in peers.iter_mut() {
         let from = p.from;
         match node.rt.block_on(async { tokio::time::timeout(opts.connect_timeout + Duration::from_secs(1800), p.recv_msg::<Control>()).await }) {
@@ -318,10 +319,10 @@ pub fn run_peer<B: Backend>(backend: B, opts: &RankOptions) -> Result<()> {
     let ck = Checkpoint::open(&opts.model)?;
     let mut ctl = rt.block_on(node.connect(opts.addr(0)?, Purpose::Control, opts.connect_timeout)).context("cannot reach rank 0")?;
     let hello = Control::Hello { rank: opts.rank, world: opts.world, build: build_id(), fingerprint: fingerprint(&opts.model)?, transport: opts.transport };
-    let (layers, cache_positions) = rt.block_on(async {
+    let (layers, cache_positions, max_rows) = rt.block_on(async {
         ctl.send_msg(&hello).await?;
         match ctl.recv_msg::<Control>().await? {
-            Control::Welcome { layers, cache_positions, .. } => Ok((layers, cache_positions)),
+            Control::Welcome { layers, cache_positions, max_rows } => Ok((layers, cache_positions, max_rows)),
             Control::Refuse { reason } => bail!("rank 0 refused this rank: {reason}"),
             other => bail!("unexpected reply from rank 0: {other:?}"),
         }
@@ -335,8 +336,7 @@ pub fn run_peer<B: Backend>(backend: B, opts: &RankOptions) -> Result<()> {
     node.watch(&ctl.conn, health.clone(), "rank 0".into());
     let last = opts.rank + 1 == opts.world;
     let to = if last { 0 } else { opts.rank + 1 };
-    let topk = ck.config.index_topk.min(cache_positions);
-    let mut links = connect_links(opts, &node, &health, opts.rank - 1, to, ring_spec(opts, ck.config.hidden_size, topk))?;
+    let mut links = connect_links(opts, &node, &health, opts.rank - 1, to, ring_spec(&ck.config, max_rows, cache_positions, opts.spin))?;
     rt.block_on(ctl.send_msg(&Control::Ready { placement: placement.to_string(), loaded_bytes: ck.loaded_bytes() as u64 }))?;
     // Control messages from rank 0 end the loop through `health`.
     let stopping = Arc::new(AtomicBool::new(false));

@@ -38,6 +38,11 @@ fn any_split_matches_one_process() {
     ] {
         assert_eq!(greedy(model, &prompt, 24, &extra), one, "{extra:?}");
     }
+    // Rank 0's prefill chunk sizes every link, also beyond the other ranks' default of 512.
+    let long: String = (0..600).map(|i| ((i * 37 + 5) % 250).to_string()).collect::<Vec<_>>().join(",");
+    let chunk = ["--prefill-chunk", "600"];
+    let one = greedy(model, &long, 4, &chunk);
+    assert_eq!(greedy(model, &long, 4, &[&chunk[..], &["--ranks", "2", "--transport", "shm"]].concat()), one);
 }
 
 // ---- servers --------------------------------------------------------------------------------
