@@ -420,17 +420,7 @@ extern "C" __global__ void topk_threshold(const u32* __restrict__ hist, const St
 #pragma unroll
     for (int j = 0; j < 4; j++) { c[j] = h[top - j]; sum += c[j]; }
     // Exclusive prefix over threads (higher bins first).
-    int lane = i & 31, w = i >> 5;
-    u32 incl = sum;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        u32 v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += v;
-    }
-    if (lane == 31) warp_tot[w] = incl;
-    __syncthreads();
-    u32 before = incl - sum;
-    for (int j = 0; j < w; j++) before += warp_tot[j];
+    u32 before = block_scan(sum, warp_tot) - sum;
     if (before < (u32)topk && before + sum >= (u32)topk) {
         u32 acc = before;
         for (int j = 0; j < 4; j++) {

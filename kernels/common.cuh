@@ -35,40 +35,38 @@ __device__ __forceinline__ float e4m3_to_f32(u8 v) {
     return lo;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct SumOp {
+    __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduces over the warp with `op`; every lane gets the result.
+template <typename Op> __device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp()); }
 
-// Sum over the block; `scratch` holds one float per warp. Every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Reduces over the block with `op` (identity `init`); `scratch` holds one float per warp. Every
+// thread gets the result.
+template <typename Op> __device__ __forceinline__ float block_reduce(float v, float* scratch, float init, Op op) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) scratch[w] = v;
     __syncthreads();
-    float r = 0.f;
-    for (int i = 0; i < nw; i++) r += scratch[i];
+    float r = init;
+    for (int i = 0; i < nw; i++) r = op(r, scratch[i]);
     return r;
 }
 
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[w] = v;
-    __syncthreads();
-    float r = NEG_INF;
-    for (int i = 0; i < nw; i++) r = fmaxf(r, scratch[i]);
-    return r;
-}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce(v, scratch, 0.f, SumOp()); }
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce(v, scratch, NEG_INF, MaxOp()); }
 
 // Inclusive prefix sum over the block (blockDim a multiple of 32); `scratch` holds one value
 // per warp. Every thread of the block must call it.

@@ -14,7 +14,7 @@ use crate::backend::{Backend, Device};
 use crate::generate::{GenerateOptions, Generation};
 use crate::pipeline::rank::{start_engine, EngineState};
 use crate::pipeline::RankOptions;
-use crate::scheduler::{Event, FinishReason, Request};
+use crate::scheduler::{Event, Request};
 
 /// The other ranks of a local pipeline, as child processes (killed on drop).
 pub struct Peers {
@@ -163,7 +163,7 @@ pub fn generate_with_engine(head: &LocalHead, prompt: &[u32], opts: &GenerateOpt
         sampling: opts.sampling.clone(),
         stop_ids: opts.stop_ids.clone(),
         ignore_eos: opts.ignore_eos,
-        top_logprobs: 0,
+        logprobs: None,
         events: tx,
         cancel: Default::default(),
     };
@@ -186,11 +186,7 @@ pub fn generate_with_engine(head: &LocalHead, prompt: &[u32], opts: &GenerateOpt
     let decode = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
     Ok(Generation {
         prompt_tokens: prompt.len(),
-        finish_reason: match finish {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "abort",
-        },
+        finish_reason: finish.as_str(),
         ttft_ms: first.map_or(0.0, |t| (t - start).as_secs_f64() * 1e3),
         decode_tok_s: if ids.len() > 1 && decode > 0.0 { (ids.len() - 1) as f64 / decode } else { 0.0 },
         token_ids: ids,

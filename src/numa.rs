@@ -153,17 +153,31 @@ fn bind(node: &NumaNode, p: &mut Placement) {
     if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
         p.warnings.push(format!("cannot bind CPUs to node {}: {e}", node.id));
     }
-    if node.id >= 64 {
-        p.warnings.push(format!("memory of node {} is not bound (node ids above 63)", node.id));
-        return;
+    if let Err(e) = set_memory_policy(node.id, None) {
+        p.warnings.push(format!("cannot bind memory to node {}: {e}", node.id));
     }
-    let mask: u64 = 1 << node.id;
+}
+
+/// Binds future allocations of this process (`region` None, set_mempolicy) or the pages of one
+/// mapping (mbind) to NUMA node `node`.
+pub fn set_memory_policy(node: usize, region: Option<(*mut u8, usize)>) -> std::io::Result<()> {
+    if node >= 64 {
+        return Err(std::io::Error::other("node ids above 63 are not supported"));
+    }
+    let mask: u64 = 1 << node;
     const MPOL_BIND: i64 = 2;
-    // Safety: a plain syscall with a valid mask pointer and its size in bits.
-    let rc = unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_BIND, &mask as *const u64, 65usize) };
+    // Safety: plain syscalls with a valid mask pointer and its size in bits (+1, as the kernel
+    // wants); mbind only changes the policy of a mapping the caller owns.
+    let rc = unsafe {
+        match region {
+            None => libc::syscall(libc::SYS_set_mempolicy, MPOL_BIND, &mask as *const u64, 65usize),
+            Some((addr, len)) => libc::syscall(libc::SYS_mbind, addr as usize, len, MPOL_BIND, &mask as *const u64, 65usize, 0usize),
+        }
+    };
     if rc != 0 {
-        p.warnings.push(format!("cannot bind memory to node {}: {}", node.id, std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -98,12 +98,15 @@ impl Sampler {
         if p.is_greedy() {
             return argmax(logits);
         }
-        // Candidates sorted by logit, best first.
+        // Candidates sorted by logit, best first (ties by id, so the order is total); with top-k only
+        // the k best are selected, then sorted, instead of sorting the whole vocabulary.
+        let better = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        idx.sort_unstable_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b)));
         if p.top_k > 0 && p.top_k < idx.len() {
+            idx.select_nth_unstable_by(p.top_k - 1, better);
             idx.truncate(p.top_k);
         }
+        idx.sort_unstable_by(better);
         let max = logits[idx[0] as usize] as f64;
         let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / p.temperature as f64).exp()).collect();
         let total: f64 = probs.iter().sum();

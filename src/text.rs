@@ -34,7 +34,9 @@ impl Message {
 
 pub struct TextCodec {
     tokenizer: tokenizers::Tokenizer,
-    template: Option<String>,
+    /// The chat template compiled once (as "chat"), or why it does not compile; None when the
+    /// checkpoint has none. A broken template fails chat requests only, not the load.
+    template: Option<std::result::Result<Environment<'static>, String>>,
     /// Token strings (bos, eos, ...) the template may reference.
     special: serde_json::Map<String, serde_json::Value>,
 }
@@ -78,6 +80,10 @@ impl TextCodec {
             };
             special.insert(key.into(), v);
         }
+        let template = template.map(|src| {
+            let mut env = template_env();
+            env.add_template_owned("chat", src).map(|_| env).map_err(|e| format!("chat template: {e:#}"))
+        });
         Ok(TextCodec { tokenizer, template, special })
     }
 
@@ -92,6 +98,24 @@ impl TextCodec {
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| anyhow!("tokenizer: {e}"))
+    }
+
+    /// Text of `ids` decoded from `from` on, given the text of `ids[..from]` is already out:
+    /// the window starts a few tokens earlier so that tokenizers whose decoding depends on the
+    /// preceding token (leading-space rules) give the same text as decoding everything.
+    pub fn decode_tail(&self, ids: &[u32], from: usize) -> Result<String> {
+        let start = from.saturating_sub(TAIL_CONTEXT);
+        let before = self.decode(&ids[start..from], true)?;
+        let all = self.decode(&ids[start..], true)?;
+        match all.strip_prefix(&before) {
+            Some(tail) => Ok(tail.to_string()),
+            // The context decodes differently once more tokens follow: fall back to everything.
+            None => {
+                let whole = self.decode(ids, true)?;
+                let done = self.decode(&ids[..from], true)?;
+                Ok(whole.strip_prefix(&done).unwrap_or(&whole).to_string())
+            }
+        }
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -111,9 +135,8 @@ impl TextCodec {
         tools: Option<&serde_json::Value>,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
-        let template = self.template.as_deref().context("the checkpoint has no chat template")?;
-        let env = template_env();
-        let tmpl = env.template_from_str(template).map_err(|e| anyhow!("chat template: {e:#}"))?;
+        let env = self.template.as_ref().context("the checkpoint has no chat template")?.as_ref().map_err(|e| anyhow!("{e}"))?;
+        let tmpl = env.get_template("chat").map_err(|e| anyhow!("chat template: {e:#}"))?;
         let mut ctx = self.special.clone();
         ctx.insert("messages".into(), serde_json::to_value(messages)?);
         ctx.insert("add_generation_prompt".into(), json!(add_generation_prompt));
@@ -124,6 +147,36 @@ impl TextCodec {
             ctx.insert(k.clone(), v.clone());
         }
         tmpl.render(jinja_value(serde_json::Value::Object(ctx))).map_err(|e| anyhow!("chat template: {e:#}"))
+    }
+}
+
+/// Tokens of context before a decoded tail (see `TextCodec::decode_tail`).
+const TAIL_CONTEXT: usize = 4;
+
+/// Streams the text of a growing token list: each call decodes only the tokens since the last
+/// final text (plus a little context), so a long generation costs linear, not quadratic, time.
+/// Text ending in a replacement character may be half a UTF-8 sequence and is held back until
+/// more tokens complete it (or `finish`).
+#[derive(Default)]
+pub struct IncrementalText {
+    pub ids: Vec<u32>,
+    /// Tokens whose text is final and in `text`.
+    done: usize,
+    /// The final text so far.
+    pub text: String,
+}
+
+impl IncrementalText {
+    /// Moves newly final text into `text`; with `finish`, everything.
+    pub fn advance(&mut self, codec: &TextCodec, finish: bool) {
+        if self.done == self.ids.len() {
+            return;
+        }
+        let tail = codec.decode_tail(&self.ids, self.done).unwrap_or_default();
+        if finish || !tail.ends_with('\u{fffd}') {
+            self.text.push_str(&tail);
+            self.done = self.ids.len();
+        }
     }
 }
 
@@ -234,6 +287,14 @@ pub struct GenerationDefaults {
 }
 
 impl GenerationDefaults {
+    /// The tokens that end generation: config.json's EOS ids, then generation_config.json's
+    /// others.
+    pub fn eos_ids(&self, config_eos: &[u32]) -> Vec<u32> {
+        let mut ids = config_eos.to_vec();
+        ids.extend(self.eos_token_ids.iter().filter(|i| !config_eos.contains(i)));
+        ids
+    }
+
     pub fn load(dir: &Path) -> Result<GenerationDefaults> {
         let path = dir.join("generation_config.json");
         if !path.exists() {
@@ -258,6 +319,30 @@ impl GenerationDefaults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streaming text equals decoding everything at once, over random byte-level BPE tokens
+    /// (single bytes split UTF-8 sequences, specials are skipped), and is final as it goes.
+    #[test]
+    fn incremental_text_equals_full_decode() {
+        let tok = crate::tiny::tokenizer::build(200);
+        let dir = std::env::temp_dir().join(format!("duet-text-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tok.json.to_string()).unwrap();
+        let codec = TextCodec::load(&dir).unwrap();
+        let mut rng = crate::sampling::Rng::new(3);
+        for _ in 0..20 {
+            let mut inc = IncrementalText::default();
+            for _ in 0..60 {
+                inc.ids.push((rng.next_u64() % tok.len as u64) as u32);
+                inc.advance(&codec, false);
+                let full = codec.decode(&inc.ids, true).unwrap();
+                assert!(full.starts_with(&inc.text), "{:?} is not final in {full:?}", inc.text);
+            }
+            inc.advance(&codec, true);
+            assert_eq!(inc.text, codec.decode(&inc.ids, true).unwrap());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn python_style_json() {

@@ -55,7 +55,7 @@ macro_rules! with_backend {
     };
 }
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::checkpoint::LinearWeight;
 
@@ -154,6 +154,26 @@ pub struct MlaDims {
     pub v: usize,
     pub latent: usize,
     pub scale: f32,
+}
+
+impl MlaDims {
+    /// Checks that `kv_b_proj` splits into the heads' nope and value rows over the latent.
+    pub fn check_kv_b(&self, kv_b: &LinearWeight) -> Result<()> {
+        let MlaDims { heads, nope, v, latent, .. } = *self;
+        if kv_b.rows != heads * (nope + v) || kv_b.cols != latent {
+            bail!("{}: [{}, {}] does not split into {heads} heads of {nope}+{v} rows", kv_b.module, kv_b.rows, kv_b.cols);
+        }
+        Ok(())
+    }
+}
+
+/// Columns of weights stacked by rows (gate ‖ up), which must agree.
+pub fn stacked_cols(parts: &[LinearWeight]) -> Result<usize> {
+    let cols = parts.first().map_or(0, |p| p.cols);
+    if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+        bail!("cannot stack {} ({} columns) with weights of {cols} columns", p.module, p.cols);
+    }
+    Ok(cols)
 }
 
 /// Lightning-indexer dimensions.

@@ -164,10 +164,10 @@ fn sets_equal(a: &[Vec<u32>], b: &[Vec<u32>]) -> bool {
         })
 }
 
-fn gpu_selection(gpu: &CudaBackend, s: &<CudaBackend as Backend>::Selection, rows: usize) -> Result<Vec<Vec<u32>>> {
-    let v = gpu.stream().clone_dtoh(&s.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    gpu.synchronize()?;
-    Ok((0..rows).map(|r| v[r * s.topk..(r + 1) * s.topk].iter().filter(|&&i| i >= 0).map(|&i| i as u32).collect()).collect())
+/// The GPU's selection as the CPU backend's (positions per row, empty slots dropped).
+fn gpu_selection(cpu: &CpuBackend, gpu: &CudaBackend, s: &<CudaBackend as Backend>::Selection, rows: usize) -> Result<Vec<Vec<u32>>> {
+    let (topk, v) = gpu.selection_to_host(s, rows)?;
+    Ok(cpu.selection_from_host(rows, topk, &v)?.rows)
 }
 
 fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
@@ -214,7 +214,7 @@ fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut T
         let (iwc, iwg) = pair(cpu, gpu, n, ih, &iw)?;
         let selc = cpu.index_select(&iqc, &iwc, &cc, 0, &sc, &idims)?;
         let selg = gpu.index_select(&iqg, &iwg, &cg, 0, &sg, &idims)?;
-        let same = sets_equal(&gpu_selection(gpu, &selg, n)?, &selc.rows);
+        let same = sets_equal(&gpu_selection(cpu, gpu, &selg, n)?, &selc.rows);
         t.flag("index_select", format!("step {si}: top-{} over {n} rows", idims.topk), same, "same sets");
         let oc = cpu.mla_attend(&qlc, &qpc, &cc, 0, &sc, Some(&selc), &dims)?;
         let og = gpu.mla_attend(&qlg, &qpg, &cg, 0, &sg, Some(&selg), &dims)?;

@@ -18,18 +18,68 @@ pub enum QuantConfig {
     Fp8 {
         /// `weight_block_size` as [rows, cols]; None means one scale per tensor.
         block: Option<[usize; 2]>,
-        not_convert: Vec<String>,
+        not_convert: Vec<StartPattern>,
     },
     Packed {
         groups: Vec<PackedGroup>,
-        ignore: Vec<String>,
+        ignore: Vec<Target>,
     },
+}
+
+/// A module-name regex with Python's `re.match` semantics (anchored at the start), compiled
+/// once when the config is parsed: it is matched against every linear module at load.
+#[derive(Clone, Debug)]
+pub struct StartPattern {
+    source: String,
+    re: fancy_regex::Regex,
+}
+
+impl StartPattern {
+    fn new(source: &str) -> Result<StartPattern> {
+        let re = fancy_regex::Regex::new(&format!("^(?:{source})")).map_err(|e| anyhow!("bad pattern '{source}': {e}"))?;
+        Ok(StartPattern { source: source.to_string(), re })
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        self.re.is_match(name).unwrap_or(false)
+    }
+}
+
+impl PartialEq for StartPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+/// A compressed-tensors target: `re:` patterns match from the start of the module name, other
+/// targets are an exact module name or the class name `Linear` (every module we look up is a
+/// linear layer).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    Regex(StartPattern),
+    Name(String),
+}
+
+impl Target {
+    fn parse(t: &str) -> Result<Target> {
+        Ok(match t.strip_prefix("re:") {
+            Some(re) => Target::Regex(StartPattern::new(re)?),
+            None => Target::Name(t.to_string()),
+        })
+    }
+
+    fn matches(&self, module: &str) -> bool {
+        match self {
+            Target::Regex(p) => p.matches(module),
+            Target::Name(n) => n == module || n == "Linear",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedGroup {
     pub name: String,
-    pub targets: Vec<String>,
+    pub targets: Vec<Target>,
     pub bits: u32,
     /// Columns per scale; None for the `channel` strategy (one scale per row).
     pub group_size: Option<usize>,
@@ -72,11 +122,10 @@ impl QuantConfig {
                         }
                     }
                 };
-                let not_convert = string_list(q, field, "modules_to_not_convert")?;
-                for p in &not_convert {
-                    fancy_regex::Regex::new(p)
-                        .map_err(|e| anyhow!("field '{field}.modules_to_not_convert': bad pattern '{p}': {e}"))?;
-                }
+                let not_convert = string_list(q, field, "modules_to_not_convert")?
+                    .iter()
+                    .map(|p| StartPattern::new(p).map_err(|e| anyhow!("field '{field}.modules_to_not_convert': {e}")))
+                    .collect::<Result<_>>()?;
                 Ok(Some(QuantConfig::Fp8 { block, not_convert }))
             }
             "compressed-tensors" => {
@@ -123,16 +172,16 @@ impl QuantConfig {
                         bail!("field '{}': activation ordering (g_idx) is not supported", at("weights.actorder"));
                     }
                     let symmetric = w.get("symmetric").and_then(Value::as_bool).unwrap_or(true);
-                    let targets = string_list(g.as_object().unwrap_or(&Map::new()), &format!("{field}.config_groups.{name}"), "targets")?;
-                    for t in &targets {
-                        check_target(t).map_err(|e| anyhow!("field '{}': {e}", at("targets")))?;
-                    }
+                    let targets = string_list(g.as_object().unwrap_or(&Map::new()), &format!("{field}.config_groups.{name}"), "targets")?
+                        .iter()
+                        .map(|t| Target::parse(t).map_err(|e| anyhow!("field '{}': {e}", at("targets"))))
+                        .collect::<Result<_>>()?;
                     groups.push(PackedGroup { name: name.clone(), targets, bits, group_size, symmetric });
                 }
-                let ignore = string_list(q, field, "ignore")?;
-                for t in &ignore {
-                    check_target(t).map_err(|e| anyhow!("field '{field}.ignore': {e}"))?;
-                }
+                let ignore = string_list(q, field, "ignore")?
+                    .iter()
+                    .map(|t| Target::parse(t).map_err(|e| anyhow!("field '{field}.ignore': {e}")))
+                    .collect::<Result<_>>()?;
                 Ok(Some(QuantConfig::Packed { groups, ignore }))
             }
             other => bail!("field '{field}.quant_method': '{other}' is not supported (expected 'fp8' or 'compressed-tensors')"),
@@ -144,19 +193,21 @@ impl QuantConfig {
     pub fn expected(&self, module: &str) -> Expected {
         match self {
             QuantConfig::Fp8 { block, not_convert } => {
-                if not_convert.iter().any(|p| fp8_skip_matches(p, module)) {
+                // transformers' `should_convert_module`: a pattern skips a module when it matches
+                // the start of its name (as a regex) or the name ends with it.
+                if not_convert.iter().any(|p| p.matches(module) || module.ends_with(&p.source)) {
                     Expected::Plain
                 } else {
                     Expected::Fp8 { block: *block }
                 }
             }
             QuantConfig::Packed { groups, ignore } => {
-                if ignore.iter().any(|t| ct_matches(t, module)) {
+                if ignore.iter().any(|t| t.matches(module)) {
                     return Expected::Plain;
                 }
                 groups
                     .iter()
-                    .find(|g| g.targets.iter().any(|t| ct_matches(t, module)))
+                    .find(|g| g.targets.iter().any(|t| t.matches(module)))
                     .map_or(Expected::Plain, |g| Expected::Packed {
                         bits: g.bits,
                         group_size: g.group_size,
@@ -191,34 +242,6 @@ fn string_list(o: &Map<String, Value>, field: &str, key: &str) -> Result<Vec<Str
             .collect(),
         Some(_) => bail!("field '{field}.{key}' must be a list of strings"),
     }
-}
-
-fn check_target(t: &str) -> Result<()> {
-    if let Some(re) = t.strip_prefix("re:") {
-        fancy_regex::Regex::new(re).map_err(|e| anyhow!("bad pattern '{t}': {e}"))?;
-    }
-    Ok(())
-}
-
-/// Python's `re.match`: the pattern must match at the start of `name`.
-fn re_match_start(pattern: &str, name: &str) -> bool {
-    fancy_regex::Regex::new(&format!("^(?:{pattern})")).is_ok_and(|re| re.is_match(name).unwrap_or(false))
-}
-
-/// compressed-tensors target matching: `re:` patterns match from the start of the module name,
-/// other targets are an exact module name or the class name `Linear` (every module we look up is
-/// a linear layer).
-fn ct_matches(target: &str, module: &str) -> bool {
-    match target.strip_prefix("re:") {
-        Some(re) => re_match_start(re, module),
-        None => target == module || target == "Linear",
-    }
-}
-
-/// transformers' `should_convert_module` for FP8: a pattern skips a module when it matches the
-/// start of its name (as a regex) or the name ends with it.
-fn fp8_skip_matches(pattern: &str, module: &str) -> bool {
-    re_match_start(pattern, module) || module.ends_with(pattern)
 }
 
 #[cfg(test)]

@@ -81,8 +81,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let mut stop_ids = ck.config.eos_token_ids.clone();
-    stop_ids.extend(defaults.eos_token_ids.iter().filter(|id| !ck.config.eos_token_ids.contains(id)));
+    let stop_ids = defaults.eos_ids(&ck.config.eos_token_ids);
     let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, sampling, stop_ids, ignore_eos: a.ignore_eos };
     if a.ranks == 0 {
         bail!("--ranks must be at least 1");

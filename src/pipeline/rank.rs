@@ -374,7 +374,7 @@ fn peer_loop<B: Backend>(stage: &mut Stage<B>, links: &mut RankLinks, health: &H
         let t_wait = Instant::now();
         let down = &mut links.down;
         let got = links.up.recv_with(Duration::from_millis(100), &mut |h, payload| {
-            tracer.span("wait", t_wait, String::new());
+            tracer.span("wait", t_wait, "");
             match h.kind {
                 FrameKind::Shutdown => {
                     if !last {
@@ -411,7 +411,7 @@ fn peer_loop<B: Backend>(stage: &mut Stage<B>, links: &mut RankLinks, health: &H
                             sampling: &h.sampling,
                         })?)
                     };
-                    tracer.span("compute", t0, format!("{} rows", h.rows));
+                    tracer.span("compute", t0, format_args!("{} rows", h.rows));
                     let t1 = Instant::now();
                     match out {
                         Some(StepOutput::Activations { data, selection, selection_data }) => {
@@ -434,7 +434,7 @@ fn peer_loop<B: Backend>(stage: &mut Stage<B>, links: &mut RankLinks, health: &H
                             down.send(&mut o, &[])?;
                         }
                     }
-                    tracer.span("send", t1, String::new());
+                    tracer.span("send", t1, "");
                     Ok(())
                 }
                 other => bail!("unexpected {other:?} frame"),

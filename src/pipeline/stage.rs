@@ -47,10 +47,6 @@ impl<B: Backend> Stage<B> {
         Ok(Stage { model, cache, cache_positions, samplers: HashMap::new(), send_selection })
     }
 
-    pub fn is_first(&self) -> bool {
-        self.model.parts.embed
-    }
-
     pub fn is_last(&self) -> bool {
         self.model.parts.head
     }
@@ -132,7 +128,11 @@ impl<B: Backend> Stage<B> {
                 Sampler::new(SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k as usize, min_p: s.min_p, seed: Some(s.seed) })
             });
             let token = sampler.sample(row);
-            out.push(token_with_logprobs(s.seq, token, row, s.top_logprobs as usize));
+            out.push(if s.logprobs {
+                token_with_logprobs(s.seq, token, row, s.top_logprobs as usize)
+            } else {
+                WireToken { seq: s.seq, token, logprob: 0.0, top: vec![] }
+            });
         }
         Ok(StepOutput::Tokens(out))
     }

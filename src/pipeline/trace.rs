@@ -19,16 +19,8 @@ impl Tracer {
         Tracer { rank, events }
     }
 
-    pub fn off() -> Tracer {
-        Tracer::new(0, false)
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.events.is_some()
-    }
-
-    /// Records a span from `start` to now.
-    pub fn span(&mut self, name: &str, start: Instant, detail: String) {
+    /// Records a span from `start` to now (`detail` is formatted only when tracing is on).
+    pub fn span(&mut self, name: &str, start: Instant, detail: impl std::fmt::Display) {
         let Some(ev) = self.events.as_mut() else { return };
         let dur = start.elapsed();
         let end_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
@@ -38,7 +30,7 @@ impl Tracer {
             "send" | "recv" => "transfer",
             _ => "idle",
         };
-        ev.push(json!({"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur.as_micros() as u64, "pid": self.rank, "tid": 0, "args": {"detail": detail}}));
+        ev.push(json!({"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur.as_micros() as u64, "pid": self.rank, "tid": 0, "args": {"detail": detail.to_string()}}));
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {

@@ -238,7 +238,8 @@ impl<B: Backend> Engine<B> {
                     top_k: p.top_k as u32,
                     min_p: p.min_p,
                     seed: s.seed,
-                    top_logprobs: s.req.top_logprobs as u32,
+                    logprobs: s.req.logprobs.is_some(),
+                    top_logprobs: s.req.logprobs.unwrap_or(0) as u32,
                 });
             }
             s.computed = start + len;
@@ -262,7 +263,7 @@ impl<B: Backend> Engine<B> {
             selection_data: None,
             sampling: &h.sampling,
         });
-        self.tracer.span("compute", t0, format!("{} rows", h.rows));
+        self.tracer.span("compute", t0, format_args!("{} rows", h.rows));
         out
     }
 
@@ -295,7 +296,7 @@ impl<B: Backend> Engine<B> {
                     Ok(())
                 })?;
                 if let Some(results) = got {
-                    self.tracer.span("wait", t0, String::new());
+                    self.tracer.span("wait", t0, "");
                     let ids = self.steps.pop_front().ok_or_else(|| anyhow::anyhow!("tokens for a step that was never sent"))?;
                     self.apply(&ids, results);
                     progressed = true;
@@ -311,7 +312,7 @@ impl<B: Backend> Engine<B> {
                         h.release = std::mem::take(&mut self.to_release);
                         let t0 = Instant::now();
                         links.down.send(&mut h, &[f32_bytes(&data), i32_bytes(&selection_data)])?;
-                        self.tracer.span("send", t0, String::new());
+                        self.tracer.span("send", t0, "");
                         self.steps.push_back(ids);
                         progressed = true;
                     } else if !self.to_release.is_empty() && self.steps.is_empty() {

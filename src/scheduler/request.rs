@@ -40,8 +40,8 @@ pub struct Request {
     pub sampling: SamplingParams,
     pub stop_ids: Vec<u32>,
     pub ignore_eos: bool,
-    /// How many alternatives to report with each token's log-probability (0 = none).
-    pub top_logprobs: usize,
+    /// Report each token's log-probability (None: don't compute it), with this many top alternatives.
+    pub logprobs: Option<usize>,
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
     /// Set by the client side to stop generation at the next step.
     pub cancel: Arc<AtomicBool>,

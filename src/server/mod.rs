@@ -72,6 +72,8 @@ struct App {
     model: String,
     config: ModelConfig,
     defaults: GenerationDefaults,
+    /// Tokens that end generation unless the request ignores EOS.
+    eos_ids: Vec<u32>,
     cfg: ServerConfig,
     metrics: Metrics,
     cache_positions: usize,
@@ -124,10 +126,7 @@ impl App {
     }
 
     fn stop_ids(&self, extra: &[u32], ignore_eos: bool) -> Vec<u32> {
-        let mut ids: Vec<u32> = if ignore_eos { vec![] } else { self.config.eos_token_ids.clone() };
-        if !ignore_eos {
-            ids.extend(self.defaults.eos_token_ids.iter().filter(|i| !self.config.eos_token_ids.contains(i)));
-        }
+        let mut ids = if ignore_eos { vec![] } else { self.eos_ids.clone() };
         ids.extend_from_slice(extra);
         ids
     }
@@ -162,7 +161,7 @@ impl App {
             sampling: p.sampling.clone(),
             stop_ids: stop_ids.clone(),
             ignore_eos: false,
-            top_logprobs: p.logprobs.unwrap_or(0),
+            logprobs: p.logprobs,
             events: tx,
             cancel: cancel.clone(),
         };
@@ -246,10 +245,6 @@ impl Running {
     fn usage(&self, out: &Output) -> Value {
         json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": out.tokens, "total_tokens": self.prompt_tokens + out.tokens})
     }
-}
-
-fn finish_str(r: FinishReason) -> &'static str {
-    r.as_str()
 }
 
 // ---- handlers ---------------------------------------------------------------------------------
@@ -445,11 +440,11 @@ async fn complete_response(app: AppState, p: GenParams, mut run: Running, mut ou
         }
         let logprobs = p.logprobs.map(|_| json!({"content": lps}));
         json!({"id": id, "object": "chat.completion", "created": now_secs(), "model": app.model,
-               "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_str(finish)}], "usage": usage})
+               "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish.as_str()}], "usage": usage})
     } else {
         let logprobs = p.logprobs.map(|_| completion_logprobs(&lps));
         json!({"id": id, "object": "text_completion", "created": now_secs(), "model": app.model,
-               "choices": [{"index": 0, "text": content, "logprobs": logprobs, "finish_reason": finish_str(finish)}], "usage": usage})
+               "choices": [{"index": 0, "text": content, "logprobs": logprobs, "finish_reason": finish.as_str()}], "usage": usage})
     };
     Json(body).into_response()
 }
@@ -475,11 +470,11 @@ fn stream_response(app: AppState, p: GenParams, run: Running, out: Output, id: S
             }
             let lp = delta.filter(|x| !x.logprobs.is_empty()).map(|x| json!({"content": x.logprobs}));
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": Value::Object(d), "logprobs": lp, "finish_reason": finish.map(finish_str)}]})
+                   "choices": [{"index": 0, "delta": Value::Object(d), "logprobs": lp, "finish_reason": finish.map(FinishReason::as_str)}]})
         } else {
             let lp = delta.filter(|x| !x.logprobs.is_empty()).map(|x| completion_logprobs(&x.logprobs));
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "text": delta.map_or(String::new(), |x| x.content.clone()), "logprobs": lp, "finish_reason": finish.map(finish_str)}]})
+                   "choices": [{"index": 0, "text": delta.map_or(String::new(), |x| x.content.clone()), "logprobs": lp, "finish_reason": finish.map(FinishReason::as_str)}]})
         };
         if usage_null {
             c["usage"] = Value::Null;
@@ -578,6 +573,7 @@ pub fn serve_with(engine: EngineHandle, opts: &RankOptions, cfg: ServerConfig, j
         state: state.clone(),
         codec,
         model,
+        eos_ids: defaults.eos_ids(&ck_config.eos_token_ids),
         config: ck_config,
         defaults,
         cfg,

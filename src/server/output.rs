@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::text::TextCodec;
+use crate::text::{IncrementalText, TextCodec};
 use crate::transport::frame::WireToken;
 
 /// Text produced by one token (or by the final flush).
@@ -31,8 +31,8 @@ pub struct Output {
     think_end: Option<u32>,
     think_start: Option<u32>,
     in_reasoning: bool,
-    reasoning_ids: Vec<u32>,
-    content_ids: Vec<u32>,
+    reasoning: IncrementalText,
+    content: IncrementalText,
     reasoning_sent: usize,
     content_sent: usize,
     stop: Vec<String>,
@@ -53,8 +53,8 @@ impl Output {
             in_reasoning: think_end.is_some() && starts_in_reasoning,
             think_end,
             think_start,
-            reasoning_ids: vec![],
-            content_ids: vec![],
+            reasoning: IncrementalText::default(),
+            content: IncrementalText::default(),
             reasoning_sent: 0,
             content_sent: 0,
             stop,
@@ -67,10 +67,6 @@ impl Output {
     /// Whether a stop string has ended the output.
     pub fn stopped(&self) -> bool {
         self.stopped_at.is_some()
-    }
-
-    fn decode(&self, ids: &[u32]) -> String {
-        self.codec.decode(ids, true).unwrap_or_default()
     }
 
     /// Log-probability entry in the chat format.
@@ -100,12 +96,12 @@ impl Output {
         }
         if Some(t.token) == self.think_end {
             self.in_reasoning = false;
-        } else if Some(t.token) == self.think_start && self.content_ids.is_empty() {
+        } else if Some(t.token) == self.think_start && self.content.ids.is_empty() {
             self.in_reasoning = true;
         } else if self.in_reasoning {
-            self.reasoning_ids.push(t.token);
+            self.reasoning.ids.push(t.token);
         } else {
-            self.content_ids.push(t.token);
+            self.content.ids.push(t.token);
         }
         self.collect(&mut d, false);
         d
@@ -119,15 +115,22 @@ impl Output {
     }
 
     fn collect(&mut self, d: &mut Delta, last: bool) {
-        let reasoning = self.decode(&self.reasoning_ids);
-        let ready = if last { reasoning.len() } else { stable_len(&reasoning) };
-        if ready > self.reasoning_sent && reasoning.is_char_boundary(self.reasoning_sent) {
-            d.reasoning.push_str(&reasoning[self.reasoning_sent..ready]);
-            self.reasoning_sent = ready;
+        self.reasoning.advance(&self.codec, last);
+        let reasoning = &self.reasoning.text;
+        if reasoning.len() > self.reasoning_sent {
+            d.reasoning.push_str(&reasoning[self.reasoning_sent..]);
+            self.reasoning_sent = reasoning.len();
         }
-        let content = self.decode(&self.content_ids);
-        // A stop string ends the content before it.
-        if let Some(pos) = self.stop.iter().filter_map(|s| content.find(s.as_str())).min() {
+        self.content.advance(&self.codec, last);
+        let content = &self.content.text;
+        // A stop string ends the content before it. Text before the last one sent was searched
+        // already, so a new match ends in the unsent part.
+        let longest = self.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.content_sent.saturating_sub(longest);
+        while !content.is_char_boundary(from) {
+            from -= 1;
+        }
+        if let Some(pos) = self.stop.iter().filter_map(|s| content[from..].find(s.as_str())).min().map(|p| from + p) {
             self.stopped_at = Some(pos);
             if pos > self.content_sent {
                 d.content.push_str(&content[self.content_sent..pos]);
@@ -135,30 +138,21 @@ impl Output {
             }
             return;
         }
-        let mut ready = if last { content.len() } else { stable_len(&content) };
+        let mut ready = content.len();
         if !last {
             // Hold back a tail that could still become a stop string.
             for s in &self.stop {
                 for k in (1..s.len()).rev() {
-                    if s.is_char_boundary(k) && content[..ready].ends_with(&s[..k]) {
-                        ready = ready.min(ready - k);
+                    if s.is_char_boundary(k) && content.ends_with(&s[..k]) {
+                        ready = ready.min(content.len() - k);
                         break;
                     }
                 }
             }
         }
-        if ready > self.content_sent && content.is_char_boundary(self.content_sent) && content.is_char_boundary(ready) {
+        if ready > self.content_sent {
             d.content.push_str(&content[self.content_sent..ready]);
             self.content_sent = ready;
         }
     }
-}
-
-/// Bytes of `s` that are final: a trailing replacement character may be half a UTF-8 sequence.
-fn stable_len(s: &str) -> usize {
-    let mut n = s.len();
-    while s[..n].ends_with('\u{fffd}') {
-        n -= '\u{fffd}'.len_utf8();
-    }
-    n
 }

@@ -18,8 +18,6 @@ pub enum FrameKind {
     Activations,
     /// Sampled tokens, from the last stage back to rank 0.
     Tokens,
-    /// Forget every sequence (after a fault, before serving again).
-    Reset,
     /// Orderly stop.
     Shutdown,
     /// Benchmark traffic: payload only.
@@ -42,7 +40,8 @@ pub struct WireSampling {
     pub top_k: u32,
     pub min_p: f32,
     pub seed: u64,
-    /// Number of top log-probabilities to return (0 = none).
+    /// Whether to return the token's log-probability, and how many top alternatives with it.
+    pub logprobs: bool,
     pub top_logprobs: u32,
 }
 
@@ -50,7 +49,7 @@ pub struct WireSampling {
 pub struct WireToken {
     pub seq: u64,
     pub token: u32,
-    /// Log-probability of the token, and the top alternatives when asked for.
+    /// Log-probability of the token and the top alternatives, when asked for (0 and empty otherwise).
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
 }
@@ -148,35 +147,6 @@ impl FrameHeader {
 pub struct Frame {
     pub header: FrameHeader,
     pub payload: Vec<u8>,
-}
-
-impl Frame {
-    /// The activations as f32.
-    pub fn activations(&self) -> Vec<f32> {
-        let n = self.header.rows as usize * self.header.cols as usize;
-        self.payload[..n * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-    }
-
-    /// The selection rows, when the frame carries one.
-    pub fn selection(&self) -> Option<(usize, Vec<i32>)> {
-        let WireSelection::Chosen { topk } = self.header.selection else { return None };
-        let off = self.header.rows as usize * self.header.cols as usize * 4;
-        Some((topk as usize, self.payload[off..].chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect()))
-    }
-}
-
-/// Builds a payload: activations, then the selection if any.
-pub fn payload(activations: &[f32], selection: Option<&[i32]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(activations.len() * 4 + selection.map_or(0, |s| s.len() * 4));
-    for v in activations {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    if let Some(s) = selection {
-        for v in s {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -67,16 +67,6 @@ pub trait FrameReceiver: Send {
     /// Waits up to `timeout` for the next frame and hands it to `f` while its payload is still in
     /// the link's memory (zero-copy for shm). Returns false on timeout.
     fn recv_with(&mut self, timeout: Duration, f: &mut dyn FnMut(&FrameHeader, &[u8]) -> Result<()>) -> Result<bool>;
-
-    /// The next frame, copied out.
-    fn recv(&mut self, timeout: Duration) -> Result<Option<Frame>> {
-        let mut out = None;
-        self.recv_with(timeout, &mut |h, p| {
-            out = Some(Frame { header: h.clone(), payload: p.to_vec() });
-            Ok(())
-        })?;
-        Ok(out)
-    }
 }
 
 /// f32 values as their little-endian bytes (both supported targets are little-endian).

@@ -16,7 +16,7 @@
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -104,16 +104,8 @@ impl Drop for Region {
 /// Binds the pages of a region to a NUMA node (best effort: a warning when the kernel refuses).
 fn bind_to_node(region: &Region, node: Option<usize>) {
     let Some(node) = node else { return };
-    if node >= 64 {
-        return;
-    }
-    let mask: u64 = 1 << node;
-    const MPOL_BIND: i64 = 2;
-    let rc = unsafe {
-        libc::syscall(libc::SYS_mbind, region.base.as_ptr() as usize, region.len, MPOL_BIND, &mask as *const u64, 65usize, 0usize)
-    };
-    if rc != 0 {
-        tracing::warn!("mbind of the shared ring to NUMA node {node} failed: {}", std::io::Error::last_os_error());
+    if let Err(e) = crate::numa::set_memory_policy(node, Some((region.base.as_ptr(), region.len))) {
+        tracing::warn!("mbind of the shared ring to NUMA node {node} failed: {e}");
     }
 }
 
@@ -240,7 +232,6 @@ impl Ring {
 pub struct ShmReceiver {
     ring: Ring,
     expect_step: u64,
-    path: PathBuf,
 }
 
 /// The producer end.
@@ -294,7 +285,7 @@ impl ShmReceiver {
             .map_err(|e| anyhow!("passing the ring to {peer}: {e}"))?;
         let _ = std::fs::remove_file(path);
         let ring = Ring { region, slot_bytes, slots: spec.slots as usize, data, space, sock, spin: spec.spin, health, peer: peer.to_string() };
-        Ok(ShmReceiver { ring, expect_step: 0, path: path.to_path_buf() })
+        Ok(ShmReceiver { ring, expect_step: 0 })
     }
 }
 
@@ -414,11 +405,5 @@ impl FrameReceiver for ShmReceiver {
         ring.wake(End::Producer);
         self.expect_step += 1;
         r.map(|_| true)
-    }
-}
-
-impl Drop for ShmReceiver {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -166,7 +166,8 @@ pub fn mla_attend(
     let width = latent + rw;
     let t_rows = q_lat.rows;
     let seqs = row_seqs(step);
-    // Resolve each row's cache and key list up front (errors are reported, not panicked).
+    // Resolve each row's cache and DSA key list up front, once for all heads (errors are
+    // reported, not panicked).
     let mut per_row = Vec::with_capacity(t_rows);
     for t in 0..t_rows {
         let c = &cache.slot(seqs[t], slot)?.mla;
@@ -174,18 +175,25 @@ pub fn mla_attend(
         if c.len() < (pos + 1) * width {
             bail!("mla_attend: sequence {} has {} cached positions, query at {pos}", seqs[t], c.len() / width);
         }
-        per_row.push(c);
+        let selected: Option<Vec<usize>> = sel.map(|s| s.rows[t].iter().map(|&p| p as usize).filter(|&p| p <= pos).collect());
+        per_row.push((c, selected));
     }
     let mut out = vec![0f32; t_rows * nh * latent];
     out.par_chunks_mut(latent).enumerate().for_each(|(i, o)| {
         let (t, h) = (i / nh, i % nh);
-        let c = per_row[t];
+        let (c, selected) = &per_row[t];
         let pos = step.positions[t];
         let ql = &q_lat.data[(t * nh + h) * latent..(t * nh + h + 1) * latent];
         let qp = &q_pe.data[(t * nh + h) * rw..(t * nh + h + 1) * rw];
-        let keys: Vec<usize> = match sel {
-            Some(s) => s.rows[t].iter().map(|&p| p as usize).filter(|&p| p <= pos).collect(),
-            None => (0..=pos).collect(),
+        // Dense attention lists every position (built per head: one list per row of a long
+        // prefill would take T·pos memory).
+        let all: Vec<usize>;
+        let keys: &[usize] = match selected {
+            Some(k) => k,
+            None => {
+                all = (0..=pos).collect();
+                &all
+            }
         };
         let mut scores: Vec<f32> = keys
             .iter()
@@ -200,7 +208,7 @@ pub fn mla_attend(
             *s = (*s - max).exp();
             sum += *s;
         }
-        for (s, &p) in scores.iter().zip(&keys) {
+        for (s, &p) in scores.iter().zip(keys) {
             axpy(o, s / sum, &c[p * width..p * width + latent]);
         }
     });

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use self::attention::{CpuCache, CpuMlaHeads, CpuSelection};
 use self::gemm::Stacked;
 use self::moe::CpuRouting;
-use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
+use super::{stacked_cols, Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::LinearWeight;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -95,10 +95,7 @@ impl Backend for CpuBackend {
     }
 
     fn weight_stacked(&self, parts: &[LinearWeight]) -> Result<Stacked> {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
-            bail!("cannot stack {} ({} columns) with weights of {cols} columns", p.module, p.cols);
-        }
+        let cols = stacked_cols(parts)?;
         Ok(Stacked { parts: parts.to_vec(), rows: parts.iter().map(|p| p.rows).sum(), cols })
     }
 
@@ -107,9 +104,7 @@ impl Backend for CpuBackend {
     }
 
     fn mla_heads(&self, kv_b: &LinearWeight, dims: &MlaDims) -> Result<CpuMlaHeads> {
-        if kv_b.rows != dims.heads * (dims.nope + dims.v) || kv_b.cols != dims.latent {
-            bail!("{}: [{}, {}] does not split into {} heads of {}+{} rows", kv_b.module, kv_b.rows, kv_b.cols, dims.heads, dims.nope, dims.v);
-        }
+        dims.check_kv_b(kv_b)?;
         Ok(CpuMlaHeads { w: kv_b.to_f32(), dims: *dims })
     }
 

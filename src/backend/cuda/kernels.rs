@@ -18,9 +18,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("../../../kernels/attention.cu")),
 ];
 
-/// The GPU architecture kernels are built for (Hopper, with its arch-specific instructions).
-pub const ARCH: &str = "sm_90a";
-
+/// Built for Hopper with its arch-specific instructions (sm_90a; the device check in
+/// `CudaBackend::new` names it too).
 const OPTIONS: &[&str] = &["--std=c++17", "--gpu-architecture=sm_90a", "-lineinfo"];
 
 /// Whether libnvrtc can be opened.

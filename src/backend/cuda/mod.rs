@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use self::cache::{CudaCache, CudaStep, StepMeta};
-use self::weights::{upload_experts, upload_stacked, CudaExperts, CudaWeight, WDesc};
+use self::weights::{upload_experts, upload_stacked, CudaExperts, CudaWeight, Fmt, WDesc};
 use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::LinearWeight;
 
@@ -54,11 +54,22 @@ enum Arg {
     Meta(StepMeta),
 }
 
+/// A kernel entry point: a name, or a family and the weight format whose suffix completes it
+/// (`gemv1` + bf16 is `gemv1_bf16`), so launches look kernels up without building names.
+type Kernel = (&'static str, Option<Fmt>);
+
+fn kernel_name((family, fmt): Kernel) -> String {
+    match fmt {
+        Some(f) => format!("{family}_{}", f.name()),
+        None => family.to_string(),
+    }
+}
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
-    functions: RwLock<HashMap<String, CudaFunction>>,
+    functions: RwLock<HashMap<Kernel, CudaFunction>>,
     device_name: String,
 }
 
@@ -116,26 +127,31 @@ impl CudaBackend {
         self.stream.synchronize().map_err(|e| anyhow!("CUDA: {e:?}"))
     }
 
-    fn function(&self, name: &str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.read().unwrap().get(name) {
+    fn function(&self, kernel: Kernel) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.read().unwrap().get(&kernel) {
             return Ok(f.clone());
         }
+        let name = kernel_name(kernel);
         for m in &self.modules {
-            if let Ok(f) = m.load_function(name) {
+            if let Ok(f) = m.load_function(&name) {
                 // Allow large dynamic shared memory (attention keeps scores per key there).
                 let _ = f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     200 * 1024,
                 );
-                self.functions.write().unwrap().insert(name.to_string(), f.clone());
+                self.functions.write().unwrap().insert(kernel, f.clone());
                 return Ok(f);
             }
         }
         bail!("no CUDA kernel named {name}")
     }
 
-    fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
-        let f = self.function(name)?;
+    fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
+        self.launch_kernel((name, None), grid, block, smem, args)
+    }
+
+    fn launch_kernel(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
+        let f = self.function(kernel)?;
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {
@@ -147,7 +163,7 @@ impl CudaBackend {
             };
         }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem as u32 };
-        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name}: {e:?}"))?;
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {}: {e:?}", kernel_name(kernel)))?;
         Ok(())
     }
 
@@ -160,6 +176,12 @@ impl CudaBackend {
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
         // Safety: f32 has no invalid bit patterns; callers write before reading.
         unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} floats: {e:?}"))
+    }
+
+    /// Uninitialized indices, for kernels that write every entry.
+    fn alloc_indices(&self, n: usize) -> Result<CudaSlice<i32>> {
+        // Safety: i32 has no invalid bit patterns; the kernel filling it writes every entry.
+        unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} indices: {e:?}"))
     }
 
     fn tensor_of(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -177,8 +199,8 @@ impl CudaBackend {
         let (nt, kernel) = if x.rows == 1 { (1, "gemv1") } else { (8, "gemv8") };
         for p in &w.parts {
             let grid = ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1);
-            self.launch(
-                &format!("{kernel}_{}", p.fmt.name()),
+            self.launch_kernel(
+                (kernel, Some(p.fmt)),
                 grid,
                 threads_for(p.cols, p.fmt),
                 0,
@@ -237,9 +259,7 @@ impl Backend for CudaBackend {
 
     fn mla_heads(&self, kv_b: &LinearWeight, dims: &MlaDims) -> Result<CudaMlaHeads> {
         let MlaDims { heads, nope, v, latent, .. } = *dims;
-        if kv_b.rows != heads * (nope + v) || kv_b.cols != latent {
-            bail!("{}: [{}, {}] does not split into {heads} heads of {nope}+{v} rows", kv_b.module, kv_b.rows, kv_b.cols);
-        }
+        dims.check_kv_b(kv_b)?;
         let w = kv_b.to_f32();
         let (mut uk, mut uv) = (Vec::with_capacity(heads * nope * latent), Vec::with_capacity(heads * v * latent));
         for h in 0..heads {
@@ -314,7 +334,7 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let ids_d = self.ints(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
-        self.launch(&format!("embed_{}", p.fmt.name()), (ids.len() as u32, 1, 1), 256, 0, &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&ids_d)), Arg::Ptr(self.ptr(&out.buf))])?;
+        self.launch_kernel(("embed", Some(p.fmt)), (ids.len() as u32, 1, 1), 256, 0, &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&ids_d)), Arg::Ptr(self.ptr(&out.buf))])?;
         Ok(out)
     }
 
@@ -576,7 +596,8 @@ impl Backend for CudaBackend {
             bail!("index_select: indexer heads of {d} dims are not supported (a multiple of 4 is needed)");
         }
         let pool = cache.index[slot].as_ref().ok_or_else(|| anyhow!("index_select: slot {slot} keeps no indexer keys"))?;
-        let idx = self.stream.alloc_zeros::<i32>((t * topk).max(1)).map_err(|e| anyhow!("{e:?}"))?;
+        // topk_finish writes every row's k entries (-1 where a row has fewer positions).
+        let idx = self.alloc_indices(t * topk)?;
         if t == 0 {
             return Ok(CudaSelection { topk, idx });
         }
@@ -636,7 +657,7 @@ impl Backend for CudaBackend {
             bail!("route: at most 64 expert groups are supported");
         }
         let logits = self.linear(x, gate)?;
-        let idx = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(|e| anyhow!("{e:?}"))?;
+        let idx = self.alloc_indices(x.rows * p.top_k)?;
         let weights = self.alloc(x.rows * p.top_k)?;
         if x.rows > 0 {
             self.launch(
@@ -685,9 +706,9 @@ impl Backend for CudaBackend {
         let part = self.alloc(pairs * h)?;
         // Decode batches take a group's tokens one per pass (the second read of a tile hits
         // L1/L2, and one token needs the fewest registers); prefill takes eight at a time.
-        let nt = if t <= 8 { 1 } else { 8 };
-        self.launch(
-            &format!("moe_gate_up{nt}_{}", experts.fmt_gate_up.name()),
+        let (gate_up, down) = if t <= 8 { ("moe_gate_up1", "moe_down1") } else { ("moe_gate_up8", "moe_down8") };
+        self.launch_kernel(
+            (gate_up, Some(experts.fmt_gate_up)),
             ((i as u32).div_ceil(2), groups, 1),
             threads_for(h, experts.fmt_gate_up),
             0,
@@ -701,8 +722,8 @@ impl Backend for CudaBackend {
                 Arg::I32(i as i32),
             ],
         )?;
-        self.launch(
-            &format!("moe_down{nt}_{}", experts.fmt_down.name()),
+        self.launch_kernel(
+            (down, Some(experts.fmt_down)),
             ((h as u32).div_ceil(4), groups, 1),
             threads_for(i, experts.fmt_down),
             0,

@@ -8,7 +8,7 @@ use crate::checkpoint::safetensors::DType;
 use crate::checkpoint::{Format, LinearWeight};
 
 /// Weight formats the kernels know (`FMT_*` in kernels/linear.cu).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Fmt {
     F32,
     Bf16,
@@ -151,12 +151,16 @@ impl HostLinear {
         self.br = 1;
     }
 
-    /// Row-concatenation of compatible parts (gate ‖ up), or None.
-    fn stack(mut parts: Vec<HostLinear>) -> Option<HostLinear> {
-        let first = parts.first()?;
+    /// Row-concatenation of compatible parts (gate ‖ up), or the parts back when they cannot be
+    /// fused. One part is returned as it is (no copy).
+    fn stack(mut parts: Vec<HostLinear>) -> std::result::Result<HostLinear, Vec<HostLinear>> {
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        let Some(first) = parts.first() else { return Err(parts) };
         let same = parts.iter().all(|p| p.fmt == first.fmt && p.cols == first.cols && p.bc == first.bc && p.group == first.group);
         if !same {
-            return None;
+            return Err(parts);
         }
         if first.fmt == Fmt::Fp8 {
             let br = first.br;
@@ -186,7 +190,7 @@ impl HostLinear {
                 z.extend(p.zero.unwrap_or_else(|| vec![0; p.rows * p.sc]));
             }
         }
-        Some(out)
+        Ok(out)
     }
 
     fn upload(self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
@@ -222,15 +226,12 @@ pub struct CudaWeight {
 }
 
 pub fn upload_stacked(stream: &std::sync::Arc<CudaStream>, parts: &[LinearWeight]) -> Result<CudaWeight> {
-    let cols = parts.first().map_or(0, |p| p.cols);
-    if let Some(p) = parts.iter().find(|p| p.cols != cols) {
-        bail!("cannot stack {} ({} columns) with weights of {cols} columns", p.module, p.cols);
-    }
+    let cols = crate::backend::stacked_cols(parts)?;
     let host = parts.iter().map(HostLinear::from).collect::<Result<Vec<_>>>()?;
     let rows = parts.iter().map(|p| p.rows).sum();
     let uploaded = match HostLinear::stack(host) {
-        Some(one) => vec![one.upload(stream)?],
-        None => parts.iter().map(|p| HostLinear::from(p)?.upload(stream)).collect::<Result<Vec<_>>>()?,
+        Ok(one) => vec![one.upload(stream)?],
+        Err(parts) => parts.into_iter().map(|p| p.upload(stream)).collect::<Result<Vec<_>>>()?,
     };
     Ok(CudaWeight { parts: uploaded, rows, cols })
 }
@@ -252,7 +253,7 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     let mut weights = Vec::with_capacity(experts.len());
     for e in experts {
         let gu = HostLinear::stack(vec![HostLinear::from(&e.gate)?, HostLinear::from(&e.up)?])
-            .ok_or_else(|| anyhow::anyhow!("{} and {} cannot be fused (different formats)", e.gate.module, e.up.module))?;
+            .map_err(|_| anyhow::anyhow!("{} and {} cannot be fused (different formats)", e.gate.module, e.up.module))?;
         weights.push((gu.upload(stream)?, HostLinear::from(&e.down)?.upload(stream)?));
     }
     let Some((gu0, dn0)) = weights.first() else { bail!("an MoE layer without experts") };
