@@ -148,3 +148,35 @@ __device__ __forceinline__ float* cache_row(float* pool, int width, const int* b
     int b = blocks[seq * max_blocks + p / CACHE_BLOCK];
     return pool + ((size_t)b * CACHE_BLOCK + (p % CACHE_BLOCK)) * width;
 }
+
+// ---- weights -----------------------------------------------------------------------------------
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_FP8 = 3, FMT_INT4 = 4, FMT_INT8 = 5 };
+
+// Everything a kernel needs to read one weight matrix. Mirrored by `WDesc` in
+// src/backend/cuda/weights.rs.
+struct WDesc {
+    const void* w;            // raw weight: f32/bf16/f16 elements, e4m3 bytes, or int32 words
+    const float* scale;       // fp8: [ceil(rows/br), sc] block scales; int: [rows, sc] group scales
+    const signed char* zero;  // int: [rows, sc] zero points, or null when symmetric
+    int rows, cols;
+    int br, bc;               // fp8 block shape
+    int group;                // int group size
+    int sc;                   // scale columns
+    int vec;                  // 1 when rows can be read in whole 16-byte units
+    int mma;                  // 1 when the tensor-core kernels of linear_mma.cu can read it
+};
+
+// Word j of a 16-byte load.
+__device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// ---- mixture of experts ------------------------------------------------------------------
+// The (token, expert) pairs p = t·K + k of a step are grouped by expert (moe_plan), so each
+// expert's weights are read once per step however many tokens chose it. plan layout (ints):
+// [0] groups, [1 .. 1+P) expert of each group, [1+P .. 2+2P) group offsets, [2+2P .. 2+3P) pairs.
+
+__device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& experts, const int*& offs, const int*& pairs) {
+    experts = plan + 1;
+    offs = plan + 1 + P;
+    pairs = plan + 2 + 2 * P;
+}
+

@@ -6,21 +6,6 @@
 // steps (a few tokens) read every weight byte once, which is the bandwidth floor. Rows whose
 // length is not a multiple of the unit take a scalar path.
 
-enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_FP8 = 3, FMT_INT4 = 4, FMT_INT8 = 5 };
-
-// Everything a kernel needs to read one weight matrix. Mirrored by `WDesc` in
-// src/backend/cuda/weights.rs.
-struct WDesc {
-    const void* w;            // raw weight: f32/bf16/f16 elements, e4m3 bytes, or int32 words
-    const float* scale;       // fp8: [ceil(rows/br), sc] block scales; int: [rows, sc] group scales
-    const signed char* zero;  // int: [rows, sc] zero points, or null when symmetric
-    int rows, cols;
-    int br, bc;               // fp8 block shape
-    int group;                // int group size
-    int sc;                   // scale columns
-    int vec;                  // 1 when rows can be read in whole 16-byte units
-};
-
 template <int FMT> struct Fmt;
 
 // Each format says how to load a row's 16-byte unit, how to turn the i-th group of 4 elements
@@ -28,8 +13,6 @@ template <int FMT> struct Fmt;
 // w = code·s for FP8 (SCALED), w = code·s + b for integers (SCALED and BIASED), w = code for
 // plain floats. The scale and offset are applied once per unit to the unit's dot product:
 // Σ x·(c·s + b) = s·Σ x·c + b·Σ x.
-
-__device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // Exact small non-negative integer to float without the slow I2F: 2^23 + n, minus 2^23.
 __device__ __forceinline__ float small_int(u32 n) { return __uint_as_float(0x4B000000u | n) - 8388608.f; }
@@ -257,17 +240,9 @@ __device__ void embed(const WDesc d, const int* __restrict__ ids, float* __restr
     for (int c = threadIdx.x; c < d.cols; c += blockDim.x) out[(size_t)t * d.cols + c] = Fmt<FMT>::at(d, r, c);
 }
 
-// ---- mixture of experts ------------------------------------------------------------------
-// The (token, expert) pairs p = t·K + k of a step are grouped by expert (moe_plan), so each
-// expert's weights are read once per step however many tokens chose it; MOE_NT tokens of a
-// group are processed per pass (1 at batch-1 decode keeps registers low). plan layout (ints):
-// [0] groups, [1 .. 1+P) expert of each group, [1+P .. 2+2P) group offsets, [2+2P .. 2+3P) pairs.
-
-__device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& experts, const int*& offs, const int*& pairs) {
-    experts = plan + 1;
-    offs = plan + 1 + P;
-    pairs = plan + 2 + 2 * P;
-}
+// ---- mixture of experts (plan layout in common.cuh) ----------------------------------------
+// MOE_NT tokens of an expert's group are processed per pass (1 at batch-1 decode keeps
+// registers low).
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t) for two consecutive r per block and every pair
 // of the block's expert group; gate and up are rows [0, I) and [I, 2I) of the gate_up weight.

@@ -15,8 +15,8 @@ for t in $targets; do
     IFS=: read -r k part inv <<<"$t"
     n=$((n + 1))
     ncu --clock-control none --kernel-id "::regex:^($k)\$:${inv:-1}" \
-        --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
         ./target/release/duet bench kernels --only "$part" --reps 2 > "$OUT/ncu-$n.txt" 2>&1
     echo "== $k ($part, launch ${inv:-1})"
-    grep -E "^  [a-z_0-9]+ |Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Grid Size|Block Size|Local Memory Spilling|Stall" "$OUT/ncu-$n.txt" | sed 's/  */ /g'
+    grep -E "^  [a-z_0-9]+ |Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Grid Size|Block Size|Local Memory Spilling|Stall|Issue Slots Busy|Executed Ipc A" "$OUT/ncu-$n.txt" | sed 's/  */ /g'
 done

@@ -107,12 +107,27 @@ fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
         for (rows, cols) in [(320, 256), (72, 200)] {
             let w = synthetic_linear("w", rows, cols, fmt, rng);
             let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
-            for tokens in [1, 5, 13] {
+            for tokens in [1, 4, 5, 13] {
                 let x = random(rng, tokens * cols);
                 let (xc, xg) = pair(cpu, gpu, tokens, cols, &x)?;
                 let err = rel_err(&gpu.to_host(&gpu.linear(&xg, &wg)?)?, &cpu.to_host(&cpu.linear(&xc, &wc)?)?);
                 t.push("linear", format!("{fmt} [{rows},{cols}] x{tokens}"), err);
             }
+        }
+    }
+    // Activations far from 1 (the tensor-core kernels scale each row by a power of two into
+    // f16 range): tiny, huge, and one row of zeros.
+    for fmt in [SynthFormat::Fp8([128, 128]), SynthFormat::Int { bits: 4, group: 64, symmetric: false }] {
+        let w = synthetic_linear("w", 48, 512, fmt, rng);
+        let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
+        let mut x = random(rng, 3 * 512);
+        x[..512].iter_mut().for_each(|v| *v *= 1e-9);
+        x[512..1024].iter_mut().for_each(|v| *v *= 1e9);
+        x[1024..].iter_mut().for_each(|v| *v = 0.0);
+        let (xc, xg) = pair(cpu, gpu, 3, 512, &x)?;
+        let (yc, yg) = (cpu.to_host(&cpu.linear(&xc, &wc)?)?, gpu.to_host(&gpu.linear(&xg, &wg)?)?);
+        for (r, what) in ["x·1e-9", "x·1e9", "zeros"].iter().enumerate() {
+            t.push("linear x range", format!("{fmt} [48,512] {what}"), rel_err(&yg[r * 48..(r + 1) * 48], &yc[r * 48..(r + 1) * 48]));
         }
     }
     // Stacked gate‖up: FP8 parts whose rows are not whole 128-row blocks, and INT4 parts.
@@ -224,47 +239,63 @@ fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut T
 }
 
 fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
-    let (e, h, i, tokens) = (16, 256, 64, 5);
+    let (e, h, i) = (16, 256, 128);
     let p = RouterParams { top_k: 4, n_group: 4, topk_group: 2, norm_topk_prob: true, scaling: 2.5 };
     let gate = synthetic_linear("gate", e, h, SynthFormat::Bf16, rng);
     let bias: Vec<f32> = random(rng, e).iter().map(|v| v * 0.1).collect();
-    let x = random(rng, tokens * h);
-    let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
-    let rc = cpu.route(&xc, &cpu.weight(&gate)?, &cpu.vector(&bias)?, &p)?;
-    let rg = gpu.route(&xg, &gpu.weight(&gate)?, &gpu.vector(&bias)?, &p)?;
-    let gi = gpu.stream().clone_dtoh(&rg.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let gw = gpu.stream().clone_dtoh(&rg.weights).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    gpu.synchronize()?;
-    // Compare (expert, weight) pairs per row, sorted by expert.
-    let rows = |idx: Vec<u32>, w: Vec<f32>| -> Vec<Vec<(u32, f32)>> {
-        (0..tokens)
-            .map(|r| {
-                let mut v: Vec<(u32, f32)> = (0..p.top_k).map(|k| (idx[r * p.top_k + k], w[r * p.top_k + k])).collect();
-                v.sort_by_key(|a| a.0);
-                v
-            })
-            .collect()
-    };
-    let c = rows(rc.experts.clone(), rc.weights.clone());
-    let g = rows(gi.iter().map(|&v| v as u32).collect(), gw);
-    let same = c.iter().zip(&g).all(|(a, b)| a.iter().map(|x| x.0).eq(b.iter().map(|x| x.0)));
-    t.flag("route", format!("{e} experts, {} groups keep {}, top-{}", p.n_group, p.topk_group, p.top_k), same, "same sets");
-    if same {
+    let fmts = [
+        SynthFormat::Bf16,
+        SynthFormat::Fp8([128, 128]),
+        SynthFormat::Int { bits: 4, group: 32, symmetric: false },
+        SynthFormat::Int { bits: 4, group: 128, symmetric: true },
+    ];
+    let experts: Vec<Vec<ExpertWeights>> = fmts
+        .iter()
+        .map(|&fmt| {
+            (0..e)
+                .map(|j| ExpertWeights {
+                    gate: synthetic_linear(&format!("e{j}.gate"), i, h, fmt, rng),
+                    up: synthetic_linear(&format!("e{j}.up"), i, h, fmt, rng),
+                    down: synthetic_linear(&format!("e{j}.down"), h, i, fmt, rng),
+                })
+                .collect()
+        })
+        .collect();
+    // 1 and 8 tokens take the tensor-core kernels for FP8 and INT4 (8 tokens: experts chosen by
+    // more than four tokens take two passes); 13 the CUDA-core prefill kernels.
+    for tokens in [1, 8, 13] {
+        let x = random(rng, tokens * h);
+        let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
+        let rc = cpu.route(&xc, &cpu.weight(&gate)?, &cpu.vector(&bias)?, &p)?;
+        let rg = gpu.route(&xg, &gpu.weight(&gate)?, &gpu.vector(&bias)?, &p)?;
+        let gi = gpu.stream().clone_dtoh(&rg.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let gw = gpu.stream().clone_dtoh(&rg.weights).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        gpu.synchronize()?;
+        // Compare (expert, weight) pairs per row, sorted by expert.
+        let rows = |idx: Vec<u32>, w: Vec<f32>| -> Vec<Vec<(u32, f32)>> {
+            (0..tokens)
+                .map(|r| {
+                    let mut v: Vec<(u32, f32)> = (0..p.top_k).map(|k| (idx[r * p.top_k + k], w[r * p.top_k + k])).collect();
+                    v.sort_by_key(|a| a.0);
+                    v
+                })
+                .collect()
+        };
+        let c = rows(rc.experts.clone(), rc.weights.clone());
+        let g = rows(gi.iter().map(|&v| v as u32).collect(), gw);
+        let same = c.iter().zip(&g).all(|(a, b)| a.iter().map(|x| x.0).eq(b.iter().map(|x| x.0)));
+        t.flag("route", format!("{e} experts, {} groups keep {}, top-{} x{tokens}", p.n_group, p.topk_group, p.top_k), same, "same sets");
+        if !same {
+            continue;
+        }
         let cw: Vec<f32> = c.iter().flatten().map(|x| x.1).collect();
         let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
         t.push("route weights", format!("{tokens} rows"), rel_err(&gw, &cw));
-    }
-    for fmt in [SynthFormat::Bf16, SynthFormat::Fp8([128, 128]), SynthFormat::Int { bits: 4, group: 32, symmetric: false }] {
-        let experts: Vec<ExpertWeights> = (0..e)
-            .map(|j| ExpertWeights {
-                gate: synthetic_linear(&format!("e{j}.gate"), i, h, fmt, rng),
-                up: synthetic_linear(&format!("e{j}.up"), i, h, fmt, rng),
-                down: synthetic_linear(&format!("e{j}.down"), h, i, fmt, rng),
-            })
-            .collect();
-        let yc = cpu.moe(&xc, &cpu.experts(&experts)?, &rc)?;
-        let yg = gpu.moe(&xg, &gpu.experts(&experts)?, &rg)?;
-        t.push("moe", format!("{fmt} {e}x[{i},{h}] top-{} x{tokens}", p.top_k), rel_err(&gpu.to_host(&yg)?, &cpu.to_host(&yc)?));
+        for (fmt, ex) in fmts.iter().zip(&experts) {
+            let yc = cpu.moe(&xc, &cpu.experts(ex)?, &rc)?;
+            let yg = gpu.moe(&xg, &gpu.experts(ex)?, &rg)?;
+            t.push("moe", format!("{fmt} {e}x[{i},{h}] top-{} x{tokens}", p.top_k), rel_err(&gpu.to_host(&yg)?, &cpu.to_host(&yc)?));
+        }
     }
     Ok(())
 }

@@ -8,9 +8,10 @@ use anyhow::{anyhow, Result};
 use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaStream};
 
 use crate::backend::cuda::{CudaBackend, CudaRouting};
-use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec};
+use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::linear::{Format, LinearWeight};
 use crate::checkpoint::safetensors::{DType, OwnedTensor, TensorView};
+use crate::model::mlp::Moe;
 use crate::sampling::Rng;
 
 /// Times `f` with CUDA events: `warmup` runs, then the median of `reps` timed runs (ms).
@@ -145,8 +146,28 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             })
             .collect();
         let ex = gpu.experts(&experts)?;
-        drop(experts);
         let expert_bytes = 3.0 * (h * inter) as f64 * bytes_per_weight(fmt);
+        // The whole MoE block of a decode step: router, 8 routed experts and the shared expert.
+        let shared = ExpertWeights {
+            gate: random_weight("shared.gate", inter, h, fmt, &mut rng),
+            up: random_weight("shared.up", inter, h, fmt, &mut rng),
+            down: random_weight("shared.down", h, inter, fmt, &mut rng),
+        };
+        let router = RouterParams { top_k: 8, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5 };
+        let gate = random_weight("gate", n_exp, h, "bf16", &mut rng);
+        let layer = Moe::from_weights(&gpu, &gate, &vec![0.0; n_exp], &experts, &shared, router)?;
+        drop((experts, shared));
+        for batch in [1usize, 2, 4] {
+            let x: Vec<f32> = (0..batch * h).map(|_| (rng.next_u64() % 2001) as f32 * 1e-3 - 1.0).collect();
+            let x = gpu.tensor(batch, h, &x)?;
+            let routing = gpu.route(&x, &layer.gate, &layer.bias, &layer.router)?;
+            let mut idx = stream.clone_dtoh(&routing.idx).map_err(|e| anyhow!("{e:?}"))?;
+            idx.sort_unstable();
+            idx.dedup();
+            let ms = time_graph(&ctx, &stream, 8, reps, || layer.forward(&gpu, &x).map(|_| ()))?;
+            let bytes = (n_exp * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
+            r.row(&format!("moe layer {fmt} x{batch} (router, {} routed, shared)", idx.len()), bytes, ms);
+        }
         for batch in [1usize, 2, 4] {
             let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;
             // Each token takes 8 distinct experts; tokens overlap as random routing would.

@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::backend::{Backend, ExpertWeights, RouterParams};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, LinearWeight};
 
 /// `down(silu(gate x) · up x)`, with gate and up stacked into one weight.
 pub struct SwiGlu<B: Backend> {
@@ -16,10 +16,11 @@ impl<B: Backend> SwiGlu<B> {
     pub fn load(b: &B, ck: &Checkpoint, prefix: &str, hidden: usize, inter: usize) -> Result<SwiGlu<B>> {
         let gate = ck.linear(&format!("{prefix}.gate_proj"), inter, hidden)?;
         let up = ck.linear(&format!("{prefix}.up_proj"), inter, hidden)?;
-        Ok(SwiGlu {
-            gate_up: b.weight_stacked(&[gate, up])?,
-            down: b.weight(&ck.linear(&format!("{prefix}.down_proj"), hidden, inter)?)?,
-        })
+        SwiGlu::from_weights(b, &ExpertWeights { gate, up, down: ck.linear(&format!("{prefix}.down_proj"), hidden, inter)? })
+    }
+
+    pub fn from_weights(b: &B, w: &ExpertWeights) -> Result<SwiGlu<B>> {
+        Ok(SwiGlu { gate_up: b.weight_stacked(&[w.gate.clone(), w.up.clone()])?, down: b.weight(&w.down)? })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
@@ -29,11 +30,11 @@ impl<B: Backend> SwiGlu<B> {
 }
 
 pub struct Moe<B: Backend> {
-    gate: B::Weight,
-    bias: B::Vector,
+    pub gate: B::Weight,
+    pub bias: B::Vector,
     experts: B::Experts,
     shared: SwiGlu<B>,
-    router: RouterParams,
+    pub router: RouterParams,
 }
 
 impl<B: Backend> Moe<B> {
@@ -52,20 +53,25 @@ impl<B: Backend> Moe<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let experts = b.experts(&experts)?;
+        let router = RouterParams {
+            top_k: c.num_experts_per_tok,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            norm_topk_prob: c.norm_topk_prob,
+            scaling: c.routed_scaling_factor,
+        };
         Ok(Moe {
             gate: b.weight(&ck.linear(&format!("{p}.gate"), e, h)?)?,
             bias: b.vector(&ck.vector(&format!("{p}.gate.e_score_correction_bias"), e)?)?,
-            experts,
+            experts: b.experts(&experts)?,
             shared: SwiGlu::load(b, ck, &format!("{p}.shared_experts"), h, c.moe_intermediate_size * c.n_shared_experts)?,
-            router: RouterParams {
-                top_k: c.num_experts_per_tok,
-                n_group: c.n_group,
-                topk_group: c.topk_group,
-                norm_topk_prob: c.norm_topk_prob,
-                scaling: c.routed_scaling_factor,
-            },
+            router,
         })
+    }
+
+    /// An MoE block from weights in memory (benchmarks build real-width layers this way).
+    pub fn from_weights(b: &B, gate: &LinearWeight, bias: &[f32], experts: &[ExpertWeights], shared: &ExpertWeights, router: RouterParams) -> Result<Moe<B>> {
+        Ok(Moe { gate: b.weight(gate)?, bias: b.vector(bias)?, experts: b.experts(experts)?, shared: SwiGlu::from_weights(b, shared)?, router })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {

@@ -14,6 +14,7 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 /// (module name, source). Each becomes one NVRTC program and one CUDA module.
 pub const SOURCES: &[(&str, &str)] = &[
     ("linear", include_str!("../../../kernels/linear.cu")),
+    ("linear_mma", include_str!("../../../kernels/linear_mma.cu")),
     ("elementwise", include_str!("../../../kernels/elementwise.cu")),
     ("attention", include_str!("../../../kernels/attention.cu")),
 ];

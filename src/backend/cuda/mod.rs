@@ -70,6 +70,9 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
+    /// Resident blocks per SM of a kernel at a block size (the occupancy calculator's answer).
+    occupancy: RwLock<HashMap<(Kernel, u32), usize>>,
+    sms: usize,
     device_name: String,
 }
 
@@ -108,7 +111,10 @@ impl CudaBackend {
             modules.push(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(|e| anyhow!("loading kernels {name}: {e:?}"))?);
         }
         let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), device_name })
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| anyhow!("{e:?}"))? as usize;
+        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), occupancy: RwLock::new(HashMap::new()), sms, device_name })
     }
 
     pub fn device_name(&self) -> &str {
@@ -197,23 +203,102 @@ impl CudaBackend {
         let mut yoff = 0;
         // One token (decode) has its own instantiation: fewer registers, no idle token lanes.
         let (nt, kernel) = if x.rows == 1 { (1, "gemv1") } else { (8, "gemv8") };
+        let mut splits: Vec<(Fmt, Split)> = Vec::new();
         for p in &w.parts {
-            let grid = ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1);
-            self.launch_kernel(
-                (kernel, Some(p.fmt)),
-                grid,
-                threads_for(p.cols, p.fmt),
-                0,
-                &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32)],
-            )?;
+            let (t, ldy, off) = (Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32));
+            if p.desc.mma != 0 && x.rows <= MMA_MAX_TOKENS {
+                let i = match splits.iter().position(|(f, _)| *f == p.fmt) {
+                    Some(i) => i,
+                    None => {
+                        splits.push((p.fmt, self.split(x, p.fmt)?));
+                        splits.len() - 1
+                    }
+                };
+                let s = &splits[i].1;
+                let kernel = ("gemv_mma", Some(p.fmt));
+                let grid = ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1);
+                self.launch_kernel(
+                    kernel,
+                    grid,
+                    self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize)?,
+                    0,
+                    &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.xs)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
+                )?;
+            } else {
+                self.launch_kernel(
+                    (kernel, Some(p.fmt)),
+                    ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1),
+                    threads_for(p.cols, p.fmt),
+                    0,
+                    &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
+                )?;
+            }
             yoff += p.rows;
         }
         Ok(())
     }
 
+    /// Threads of a tensor-core block (`tiles` of them): its warps split the row tile's chunks
+    /// (64 FP8 or 128 INT4 columns), at least two chunks each. The most warps per block with
+    /// which every block is resident at once, so all SMs stream to the end (a large block per SM
+    /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
+    /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
+    fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
+        let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
+        let f = self.function(kernel)?;
+        for warps in (2..=chunks.div_ceil(2).clamp(2, 16)).rev() {
+            let threads = 32 * warps as u32;
+            let key = (kernel, threads);
+            let cached = self.occupancy.read().unwrap().get(&key).copied();
+            let per_sm = match cached {
+                Some(n) => n,
+                None => {
+                    let n = f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
+                    self.occupancy.write().unwrap().insert(key, n);
+                    n
+                }
+            };
+            if per_sm * self.sms >= tiles {
+                return Ok(threads);
+            }
+        }
+        Ok(64)
+    }
+
+    /// `x` split for the tensor-core kernels (split_act in kernels/linear_mma.cu), laid out
+    /// for weights of format `fmt`.
+    fn split(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
+        // Safety: u16 has no invalid bit patterns; split_act writes every element.
+        let xs = unsafe { self.stream.alloc::<u16>((2 * x.rows * x.cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
+        let exps = self.alloc_indices(x.rows)?;
+        self.launch(
+            "split_act",
+            (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1),
+            256,
+            0,
+            &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), Arg::I32((fmt == Fmt::Int4) as i32), Arg::Ptr(self.ptr(&xs)), Arg::Ptr(self.ptr(&exps))],
+        )?;
+        Ok(Split { xs, exps })
+    }
+
     fn elementwise_grid(n: usize) -> (u32, u32, u32) {
         ((n as u32).div_ceil(256).max(1), 1, 1)
     }
+}
+
+/// Token rows up to which linear layers take the tensor-core kernels (decode, MTP verify);
+/// beyond, the CUDA-core kernels serve prefill chunks.
+const MMA_MAX_TOKENS: usize = 8;
+/// Tokens per tensor-core tile (MMA_TOKENS in kernels/linear_mma.cu).
+const MMA_TOKENS: u32 = 4;
+
+/// Columns per block of split_act (SPLIT_SEG in kernels/linear_mma.cu).
+const SPLIT_SEG: u32 = 1024;
+
+/// Activations split into f16 halves with a power-of-two exponent per row (split_act).
+struct Split {
+    xs: CudaSlice<u16>,
+    exps: CudaSlice<i32>,
 }
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
@@ -704,31 +789,52 @@ impl Backend for CudaBackend {
         )?;
         let act = self.alloc(pairs * i)?;
         let part = self.alloc(pairs * h)?;
-        // Decode batches take a group's tokens one per pass (the second read of a tile hits
-        // L1/L2, and one token needs the fewest registers); prefill takes eight at a time.
-        let (gate_up, down) = if t <= 8 { ("moe_gate_up1", "moe_down1") } else { ("moe_gate_up8", "moe_down8") };
-        self.launch_kernel(
-            (gate_up, Some(experts.fmt_gate_up)),
-            ((i as u32).div_ceil(2), groups, 1),
-            threads_for(h, experts.fmt_gate_up),
-            0,
-            &[
-                Arg::Ptr(self.ptr(&experts.gate_up_table)),
-                Arg::Ptr(self.ptr(&plan)),
-                Arg::I32(pairs as i32),
-                Arg::Ptr(self.ptr(&x.buf)),
-                Arg::Ptr(self.ptr(&act)),
-                Arg::I32(k as i32),
-                Arg::I32(i as i32),
-            ],
-        )?;
-        self.launch_kernel(
-            (down, Some(experts.fmt_down)),
-            ((h as u32).div_ceil(4), groups, 1),
-            threads_for(i, experts.fmt_down),
-            0,
-            &[Arg::Ptr(self.ptr(&experts.down_table)), Arg::Ptr(self.ptr(&plan)), Arg::I32(pairs as i32), Arg::Ptr(self.ptr(&act)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
-        )?;
+        let plan_args = |table: &CudaSlice<WDesc>| [Arg::Ptr(self.ptr(table)), Arg::Ptr(self.ptr(&plan)), Arg::I32(pairs as i32)];
+        if experts.mma && t <= MMA_MAX_TOKENS {
+            // Tensor cores: 8 gate rows with their up rows per tile, then 16 down rows.
+            let xs = self.split(x, experts.fmt_gate_up)?;
+            let [a, b, c] = plan_args(&experts.gate_up_table);
+            let kernel = ("moe_gate_up_mma", Some(experts.fmt_gate_up));
+            let grid = ((i as u32).div_ceil(8), groups, 1);
+            self.launch_kernel(
+                kernel,
+                grid,
+                self.mma_threads(kernel, h, experts.fmt_gate_up, (grid.0 * grid.1) as usize)?,
+                0,
+                &[a, b, c, Arg::Ptr(self.ptr(&xs.xs)), Arg::Ptr(self.ptr(&xs.exps)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
+            )?;
+            let acts = self.split(&CudaTensor { rows: pairs, cols: i, buf: act }, experts.fmt_down)?;
+            let [a, b, c] = plan_args(&experts.down_table);
+            let kernel = ("moe_down_mma", Some(experts.fmt_down));
+            let grid = ((h as u32).div_ceil(16), groups, 1);
+            self.launch_kernel(
+                kernel,
+                grid,
+                self.mma_threads(kernel, i, experts.fmt_down, (grid.0 * grid.1) as usize)?,
+                0,
+                &[a, b, c, Arg::Ptr(self.ptr(&acts.xs)), Arg::Ptr(self.ptr(&acts.exps)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
+            )?;
+        } else {
+            // Decode batches take a group's tokens one per pass (the second read of a tile hits
+            // L1/L2, and one token needs the fewest registers); prefill takes eight at a time.
+            let (gate_up, down) = if t <= 8 { ("moe_gate_up1", "moe_down1") } else { ("moe_gate_up8", "moe_down8") };
+            let [a, b, c] = plan_args(&experts.gate_up_table);
+            self.launch_kernel(
+                (gate_up, Some(experts.fmt_gate_up)),
+                ((i as u32).div_ceil(2), groups, 1),
+                threads_for(h, experts.fmt_gate_up),
+                0,
+                &[a, b, c, Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
+            )?;
+            let [a, b, c] = plan_args(&experts.down_table);
+            self.launch_kernel(
+                (down, Some(experts.fmt_down)),
+                ((h as u32).div_ceil(4), groups, 1),
+                threads_for(i, experts.fmt_down),
+                0,
+                &[a, b, c, Arg::Ptr(self.ptr(&act)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
+            )?;
+        }
         self.launch(
             "moe_combine",
             Self::elementwise_grid(t * h),

@@ -56,7 +56,7 @@ pub struct WDesc {
     pub group: i32,
     pub sc: i32,
     pub vec: i32,
-    pub _pad: i32,
+    pub mma: i32,
 }
 
 unsafe impl DeviceRepr for WDesc {}
@@ -141,6 +141,17 @@ impl HostLinear {
             }
     }
 
+    /// Whether the tensor-core kernels (kernels/linear_mma.cu) can read it: FP8 in 64-column
+    /// chunks inside power-of-two scale blocks, INT4 in 128-column chunks with power-of-two
+    /// groups of at least 32.
+    fn mma_ok(&self) -> bool {
+        match self.fmt {
+            Fmt::Fp8 => self.cols % 64 == 0 && self.bc % 64 == 0 && (self.bc / 64).is_power_of_two(),
+            Fmt::Int4 => self.cols % 128 == 0 && self.group >= 32 && self.group.is_power_of_two(),
+            _ => false,
+        }
+    }
+
     /// Rows of an FP8 scale grid spelled out per weight row (block height 1).
     fn expand_fp8_rows(&mut self) {
         if self.fmt != Fmt::Fp8 || self.br == 1 {
@@ -212,7 +223,7 @@ impl HostLinear {
             group: self.group as i32,
             sc: self.sc as i32,
             vec: vec as i32,
-            _pad: 0,
+            mma: self.mma_ok() as i32,
         };
         Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _zero: zero, desc })
     }
@@ -244,6 +255,8 @@ pub struct CudaExperts {
     pub inter: usize,
     pub hidden: usize,
     pub count: usize,
+    /// Every expert can take the tensor-core kernels.
+    pub mma: bool,
     _weights: Vec<(CudaLinear, CudaLinear)>,
     pub gate_up_table: CudaSlice<WDesc>,
     pub down_table: CudaSlice<WDesc>,
@@ -264,5 +277,6 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     let (inter, hidden) = (gu0.rows / 2, gu0.cols);
     let gate_up_table = stream.clone_htod(&weights.iter().map(|(g, _)| g.desc).collect::<Vec<_>>())?;
     let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
-    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), _weights: weights, gate_up_table, down_table })
+    let mma = weights.iter().all(|(g, d)| g.desc.mma != 0 && d.desc.mma != 0);
+    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
 }
