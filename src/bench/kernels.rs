@@ -133,6 +133,14 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
         let bytes = ws[0].parts.iter().map(|p| p.rows * p.cols).sum::<usize>() as f64 * bytes_per_weight(fmt);
         r.row(&format!("gemv {fmt} {cols}->{rows} x1"), bytes, ms);
     }
+    // The activation split of the FP8/INT4 tensor-core kernels: once per activation, shared by
+    // every linear layer that reads it (the gemv rows above reuse one split x; the MoE layer rows
+    // below include their splits).
+    for cols in if want("gemv") { vec![6144usize, 16384] } else { vec![] } {
+        let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
+        let ms = time_graph(&ctx, &stream, 8, reps, || gpu.split_activation(&x).map(|_| ()))?;
+        r.row(&format!("activation split 1x{cols} (f32 -> f16 hi/lo)"), (cols * 8) as f64, ms);
+    }
 
     // Eight routed experts per token, gate/up 6144->2x2048 and down 2048->6144.
     let (h, inter, n_exp) = (6144usize, 2048usize, 32usize);
@@ -164,9 +172,12 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             let mut idx = stream.clone_dtoh(&routing.idx).map_err(|e| anyhow!("{e:?}"))?;
             idx.sort_unstable();
             idx.dedup();
-            let ms = time_graph(&ctx, &stream, 8, reps, || layer.forward(&gpu, &x).map(|_| ()))?;
+            // The block's input norm makes a fresh activation per call, as in a decode step, so
+            // its split for the tensor cores is timed too.
+            let ones = gpu.vector(&vec![1.0; h])?;
+            let ms = time_graph(&ctx, &stream, 8, reps, || layer.forward(&gpu, &gpu.rms_norm(&x, &ones, 1e-6)?).map(|_| ()))?;
             let bytes = (n_exp * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
-            r.row(&format!("moe layer {fmt} x{batch} (router, {} routed, shared)", idx.len()), bytes, ms);
+            r.row(&format!("moe layer {fmt} x{batch} (norm, router, {} routed, shared)", idx.len()), bytes, ms);
         }
         for batch in [1usize, 2, 4] {
             let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;

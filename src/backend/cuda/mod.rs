@@ -8,7 +8,7 @@ pub mod kernels;
 pub mod weights;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -22,6 +22,15 @@ pub struct CudaTensor {
     pub rows: usize,
     pub cols: usize,
     pub buf: CudaSlice<f32>,
+    /// The tensor split for the tensor-core kernels (natural and INT4 layouts), made once for
+    /// all the linear layers that read it; cleared when the tensor changes.
+    splits: [OnceLock<Split>; 2],
+}
+
+impl CudaTensor {
+    fn new(rows: usize, cols: usize, buf: CudaSlice<f32>) -> CudaTensor {
+        CudaTensor { rows, cols, buf, splits: Default::default() }
+    }
 }
 
 pub struct CudaVector(CudaSlice<f32>);
@@ -191,7 +200,7 @@ impl CudaBackend {
     }
 
     fn tensor_of(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        Ok(CudaTensor { rows, cols, buf: self.alloc(rows * cols)? })
+        Ok(CudaTensor::new(rows, cols, self.alloc(rows * cols)?))
     }
 
     fn ints(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
@@ -203,18 +212,10 @@ impl CudaBackend {
         let mut yoff = 0;
         // One token (decode) has its own instantiation: fewer registers, no idle token lanes.
         let (nt, kernel) = if x.rows == 1 { (1, "gemv1") } else { (8, "gemv8") };
-        let mut splits: Vec<(Fmt, Split)> = Vec::new();
         for p in &w.parts {
             let (t, ldy, off) = (Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32));
             if p.desc.mma != 0 && x.rows <= MMA_MAX_TOKENS {
-                let i = match splits.iter().position(|(f, _)| *f == p.fmt) {
-                    Some(i) => i,
-                    None => {
-                        splits.push((p.fmt, self.split(x, p.fmt)?));
-                        splits.len() - 1
-                    }
-                };
-                let s = &splits[i].1;
+                let s = self.split(x, p.fmt)?;
                 let kernel = ("gemv_mma", Some(p.fmt));
                 let grid = ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1);
                 self.launch_kernel(
@@ -265,9 +266,23 @@ impl CudaBackend {
         Ok(64)
     }
 
+    /// A fresh split of `x` in the FP8 layout (not kept): the benchmark of split_act alone.
+    pub fn split_activation(&self, x: &CudaTensor) -> Result<()> {
+        self.split_uncached(x, Fmt::Fp8).map(|_| ())
+    }
+
     /// `x` split for the tensor-core kernels (split_act in kernels/linear_mma.cu), laid out
-    /// for weights of format `fmt`.
-    fn split(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
+    /// for weights of format `fmt`; made on first use and kept with the tensor.
+    fn split<'a>(&self, x: &'a CudaTensor, fmt: Fmt) -> Result<&'a Split> {
+        let cell = &x.splits[(fmt == Fmt::Int4) as usize];
+        if let Some(s) = cell.get() {
+            return Ok(s);
+        }
+        let split = self.split_uncached(x, fmt)?;
+        Ok(cell.get_or_init(|| split))
+    }
+
+    fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
         // Safety: u16 has no invalid bit patterns; split_act writes every element.
         let xs = unsafe { self.stream.alloc::<u16>((2 * x.rows * x.cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
         let exps = self.alloc_indices(x.rows)?;
@@ -380,7 +395,7 @@ impl Backend for CudaBackend {
             bail!("tensor: {} values for [{rows}, {cols}]", data.len());
         }
         let buf = if data.is_empty() { self.alloc(0)? } else { self.stream.clone_htod(data).map_err(|e| anyhow!("{e:?}"))? };
-        Ok(CudaTensor { rows, cols, buf })
+        Ok(CudaTensor::new(rows, cols, buf))
     }
 
     fn selection_to_host(&self, sel: &CudaSelection, rows: usize) -> Result<(usize, Vec<i32>)> {
@@ -448,6 +463,7 @@ impl Backend for CudaBackend {
 
     fn add_assign(&self, a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
         check_rows("add", b, a.rows, a.cols)?;
+        a.splits = Default::default();
         let n = a.rows * a.cols;
         if n > 0 {
             self.launch("add_assign", Self::elementwise_grid(n), 256, 0, &[Arg::Ptr(self.ptr(&a.buf)), Arg::Ptr(self.ptr(&b.buf)), Arg::Ptr(n as u64)])?;
@@ -803,7 +819,8 @@ impl Backend for CudaBackend {
                 0,
                 &[a, b, c, Arg::Ptr(self.ptr(&xs.xs)), Arg::Ptr(self.ptr(&xs.exps)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
             )?;
-            let acts = self.split(&CudaTensor { rows: pairs, cols: i, buf: act }, experts.fmt_down)?;
+            let act = CudaTensor::new(pairs, i, act);
+            let acts = self.split(&act, experts.fmt_down)?;
             let [a, b, c] = plan_args(&experts.down_table);
             let kernel = ("moe_down_mma", Some(experts.fmt_down));
             let grid = ((h as u32).div_ceil(16), groups, 1);
