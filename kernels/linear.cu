@@ -360,18 +360,18 @@ extern "C" __global__ void moe_combine(const float* __restrict__ part, const flo
     out[i] = s;
 }
 
-// Sigmoid router with the selection-only bias and group-limited top-k; one block per token.
-// Ties go to the lower index. smem: 2·E + G floats.
+// Sigmoid router with the selection-only bias and group-limited top-k; one block per token, the
+// top-k by its first warp (K rounds of a warp arg-max; ties go to the lower index). With
+// shared ≥ 0 that expert (the shared expert folded into the routed ones) follows every token's
+// K choices with weight 1, so idx and wout hold K + 1 entries per token. smem: 2·E + G floats.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
-                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling) {
+                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared) {
     extern __shared__ float sm[];
     float* s = sm;           // sigmoid scores
     float* c = sm + E;       // selection scores
     float* gs = sm + 2 * E;  // group scores
-    __shared__ float best_v[32];
-    __shared__ int best_i[32];
     __shared__ int chosen[64];
-    int t = blockIdx.x;
+    int t = blockIdx.x, K1 = K + (shared >= 0);
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
         float z = logits[(size_t)t * E + e];
         float v = 1.f / (1.f + expf(-z));
@@ -398,7 +398,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
                 if (bi >= 0) gs[bi] = NEG_INF;
                 chosen[k] = bi;
             }
-            // Mark kept groups by +inf in gs (all others were not chosen).
+            // Mark kept groups by 1 in gs (all others were not chosen).
             for (int g = 0; g < G; g++) gs[g] = 0.f;
             for (int k = 0; k < TG; k++) if (chosen[k] >= 0) gs[chosen[k]] = 1.f;
         }
@@ -407,11 +407,13 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             if (gs[e / per] == 0.f) c[e] = NEG_INF;
         __syncthreads();
     }
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    if (threadIdx.x >= 32) return;
+    int lane = threadIdx.x;
+    float sum = 0.f;
     for (int k = 0; k < K; k++) {
         float bv = NEG_INF;
         int bi = 0x7fffffff;
-        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        for (int e = lane; e < E; e += 32) {
             float v = c[e];
             if (v > bv || (v == bv && e < bi)) { bv = v; bi = e; }
         }
@@ -421,22 +423,20 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             int oi = __shfl_xor_sync(0xffffffffu, bi, o);
             if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
         }
-        if (lane == 0) { best_v[w] = bv; best_i[w] = bi; }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float v = best_v[0];
-            int i = best_i[0];
-            for (int j = 1; j < nw; j++)
-                if (best_v[j] > v || (best_v[j] == v && best_i[j] < i)) { v = best_v[j]; i = best_i[j]; }
-            idx[t * K + k] = i;
-            c[i] = NEG_INF;
+        sum += s[bi];
+        __syncwarp();
+        if (lane == 0) {
+            idx[t * K1 + k] = bi;
+            c[bi] = NEG_INF;
         }
-        __syncthreads();
+        __syncwarp();
     }
-    if (threadIdx.x == 0) {
-        float sum = 0.f;
-        for (int k = 0; k < K; k++) sum += s[idx[t * K + k]];
+    if (lane == 0) {
         float denom = norm ? sum + 1e-20f : 1.f;
-        for (int k = 0; k < K; k++) wout[t * K + k] = s[idx[t * K + k]] / denom * scaling;
+        for (int k = 0; k < K; k++) wout[t * K1 + k] = s[idx[t * K1 + k]] / denom * scaling;
+        if (shared >= 0) {
+            idx[t * K1 + K] = shared;
+            wout[t * K1 + K] = 1.f;
+        }
     }
 }

@@ -193,9 +193,13 @@ pub struct RouterParams {
     pub topk_group: usize,
     pub norm_topk_prob: bool,
     pub scaling: f32,
+    /// An expert every token takes after its `top_k` choices, with weight 1 (the shared expert
+    /// folded into the routed ones); routings then hold `top_k + 1` entries per token.
+    pub shared: Option<usize>,
 }
 
 /// One routed expert's projections as stored: gate `[I, H]`, up `[I, H]`, down `[H, I]`.
+#[derive(Clone)]
 pub struct ExpertWeights {
     pub gate: LinearWeight,
     pub up: LinearWeight,

@@ -240,7 +240,7 @@ fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut T
 
 fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
     let (e, h, i) = (16, 256, 128);
-    let p = RouterParams { top_k: 4, n_group: 4, topk_group: 2, norm_topk_prob: true, scaling: 2.5 };
+    let p = RouterParams { top_k: 4, n_group: 4, topk_group: 2, norm_topk_prob: true, scaling: 2.5, shared: None };
     let gate = synthetic_linear("gate", e, h, SynthFormat::Bf16, rng);
     let bias: Vec<f32> = random(rng, e).iter().map(|v| v * 0.1).collect();
     let fmts = [
@@ -266,31 +266,45 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
     for tokens in [1, 8, 13] {
         let x = random(rng, tokens * h);
         let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
-        let rc = cpu.route(&xc, &cpu.weight(&gate)?, &cpu.vector(&bias)?, &p)?;
-        let rg = gpu.route(&xg, &gpu.weight(&gate)?, &gpu.vector(&bias)?, &p)?;
-        let gi = gpu.stream().clone_dtoh(&rg.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let gw = gpu.stream().clone_dtoh(&rg.weights).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        gpu.synchronize()?;
-        // Compare (expert, weight) pairs per row, sorted by expert.
-        let rows = |idx: Vec<u32>, w: Vec<f32>| -> Vec<Vec<(u32, f32)>> {
-            (0..tokens)
-                .map(|r| {
-                    let mut v: Vec<(u32, f32)> = (0..p.top_k).map(|k| (idx[r * p.top_k + k], w[r * p.top_k + k])).collect();
-                    v.sort_by_key(|a| a.0);
-                    v
-                })
-                .collect()
-        };
-        let c = rows(rc.experts.clone(), rc.weights.clone());
-        let g = rows(gi.iter().map(|&v| v as u32).collect(), gw);
-        let same = c.iter().zip(&g).all(|(a, b)| a.iter().map(|x| x.0).eq(b.iter().map(|x| x.0)));
-        t.flag("route", format!("{e} experts, {} groups keep {}, top-{} x{tokens}", p.n_group, p.topk_group, p.top_k), same, "same sets");
+        // Compare (expert, weight) pairs per row, sorted by expert; also with an always-on
+        // shared expert appended (the folded shared expert of a real MoE block).
+        let mut same = true;
+        let mut rc = None;
+        let mut rg = None;
+        for shared in [Some(e), None] {
+            let p = RouterParams { shared, ..p };
+            let c_route = cpu.route(&xc, &cpu.weight(&gate)?, &cpu.vector(&bias)?, &p)?;
+            let g_route = gpu.route(&xg, &gpu.weight(&gate)?, &gpu.vector(&bias)?, &p)?;
+            let gi = gpu.stream().clone_dtoh(&g_route.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let gw = gpu.stream().clone_dtoh(&g_route.weights).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            gpu.synchronize()?;
+            let k1 = c_route.top_k;
+            let rows = |idx: Vec<u32>, w: Vec<f32>| -> Vec<Vec<(u32, f32)>> {
+                (0..tokens)
+                    .map(|r| {
+                        let mut v: Vec<(u32, f32)> = (0..k1).map(|k| (idx[r * k1 + k], w[r * k1 + k])).collect();
+                        v.sort_by_key(|a| a.0);
+                        v
+                    })
+                    .collect()
+            };
+            let c = rows(c_route.experts.clone(), c_route.weights.clone());
+            let g = rows(gi.iter().map(|&v| v as u32).collect(), gw);
+            let ok = g_route.top_k == k1 && c.iter().zip(&g).all(|(a, b)| a.iter().map(|x| x.0).eq(b.iter().map(|x| x.0)));
+            let what = if shared.is_some() { " + shared" } else { "" };
+            t.flag("route", format!("{e} experts, {} groups keep {}, top-{}{what} x{tokens}", p.n_group, p.topk_group, p.top_k), ok, "same sets");
+            if ok {
+                let cw: Vec<f32> = c.iter().flatten().map(|x| x.1).collect();
+                let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
+                t.push("route weights", format!("{tokens} rows{what}"), rel_err(&gw, &cw));
+            }
+            same &= ok;
+            (rc, rg) = (Some(c_route), Some(g_route));
+        }
+        let (Some(rc), Some(rg)) = (rc, rg) else { continue };
         if !same {
             continue;
         }
-        let cw: Vec<f32> = c.iter().flatten().map(|x| x.1).collect();
-        let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
-        t.push("route weights", format!("{tokens} rows"), rel_err(&gw, &cw));
         for (fmt, ex) in fmts.iter().zip(&experts) {
             let yc = cpu.moe(&xc, &cpu.experts(ex)?, &rc)?;
             let yg = gpu.moe(&xg, &gpu.experts(ex)?, &rg)?;

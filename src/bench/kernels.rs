@@ -161,15 +161,15 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             up: random_weight("shared.up", inter, h, fmt, &mut rng),
             down: random_weight("shared.down", h, inter, fmt, &mut rng),
         };
-        let router = RouterParams { top_k: 8, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5 };
+        let router = RouterParams { top_k: 8, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5, shared: None };
         let gate = random_weight("gate", n_exp, h, "bf16", &mut rng);
-        let layer = Moe::from_weights(&gpu, &gate, &vec![0.0; n_exp], &experts, &shared, router)?;
-        drop((experts, shared));
+        let layer = Moe::from_weights(&gpu, &gate, &vec![0.0; n_exp], experts, shared, router)?;
         for batch in [1usize, 2, 4] {
             let x: Vec<f32> = (0..batch * h).map(|_| (rng.next_u64() % 2001) as f32 * 1e-3 - 1.0).collect();
             let x = gpu.tensor(batch, h, &x)?;
             let routing = gpu.route(&x, &layer.gate, &layer.bias, &layer.router)?;
             let mut idx = stream.clone_dtoh(&routing.idx).map_err(|e| anyhow!("{e:?}"))?;
+            idx.retain(|&e| Some(e as usize) != layer.router.shared);
             idx.sort_unstable();
             idx.dedup();
             // The block's input norm makes a fresh activation per call, as in a decode step, so

@@ -33,7 +33,9 @@ pub struct Moe<B: Backend> {
     pub gate: B::Weight,
     pub bias: B::Vector,
     experts: B::Experts,
-    shared: SwiGlu<B>,
+    /// The shared expert, when it could not join the routed experts (a different width or
+    /// precision); otherwise it is expert `router.shared` of `experts`.
+    shared: Option<SwiGlu<B>>,
     pub router: RouterParams,
 }
 
@@ -42,42 +44,49 @@ impl<B: Backend> Moe<B> {
         let c = &ck.config;
         let p = format!("model.layers.{layer}.mlp");
         let (h, e) = (c.hidden_size, c.n_routed_experts);
-        let inter = c.moe_intermediate_size;
-        let experts = (0..e)
-            .map(|i| {
-                let ep = format!("{p}.experts.{i}");
-                Ok(ExpertWeights {
-                    gate: ck.linear(&format!("{ep}.gate_proj"), inter, h)?,
-                    up: ck.linear(&format!("{ep}.up_proj"), inter, h)?,
-                    down: ck.linear(&format!("{ep}.down_proj"), h, inter)?,
-                })
+        let proj = |prefix: &str, inter: usize| -> Result<ExpertWeights> {
+            Ok(ExpertWeights {
+                gate: ck.linear(&format!("{prefix}.gate_proj"), inter, h)?,
+                up: ck.linear(&format!("{prefix}.up_proj"), inter, h)?,
+                down: ck.linear(&format!("{prefix}.down_proj"), h, inter)?,
             })
-            .collect::<Result<Vec<_>>>()?;
+        };
+        let experts = (0..e).map(|i| proj(&format!("{p}.experts.{i}"), c.moe_intermediate_size)).collect::<Result<Vec<_>>>()?;
+        let shared = proj(&format!("{p}.shared_experts"), c.moe_intermediate_size * c.n_shared_experts)?;
         let router = RouterParams {
             top_k: c.num_experts_per_tok,
             n_group: c.n_group,
             topk_group: c.topk_group,
             norm_topk_prob: c.norm_topk_prob,
             scaling: c.routed_scaling_factor,
+            shared: None,
         };
-        Ok(Moe {
-            gate: b.weight(&ck.linear(&format!("{p}.gate"), e, h)?)?,
-            bias: b.vector(&ck.vector(&format!("{p}.gate.e_score_correction_bias"), e)?)?,
-            experts: b.experts(&experts)?,
-            shared: SwiGlu::load(b, ck, &format!("{p}.shared_experts"), h, c.moe_intermediate_size * c.n_shared_experts)?,
-            router,
-        })
+        let gate = ck.linear(&format!("{p}.gate"), e, h)?;
+        let bias = ck.vector(&format!("{p}.gate.e_score_correction_bias"), e)?;
+        Moe::from_weights(b, &gate, &bias, experts, shared, router)
     }
 
-    /// An MoE block from weights in memory (benchmarks build real-width layers this way).
-    pub fn from_weights(b: &B, gate: &LinearWeight, bias: &[f32], experts: &[ExpertWeights], shared: &ExpertWeights, router: RouterParams) -> Result<Moe<B>> {
-        Ok(Moe { gate: b.weight(gate)?, bias: b.vector(bias)?, experts: b.experts(experts)?, shared: SwiGlu::from_weights(b, shared)?, router })
+    /// An MoE block from its weights. A shared expert stored like the routed ones joins them as
+    /// one more expert that every token takes with weight 1, so one launch streams all the
+    /// block's expert weights (and no separate SwiGLU, split or add runs for it).
+    pub fn from_weights(b: &B, gate: &LinearWeight, bias: &[f32], mut experts: Vec<ExpertWeights>, shared: ExpertWeights, mut router: RouterParams) -> Result<Moe<B>> {
+        let layout = |w: &ExpertWeights| [&w.gate, &w.up, &w.down].map(|l| (l.rows, l.cols, l.precision()));
+        let shared = if experts.first().is_some_and(|e0| layout(e0) == layout(&shared)) {
+            router.shared = Some(experts.len());
+            experts.push(shared);
+            None
+        } else {
+            Some(SwiGlu::from_weights(b, &shared)?)
+        };
+        Ok(Moe { gate: b.weight(gate)?, bias: b.vector(bias)?, experts: b.experts(&experts)?, shared, router })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let routing = b.route(x, &self.gate, &self.bias, &self.router)?;
         let mut y = b.moe(x, &self.experts, &routing)?;
-        b.add_assign(&mut y, &self.shared.forward(b, x)?)?;
+        if let Some(shared) = &self.shared {
+            b.add_assign(&mut y, &shared.forward(b, x)?)?;
+        }
         Ok(y)
     }
 }
@@ -102,5 +111,48 @@ impl<B: Backend> Ffn<B> {
             Ffn::Dense(m) => m.forward(b, x),
             Ffn::Moe(m) => m.forward(b, x),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::checkpoint::quantize::{synthetic_linear, SynthFormat};
+    use crate::sampling::Rng;
+
+    /// A shared expert folded into the routed ones gives the block's defining sum:
+    /// Σ w_k · expert_k(x) + shared(x).
+    #[test]
+    fn folded_shared_expert_equals_a_separate_one() {
+        let (e, h, i, t) = (8, 64, 32, 3);
+        let mut rng = Rng::new(7);
+        let fmt = SynthFormat::Fp8([16, 16]);
+        let expert = |name: &str, rng: &mut Rng| ExpertWeights {
+            gate: synthetic_linear(&format!("{name}.gate"), i, h, fmt, rng),
+            up: synthetic_linear(&format!("{name}.up"), i, h, fmt, rng),
+            down: synthetic_linear(&format!("{name}.down"), h, i, fmt, rng),
+        };
+        let experts: Vec<ExpertWeights> = (0..e).map(|j| expert(&format!("e{j}"), &mut rng)).collect();
+        let shared = expert("shared", &mut rng);
+        let gate = synthetic_linear("gate", e, h, SynthFormat::F32, &mut rng);
+        let bias = vec![0.0; e];
+        let router = RouterParams { top_k: 2, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5, shared: None };
+        let b = CpuBackend;
+        let x: Vec<f32> = (0..t * h).map(|_| rng.normal() as f32).collect();
+        let x = b.tensor(t, h, &x).unwrap();
+
+        let folded = Moe::from_weights(&b, &gate, &bias, experts.clone(), shared.clone(), router).unwrap();
+        assert_eq!(folded.router.shared, Some(e));
+        assert!(folded.shared.is_none());
+        let y = b.to_host(&folded.forward(&b, &x).unwrap()).unwrap();
+
+        let routing = b.route(&x, &b.weight(&gate).unwrap(), &b.vector(&bias).unwrap(), &router).unwrap();
+        let mut want = b.moe(&x, &b.experts(&experts).unwrap(), &routing).unwrap();
+        b.add_assign(&mut want, &SwiGlu::from_weights(&b, &shared).unwrap().forward(&b, &x).unwrap()).unwrap();
+        let want = b.to_host(&want).unwrap();
+        let err = y.iter().zip(&want).map(|(a, w)| (a - w).abs()).fold(0f32, f32::max);
+        let scale = want.iter().map(|w| w.abs()).fold(0f32, f32::max);
+        assert!(err <= 1e-5 * scale, "max |Δ| {err} for values up to {scale}");
     }
 }

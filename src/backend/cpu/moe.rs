@@ -51,15 +51,20 @@ pub fn route(x: &CpuTensor, gate: &Stacked, bias: &[f32], p: &RouterParams) -> R
     }
     let logits = linear(&x.data, x.rows, gate);
     let n = gate.rows;
-    let mut experts = Vec::with_capacity(x.rows * p.top_k);
-    let mut weights = Vec::with_capacity(x.rows * p.top_k);
+    let k1 = p.top_k + p.shared.is_some() as usize;
+    let mut experts = Vec::with_capacity(x.rows * k1);
+    let mut weights = Vec::with_capacity(x.rows * k1);
     for t in 0..x.rows {
         let scores: Vec<f32> = logits[t * n..(t + 1) * n].iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect();
         let (i, w) = route_row(&scores, bias, p);
         experts.extend(i);
         weights.extend(w);
+        if let Some(s) = p.shared {
+            experts.push(s as u32);
+            weights.push(1.0);
+        }
     }
-    Ok(CpuRouting { top_k: p.top_k, experts, weights })
+    Ok(CpuRouting { top_k: k1, experts, weights })
 }
 
 pub fn moe(x: &CpuTensor, experts: &[(Stacked, Stacked)], r: &CpuRouting) -> Result<CpuTensor> {

@@ -758,8 +758,9 @@ impl Backend for CudaBackend {
             bail!("route: at most 64 expert groups are supported");
         }
         let logits = self.linear(x, gate)?;
-        let idx = self.alloc_indices(x.rows * p.top_k)?;
-        let weights = self.alloc(x.rows * p.top_k)?;
+        let k1 = p.top_k + p.shared.is_some() as usize;
+        let idx = self.alloc_indices(x.rows * k1)?;
+        let weights = self.alloc(x.rows * k1)?;
         if x.rows > 0 {
             self.launch(
                 "moe_route",
@@ -777,10 +778,11 @@ impl Backend for CudaBackend {
                     Arg::I32(p.top_k as i32),
                     Arg::I32(p.norm_topk_prob as i32),
                     Arg::F32(p.scaling),
+                    Arg::I32(p.shared.map_or(-1, |s| s as i32)),
                 ],
             )?;
         }
-        Ok(CudaRouting { top_k: p.top_k, idx, weights })
+        Ok(CudaRouting { top_k: k1, idx, weights })
     }
 
     fn moe(&self, x: &CudaTensor, experts: &CudaExperts, routing: &CudaRouting) -> Result<CudaTensor> {
