@@ -45,19 +45,31 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
     return h;
 }
 
-// Nibbles i and i + 4 of an INT4 word as the f16 pair (n_i − off, n_{i+4} − off), exactly:
-// 0x6400 | n is the f16 1024 + n, and off2 holds 1024 + off in both halves.
-__device__ __forceinline__ u32 int4_pair(u32 w, int i, u32 off2) {
-    u32 v = ((w >> (4 * i)) & 0x000f000fu) | 0x64006400u, r;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(off2));
-    return r;
+// What int4_pairs removes from a raw nibble to give q − zp (q = n − 8), as f16 pairs: 1024 + 8 +
+// zp after the 0x6400 magic, and 64 + 8 + zp (negated) after the 1/16 scaling.
+struct Int4Off {
+    u32 sub, fma;
+};
+
+__device__ __forceinline__ Int4Off int4_offset(const WDesc& d, size_t at) {
+    float z = d.zero ? (float)d.zero[at] : 0.f;
+    u32 s = f16_bits(1032.f + z), f = f16_bits(-72.f - z);
+    return {s | (s << 16), f | (f << 16)};
 }
 
-// The f16 pair (1024 + 8 + zp, same): what int4_pair subtracts to give q − zp with q = n − 8.
-__device__ __forceinline__ u32 int4_offset(const WDesc& d, size_t at) {
-    float z = d.zero ? (float)d.zero[at] : 0.f;
-    u32 h = f16_bits(1032.f + z);
-    return h | (h << 16);
+// The nibble pairs (n_i, n_{i+4}), i = 0..3, of an INT4 word as exact f16 pairs of q − zp.
+// Nibbles at bits 0-3 of a half become 0x6400 | n = 1024 + n, minus 1032 + zp; nibbles at bits
+// 4-7 become 0x6400 | 16n = 1024 + 16n, times 1/16 minus 72 + zp in one fused multiply-add.
+// So one shift (by 8) serves the word instead of one per pair.
+__device__ __forceinline__ void int4_pairs(u32 w, Int4Off o, u32 p[4]) {
+    const u32 magic = 0x64006400u, sixteenth = 0x2c002c00u;
+    u32 hi = w >> 8;
+    u32 v0 = (w & 0x000f000fu) | magic, v1 = (w & 0x00f000f0u) | magic;
+    u32 v2 = (hi & 0x000f000fu) | magic, v3 = (hi & 0x00f000f0u) | magic;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(p[0]) : "r"(v0), "r"(o.sub));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(p[1]) : "r"(v1), "r"(sixteenth), "r"(o.fma));
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(p[2]) : "r"(v2), "r"(o.sub));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(p[3]) : "r"(v3), "r"(sixteenth), "r"(o.fma));
 }
 
 // ---- one warp's share of a tile ------------------------------------------------------------
@@ -105,10 +117,13 @@ struct Fp8Tile {
     }
 };
 
-// The two mma of one INT4 word (8 columns; split_act interleaves x to match int4_pair).
-__device__ __forceinline__ void int4_word_mma(float t[4], u32 a, u32 b, u32 offa, u32 offb, const uint4& x) {
-    mma_f16(t, int4_pair(a, 0, offa), int4_pair(b, 0, offb), int4_pair(a, 1, offa), int4_pair(b, 1, offb), x.x, x.y);
-    mma_f16(t, int4_pair(a, 2, offa), int4_pair(b, 2, offb), int4_pair(a, 3, offa), int4_pair(b, 3, offb), x.z, x.w);
+// The two mma of one INT4 word (8 columns; split_act interleaves x to match int4_pairs).
+__device__ __forceinline__ void int4_word_mma(float t[4], u32 a, u32 b, Int4Off offa, Int4Off offb, const uint4& x) {
+    u32 pa[4], pb[4];
+    int4_pairs(a, offa, pa);
+    int4_pairs(b, offb, pb);
+    mma_f16(t, pa[0], pb[0], pa[1], pb[1], x.x, x.y);
+    mma_f16(t, pa[2], pb[2], pa[3], pb[3], x.z, x.w);
 }
 
 // INT4, group scales (group a power of two ≥ 32). A chunk is 128 columns, four words per lane.
@@ -139,7 +154,7 @@ template <bool CONTIG> struct Int4Tile {
     // Scaled sums of words i0 .. i0 + n − 1 (one group) into acc.
     __device__ void group_dot(int q, int i0, int n, uint4 A, uint4 B, const uint4* X, float2& acc) const {
         size_t g = (size_t)(128 * q + (CONTIG ? 0 : 32 * i0)) >> lg;
-        u32 offa = int4_offset(d, ga + g), offb = int4_offset(d, gb + g);
+        Int4Off offa = int4_offset(d, ga + g), offb = int4_offset(d, gb + g);
         float t[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int i = i0; i < i0 + n; i++) int4_word_mma(t, word(A, i), word(B, i), offa, offb, X[i]);
