@@ -117,7 +117,11 @@ fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
     }
     // Activations far from 1 (the tensor-core kernels scale each row by a power of two into
     // f16 range): tiny, huge, and one row of zeros.
-    for fmt in [SynthFormat::Fp8([128, 128]), SynthFormat::Int { bits: 4, group: 64, symmetric: false }] {
+    for fmt in [
+        SynthFormat::Fp8([128, 128]),
+        SynthFormat::Int { bits: 4, group: 64, symmetric: false },
+        SynthFormat::Int { bits: 4, group: 256, symmetric: false },
+    ] {
         let w = synthetic_linear("w", 48, 512, fmt, rng);
         let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
         let mut x = random(rng, 3 * 512);
