@@ -57,9 +57,14 @@ pub fn generate<B: Backend>(
     let mut batch = Batch::single(SEQ, 0, prompt.len());
     let mut input = prompt.to_vec();
     while out.len() < opts.max_new_tokens {
-        let hidden = model.forward(&input, &batch, &mut cache)?;
-        let last = model.backend.select_rows(&hidden, &batch.last_rows())?;
-        let logits = model.backend.to_host(&model.logits(&last)?)?;
+        let logits = if out.is_empty() {
+            let hidden = model.forward(&input, &batch, &mut cache)?;
+            model.logits(&model.backend.select_rows(&hidden, &batch.last_rows())?)?
+        } else {
+            // Decode steps replay one graph per length bucket on the GPU.
+            model.decode_logits(&input, &batch, &mut cache)?
+        };
+        let logits = model.backend.to_host(&logits)?;
         let token = sampler.sample(&logits);
         first_token_at.get_or_insert_with(Instant::now);
         out.push(token);

@@ -206,6 +206,18 @@ pub struct ExpertWeights {
     pub down: LinearWeight,
 }
 
+/// Lengths that size kernel launches (the keys an attention row may see) are rounded up to
+/// these buckets: 64, then steps of an eighth of the next power of two. The kernels bound each
+/// row by its own position, so the rounding changes no result, and a decode step's launches
+/// stay the same while its context grows (a captured graph replays them).
+pub fn length_bucket(n: usize) -> usize {
+    if n <= 64 {
+        return 64;
+    }
+    let step = (n.next_power_of_two() / 8).max(64);
+    n.div_ceil(step) * step
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// Activations `[rows, cols]`.
     type Tensor: Send + Sync;
@@ -240,6 +252,26 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn release(&self, cache: &mut Self::Cache, seq: u64);
     /// Prepares a step: reserves cache room for its positions and computes its rope angles.
     fn prepare(&self, batch: &Batch, rope: &RopeSpec, cache: &mut Self::Cache) -> Result<Self::Step>;
+    /// As `prepare`, for a step whose device work may run as a replayed graph (see `graph`):
+    /// a decode-sized step's data goes to buffers kept with the cache at fixed addresses, so
+    /// it stays valid only until the next `prepare_fixed` on that cache.
+    fn prepare_fixed(&self, batch: &Batch, rope: &RopeSpec, cache: &mut Self::Cache) -> Result<Self::Step> {
+        self.prepare(batch, rope, cache)
+    }
+    /// Runs `body` on `input` as a replayable graph where the backend has them (CUDA graphs,
+    /// kept with `cache`): `key` must determine every launch `body` makes (shapes and
+    /// arguments), and `body` must read per-step data only through `input` and a
+    /// `prepare_fixed` step of `cache`. The default runs it.
+    #[allow(clippy::type_complexity)]
+    fn graph(
+        &self,
+        _key: u64,
+        cache: &mut Self::Cache,
+        input: &Self::Tensor,
+        body: &mut dyn FnMut(&mut Self::Cache, &Self::Tensor) -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        body(cache, input)
+    }
 
     // ---- host transfers ------------------------------------------------------------------
     fn tensor(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor>;
@@ -263,6 +295,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn concat_cols(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// The listed rows, in order.
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// A copy of `x`.
+    fn copy(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 
     // ---- multi-head latent attention -----------------------------------------------------
     /// Normalizes the latent half of `kv_a` output `[T, latent + rope]`, ropes the rope half,

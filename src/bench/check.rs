@@ -347,6 +347,23 @@ fn check_fixtures(dir: &Path, t: &mut Table) -> Result<()> {
         };
         let got = crate::generate::generate(&model, &prompt, &opts, |_| Ok(()))?;
         t.flag("fixture greedy", format!("{variant}: {} tokens with the cache", want.len()), got.token_ids == want, "identical");
+        // Decode steps replayed as CUDA graphs against the same steps run eagerly.
+        let (mut graphed, mut eager) = (model.new_cache(prompt.len() + 16)?, model.new_cache(prompt.len() + 16)?);
+        let whole = Batch::single(0, 0, prompt.len());
+        model.forward(&prompt, &whole, &mut graphed)?;
+        model.forward(&prompt, &whole, &mut eager)?;
+        let mut worst = 0f64;
+        for (i, &id) in want.iter().take(6).enumerate() {
+            let batch = Batch::single(0, prompt.len() + i, 1);
+            let g = model.backend.to_host(&model.decode_logits(&[id], &batch, &mut graphed)?)?;
+            let e = model.backend.to_host(&model.logits(&model.forward(&[id], &batch, &mut eager)?)?)?;
+            worst = worst.max(rel_err(&g, &e));
+        }
+        let replays = graphed.graphs.replays;
+        t.push("decode graph", format!("{variant}: 6 steps ({replays} replayed) vs eager"), worst);
+        if std::env::var("DUET_CUDA_GRAPHS").map_or(true, |v| v != "0") {
+            t.flag("decode graph", format!("{variant}: steps 2-6 replayed"), replays == 5, &format!("{replays} of 5"));
+        }
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ pub use attention::Selected;
 use layer::DecoderLayer;
 use mtp::Mtp;
 
-use crate::backend::{Backend, Batch, CacheSpec, RopeSpec};
+use crate::backend::{length_bucket, Backend, Batch, CacheSpec, RopeSpec};
 use crate::checkpoint::config::IndexerKind;
 use crate::checkpoint::{Checkpoint, ModelConfig};
 
@@ -129,6 +129,11 @@ impl<B: Backend> Model<B> {
     }
 
     pub fn prepare(&self, batch: &Batch, cache: &mut B::Cache) -> Result<B::Step> {
+        self.check_positions(batch)?;
+        self.backend.prepare(batch, &self.rope, cache)
+    }
+
+    fn check_positions(&self, batch: &Batch) -> Result<()> {
         for s in &batch.segments {
             if s.start + s.len > self.config.max_position_embeddings {
                 bail!(
@@ -139,7 +144,7 @@ impl<B: Backend> Model<B> {
                 );
             }
         }
-        self.backend.prepare(batch, &self.rope, cache)
+        Ok(())
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -186,6 +191,31 @@ impl<B: Backend> Model<B> {
         let x = self.embed(ids)?;
         let x = self.forward_layers(x, batch, &step, cache, &mut Selected::Unset)?;
         self.final_norm(&x)
+    }
+
+    /// The logits of a decode step whose every row is the last of its sequence: the whole model
+    /// (embedding, layers, final norm, lm_head), with the device work after the embedding run
+    /// as one replayable graph (`Backend::graph`). The key is what shapes that work's launches:
+    /// rows and segments, the length bucket of the longest context, and whether DSA selects.
+    pub fn decode_logits(&self, ids: &[u32], batch: &Batch, cache: &mut B::Cache) -> Result<B::Tensor> {
+        if ids.len() != batch.tokens() {
+            bail!("{} token ids for a batch of {} tokens", ids.len(), batch.tokens());
+        }
+        self.check_positions(batch)?;
+        let step = self.backend.prepare_fixed(batch, &self.rope, cache)?;
+        let x = self.embed(ids)?;
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            let lens: Vec<usize> = batch.segments.iter().map(|s| s.len).collect();
+            (lens, length_bucket(batch.max_visible()), batch.max_visible() <= self.config.index_topk).hash(&mut h);
+            h.finish()
+        };
+        let b = &self.backend;
+        b.graph(key, cache, &x, &mut |cache, x| {
+            let h = self.forward_layers(b.copy(x)?, batch, &step, cache, &mut Selected::Unset)?;
+            self.logits(&self.final_norm(&h)?)
+        })
     }
 
     /// The MTP head over one step: row r combines `hidden` row r (the main model's normed output

@@ -241,6 +241,10 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(rows.len(), x.cols, out))
     }
 
+    fn copy(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(x.clone())
+    }
+
     fn mla_cache_write(&self, kv: &CpuTensor, norm: &Vec<f32>, eps: f32, step: &CpuStep, cache: &mut CpuCache, slot: usize) -> Result<()> {
         attention::mla_cache_write(kv, norm, eps, step, cache, slot)
     }

@@ -4,6 +4,7 @@
 //! machines without a GPU; [`CudaBackend::probe`] says whether one is usable.
 
 pub mod cache;
+pub mod graphs;
 pub mod kernels;
 pub mod weights;
 
@@ -15,7 +16,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 
 use self::cache::{CudaCache, CudaStep, StepMeta};
 use self::weights::{upload_experts, upload_stacked, CudaExperts, CudaWeight, Fmt, WDesc};
-use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
+use super::{length_bucket, Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::LinearWeight;
 
 pub struct CudaTensor {
@@ -387,7 +388,18 @@ impl Backend for CudaBackend {
     }
 
     fn prepare(&self, batch: &Batch, rope: &RopeSpec, cache: &mut CudaCache) -> Result<CudaStep> {
-        CudaStep::new(&self.stream, batch, rope, cache)
+        CudaStep::new(&self.stream, batch, rope, cache, false)
+    }
+
+    fn prepare_fixed(&self, batch: &Batch, rope: &RopeSpec, cache: &mut CudaCache) -> Result<CudaStep> {
+        CudaStep::new(&self.stream, batch, rope, cache, true)
+    }
+
+    fn graph(&self, key: u64, cache: &mut CudaCache, input: &CudaTensor, body: &mut dyn FnMut(&mut CudaCache, &CudaTensor) -> Result<CudaTensor>) -> Result<CudaTensor> {
+        let mut graphs = std::mem::take(&mut cache.graphs);
+        let y = graphs.run(self, key, cache, input, body);
+        cache.graphs = graphs;
+        y
     }
 
     fn tensor(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
@@ -514,6 +526,14 @@ impl Backend for CudaBackend {
         Ok(y)
     }
 
+    fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let mut y = self.tensor_of(x.rows, x.cols)?;
+        if x.rows * x.cols > 0 {
+            self.stream.memcpy_dtod(&x.buf, &mut y.buf).map_err(|e| anyhow!("CUDA copy: {e:?}"))?;
+        }
+        Ok(y)
+    }
+
     fn mla_cache_write(&self, kv: &CudaTensor, norm: &CudaVector, eps: f32, step: &CudaStep, cache: &mut CudaCache, slot: usize) -> Result<()> {
         let (l, r) = (cache.spec.latent, cache.spec.rope);
         check_rows("mla_cache_write", kv, step.positions.len(), l + r)?;
@@ -530,8 +550,8 @@ impl Backend for CudaBackend {
                 Arg::Ptr(self.ptr(&kv.buf)),
                 Arg::Ptr(self.ptr(&norm.0)),
                 Arg::F32(eps),
-                Arg::Ptr(self.ptr(&step.cos)),
-                Arg::Ptr(self.ptr(&step.sin)),
+                Arg::Ptr(step.cos),
+                Arg::Ptr(step.sin),
                 Arg::I32(step.interleaved as i32),
                 Arg::Meta(step.meta),
                 Arg::Ptr(pool),
@@ -557,8 +577,8 @@ impl Backend for CudaBackend {
                     Arg::Ptr(self.ptr(&heads.wuk)),
                     Arg::Ptr(self.ptr(&q_lat.buf)),
                     Arg::Ptr(self.ptr(&q_pe.buf)),
-                    Arg::Ptr(self.ptr(&step.cos)),
-                    Arg::Ptr(self.ptr(&step.sin)),
+                    Arg::Ptr(step.cos),
+                    Arg::Ptr(step.sin),
                     Arg::I32(step.interleaved as i32),
                     Arg::I32(h as i32),
                     Arg::I32(nope as i32),
@@ -589,7 +609,7 @@ impl Backend for CudaBackend {
         }
         let nk = match sel {
             Some(s) => s.topk,
-            None => step.positions.iter().max().map_or(0, |p| p + 1),
+            None => length_bucket(step.positions.iter().max().map_or(0, |p| p + 1)),
         };
         // Splits of 64 keys for parallelism, fewer when many rows would make the partials large.
         let budget = 256usize << 20;
@@ -677,8 +697,8 @@ impl Backend for CudaBackend {
                 Arg::Ptr(self.ptr(&norm_w.0)),
                 Arg::Ptr(self.ptr(&norm_b.0)),
                 Arg::F32(eps),
-                Arg::Ptr(self.ptr(&step.cos)),
-                Arg::Ptr(self.ptr(&step.sin)),
+                Arg::Ptr(step.cos),
+                Arg::Ptr(step.sin),
                 Arg::I32(step.indexer_interleaved as i32),
                 Arg::Meta(step.meta),
                 Arg::Ptr(self.ptr(pool)),
@@ -702,7 +722,7 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(CudaSelection { topk, idx });
         }
-        let ld = step.positions.iter().max().map_or(1, |p| p + 1);
+        let ld = length_bucket(step.positions.iter().max().map_or(1, |p| p + 1));
         let scores = self.alloc(t * ld)?;
         self.launch(
             "index_scores",
@@ -719,8 +739,8 @@ impl Backend for CudaBackend {
                 Arg::Ptr(self.ptr(&w.buf)),
                 Arg::Ptr(self.ptr(pool)),
                 Arg::Meta(step.meta),
-                Arg::Ptr(self.ptr(&step.cos)),
-                Arg::Ptr(self.ptr(&step.sin)),
+                Arg::Ptr(step.cos),
+                Arg::Ptr(step.sin),
                 Arg::I32(step.indexer_interleaved as i32),
                 Arg::I32(nh as i32),
                 Arg::I32(d as i32),
