@@ -207,7 +207,8 @@ pub struct ExpertWeights {
 }
 
 /// Lengths that size kernel launches (the keys an attention row may see) are rounded up to
-/// these buckets: 64, then steps of an eighth of the next power of two. The kernels bound each
+/// these buckets: multiples of 64, in steps of an eighth of the next power of two once that is
+/// larger (so under a quarter is wasted past 512). The kernels bound each
 /// row by its own position, so the rounding changes no result, and a decode step's launches
 /// stay the same while its context grows (a captured graph replays them).
 pub fn length_bucket(n: usize) -> usize {
@@ -360,6 +361,27 @@ pub trait Backend: Send + Sync + Sized + 'static {
     // ---- mixture of experts --------------------------------------------------------------
     /// Sigmoid router in f32 with the selection-only correction bias and group-limited top-k.
     fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, p: &RouterParams) -> Result<Self::Routing>;
-    /// `Σ_k g_k · E_k(x)` over each row's routed experts (shared experts excluded).
+    /// `Σ_k g_k · E_k(x)` over each row's routing: its routed experts, and the shared expert
+    /// when the router appends it (`RouterParams::shared`).
     fn moe(&self, x: &Self::Tensor, experts: &Self::Experts, routing: &Self::Routing) -> Result<Self::Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_bucket;
+
+    #[test]
+    fn length_buckets_cover_their_lengths_and_stay_fine() {
+        let mut last = 0;
+        for n in 1..300_000usize {
+            let b = length_bucket(n);
+            assert!(b >= n && b >= last, "bucket({n}) = {b}");
+            assert_eq!(length_bucket(b), b, "a bucket is its own bucket");
+            assert!(b % 64 == 0 && b - n < 64.max(n / 4), "bucket({n}) = {b}");
+            last = b;
+        }
+        assert_eq!(length_bucket(1), 64);
+        assert_eq!(length_bucket(65), 128);
+        assert_eq!(length_bucket(5000), 5120);
+    }
 }
