@@ -2,7 +2,7 @@
 //! (loading kernels, filling caches, noting the output's shape); the second is captured into a
 //! graph, which is then launched; later steps with the key copy their input into the graph's
 //! input buffer and replay it, so a step costs one launch instead of hundreds. A key whose
-//! capture fails runs eagerly from then on (with one warning). `DUET_CUDA_GRAPHS=0` turns
+//! capture fails runs eagerly from then on (with a warning). `DUET_CUDA_GRAPHS=0` turns
 //! graphs off.
 //!
 //! The graphs of a cache live in it: they write its pools and read its fixed step buffers, so
@@ -54,7 +54,8 @@ unsafe impl Send for Graph {}
 type Body<'a> = &'a mut dyn FnMut(&mut CudaCache, &CudaTensor) -> Result<CudaTensor>;
 
 fn enabled() -> bool {
-    std::env::var("DUET_CUDA_GRAPHS").map_or(true, |v| v != "0")
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DUET_CUDA_GRAPHS").map_or(true, |v| v != "0"))
 }
 
 impl StepGraphs {
