@@ -193,10 +193,11 @@ impl<B: Backend> Model<B> {
         self.final_norm(&x)
     }
 
-    /// The logits of a decode step whose every row is the last of its sequence: the whole model
-    /// (embedding, layers, final norm, lm_head), with the device work after the embedding run
-    /// as one replayable graph (`Backend::graph`). The key is what shapes that work's launches:
-    /// rows and segments, the length bucket of the longest context, and whether DSA selects.
+    /// The logits of every row of a decode-sized step (one token per sequence, or a few for MTP
+    /// verification): the whole model (embedding, layers, final norm, lm_head), with the device
+    /// work after the embedding run as one replayable graph (`Backend::graph`). The key is what
+    /// shapes that work's launches: rows and segments, the length bucket of the longest
+    /// context, and whether DSA selects.
     pub fn decode_logits(&self, ids: &[u32], batch: &Batch, cache: &mut B::Cache) -> Result<B::Tensor> {
         if ids.len() != batch.tokens() {
             bail!("{} token ids for a batch of {} tokens", ids.len(), batch.tokens());
