@@ -261,12 +261,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
     /// Runs `body` on `input` as a replayable graph where the backend has them (CUDA graphs,
     /// kept with `cache`): `key` must determine every launch `body` makes (shapes and
-    /// arguments), and `body` must read per-step data only through `input` and a
-    /// `prepare_fixed` step of `cache`. The default runs it.
+    /// arguments), and `body` must read per-step data only through `input` and `step`, a
+    /// `prepare_fixed` step of `cache` (a step too large for fixed buffers runs without a
+    /// graph). The default runs it.
     #[allow(clippy::type_complexity)]
     fn graph(
         &self,
         _key: u64,
+        _step: &Self::Step,
         cache: &mut Self::Cache,
         input: &Self::Tensor,
         body: &mut dyn FnMut(&mut Self::Cache, &Self::Tensor) -> Result<Self::Tensor>,

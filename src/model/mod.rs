@@ -213,7 +213,7 @@ impl<B: Backend> Model<B> {
             h.finish()
         };
         let b = &self.backend;
-        b.graph(key, cache, &x, &mut |cache, x| {
+        b.graph(key, &step, cache, &x, &mut |cache, x| {
             let h = self.forward_layers(b.copy(x)?, batch, &step, cache, &mut Selected::Unset)?;
             self.logits(&self.final_norm(&h)?)
         })

@@ -106,6 +106,8 @@ pub struct CudaStep {
     /// The buffers behind `meta`, `cos` and `sin` when the step owns them (a fixed step's live
     /// in the cache).
     _owned: Option<(CudaSlice<i32>, CudaSlice<f32>, CudaSlice<f32>)>,
+    /// Whether the step lives in the cache's fixed buffers (so a graph may replay it).
+    pub fixed: bool,
     pub interleaved: bool,
     pub indexer_interleaved: bool,
 }
@@ -168,6 +170,7 @@ impl CudaStep {
             cos: cos_at,
             sin: sin_at,
             _owned: owned,
+            fixed,
             interleaved: rope.interleaved,
             indexer_interleaved: rope.indexer_interleaved,
         })

@@ -395,7 +395,18 @@ impl Backend for CudaBackend {
         CudaStep::new(&self.stream, batch, rope, cache, true)
     }
 
-    fn graph(&self, key: u64, cache: &mut CudaCache, input: &CudaTensor, body: &mut dyn FnMut(&mut CudaCache, &CudaTensor) -> Result<CudaTensor>) -> Result<CudaTensor> {
+    fn graph(
+        &self,
+        key: u64,
+        step: &CudaStep,
+        cache: &mut CudaCache,
+        input: &CudaTensor,
+        body: &mut dyn FnMut(&mut CudaCache, &CudaTensor) -> Result<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        if !step.fixed {
+            // Its metadata lives in buffers of its own: a replay would read stale addresses.
+            return body(cache, input);
+        }
         let mut graphs = std::mem::take(&mut cache.graphs);
         let y = graphs.run(self, key, cache, input, body);
         cache.graphs = graphs;
