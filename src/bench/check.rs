@@ -242,76 +242,92 @@ fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut T
     Ok(())
 }
 
+/// One router on both backends, the CPU's weights and the GPU's.
+struct Router<'a> {
+    cpu: (&'a <CpuBackend as Backend>::Weight, &'a <CpuBackend as Backend>::Vector),
+    gpu: (&'a <CudaBackend as Backend>::Weight, &'a <CudaBackend as Backend>::Vector),
+}
+
+type Routings = (<CpuBackend as Backend>::Routing, <CudaBackend as Backend>::Routing);
+
+/// Routes `x` on both backends and compares (expert, weight) pairs per row, sorted by expert;
+/// returns both routings when every row chose the same experts.
+fn check_route(
+    (cpu, gpu): (&CpuBackend, &CudaBackend),
+    (xc, xg): (&<CpuBackend as Backend>::Tensor, &<CudaBackend as Backend>::Tensor),
+    router: &Router<'_>,
+    p: &RouterParams,
+    t: &mut Table,
+) -> Result<Option<Routings>> {
+    let tokens = xc.rows;
+    let c_route = cpu.route(xc, router.cpu.0, router.cpu.1, p)?;
+    let g_route = gpu.route(xg, router.gpu.0, router.gpu.1, p)?;
+    let gi = gpu.stream().clone_dtoh(&g_route.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let gw = gpu.stream().clone_dtoh(&g_route.weights).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    gpu.synchronize()?;
+    let k1 = c_route.top_k;
+    let rows = |idx: Vec<u32>, w: Vec<f32>| -> Vec<Vec<(u32, f32)>> {
+        (0..tokens)
+            .map(|r| {
+                let mut v: Vec<(u32, f32)> = (0..k1).map(|k| (idx[r * k1 + k], w[r * k1 + k])).collect();
+                v.sort_by_key(|a| a.0);
+                v
+            })
+            .collect()
+    };
+    let c = rows(c_route.experts.clone(), c_route.weights.clone());
+    let g = rows(gi.iter().map(|&v| v as u32).collect(), gw);
+    let ok = g_route.top_k == k1 && c.iter().zip(&g).all(|(a, b)| a.iter().map(|x| x.0).eq(b.iter().map(|x| x.0)));
+    let what = if p.shared.is_some() { " + shared" } else { "" };
+    t.flag("route", format!("{} experts, {} groups keep {}, top-{}{what} x{tokens}", router.cpu.1.len(), p.n_group, p.topk_group, p.top_k), ok, "same sets");
+    if !ok {
+        return Ok(None);
+    }
+    let cw: Vec<f32> = c.iter().flatten().map(|x| x.1).collect();
+    let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
+    t.push("route weights", format!("{tokens} rows{what}"), rel_err(&gw, &cw));
+    Ok(Some((c_route, g_route)))
+}
+
 fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
     let (e, h, i) = (16, 256, 128);
     let p = RouterParams { top_k: 4, n_group: 4, topk_group: 2, norm_topk_prob: true, scaling: 2.5, shared: None };
     let gate = synthetic_linear("gate", e, h, SynthFormat::Bf16, rng);
     let bias: Vec<f32> = random(rng, e).iter().map(|v| v * 0.1).collect();
+    let (gate_c, bias_c, gate_g, bias_g) = (cpu.weight(&gate)?, cpu.vector(&bias)?, gpu.weight(&gate)?, gpu.vector(&bias)?);
+    let router = Router { cpu: (&gate_c, &bias_c), gpu: (&gate_g, &bias_g) };
     let fmts = [
         SynthFormat::Bf16,
         SynthFormat::Fp8([128, 128]),
         SynthFormat::Int { bits: 4, group: 32, symmetric: false },
         SynthFormat::Int { bits: 4, group: 128, symmetric: true },
     ];
-    let experts: Vec<Vec<ExpertWeights>> = fmts
-        .iter()
-        .map(|&fmt| {
-            (0..e)
-                .map(|j| ExpertWeights {
-                    gate: synthetic_linear(&format!("e{j}.gate"), i, h, fmt, rng),
-                    up: synthetic_linear(&format!("e{j}.up"), i, h, fmt, rng),
-                    down: synthetic_linear(&format!("e{j}.down"), h, i, fmt, rng),
-                })
-                .collect()
-        })
-        .collect();
+    // Each format's experts, uploaded once to both backends.
+    let mut experts = Vec::new();
+    for &fmt in &fmts {
+        let ws: Vec<ExpertWeights> = (0..e)
+            .map(|j| ExpertWeights {
+                gate: synthetic_linear(&format!("e{j}.gate"), i, h, fmt, rng),
+                up: synthetic_linear(&format!("e{j}.up"), i, h, fmt, rng),
+                down: synthetic_linear(&format!("e{j}.down"), h, i, fmt, rng),
+            })
+            .collect();
+        experts.push((fmt, cpu.experts(&ws)?, gpu.experts(&ws)?));
+    }
     // 1 and 8 tokens take the tensor-core kernels for FP8 and INT4 (8 tokens: experts chosen by
     // more than four tokens take two passes); 13 the CUDA-core prefill kernels.
     for tokens in [1, 8, 13] {
         let x = random(rng, tokens * h);
         let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
-        // Compare (expert, weight) pairs per row, sorted by expert; also with an always-on
-        // shared expert appended (the folded shared expert of a real MoE block).
-        let mut same = true;
-        let mut rc = None;
-        let mut rg = None;
-        for shared in [Some(e), None] {
-            let p = RouterParams { shared, ..p };
-            let c_route = cpu.route(&xc, &cpu.weight(&gate)?, &cpu.vector(&bias)?, &p)?;
-            let g_route = gpu.route(&xg, &gpu.weight(&gate)?, &gpu.vector(&bias)?, &p)?;
-            let gi = gpu.stream().clone_dtoh(&g_route.idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            let gw = gpu.stream().clone_dtoh(&g_route.weights).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            gpu.synchronize()?;
-            let k1 = c_route.top_k;
-            let rows = |idx: Vec<u32>, w: Vec<f32>| -> Vec<Vec<(u32, f32)>> {
-                (0..tokens)
-                    .map(|r| {
-                        let mut v: Vec<(u32, f32)> = (0..k1).map(|k| (idx[r * k1 + k], w[r * k1 + k])).collect();
-                        v.sort_by_key(|a| a.0);
-                        v
-                    })
-                    .collect()
-            };
-            let c = rows(c_route.experts.clone(), c_route.weights.clone());
-            let g = rows(gi.iter().map(|&v| v as u32).collect(), gw);
-            let ok = g_route.top_k == k1 && c.iter().zip(&g).all(|(a, b)| a.iter().map(|x| x.0).eq(b.iter().map(|x| x.0)));
-            let what = if shared.is_some() { " + shared" } else { "" };
-            t.flag("route", format!("{e} experts, {} groups keep {}, top-{}{what} x{tokens}", p.n_group, p.topk_group, p.top_k), ok, "same sets");
-            if ok {
-                let cw: Vec<f32> = c.iter().flatten().map(|x| x.1).collect();
-                let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
-                t.push("route weights", format!("{tokens} rows{what}"), rel_err(&gw, &cw));
-            }
-            same &= ok;
-            (rc, rg) = (Some(c_route), Some(g_route));
-        }
-        let (Some(rc), Some(rg)) = (rc, rg) else { continue };
-        if !same {
+        // With an always-on shared expert appended too (the folded shared expert of a real block).
+        let shared_ok = check_route((cpu, gpu), (&xc, &xg), &router, &RouterParams { shared: Some(e), ..p }, t)?.is_some();
+        let Some((rc, rg)) = check_route((cpu, gpu), (&xc, &xg), &router, &p, t)? else { continue };
+        if !shared_ok {
             continue;
         }
-        for (fmt, ex) in fmts.iter().zip(&experts) {
-            let yc = cpu.moe(&xc, &cpu.experts(ex)?, &rc)?;
-            let yg = gpu.moe(&xg, &gpu.experts(ex)?, &rg)?;
+        for (fmt, ex_c, ex_g) in &experts {
+            let yc = cpu.moe(&xc, ex_c, &rc)?;
+            let yg = gpu.moe(&xg, ex_g, &rg)?;
             t.push("moe", format!("{fmt} {e}x[{i},{h}] top-{} x{tokens}", p.top_k), rel_err(&gpu.to_host(&yg)?, &cpu.to_host(&yc)?));
         }
     }
@@ -361,7 +377,7 @@ fn check_fixtures(dir: &Path, t: &mut Table) -> Result<()> {
         }
         let replays = graphed.graphs.replays;
         t.push("decode graph", format!("{variant}: 6 steps ({replays} replayed) vs eager"), worst);
-        if std::env::var("DUET_CUDA_GRAPHS").map_or(true, |v| v != "0") {
+        if crate::backend::cuda::graphs::enabled() {
             t.flag("decode graph", format!("{variant}: steps 2-6 replayed"), replays == 5, &format!("{replays} of 5"));
         }
     }

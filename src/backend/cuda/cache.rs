@@ -140,12 +140,12 @@ impl CudaStep {
         }
         let (cos, sin) = rope.angles(&positions);
         let (base, cos_at, sin_at, owned) = if fixed {
-            let half = cos.len() / t.max(1);
+            let angles = FIXED_ROWS * rope.inv_freq.len().max(1);
             if cache.fixed.is_none() {
                 cache.fixed = Some(FixedStep {
                     meta: stream.alloc_zeros::<i32>(2 * FIXED_ROWS + FIXED_ROWS * cache.blocks)?,
-                    cos: stream.alloc_zeros::<f32>(FIXED_ROWS * half.max(1))?,
-                    sin: stream.alloc_zeros::<f32>(FIXED_ROWS * half.max(1))?,
+                    cos: stream.alloc_zeros::<f32>(angles)?,
+                    sin: stream.alloc_zeros::<f32>(angles)?,
                 });
             }
             let f = cache.fixed.as_mut().expect("made above");

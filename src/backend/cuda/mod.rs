@@ -80,8 +80,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
-    /// Resident blocks per SM of a kernel at a block size (the occupancy calculator's answer).
-    occupancy: RwLock<HashMap<(Kernel, u32), usize>>,
+    /// Threads of a tensor-core launch, by (kernel, most warps, blocks): see `mma_threads`.
+    mma_block: RwLock<HashMap<(Kernel, usize, usize), u32>>,
     sms: usize,
     device_name: String,
 }
@@ -124,7 +124,7 @@ impl CudaBackend {
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as usize;
-        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), occupancy: RwLock::new(HashMap::new()), sms, device_name })
+        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), mma_block: RwLock::new(HashMap::new()), sms, device_name })
     }
 
     pub fn device_name(&self) -> &str {
@@ -247,24 +247,24 @@ impl CudaBackend {
     /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
     fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
+        let most = chunks.div_ceil(2).clamp(2, 16);
+        // Decided once per launch shape: the occupancy calculator is not free.
+        let key = (kernel, most, tiles);
+        if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
+            return Ok(threads);
+        }
         let f = self.function(kernel)?;
-        for warps in (2..=chunks.div_ceil(2).clamp(2, 16)).rev() {
-            let threads = 32 * warps as u32;
-            let key = (kernel, threads);
-            let cached = self.occupancy.read().unwrap().get(&key).copied();
-            let per_sm = match cached {
-                Some(n) => n,
-                None => {
-                    let n = f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
-                    self.occupancy.write().unwrap().insert(key, n);
-                    n
-                }
-            };
+        let mut threads = 64;
+        for warps in (2..=most).rev() {
+            let t = 32 * warps as u32;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
             if per_sm * self.sms >= tiles {
-                return Ok(threads);
+                threads = t;
+                break;
             }
         }
-        Ok(64)
+        self.mma_block.write().unwrap().insert(key, threads);
+        Ok(threads)
     }
 
     /// A fresh split of `x` in the FP8 layout (not kept): the benchmark of split_act alone.
