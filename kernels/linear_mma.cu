@@ -1,26 +1,28 @@
 // Tensor-core linear layers for decode: FP8 and INT4 weights times up to four token rows.
 //
 // The CUDA-core kernels of linear.cu turn every weight into an f32 before its multiply-add, and
-// for FP8 and INT4 that arithmetic, not memory, bounds them. Here weight codes become f16
-// exactly (an e4m3 value has 3 mantissa bits; q − zp of INT4 is a small integer) and are
-// multiplied on the tensor cores (mma.sync m16n8k16, f32 accumulation) with each activation
-// row split into two f16 halves: hi = f16(x·2^k), lo = f16(x·2^k − hi), with 2^k putting the
-// row's largest |x| in [2^14, 2^15). hi + lo keeps 22 bits of every x (f32 keeps 24), so the
-// products and sums stay within f32 rounding of the CUDA-core path. The checkpoint's scales are
-// applied in f32 to each (row, scale block) sum, as the format defines them.
+// for FP8 and INT4 that arithmetic, not memory, bounds them. Here the weights go through the
+// tensor cores in their own precision, exactly:
+// - FP8: e4m3 codes become f16 exactly (3 mantissa bits) for mma.sync m16n8k16 with f32
+//   accumulation, each activation row split into two f16 halves: hi = f16(x·2^k), lo =
+//   f16(x·2^k − hi), with 2^k putting the row's largest |x| in [2^14, 2^15). hi + lo keeps 22
+//   bits of every x (f32 keeps 24), so the results stay within f32 rounding of the CUDA-core
+//   path.
+// - INT4: nibbles become int8 for mma.sync m16n8k32.s8 against int8 planes of the activations
+//   (see "INT4 on the integer tensor cores" below), summed exactly in int32 per group.
+// The checkpoint's scales are applied in f32 to each (row, scale block or group) sum, as the
+// format defines them.
 //
-// Fragments: a warp multiplies a 16-row tile of W by an 8-column B; column n = 2t + part is token
-// t's hi or lo half. The order of k inside a fragment is free as long as A and B agree, so each
-// lane reads its weights in whole pieces (16 bytes of FP8, 4 or 16 bytes of INT4) and split_act
-// lays the activations out in the matching order. A block's warps split the columns and reduce
-// their tiles through shared memory.
+// Fragments: a warp multiplies a 16-row tile of W by 8-column B tiles whose columns are token
+// slots' halves or planes. The order of k inside a fragment is free as long as A and B agree,
+// so each lane reads its weights in whole pieces (16 bytes, or 4 bytes of INT4 with groups
+// under 128) and the split kernels lay the activations out in the matching order. A block's
+// warps split the columns and reduce their tiles through shared memory.
 
 #define MMA_WARPS 16
-#define MMA_TOKENS 4  // tokens per B tile (two halves each)
-// Registers per thread (__maxnreg__), per format: at most 128 so 16-warp blocks fit; INT4
-// capped at 80 so more small blocks fit per SM (its 106 left 16 warps per SM streaming; at 80,
-// 24: INT4 experts 45-49% -> 48-55%), while FP8 measured slower under the same cap (62-74%
-// against 75-82%) and keeps the compiler's choice.
+#define MMA_TOKENS 4  // token slots per tile
+// Registers per thread (__maxnreg__): at most 128 so 16-warp blocks fit. (FP8 measured slower
+// capped at 80: 62-74% of bandwidth against 75-82%.)
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -45,39 +47,16 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
     return h;
 }
 
-// What int4_pairs removes from a raw nibble to give q − zp (q = n − 8), as f16 pairs: 1024 + 8 +
-// zp after the 0x6400 magic, and 64 + 8 + zp (negated) after the 1/16 scaling.
-struct Int4Off {
-    u32 sub, fma;
-};
-
-__device__ __forceinline__ Int4Off int4_offset(const WDesc& d, size_t at) {
-    float z = d.zero ? (float)d.zero[at] : 0.f;
-    u32 s = f16_bits(1032.f + z), f = f16_bits(-72.f - z);
-    return {s | (s << 16), f | (f << 16)};
-}
-
-// The nibble pairs (n_i, n_{i+4}), i = 0..3, of an INT4 word as exact f16 pairs of q − zp.
-// Nibbles at bits 0-3 of a half become 0x6400 | n = 1024 + n, minus 1032 + zp; nibbles at bits
-// 4-7 become 0x6400 | 16n = 1024 + 16n, times 1/16 minus 72 + zp in one fused multiply-add.
-// So one shift (by 8) serves the word instead of one per pair.
-__device__ __forceinline__ void int4_pairs(u32 w, Int4Off o, u32 p[4]) {
-    const u32 magic = 0x64006400u, sixteenth = 0x2c002c00u;
-    u32 hi = w >> 8;
-    u32 v0 = (w & 0x000f000fu) | magic, v1 = (w & 0x00f000f0u) | magic;
-    u32 v2 = (hi & 0x000f000fu) | magic, v3 = (hi & 0x00f000f0u) | magic;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(p[0]) : "r"(v0), "r"(o.sub));
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(p[1]) : "r"(v1), "r"(sixteenth), "r"(o.fma));
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(p[2]) : "r"(v2), "r"(o.sub));
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(p[3]) : "r"(v3), "r"(sixteenth), "r"(o.fma));
-}
-
 // ---- one warp's share of a tile ------------------------------------------------------------
-// Rows ra (A rows g = lane / 4) and rb (A rows g + 8), −1 for none; xp is this lane's B column
-// (token (g / 2)'s plane `g % 2` of split_act), null for an empty column. Warp w of a block
-// takes chunks w, w + nw, ... of the columns, UNR at a time, so each warp keeps a few kilobytes
-// in flight. The tile functions return, for lane (g, c = lane % 4),
-// the scaled dot products of ra and rb with token c over the warp's chunks (hi + lo halves).
+// Rows ra (A rows g = lane / 4) and rb (A rows g + 8), −1 for none, times the tile's token slots
+// (trow: activation row of each, −1 for none). Warp w of a block takes chunks w, w + nw, ... of
+// the columns, UNR at a time: everything a chunk needs (weight pieces, activation pieces, the
+// chunk's scales and zero points) is loaded into registers for all UNR chunks before the first
+// multiply, so each warp keeps a few kilobytes in flight and no multiply waits on a second
+// load. (A per-lane cp.async pipeline through shared memory measured slower on H200: FP8
+// 16384->6144 44% of bandwidth against 78%; so did loading x where it is used.) The tile
+// functions return, for lane (g, c = lane % 4), the scaled dot products of ra and rb with token
+// slot c over the warp's chunks.
 
 // Streaming 16-byte weight load (read once; kept out of L1).
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
@@ -86,123 +65,281 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
     return v;
 }
 
-// FP8, block scales with bc a power-of-two multiple of 64. A chunk is 64 columns: lane c holds
-// bytes [16c, 16c + 16) of both rows; mma j takes its bytes 4j .. 4j + 3.
-struct Fp8Tile {
-    static constexpr int XN = 2;   // 16-byte pieces of x per lane and chunk
-    static constexpr int UNR = 4;  // chunks in flight per warp
-    const WDesc& d;
-    int lq;                       // log2(chunks per scale column)
-    const float *sa, *sb;         // scale rows of ra and rb
-    __device__ Fp8Tile(const WDesc& d, int ra, int rb)
-        : d(d), lq(__ffs(d.bc >> 6) - 1), sa(ra >= 0 ? d.scale + (size_t)(ra / d.br) * d.sc : nullptr),
-          sb(rb >= 0 ? d.scale + (size_t)(rb / d.br) * d.sc : nullptr) {}
-    __device__ int chunks() const { return d.cols >> 6; }
-    __device__ uint4 load(int r, int q, int c) const { return ld_stream((const u8*)d.w + (size_t)r * d.cols + 64 * q + 16 * c); }
-    // Where this lane's x pieces of chunk q lie in its x plane (in 16-byte pieces).
-    __device__ static void x_at(int q, int c, int* at) {
-        at[0] = 8 * q + 2 * c;
-        at[1] = 8 * q + 2 * c + 1;
+// A Tile loads chunk q into a Chunk (zeros past the last chunk or for missing rows), folds a
+// chunk into its accumulators (dot) and them into the lane's result (result).
+template <class Tile> __device__ float2 tile_dots(Tile& tile) {
+    constexpr int UNR = Tile::UNR;
+    int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
+    for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
+        typename Tile::Chunk ch[UNR];
+#pragma unroll
+        for (int u = 0; u < UNR; u++) tile.load(q0 + u * nw, ch[u]);
+#pragma unroll
+        for (int u = 0; u < UNR; u++)
+            if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
     }
-    __device__ void dot(int q, uint4 A, uint4 B, const uint4* X, float2& acc) const {
+    return tile.result();
+}
+
+// FP8, block scales with bc a power-of-two multiple of 64. A chunk is 64 columns: lane c holds
+// bytes [16c, 16c + 16) of both rows; mma j takes its bytes 4j .. 4j + 3, and the x pieces of
+// the lane's B column (slot g / 2, half g % 2 of split_act).
+struct Fp8Tile {
+    static constexpr int UNR = 4;
+    struct Chunk {
+        uint4 a, b, x[2];
+        float sa, sb;
+    };
+    const WDesc& d;
+    int ra, rb, lq;        // lq: log2(chunks per scale column)
+    const float *sa, *sb;  // scale rows of ra and rb
+    const uint4* xp;       // this lane's B column in 16-byte pieces, or null
+    float2 acc;
+    __device__ Fp8Tile(const WDesc& d, int ra, int rb, const int* trow, const void* xs)
+        : d(d), ra(ra), rb(rb), lq(__ffs(d.bc >> 6) - 1), acc(make_float2(0.f, 0.f)) {
+        sa = d.scale + (size_t)(max(ra, 0) / d.br) * d.sc;
+        sb = d.scale + (size_t)(max(rb, 0) / d.br) * d.sc;
+        int g = (threadIdx.x & 31) >> 2, t = trow[g / 2];
+        xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
+    }
+    __device__ int chunks() const { return d.cols >> 6; }
+    __device__ void load(int q, Chunk& ch) const {
+        int c = threadIdx.x & 3;
+        bool ok = q < chunks();
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        const u8* w = (const u8*)d.w + 64 * q + 16 * c;
+        ch.a = ok && ra >= 0 ? ld_stream(w + (size_t)ra * d.cols) : z;
+        ch.b = ok && rb >= 0 ? ld_stream(w + (size_t)rb * d.cols) : z;
+        ch.x[0] = ok && xp ? xp[8 * q + 2 * c] : z;
+        ch.x[1] = ok && xp ? xp[8 * q + 2 * c + 1] : z;
+        ch.sa = ok && ra >= 0 ? __ldg(sa + (q >> lq)) : 0.f;
+        ch.sb = ok && rb >= 0 ? __ldg(sb + (q >> lq)) : 0.f;
+    }
+    __device__ void dot(int, const Chunk& ch) {
         float t[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            u32 a = word(A, j), b = word(B, j);
+            u32 a = word(ch.a, j), b = word(ch.b, j);
             mma_f16(t, e4m3x2_f16x2(a & 0xffff), e4m3x2_f16x2(b & 0xffff), e4m3x2_f16x2(a >> 16), e4m3x2_f16x2(b >> 16),
-                    word(X[j / 2], 2 * (j % 2)), word(X[j / 2], 2 * (j % 2) + 1));
+                    word(ch.x[j / 2], 2 * (j % 2)), word(ch.x[j / 2], 2 * (j % 2) + 1));
         }
-        acc.x = fmaf(sa ? sa[q >> lq] : 0.f, t[0] + t[1], acc.x);
-        acc.y = fmaf(sb ? sb[q >> lq] : 0.f, t[2] + t[3], acc.y);
+        acc.x = fmaf(ch.sa, t[0] + t[1], acc.x);
+        acc.y = fmaf(ch.sb, t[2] + t[3], acc.y);
     }
+    __device__ float2 result() const { return acc; }
 };
 
-// The two mma of one INT4 word (8 columns; split_act interleaves x to match int4_pairs).
-__device__ __forceinline__ void int4_word_mma(float t[4], u32 a, u32 b, Int4Off offa, Int4Off offb, const uint4& x) {
-    u32 pa[4], pb[4];
-    int4_pairs(a, offa, pa);
-    int4_pairs(b, offb, pb);
-    mma_f16(t, pa[0], pb[0], pa[1], pb[1], x.x, x.y);
-    mma_f16(t, pa[2], pb[2], pa[3], pb[3], x.z, x.w);
+// ---- INT4 on the integer tensor cores ------------------------------------------------------
+// A nibble n (q = n − 8) becomes the exact int8 16·q with one AND-XOR per four nibbles: n ^ 8
+// in a byte's high half reads as a signed 16·(n − 8). Activations come as PLANES int8 planes
+// (split_planes): x·2^k = Σ_p 2^(−7p)·x_p + ε with |x_p| ≤ 127 and 2^k putting the row's
+// largest |x| in [64, 128), so |ε| ≤ 2^−21 and every x keeps 27 bits relative to its row's
+// largest. mma.sync m16n8k32.s8 sums a group's products exactly in int32; the group's scale
+// (and zero point, through the planes' precomputed sums) is applied in f32 to that sum. B
+// column n = PLANES·(token slot) + plane, two token slots per 8-column tile. Against the f16
+// route this takes a third of the instructions per weight word.
+
+#define PLANES 4
+#define PLANE_BITS 7
+
+__device__ __forceinline__ void mma_s8(int d[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// INT4, group scales (group a power of two ≥ 32). A chunk is 128 columns, four words per lane.
-// With groups of 128 or more (CONTIG) lane c holds the 16 bytes [16c, 16c + 16), all in one
-// group; with smaller groups every mma must stay inside one group, so lane c holds word c of
-// each 16-byte piece (a quad still reads whole 16-byte pieces).
-template <bool CONTIG> struct Int4Tile {
-    static constexpr int XN = 4;
-    static constexpr int UNR = 2;
+// Accumulators start at the bits of 1.5·2^23, so while |sum| < 2^22 (a 128-column chunk stays
+// under 128·128·127 < 2^21) the int32 result read as a float is 1.5·2^23 + sum exactly: one
+// add instead of the slow int-to-float conversion.
+#define ACC_BASE 0x4B400000
+__device__ __forceinline__ float acc_float(int v) { return __int_as_float(v) - 12582912.f; }
+
+// The even nibbles (0, 2, 4, 6) and the odd ones (1, 3, 5, 7) of a word as four int8 16·q each.
+__device__ __forceinline__ void int4_s8(u32 w, u32& even, u32& odd) {
+    even = ((w << 4) & 0xf0f0f0f0u) ^ 0x80808080u;
+    odd = (w & 0xf0f0f0f0u) ^ 0x80808080u;
+}
+
+// Where split_planes puts column `col` of a plane: each 8 columns ordered 0 2 4 6 1 3 5 7, so
+// the bytes of one word's even nibbles and then its odd ones are adjacent.
+__device__ __forceinline__ int plane_pos(int col) { return (col & ~7) | ((col & 1) << 2) | ((col >> 1) & 3); }
+
+// INT4, columns in chunks of 128. With groups of 128 or more (CONTIG) lane c reads bytes
+// [16c, 16c + 16) of a chunk's row and mma i takes word i of every lane, all in the chunk's
+// group; with smaller groups lane c reads word c of each 16-byte piece, so mma i covers columns
+// [32i, 32i + 32), inside one group. NT 8-column B tiles, two token slots each. xq: planes
+// [row][PLANES][cols] in plane_pos order; sums: per activation row, each plane's sum over every
+// 32 columns, then over every 128 ([row][cols/32 + cols/128][PLANES]), read for zero points
+// only. The result is times 16·2^k (split_planes folds the 16 into the row's exponent).
+template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
+    // Chunks in flight per warp: as many as fit in 128 registers without spilling.
+    static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? 3 : 4) : 2) : (NT == 1 ? 2 : 1);
+    static constexpr int SPANS = CONTIG ? 1 : 4;  // scale groups per chunk, at most
+    struct Chunk {
+        uint4 a, b, x[NT][2];
+        float4 sa, sb;           // the chunk's gpc group scales of ra and rb
+        u32 za, zb;              // ASYM: the aligned words holding their zero points,
+        int2 sums[NT][SPANS];    // and the plane sums of the lane's C columns per span
+    };
     const WDesc& d;
-    int lg;          // log2(group)
-    int ra, rb;
-    size_t ga, gb;   // scale rows of ra and rb
-    __device__ Int4Tile(const WDesc& d, int ra, int rb)
-        : d(d), lg(__ffs(d.group) - 1), ra(ra), rb(rb), ga((size_t)max(ra, 0) * d.sc), gb((size_t)max(rb, 0) * d.sc) {}
-    __device__ int chunks() const { return d.cols >> 7; }
-    // Column of word i of chunk q for lane c.
-    __device__ static int col(int q, int c, int i) { return 128 * q + (CONTIG ? 32 * c + 8 * i : 32 * i + 8 * c); }
-    __device__ uint4 load(int r, int q, int c) const {
-        const u32* row = (const u32*)d.w + (size_t)r * (d.cols >> 3);
-        if (CONTIG) return ld_stream(row + col(q, c, 0) / 8);
-        return make_uint4(__ldg(row + col(q, c, 0) / 8), __ldg(row + col(q, c, 1) / 8), __ldg(row + col(q, c, 2) / 8), __ldg(row + col(q, c, 3) / 8));
-    }
-    __device__ static void x_at(int q, int c, int* at) {
+    int ra, rb, lg, gpc, n32;  // gpc: groups per chunk (1, 2 or 4)
+    const u32 *wa, *wb;
+    size_t ga, gb;
+    const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
+    const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
+    float acc[NT][4];
+    __device__ Int4Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums)
+        : d(d), ra(ra), rb(rb), lg(__ffs(d.group) - 1), n32(d.cols >> 5) {
+        gpc = CONTIG ? 1 : 128 >> lg;
+        wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
+        wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
+        ga = (size_t)max(ra, 0) * d.sc;
+        gb = (size_t)max(rb, 0) * d.sc;
+        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
 #pragma unroll
-        for (int i = 0; i < 4; i++) at[i] = col(q, c, i) / 8;
-    }
-    // Scaled sums of words i0 .. i0 + n − 1 (one group) into acc.
-    __device__ void group_dot(int q, int i0, int n, uint4 A, uint4 B, const uint4* X, float2& acc) const {
-        size_t g = (size_t)(128 * q + (CONTIG ? 0 : 32 * i0)) >> lg;
-        Int4Off offa = int4_offset(d, ga + g), offb = int4_offset(d, gb + g);
-        float t[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int i = i0; i < i0 + n; i++) int4_word_mma(t, word(A, i), word(B, i), offa, offb, X[i]);
-        acc.x = fmaf(ra >= 0 ? d.scale[ga + g] : 0.f, t[0] + t[1], acc.x);
-        acc.y = fmaf(rb >= 0 ? d.scale[gb + g] : 0.f, t[2] + t[3], acc.y);
-    }
-    __device__ void dot(int q, uint4 A, uint4 B, const uint4* X, float2& acc) const {
-        if (CONTIG) {
-            group_dot(q, 0, 4, A, B, X, acc);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; i++) group_dot(q, i, 1, A, B, X, acc);
+        for (int n = 0; n < NT; n++) {
+            int tb = trow[2 * n + g / 4], tc = trow[2 * n + c / 2];
+            xb[n] = tb >= 0 ? xq + ((size_t)tb * PLANES + g % 4) * d.cols : nullptr;
+            sm[n] = tc >= 0 && ASYM ? sums + (size_t)tc * spans * PLANES + 2 * (c & 1) : nullptr;
+            acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
+    }
+    __device__ int chunks() const { return d.cols >> 7; }
+    // The scale groups of chunk q start at group q·gpc (CONTIG: the one group holding it).
+    __device__ int group0(int q) const { return (128 * q) >> lg; }
+    // gpc scales from p (aligned to their count).
+    __device__ float4 scales(const float* p) const {
+        if (gpc == 4) return __ldg((const float4*)p);
+        if (gpc == 2) {
+            float2 v = __ldg((const float2*)p);
+            return make_float4(v.x, v.y, 0.f, 0.f);
+        }
+        return make_float4(__ldg(p), 0.f, 0.f, 0.f);
+    }
+    __device__ void load(int q, Chunk& ch) const {
+        int c = threadIdx.x & 3;
+        bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        if (CONTIG) {
+            ch.a = oa ? ld_stream(wa + 16 * q + 4 * c) : z;
+            ch.b = ob ? ld_stream(wb + 16 * q + 4 * c) : z;
+        } else {
+            const u32 *pa = wa + 16 * q + c, *pb = wb + 16 * q + c;
+            ch.a = oa ? make_uint4(__ldg(pa), __ldg(pa + 4), __ldg(pa + 8), __ldg(pa + 12)) : z;
+            ch.b = ob ? make_uint4(__ldg(pb), __ldg(pb + 4), __ldg(pb + 8), __ldg(pb + 12)) : z;
+        }
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            // Word i's plane bytes are x words 2i, 2i + 1.
+            const u8* xp = xb[n] + 128 * q;
+            if (!ok || !xb[n]) {
+                ch.x[n][0] = ch.x[n][1] = z;
+            } else if (CONTIG) {
+                ch.x[n][0] = *(const uint4*)(xp + 32 * c);
+                ch.x[n][1] = *(const uint4*)(xp + 32 * c + 16);
+            } else {
+                uint2 x0 = *(const uint2*)(xp + 8 * c), x1 = *(const uint2*)(xp + 32 + 8 * c);
+                uint2 x2 = *(const uint2*)(xp + 64 + 8 * c), x3 = *(const uint2*)(xp + 96 + 8 * c);
+                ch.x[n][0] = make_uint4(x0.x, x0.y, x1.x, x1.y);
+                ch.x[n][1] = make_uint4(x2.x, x2.y, x3.x, x3.y);
+            }
+        }
+        int g0 = group0(q);
+        const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
+        ch.sa = oa ? scales(d.scale + ga + g0) : zf;
+        ch.sb = ob ? scales(d.scale + gb + g0) : zf;
+        if (ASYM) {
+            // The aligned word holding the chunk's zero points (gpc of them, never straddling).
+            ch.za = oa ? __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3)) : 0;
+            ch.zb = ob ? __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3)) : 0;
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int s = 0; s < SPANS; s++)
+                    ch.sums[n][s] = ok && sm[n] ? *(const int2*)(sm[n] + (CONTIG ? n32 + q : 4 * q + s) * PLANES) : make_int2(0, 0);
+        }
+    }
+    __device__ void dot(int q, const Chunk& ch) {
+        int g0 = group0(q);
+#pragma unroll
+        for (int s = 0; s < SPANS; s++) {
+            int C[NT][4];
+#pragma unroll
+            for (int n = 0; n < NT; n++) C[n][0] = C[n][1] = C[n][2] = C[n][3] = ACC_BASE;
+#pragma unroll
+            for (int i = (CONTIG ? 0 : s); i < (CONTIG ? 4 : s + 1); i++) {
+                u32 ae, ao, be, bo;
+                int4_s8(word(ch.a, i), ae, ao);
+                int4_s8(word(ch.b, i), be, bo);
+#pragma unroll
+                for (int n = 0; n < NT; n++) {
+                    const uint4& x = ch.x[n][i / 2];
+                    mma_s8(C[n], ae, be, ao, bo, word(x, 2 * (i % 2)), word(x, 2 * (i % 2) + 1));
+                }
+            }
+            int j = CONTIG ? 0 : (32 * s) >> lg;  // the span's group within the chunk
+            float sa = j == 0 ? ch.sa.x : j == 1 ? ch.sa.y : j == 2 ? ch.sa.z : ch.sa.w;
+            float sb = j == 0 ? ch.sb.x : j == 1 ? ch.sb.y : j == 2 ? ch.sb.z : ch.sb.w;
+            float za = 0.f, zb = 0.f;
+            if (ASYM) {
+                // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
+                za = -16.f * (float)(signed char)(ch.za >> (8 * (((ga + g0) & 3) + j)));
+                zb = -16.f * (float)(signed char)(ch.zb >> (8 * (((gb + g0) & 3) + j)));
+            }
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                float f0 = acc_float(C[n][0]), f1 = acc_float(C[n][1]), f2 = acc_float(C[n][2]), f3 = acc_float(C[n][3]);
+                if (ASYM) {
+                    float x0 = (float)ch.sums[n][s].x, x1 = (float)ch.sums[n][s].y;
+                    f0 = fmaf(za, x0, f0);
+                    f1 = fmaf(za, x1, f1);
+                    f2 = fmaf(zb, x0, f2);
+                    f3 = fmaf(zb, x1, f3);
+                }
+                acc[n][0] = fmaf(sa, f0, acc[n][0]);
+                acc[n][1] = fmaf(sa, f1, acc[n][1]);
+                acc[n][2] = fmaf(sb, f2, acc[n][2]);
+                acc[n][3] = fmaf(sb, f3, acc[n][3]);
+            }
+        }
+    }
+    // Planes to values: lane c holds planes 2(c % 2), 2(c % 2) + 1 of slot 2n + c/2, its partner
+    // c ^ 1 the other two; then lane c takes slot c's value from lane (g, 2(c % 2)) of tile c/2.
+    __device__ float2 result() const {
+        const float step = 1.f / (1 << PLANE_BITS), far = step * step;
+        int lane = threadIdx.x & 31, c = lane & 3, src = (lane & ~3) | (2 * (c & 1));
+        float2 res = make_float2(0.f, 0.f);
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            float va = fmaf(step, acc[n][1], acc[n][0]), vb = fmaf(step, acc[n][3], acc[n][2]);
+            float oa = __shfl_xor_sync(0xffffffffu, va, 1), ob = __shfl_xor_sync(0xffffffffu, vb, 1);
+            float ta = (c & 1) ? fmaf(far, va, oa) : fmaf(far, oa, va);
+            float tb = (c & 1) ? fmaf(far, vb, ob) : fmaf(far, ob, vb);
+            ta = __shfl_sync(0xffffffffu, ta, src);
+            tb = __shfl_sync(0xffffffffu, tb, src);
+            if (c / 2 == n) res = make_float2(ta, tb);
+        }
+        return res;
     }
 };
 
-// The loop over this warp's chunks: all loads of UNR chunks (weights and x pieces) are issued
-// before the first multiply. (Loading x where it is used saved registers but measured slower
-// on H200, as did a cp.async pipeline through shared memory.)
-template <class Tile> __device__ float2 tile_dots(const Tile& tile, int ra, int rb, const uint4* __restrict__ xp) {
-    constexpr int UNR = Tile::UNR, XN = Tile::XN;
-    int lane = threadIdx.x & 31, c = lane & 3, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    int nq = tile.chunks();
-    float2 acc = make_float2(0.f, 0.f);
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
-        uint4 A[UNR], B[UNR], X[UNR][XN];
-#pragma unroll
-        for (int u = 0; u < UNR; u++) {
-            int q = q0 + u * nw, at[XN];
-            bool ok = q < nq;
-            A[u] = ok && ra >= 0 ? tile.load(ra, q, c) : zero;
-            B[u] = ok && rb >= 0 ? tile.load(rb, q, c) : zero;
-            tile.x_at(q, c, at);
-#pragma unroll
-            for (int i = 0; i < XN; i++) X[u][i] = ok && xp ? xp[at[i]] : zero;
-        }
-#pragma unroll
-        for (int u = 0; u < UNR; u++)
-            if (q0 + u * nw < nq) tile.dot(q0 + u * nw, A[u], B[u], X[u], acc);
-    }
-    return acc;
+template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
+    Tile t(args...);
+    return tile_dots(t);
 }
 
-template <int FMT> __device__ __forceinline__ float2 tile_part(const WDesc& d, int ra, int rb, const uint4* xp) {
-    if (FMT == FMT_FP8) return tile_dots(Fp8Tile(d, ra, rb), ra, rb, xp);
-    if (d.group >= 128) return tile_dots(Int4Tile<true>(d, ra, rb), ra, rb, xp);
-    return tile_dots(Int4Tile<false>(d, ra, rb), ra, rb, xp);
+template <bool CONTIG, int NT> __device__ __forceinline__ float2 int4_part(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) {
+    if (d.zero) return run_tile<Int4Tile<CONTIG, NT, true>>(d, ra, rb, trow, xq, sums);
+    return run_tile<Int4Tile<CONTIG, NT, false>>(d, ra, rb, trow, xq, sums);
+}
+
+// This tile's share for lane (g, c); INT4 takes two B tiles when slots 2 and 3 are used.
+template <int FMT> __device__ __forceinline__ float2 tile_part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
+    if (FMT == FMT_FP8) return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
+    const u8* xq = (const u8*)xs;
+    bool two = trow[2] >= 0 || trow[3] >= 0;
+    if (d.group >= 128) return two ? int4_part<true, 2>(d, ra, rb, trow, xq, sums) : int4_part<true, 1>(d, ra, rb, trow, xq, sums);
+    return two ? int4_part<false, 2>(d, ra, rb, trow, xq, sums) : int4_part<false, 1>(d, ra, rb, trow, xq, sums);
 }
 
 // Sums the warps' shares: res[r·4 + t] = row r of the tile (0..15) with token t. Every thread
@@ -221,38 +358,38 @@ __device__ void tile_reduce(float2 v, float* res) {
     __syncthreads();
 }
 
-// This lane's B column: plane (g % 2) of activation row `row` (−1: none), as 16-byte pieces.
-__device__ __forceinline__ const uint4* b_column(const u16* xs, int cols, int row) {
-    int g = (threadIdx.x & 31) >> 2;
-    return row >= 0 ? (const uint4*)(xs + ((size_t)row * 2 + (g & 1)) * cols) : nullptr;
-}
-
 // ---- entry points ----------------------------------------------------------------------------
 
-// xs[(r·2 + part)·cols + pos(c)] = hi / lo half of x[r, c]·2^k as f16, exps[r] = k. pos
-// interleaves each 8 columns as 0 4 1 5 2 6 3 7 for INT4 (the nibble pairs of a word). Grid
-// (rows, segments of SPLIT_SEG columns), 256 threads: every block finds its row's max (cols / 4
-// float4 loads in flight across its threads, from L2) and converts its segment, 4 columns per
-// thread. cols is a multiple of 64.
-#define SPLIT_SEG 1024
-extern "C" __global__ void split_act(const float* __restrict__ x, int cols, int interleave, u16* __restrict__ xs, int* __restrict__ exps) {
-    __shared__ float scratch[32];
-    int r = blockIdx.x;
-    const float4* xr = (const float4*)(x + (size_t)r * cols);
-    int n4 = cols / 4;
+// Largest |x| of row xr (n4 float4s), for every thread of the block: n4 loads in flight across
+// the threads (from L2).
+__device__ float row_absmax(const float4* xr, int n4, float* scratch) {
     float m = 0.f;
 #pragma unroll 4
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
         float4 v = xr[i];
         m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
     }
-    m = block_max(m, scratch);
-    int k = 0;
-    if (m > 0.f && m <= 3.4e38f) {
-        int e;
-        frexpf(m, &e);  // m = f·2^e with f in [0.5, 1)
-        k = min(max(15 - e, -126), 126);
-    }
+    return block_max(m, scratch);
+}
+
+// The k with m·2^k in [2^(top − 1), 2^top) (0 for a zero or non-finite m), clamped to [lo, hi].
+__device__ __forceinline__ int row_exponent(float m, int top, int lo, int hi) {
+    if (!(m > 0.f && m <= 3.4e38f)) return 0;
+    int e;
+    frexpf(m, &e);  // m = f·2^e with f in [0.5, 1)
+    return min(max(top - e, lo), hi);
+}
+
+// FP8: xs[(r·2 + part)·cols + c] = hi / lo half of x[r, c]·2^k as f16, exps[r] = k. Grid (rows,
+// segments of SPLIT_SEG columns), 256 threads: every block finds its row's max and converts its
+// segment, 4 columns per thread. cols is a multiple of 64.
+#define SPLIT_SEG 1024
+extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    const float4* xr = (const float4*)(x + (size_t)r * cols);
+    int n4 = cols / 4;
+    int k = row_exponent(row_absmax(xr, n4, scratch), 15, -126, 126);
     float s = pow2(k);
     u16* hi = xs + (size_t)r * 2 * cols;
     u16* lo = hi + cols;
@@ -262,31 +399,82 @@ extern "C" __global__ void split_act(const float* __restrict__ x, int cols, int 
         float v[4] = {v4.x * s, v4.y * s, v4.z * s, v4.w * s};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            int col = 4 * i + j;
             u32 h = f16_bits(v[j]);
-            int pos = interleave ? (col & ~7) | ((col & 3) << 1) | ((col >> 2) & 1) : col;
-            hi[pos] = (u16)h;
-            lo[pos] = (u16)f16_bits(v[j] - f16_to_f32((u16)h));
+            hi[4 * i + j] = (u16)h;
+            lo[4 * i + j] = (u16)f16_bits(v[j] - f16_to_f32((u16)h));
         }
     }
     if (threadIdx.x == 0 && blockIdx.y == 0) exps[r] = k;
 }
 
+// INT4: q[(r·PLANES + p)·cols + plane_pos(c)] = plane p of x[r, c]·2^k (int8), exps[r] = k + 4
+// (the 16 of the weights' 16·q folded in), and each plane's sums over every 32 and every 128
+// columns (see int4_dots). Each plane takes the rounded remainder of the ones before it,
+// scaled by 2^PLANE_BITS. Same grid as split_act; cols is a multiple of 128, so each warp
+// covers whole 128-column chunks.
+extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x, lane = threadIdx.x & 31;
+    const float4* xr = (const float4*)(x + (size_t)r * cols);
+    int n4 = cols / 4, n32 = cols / 32, spans = n32 + cols / 128;
+    int k = row_exponent(row_absmax(xr, n4, scratch), 7, -126, 122);
+    float s = pow2(k);
+    int i = blockIdx.y * (SPLIT_SEG / 4) + threadIdx.x;
+    if (i >= n4) return;  // whole warps (n4 is a multiple of 32)
+    float4 v4 = xr[i];
+    float v[4] = {v4.x * s, v4.y * s, v4.z * s, v4.w * s};
+    int part[PLANES];
+#pragma unroll
+    for (int p = 0; p < PLANES; p++) part[p] = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int pos = plane_pos(4 * i + j);
+        float rem = v[j];
+#pragma unroll
+        for (int p = 0; p < PLANES; p++) {
+            float t = fminf(fmaxf(rintf(rem), -127.f), 127.f);
+            q[((size_t)r * PLANES + p) * cols + pos] = (u8)(signed char)(int)t;
+            part[p] += (int)t;
+            rem = (rem - t) * (float)(1 << PLANE_BITS);  // exact: rem and t are within 1
+        }
+    }
+    int* rs = sums + (size_t)r * spans * PLANES;
+#pragma unroll
+    for (int p = 0; p < PLANES; p++) {
+        int v32 = part[p];
+        for (int o = 1; o < 8; o <<= 1) v32 += __shfl_xor_sync(0xffffffffu, v32, o);
+        int v128 = v32;
+        for (int o = 8; o < 32; o <<= 1) v128 += __shfl_xor_sync(0xffffffffu, v128, o);
+        if ((lane & 7) == 0) rs[(i / 8) * PLANES + p] = v32;
+        if (lane == 0) rs[(n32 + i / 32) * PLANES + p] = v128;
+    }
+    if (threadIdx.x == 0 && blockIdx.y == 0) exps[r] = k + 4;
+}
+
+// The activation rows of a tile's token slots: slot j is row base[j]/div for j < n, else none.
+__device__ __forceinline__ void slot_rows(int* trow, const int* base, int n, int div) {
+#pragma unroll
+    for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < n ? base[j] / div : -1;
+}
+
 // y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / 4)).
-template <int FMT> __device__ void gemv_mma(const WDesc d, const u16* xs, const int* exps, float* y, int T, int ldy, int yoff) {
+template <int FMT> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
     __shared__ float res[16 * MMA_TOKENS];
     int r0 = blockIdx.x * 16, t0 = blockIdx.y * MMA_TOKENS, nt = min(MMA_TOKENS, T - t0);
     int g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < d.rows ? r0 + g : -1, rb = r0 + 8 + g < d.rows ? r0 + 8 + g : -1;
-    float2 v = tile_part<FMT>(d, ra, rb, b_column(xs, d.cols, g < 2 * nt ? t0 + g / 2 : -1));
+    int trow[MMA_TOKENS];
+#pragma unroll
+    for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
+    float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
     tile_reduce(v, res);
     int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
     if (i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
 }
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
-// matching up rows; grid (ceil(I / 8), groups); x split by split_act (T rows).
-template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const u16* xs, const int* exps, float* act, int K, int I) {
+// matching up rows; grid (ceil(I / 8), groups); x split for the format (T rows).
+template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
@@ -296,8 +484,9 @@ template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     int r0 = blockIdx.x * 8, g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
-        int nt = min(MMA_TOKENS, offs[grp + 1] - p0);
-        float2 v = tile_part<FMT>(d, ra, rb, b_column(xs, d.cols, g < 2 * nt ? pairs[p0 + g / 2] / K : -1));
+        int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
+        slot_rows(trow, pairs + p0, nt, K);
+        float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         if (i < 8 * MMA_TOKENS && t < nt && r0 + r < I) {
@@ -308,8 +497,8 @@ template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     }
 }
 
-// part[p, r] = down_e[r] · act[p]; grid (ceil(H / 16), groups); act split by split_act (P rows).
-template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const u16* acts, const int* exps, float* part, int H) {
+// part[p, r] = down_e[r] · act[p]; grid (ceil(H / 16), groups); act split for the format (P rows).
+template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
@@ -319,8 +508,9 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     int r0 = blockIdx.x * 16, g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
-        int nt = min(MMA_TOKENS, offs[grp + 1] - p0);
-        float2 v = tile_part<FMT>(d, ra, rb, b_column(acts, d.cols, g < 2 * nt ? pairs[p0 + g / 2] : -1));
+        int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
+        slot_rows(trow, pairs + p0, nt, 1);
+        float2 v = tile_part<FMT>(d, ra, rb, trow, acts, sums);
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         if (i < 16 * MMA_TOKENS && t < nt && r0 + r < H) {
@@ -331,15 +521,15 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
 }
 
 #define INSTANTIATE_MMA(NAME, FMT, REGS)                                                                                      \
-    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const u16* xs, const int* exps, float* y, int T, int ldy, int yoff) { \
-        gemv_mma<FMT>(d, xs, exps, y, T, ldy, yoff);                                                                    \
+    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
+        gemv_mma<FMT>(d, xs, sums, exps, y, T, ldy, yoff);                                                              \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const u16* xs, const int* exps, float* act, int K, int I) { \
-        moe_gate_up_mma<FMT>(gu, plan, P, xs, exps, act, K, I);                                                         \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { \
+        moe_gate_up_mma<FMT>(gu, plan, P, xs, sums, exps, act, K, I);                                                   \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const u16* acts, const int* exps, float* part, int H) { \
-        moe_down_mma<FMT>(dn, plan, P, acts, exps, part, H);                                                            \
+    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
+        moe_down_mma<FMT>(dn, plan, P, acts, sums, exps, part, H);                                                      \
     }
 
 INSTANTIATE_MMA(fp8, FMT_FP8, 128)
-INSTANTIATE_MMA(int4, FMT_INT4, 80)
+INSTANTIATE_MMA(int4, FMT_INT4, 128)

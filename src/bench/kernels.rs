@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaStream};
 
+use crate::backend::cuda::weights::Fmt;
 use crate::backend::cuda::{CudaBackend, CudaRouting};
 use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::linear::{Format, LinearWeight};
@@ -70,20 +71,19 @@ fn random_weight(module: &str, rows: usize, cols: usize, fmt: &str, rng: &mut Rn
             )
         }
         _ => {
-            // int4, group 128, asymmetric (AWQ-style).
+            // int4: "int4" is group 128 asymmetric (AWQ-style), "int4-g32" group 32 symmetric.
+            let (group, asym) = int4_layout(fmt);
             let words = rows * cols / 8;
-            let groups = cols / 128;
+            let groups = cols / group;
             let data = bytes(words * 4, rng);
             let scales = vec![1e-3f32; rows * groups];
-            let zeros = bytes(rows.div_ceil(8) * groups * 4, rng);
+            let zero = asym.then(|| {
+                let zeros = bytes(rows.div_ceil(8) * groups * 4, rng);
+                view("weight_zero_point", OwnedTensor { dtype: DType::I32, shape: vec![rows.div_ceil(8), groups], data: zeros })
+            });
             (
                 view("weight_packed", OwnedTensor { dtype: DType::I32, shape: vec![rows, cols / 8], data }),
-                Format::Packed {
-                    bits: 4,
-                    group: 128,
-                    scale: view("weight_scale", OwnedTensor::bf16(&[rows, groups], &scales)),
-                    zero: Some(view("weight_zero_point", OwnedTensor { dtype: DType::I32, shape: vec![rows.div_ceil(8), groups], data: zeros })),
-                },
+                Format::Packed { bits: 4, group, scale: view("weight_scale", OwnedTensor::bf16(&[rows, groups], &scales)), zero },
             )
         }
     };
@@ -119,7 +119,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     let r = Report { peak };
 
     // Dense GEMV at decode (one token).
-    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4")] } else { &[] };
+    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g32")] } else { &[] };
     for &(rows, cols, fmt) in gemvs {
         // Rotate over several copies so the weight is not served from L2.
         let copies = (2usize << 30) / (rows * cols * 2) + 1;
@@ -138,13 +138,15 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     // below include their splits).
     for cols in if want("gemv") { vec![6144usize, 16384] } else { vec![] } {
         let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
-        let ms = time_graph(&ctx, &stream, 8, reps, || gpu.split_activation(&x).map(|_| ()))?;
-        r.row(&format!("activation split 1x{cols} (f32 -> f16 hi/lo)"), (cols * 8) as f64, ms);
+        for (fmt, what, bytes) in [(Fmt::Fp8, "f16 hi/lo", 8), (Fmt::Int4, "4 int8 planes", 8)] {
+            let ms = time_graph(&ctx, &stream, 8, reps, || gpu.split_activation(&x, fmt))?;
+            r.row(&format!("activation split 1x{cols} (f32 -> {what})"), (cols * bytes) as f64, ms);
+        }
     }
 
     // Eight routed experts per token, gate/up 6144->2x2048 and down 2048->6144.
     let (h, inter, n_exp) = (6144usize, 2048usize, 32usize);
-    let expert_fmts: &[&str] = if want("experts") { &["fp8", "int4"] } else { &[] };
+    let expert_fmts: &[&str] = if want("experts") { &["fp8", "int4", "int4-g32"] } else { &[] };
     for &fmt in expert_fmts {
         let experts: Vec<ExpertWeights> = (0..n_exp)
             .map(|e| ExpertWeights {
@@ -256,11 +258,24 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Group size and asymmetry of the bench's INT4 formats.
+fn int4_layout(fmt: &str) -> (usize, bool) {
+    if fmt == "int4-g32" {
+        (32, false)
+    } else {
+        (128, true)
+    }
+}
+
+/// Checkpoint bytes per weight: the bandwidth floor counts what the format stores.
 fn bytes_per_weight(fmt: &str) -> f64 {
     match fmt {
         "bf16" => 2.0,
         "fp8" => 1.0 + 4.0 / (128.0 * 128.0),
-        // int4 g128: half a byte, a bf16 scale and a packed zero point per 128 weights.
-        _ => 0.5 + (2.0 + 0.5) / 128.0,
+        _ => {
+            // Half a byte, a bf16 scale and (asymmetric) a packed zero point per group.
+            let (group, asym) = int4_layout(fmt);
+            0.5 + (2.0 + if asym { 0.5 } else { 0.0 }) / group as f64
+        }
     }
 }

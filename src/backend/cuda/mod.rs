@@ -23,8 +23,8 @@ pub struct CudaTensor {
     pub rows: usize,
     pub cols: usize,
     pub buf: CudaSlice<f32>,
-    /// The tensor split for the tensor-core kernels (natural and INT4 layouts), made once for
-    /// all the linear layers that read it; cleared when the tensor changes.
+    /// The tensor split for the tensor-core kernels (FP8: f16 halves; INT4: int8 planes), made
+    /// once for all the linear layers that read it; cleared when the tensor changes.
     splits: [OnceLock<Split>; 2],
 }
 
@@ -224,7 +224,7 @@ impl CudaBackend {
                     grid,
                     self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize)?,
                     0,
-                    &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.xs)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
+                    &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
                 self.launch_kernel(
@@ -267,9 +267,10 @@ impl CudaBackend {
         Ok(threads)
     }
 
-    /// A fresh split of `x` in the FP8 layout (not kept): the benchmark of split_act alone.
-    pub fn split_activation(&self, x: &CudaTensor) -> Result<()> {
-        self.split_uncached(x, Fmt::Fp8).map(|_| ())
+    /// A fresh split of `x` for weights of format `fmt` (not kept): the benchmark of the split
+    /// kernels alone.
+    pub fn split_activation(&self, x: &CudaTensor, fmt: Fmt) -> Result<()> {
+        self.split_uncached(x, fmt).map(|_| ())
     }
 
     /// `x` split for the tensor-core kernels (split_act in kernels/linear_mma.cu), laid out
@@ -284,17 +285,24 @@ impl CudaBackend {
     }
 
     fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
-        // Safety: u16 has no invalid bit patterns; split_act writes every element.
-        let xs = unsafe { self.stream.alloc::<u16>((2 * x.rows * x.cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
-        let exps = self.alloc_indices(x.rows)?;
-        self.launch(
-            "split_act",
-            (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1),
-            256,
-            0,
-            &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), Arg::I32((fmt == Fmt::Int4) as i32), Arg::Ptr(self.ptr(&xs)), Arg::Ptr(self.ptr(&exps))],
-        )?;
-        Ok(Split { xs, exps })
+        let (rows, cols) = (x.rows, x.cols);
+        let exps = self.alloc_indices(rows)?;
+        let grid = (rows as u32, (cols as u32).div_ceil(SPLIT_SEG), 1);
+        if fmt == Fmt::Int4 {
+            if cols % 128 != 0 {
+                bail!("split_planes: {cols} columns are not a multiple of 128");
+            }
+            // Safety: split_planes writes every plane byte and every sum.
+            let data = unsafe { self.stream.alloc::<u8>((PLANES * rows * cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
+            let sums = self.alloc_indices(rows * (cols / 32 + cols / 128) * PLANES)?;
+            let args = [Arg::Ptr(self.ptr(&x.buf)), Arg::I32(cols as i32), Arg::Ptr(self.ptr(&data)), Arg::Ptr(self.ptr(&sums)), Arg::Ptr(self.ptr(&exps))];
+            self.launch("split_planes", grid, 256, 0, &args)?;
+            return Ok(Split { data, sums: Some(sums), exps });
+        }
+        // Safety: split_act writes both f16 halves of every element.
+        let data = unsafe { self.stream.alloc::<u8>((4 * rows * cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
+        self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(cols as i32), Arg::Ptr(self.ptr(&data)), Arg::Ptr(self.ptr(&exps))])?;
+        Ok(Split { data, sums: None, exps })
     }
 
     fn elementwise_grid(n: usize) -> (u32, u32, u32) {
@@ -311,10 +319,22 @@ const MMA_TOKENS: u32 = 4;
 /// Columns per block of split_act (SPLIT_SEG in kernels/linear_mma.cu).
 const SPLIT_SEG: u32 = 1024;
 
-/// Activations split into f16 halves with a power-of-two exponent per row (split_act).
+/// Int8 planes per activation row of the INT4 kernels (PLANES in kernels/linear_mma.cu).
+const PLANES: usize = 4;
+
+/// Activations split for the tensor-core kernels with a power-of-two exponent per row: f16 hi
+/// and lo halves (split_act, FP8), or int8 planes with their sums per 32 and 128 columns
+/// (split_planes, INT4).
 struct Split {
-    xs: CudaSlice<u16>,
+    data: CudaSlice<u8>,
+    sums: Option<CudaSlice<i32>>,
     exps: CudaSlice<i32>,
+}
+
+impl Split {
+    fn sums_ptr(&self, gpu: &CudaBackend) -> u64 {
+        self.sums.as_ref().map_or(0, |s| gpu.ptr(s))
+    }
 }
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
@@ -850,7 +870,7 @@ impl Backend for CudaBackend {
                 grid,
                 self.mma_threads(kernel, h, experts.fmt_gate_up, (grid.0 * grid.1) as usize)?,
                 0,
-                &[a, b, c, Arg::Ptr(self.ptr(&xs.xs)), Arg::Ptr(self.ptr(&xs.exps)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
+                &[a, b, c, Arg::Ptr(self.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(self)), Arg::Ptr(self.ptr(&xs.exps)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
             )?;
             let act = CudaTensor::new(pairs, i, act);
             let acts = self.split(&act, experts.fmt_down)?;
@@ -862,7 +882,7 @@ impl Backend for CudaBackend {
                 grid,
                 self.mma_threads(kernel, i, experts.fmt_down, (grid.0 * grid.1) as usize)?,
                 0,
-                &[a, b, c, Arg::Ptr(self.ptr(&acts.xs)), Arg::Ptr(self.ptr(&acts.exps)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
+                &[a, b, c, Arg::Ptr(self.ptr(&acts.data)), Arg::Ptr(acts.sums_ptr(self)), Arg::Ptr(self.ptr(&acts.exps)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
             )?;
         } else {
             // Decode batches take a group's tokens one per pass (the second read of a tile hits
