@@ -5,7 +5,7 @@
 // Normalizes the latent half of kv_a output, ropes the rope half, stores the row; grid T.
 extern "C" __global__ void mla_cache_write(const float* __restrict__ kv, const float* __restrict__ norm_w, float eps,
                                            const float* __restrict__ cosv, const float* __restrict__ sinv, int interleaved,
-                                           const StepMeta m, float* __restrict__ pool, int L, int R) {
+                                           const StepMeta m, float* __restrict__ pool, int L, int R) { pdl_entry();
     extern __shared__ float row[];
     __shared__ float scratch[32];
     int t = blockIdx.x;
@@ -35,7 +35,7 @@ extern "C" __global__ void mla_cache_write(const float* __restrict__ kv, const f
 // smem: N + R + 4·blockDim floats.
 extern "C" __global__ void mla_queries(const float* __restrict__ q, const float* __restrict__ wuk, float* __restrict__ q_lat,
                                        float* __restrict__ q_pe, const float* __restrict__ cosv, const float* __restrict__ sinv,
-                                       int interleaved, int H, int N, int R, int L) {
+                                       int interleaved, int H, int N, int R, int L) { pdl_entry();
     extern __shared__ float4 sm4[];
     float* sm = (float*)sm4;  // [N + R] query (padded to a float4), then [parts][128] partial sums
     float* red = sm + (N + R + 3) / 4 * 4;
@@ -102,7 +102,7 @@ static_assert(MLA_HB == 8 && MLA_KT == 32, "the unrolled head loops assume 8 hea
 
 extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const float* __restrict__ pool,
                                             const StepMeta m, const int* __restrict__ sel, int topk, int H, int L, int R, float scale,
-                                            int ks, float* __restrict__ part) {
+                                            int ks, float* __restrict__ part) { pdl_entry();
     extern __shared__ float4 sm4[];
     float* sm = (float*)sm4;
     const int W = L + R, WP = W + 1, nwarps = blockDim.x >> 5;
@@ -229,7 +229,7 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
 // Merges the splits of each (row, head): every split's weight exp(m_s - max) once into shared
 // memory, then each thread sums its latent dim over the splits; grid (T, H, ceil(L / blockDim)),
 // smem S floats.
-extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, int L, int S, float* __restrict__ out) {
+extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, int L, int S, float* __restrict__ out) { pdl_entry();
     extern __shared__ float fs[];
     __shared__ float scratch[32];
     int t = blockIdx.x, h = blockIdx.y;
@@ -255,7 +255,7 @@ extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, in
 
 // out[t,h,j] = W_UV[h][j] · o_lat[t,h]; grid (T·H, ceil(V / warps)), a warp per output.
 extern "C" __global__ void mla_values(const float* __restrict__ o_lat, const float* __restrict__ wuv, float* __restrict__ out, int H,
-                                      int V, int L) {
+                                      int V, int L) { pdl_entry();
     int t = blockIdx.x / H, h = blockIdx.x % H;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float* o = o_lat + ((size_t)t * H + h) * L;
@@ -271,7 +271,7 @@ extern "C" __global__ void mla_values(const float* __restrict__ o_lat, const flo
 // LayerNorm (weight, bias) of the indexer key, rope on its first R dims, stored; grid T.
 extern "C" __global__ void index_cache_write(const float* __restrict__ k, const float* __restrict__ nw_, const float* __restrict__ nb,
                                              float eps, const float* __restrict__ cosv, const float* __restrict__ sinv,
-                                             int interleaved, const StepMeta m, float* __restrict__ pool, int D, int R) {
+                                             int interleaved, const StepMeta m, float* __restrict__ pool, int D, int R) { pdl_entry();
     extern __shared__ float row[];
     __shared__ float scratch[32];
     int t = blockIdx.x;
@@ -309,7 +309,7 @@ extern "C" __global__ void index_cache_write(const float* __restrict__ k, const 
 static_assert(IDX_HP == 8, "the unrolled head loop assumes 8 heads per pass");
 extern "C" __global__ void index_scores(const float* __restrict__ q, const float* __restrict__ w, const float* __restrict__ pool,
                                         const StepMeta m, const float* __restrict__ cosv, const float* __restrict__ sinv,
-                                        int interleaved, int NH, int D, int R, int ld, float* __restrict__ scores) {
+                                        int interleaved, int NH, int D, int R, int ld, float* __restrict__ scores) { pdl_entry();
     extern __shared__ float4 sm4[];
     float* sm = (float*)sm4;
     const int groups = blockDim.x / IDX_KT;  // head groups per key
@@ -391,7 +391,7 @@ __device__ __forceinline__ u32 order_key(float f) {
 
 __device__ __forceinline__ int row_len(const StepMeta& m, int t, int ld) { return min(m.pos[t] + 1, ld); }
 
-extern "C" __global__ void topk_hist(const float* __restrict__ scores, const StepMeta m, int ld, int topk, u32* __restrict__ hist) {
+extern "C" __global__ void topk_hist(const float* __restrict__ scores, const StepMeta m, int ld, int topk, u32* __restrict__ hist) { pdl_entry();
     __shared__ u32 h[TOPK_BINS];
     int t = blockIdx.x, n = row_len(m, t, ld);
     if (n <= topk) return;
@@ -405,7 +405,7 @@ extern "C" __global__ void topk_hist(const float* __restrict__ scores, const Ste
 }
 
 // One block of 1024 threads per row; each thread owns 4 bins, counted from the top.
-extern "C" __global__ void topk_threshold(const u32* __restrict__ hist, const StepMeta m, int ld, int topk, int* __restrict__ meta) {
+extern "C" __global__ void topk_threshold(const u32* __restrict__ hist, const StepMeta m, int ld, int topk, int* __restrict__ meta) { pdl_entry();
     __shared__ u32 warp_tot[32];
     int t = blockIdx.x, n = row_len(m, t, ld);
     int* mt = meta + t * 4;
@@ -437,7 +437,7 @@ extern "C" __global__ void topk_threshold(const u32* __restrict__ hist, const St
 }
 
 extern "C" __global__ void topk_collect(const float* __restrict__ scores, const StepMeta m, int ld, int topk, int* __restrict__ meta,
-                                        int* __restrict__ sel, int* __restrict__ cand) {
+                                        int* __restrict__ sel, int* __restrict__ cand) { pdl_entry();
     int t = blockIdx.x;
     int* mt = meta + t * 4;
     int bin = mt[0], n = mt[3];
@@ -491,7 +491,7 @@ __device__ void radix_pass(const float* row, const int* c, int nc, int shift, in
 // Finishes each row: all of it when it has at most k positions, else the best candidates
 // (whose top 12 bits are equal) by radix select on the low 20 bits.
 extern "C" __global__ void topk_finish(const float* __restrict__ scores, const StepMeta m, int ld, int topk, const int* __restrict__ meta,
-                                       const int* __restrict__ cand, int* __restrict__ sel) {
+                                       const int* __restrict__ cand, int* __restrict__ sel) { pdl_entry();
     __shared__ u32 hist[256], scan_s[32];
     __shared__ u32 prefix_s, remain_s, count_gt, count_tie;
     int t = blockIdx.x;

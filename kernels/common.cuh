@@ -180,3 +180,11 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
     pairs = plan + 2 + 2 * P;
 }
 
+
+// ---- programmatic dependent launch -----------------------------------------------------------
+// Every kernel is launched so that it may start while the kernel before it on the stream is
+// still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act is to
+// wait until that kernel has completed and its writes are visible, then to let the next kernel
+// launch: launches and block start-up overlap the previous kernel's tail, and no kernel reads
+// an input before it is complete. (Both are no-ops for a kernel launched without the attribute.)
+__device__ __forceinline__ void pdl_entry() { asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory"); }

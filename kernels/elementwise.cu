@@ -1,24 +1,52 @@
 // Norms and elementwise operations on f32 activations.
 
-// y = w ⊙ x / sqrt(mean(x²) + eps), one block per row.
+// y = w ⊙ x / sqrt(mean(x²) + eps), one block per row. A row of up to NORM_VEC float4s per
+// thread is read into registers with all its loads in flight at once: a loop of loads into a
+// running sum waited a memory latency per step (21 µs for one 6144-wide row on H200, against
+// 2-3 µs). Longer or unaligned rows take the loop.
+#define NORM_VEC 8
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
-                                    float eps) {
+                                    float eps) { pdl_entry();
     __shared__ float scratch[32];
     const float* xr = x + (size_t)blockIdx.x * cols;
+    float* yr = y + (size_t)blockIdx.x * cols;
+    int n4 = cols / 4;
+    if (cols % 4 == 0 && n4 <= NORM_VEC * (int)blockDim.x) {
+        float4 v[NORM_VEC];
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < NORM_VEC; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            v[j] = i < n4 ? ((const float4*)xr)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int j = 0; j < NORM_VEC; j++) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        float r = 1.f / sqrtf(block_sum(ss, scratch) / cols + eps);
+#pragma unroll
+        for (int j = 0; j < NORM_VEC; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            if (i < n4) {
+                float4 g = ((const float4*)w)[i];
+                ((float4*)yr)[i] = make_float4(g.x * (v[j].x * r), g.y * (v[j].y * r), g.z * (v[j].z * r), g.w * (v[j].w * r));
+            }
+        }
+        return;
+    }
     float ss = 0.f;
+#pragma unroll 8
     for (int c = threadIdx.x; c < cols; c += blockDim.x) ss = fmaf(xr[c], xr[c], ss);
-    ss = block_sum(ss, scratch);
-    float r = 1.f / sqrtf(ss / cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) y[(size_t)blockIdx.x * cols + c] = w[c] * (xr[c] * r);
+    float r = 1.f / sqrtf(block_sum(ss, scratch) / cols + eps);
+#pragma unroll 8
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (xr[c] * r);
 }
 
-extern "C" __global__ void add_assign(float* __restrict__ a, const float* __restrict__ b, size_t n) {
+extern "C" __global__ void add_assign(float* __restrict__ a, const float* __restrict__ b, size_t n) { pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] += b[i];
 }
 
 // y[r, i] = silu(x[r, i]) · x[r, n + i] for x = [rows, 2n].
-extern "C" __global__ void swiglu(const float* __restrict__ x, float* __restrict__ y, int rows, int n) {
+extern "C" __global__ void swiglu(const float* __restrict__ x, float* __restrict__ y, int rows, int n) { pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)rows * n) return;
     size_t r = i / n, j = i % n;
@@ -28,7 +56,7 @@ extern "C" __global__ void swiglu(const float* __restrict__ x, float* __restrict
 
 // y = [a | b] along columns.
 extern "C" __global__ void concat_cols(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, int rows,
-                                       int ca, int cb) {
+                                       int ca, int cb) { pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int w = ca + cb;
     if (i >= (size_t)rows * w) return;
@@ -39,7 +67,7 @@ extern "C" __global__ void concat_cols(const float* __restrict__ a, const float*
 
 // y[i] = x[rows[i]]
 extern "C" __global__ void select_rows(const float* __restrict__ x, const int* __restrict__ rows, float* __restrict__ y, int n,
-                                       int cols) {
+                                       int cols) { pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)n * cols) return;
     size_t r = i / cols;

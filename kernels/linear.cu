@@ -302,12 +302,16 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
 }
 
 // Groups the step's pairs by expert (one thread; P is small at decode). smem: E ints.
-extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int* __restrict__ plan) {
+extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int* __restrict__ plan) { pdl_entry();
+    // Shared: a count per expert, then the pairs' experts (read from global in one parallel
+    // pass; a single thread reading them one by one waited a latency per pair).
     extern __shared__ int cnt[];
+    int* ex = cnt + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) ex[p] = idx[p];
     __syncthreads();
     if (threadIdx.x != 0) return;
-    for (int p = 0; p < P; p++) cnt[idx[p]]++;
+    for (int p = 0; p < P; p++) cnt[ex[p]]++;
     int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
     int groups = 0, off = 0;
     for (int e = 0; e < E; e++) {
@@ -315,30 +319,30 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
         experts[groups] = e;
         offs[groups] = off;
         off += cnt[e];
-        cnt[e] = offs[groups];  // becomes the next free slot of the group
+        cnt[e] = off - cnt[e];  // becomes the next free slot of the group
         groups++;
     }
     offs[groups] = off;
     plan[0] = groups;
-    for (int p = 0; p < P; p++) pairs[cnt[idx[p]]++] = p;
+    for (int p = 0; p < P; p++) pairs[cnt[ex[p]]++] = p;
 }
 
 #define MOE_NT_KERNELS(NAME, FMT, NT)                                                                      \
-    extern "C" __global__ void moe_gate_up##NT##_##NAME(const WDesc* gu, const int* plan, int P, const float* x, float* act, int K, int I) { \
+    extern "C" __global__ void moe_gate_up##NT##_##NAME(const WDesc* gu, const int* plan, int P, const float* x, float* act, int K, int I) { pdl_entry(); \
         moe_gate_up<FMT, NT>(gu, plan, P, x, act, K, I);                                                   \
     }                                                                                                      \
-    extern "C" __global__ void moe_down##NT##_##NAME(const WDesc* dn, const int* plan, int P, const float* act, float* part, int H) { \
+    extern "C" __global__ void moe_down##NT##_##NAME(const WDesc* dn, const int* plan, int P, const float* act, float* part, int H) { pdl_entry(); \
         moe_down<FMT, NT>(dn, plan, P, act, part, H);                                                      \
     }
 
 #define INSTANTIATE(NAME, FMT)                                                                            \
-    extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
+    extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { pdl_entry(); \
         gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
-    extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
+    extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { pdl_entry(); \
         gemv<FMT, 8>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
-    extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { embed<FMT>(d, ids, out); } \
+    extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { pdl_entry(); embed<FMT>(d, ids, out); } \
     MOE_NT_KERNELS(NAME, FMT, 1)                                                                           \
     MOE_NT_KERNELS(NAME, FMT, 8)
 
@@ -351,11 +355,12 @@ INSTANTIATE(int8, FMT_INT8)
 
 // out[t, r] = Σ_k w[t, k] · part[t·K + k, r]
 extern "C" __global__ void moe_combine(const float* __restrict__ part, const float* __restrict__ w, float* __restrict__ out,
-                                       int T, int K, int H) {
+                                       int T, int K, int H) { pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * H) return;
     int t = i / H, r = i % H;
     float s = 0.f;
+#pragma unroll 8
     for (int k = 0; k < K; k++) s = fmaf(w[t * K + k], part[((size_t)t * K + k) * H + r], s);
     out[i] = s;
 }
@@ -365,7 +370,7 @@ extern "C" __global__ void moe_combine(const float* __restrict__ part, const flo
 // shared ≥ 0 that expert (the shared expert folded into the routed ones) follows every token's
 // K choices with weight 1, so idx and wout hold K + 1 entries per token. smem: 2·E + G floats.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
-                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared) {
+                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared) { pdl_entry();
     extern __shared__ float sm[];
     float* s = sm;           // sigmoid scores
     float* c = sm + E;       // selection scores
@@ -426,14 +431,17 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
         sum += s[bi];
         __syncwarp();
         if (lane == 0) {
-            idx[t * K1 + k] = bi;
+            chosen[k] = bi;
             c[bi] = NEG_INF;
         }
         __syncwarp();
     }
+    float denom = norm ? sum + 1e-20f : 1.f;
+    for (int k = lane; k < K; k += 32) {
+        idx[t * K1 + k] = chosen[k];
+        wout[t * K1 + k] = s[chosen[k]] / denom * scaling;
+    }
     if (lane == 0) {
-        float denom = norm ? sum + 1e-20f : 1.f;
-        for (int k = 0; k < K; k++) wout[t * K1 + k] = s[idx[t * K1 + k]] / denom * scaling;
         if (shared >= 0) {
             idx[t * K1 + K] = shared;
             wout[t * K1 + K] = 1.f;

@@ -384,7 +384,7 @@ __device__ __forceinline__ int row_exponent(float m, int top, int lo, int hi) {
 // segments of SPLIT_SEG columns), 256 threads: every block finds its row's max and converts its
 // segment, 4 columns per thread. cols is a multiple of 64.
 #define SPLIT_SEG 1024
-extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) {
+extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) { pdl_entry();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -412,7 +412,7 @@ extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16*
 // columns (see int4_dots). Each plane takes the rounded remainder of the ones before it,
 // scaled by 2^PLANE_BITS. Same grid as split_act; cols is a multiple of 128, so each warp
 // covers whole 128-column chunks.
-extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) {
+extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) { pdl_entry();
     __shared__ float scratch[32];
     int r = blockIdx.x, lane = threadIdx.x & 31;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -521,13 +521,13 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
 }
 
 #define INSTANTIATE_MMA(NAME, FMT, REGS)                                                                                      \
-    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
+    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { pdl_entry(); \
         gemv_mma<FMT>(d, xs, sums, exps, y, T, ldy, yoff);                                                              \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
         moe_gate_up_mma<FMT>(gu, plan, P, xs, sums, exps, act, K, I);                                                   \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { pdl_entry(); \
         moe_down_mma<FMT>(dn, plan, P, acts, sums, exps, part, H);                                                      \
     }
 

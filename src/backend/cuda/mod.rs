@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 
 use self::cache::{CudaCache, CudaStep, StepMeta};
 use self::weights::{upload_experts, upload_stacked, CudaExperts, CudaWeight, Fmt, WDesc};
@@ -166,21 +166,46 @@ impl CudaBackend {
         self.launch_kernel((name, None), grid, block, smem, args)
     }
 
+    /// Launches `kernel` on the backend's stream. Every launch allows programmatic dependent
+    /// launch (pdl_entry in kernels/common.cuh): the kernel may be scheduled while the one
+    /// before it finishes, and waits for it before reading anything. `DUET_PDL=0` launches
+    /// with plain stream order instead.
     fn launch_kernel(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
+        use cudarc::driver::sys;
         let f = self.function(kernel)?;
-        let mut b = self.stream.launch_builder(&f);
-        for a in args {
-            match a {
-                Arg::Ptr(v) => b.arg(v),
-                Arg::I32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-                Arg::Desc(v) => b.arg(v),
-                Arg::Meta(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem as u32 };
-        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {}: {e:?}", kernel_name(kernel)))?;
-        Ok(())
+        // The driver reads each parameter through a pointer to its value (it copies them).
+        let mut params: Vec<*mut std::ffi::c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Ptr(v) => v as *const u64 as *mut std::ffi::c_void,
+                Arg::I32(v) => v as *const i32 as *mut std::ffi::c_void,
+                Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+                Arg::Desc(v) => v as *const WDesc as *mut std::ffi::c_void,
+                Arg::Meta(v) => v as *const StepMeta as *mut std::ffi::c_void,
+            })
+            .collect();
+        // Safety: a zeroed attribute is valid; id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem as u32,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: pdl_enabled() as u32,
+        };
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
+        // Safety: the parameters match the kernel's signature (each launch site passes them in
+        // its order) and every pointer in them is a live device allocation of this context.
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| anyhow!("launching {}: {e:?}", kernel_name(kernel)))
     }
 
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
@@ -308,6 +333,12 @@ impl CudaBackend {
     fn elementwise_grid(n: usize) -> (u32, u32, u32) {
         ((n as u32).div_ceil(256).max(1), 1, 1)
     }
+}
+
+/// Whether launches allow programmatic dependent launch (`DUET_PDL` unset or not 0).
+fn pdl_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DUET_PDL").map_or(true, |v| v != "0"))
 }
 
 /// Token rows up to which linear layers take the tensor-core kernels (decode, MTP verify);
@@ -805,8 +836,8 @@ impl Backend for CudaBackend {
         if bias.0.len() != e {
             bail!("route: bias of {} for {e} experts", bias.0.len());
         }
-        if p.n_group > 64 || p.topk_group > 64 {
-            bail!("route: at most 64 expert groups are supported");
+        if p.n_group > 64 || p.topk_group > 64 || p.top_k > 64 {
+            bail!("route: at most 64 expert groups and 64 experts per token are supported");
         }
         let logits = self.linear(x, gate)?;
         let k1 = p.top_k + p.shared.is_some() as usize;
@@ -853,7 +884,7 @@ impl Backend for CudaBackend {
             "moe_plan",
             (1, 1, 1),
             256,
-            experts.count * 4,
+            (experts.count + pairs) * 4,
             &[Arg::Ptr(self.ptr(&routing.idx)), Arg::I32(pairs as i32), Arg::I32(experts.count as i32), Arg::Ptr(self.ptr(&plan))],
         )?;
         let act = self.alloc(pairs * i)?;
