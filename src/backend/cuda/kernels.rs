@@ -23,6 +23,17 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// `CudaBackend::new` names it too).
 const OPTIONS: &[&str] = &["--std=c++17", "--gpu-architecture=sm_90a", "-lineinfo"];
 
+/// The compile options: OPTIONS, then any `-D` defines in `DUET_KERNEL_DEFINES` (space
+/// separated), which override the kernels' tuning constants (chunks in flight, register caps)
+/// for sweeps on the device without a rebuild.
+fn options() -> Vec<String> {
+    let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    if let Ok(defs) = std::env::var("DUET_KERNEL_DEFINES") {
+        opts.extend(defs.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string));
+    }
+    opts
+}
+
 /// Whether libnvrtc can be opened.
 pub fn nvrtc_available() -> bool {
     unsafe { nvrtc_sys::is_culib_present() }
@@ -58,7 +69,7 @@ pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
     let full = CString::new(full_source(name, src)).context("kernel source contains a NUL byte")?;
     let fname = CString::new(format!("{name}.cu")).unwrap();
     let prog = nvrtc::create_program(&full, Some(&fname)).map_err(|e| anyhow!("nvrtc cannot create {name}.cu: {e:?}"))?;
-    let compiled = unsafe { nvrtc::compile_program(prog, OPTIONS) };
+    let compiled = unsafe { nvrtc::compile_program(prog, &options()) };
     let result = match compiled {
         Err(e) => {
             let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
@@ -79,7 +90,7 @@ pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
 
 fn cache_path(name: &str, src: &str) -> PathBuf {
     let (major, minor) = nvrtc_version();
-    let key = fnv1a(&[COMMON.as_bytes(), src.as_bytes(), OPTIONS.join(" ").as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    let key = fnv1a(&[COMMON.as_bytes(), src.as_bytes(), options().join(" ").as_bytes(), format!("{major}.{minor}").as_bytes()]);
     crate::tiny::cache_dir().join("kernels").join(format!("{name}-{key:016x}.cubin"))
 }
 

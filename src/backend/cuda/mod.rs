@@ -273,6 +273,9 @@ impl CudaBackend {
     fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
+        if let Some(w) = forced_mma_warps() {
+            return Ok(32 * w.min(most) as u32);
+        }
         // Decided once per launch shape: the occupancy calculator is not free.
         let key = (kernel, most, tiles);
         if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
@@ -333,6 +336,13 @@ impl CudaBackend {
     fn elementwise_grid(n: usize) -> (u32, u32, u32) {
         ((n as u32).div_ceil(256).max(1), 1, 1)
     }
+}
+
+/// Warps per tensor-core block forced by `DUET_MMA_WARPS` (a tuning knob for sweeps on the
+/// device), or None for the occupancy rule of `mma_threads`.
+fn forced_mma_warps() -> Option<usize> {
+    static WARPS: OnceLock<Option<usize>> = OnceLock::new();
+    *WARPS.get_or_init(|| std::env::var("DUET_MMA_WARPS").ok().and_then(|v| v.parse().ok()).filter(|&w| (2..=16).contains(&w)))
 }
 
 /// Whether launches allow programmatic dependent launch (`DUET_PDL` unset or not 0).

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine: `duet bench kernels --only PART` once per tuning configuration and
+# prints the rows matching FILTER for each, so one device call compares several settings.
+# A configuration is a line of environment assignments, for example
+#   DUET_MMA_WARPS=4
+#   DUET_KERNEL_DEFINES="-DINT4_UNR_ASYM=2 -DINT4_REGS=96"
+# (kernels/linear_mma.cu lists the tuning constants; DUET_MMA_WARPS forces the warps of its blocks.)
+#   usage: launch/device-sweep.sh PART FILTER < configs
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source launch/cuda-env.sh
+part=$1 filter=$2
+while IFS= read -r cfg; do
+    [ -z "$cfg" ] && continue
+    echo "== ${cfg}"
+    env -S "$cfg" ./target/release/duet bench kernels --only "$part" 2>&1 | grep -E "$filter"
+done
