@@ -302,15 +302,9 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
 }
 
 // Groups the step's pairs by expert (one thread; P is small at decode). smem: E ints.
-extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int* __restrict__ plan) { pdl_entry();
-    // Shared: a count per expert, then the pairs' experts (read from global in one parallel
-    // pass; a single thread reading them one by one waited a latency per pair).
-    extern __shared__ int cnt[];
-    int* ex = cnt + E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
-    for (int p = threadIdx.x; p < P; p += blockDim.x) ex[p] = idx[p];
-    __syncthreads();
-    if (threadIdx.x != 0) return;
+// Fills `plan` (see plan_parts) from the pairs' experts ex[0 .. P) (E experts); cnt: E ints of
+// scratch, zeroed. One thread.
+__device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
     for (int p = 0; p < P; p++) cnt[ex[p]]++;
     int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
     int groups = 0, off = 0;
@@ -325,6 +319,19 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
     offs[groups] = off;
     plan[0] = groups;
     for (int p = 0; p < P; p++) pairs[cnt[ex[p]]++] = p;
+}
+
+// The plan of a step's routes. Shared: a count per expert, then (when `staged`) the pairs'
+// experts, read from global in one parallel pass: a single thread reading them one by one
+// waited a memory latency per pair.
+extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int staged, int* __restrict__ plan) { pdl_entry();
+    extern __shared__ int cnt[];
+    int* ex = cnt + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    if (staged)
+        for (int p = threadIdx.x; p < P; p += blockDim.x) ex[p] = idx[p];
+    __syncthreads();
+    if (threadIdx.x == 0) plan_from(staged ? ex : idx, P, E, cnt, plan);
 }
 
 #define MOE_NT_KERNELS(NAME, FMT, NT)                                                                      \
@@ -369,8 +376,13 @@ extern "C" __global__ void moe_combine(const float* __restrict__ part, const flo
 // top-k by its first warp (K rounds of a warp arg-max; ties go to the lower index). With
 // shared ≥ 0 that expert (the shared expert folded into the routed ones) follows every token's
 // K choices with weight 1, so idx and wout hold K + 1 entries per token. smem: 2·E + G floats.
+// One block per token. With `plan` non-null, the last block to finish also builds the step's
+// plan over PE experts (moe_plan's work, without its launch): blocks count themselves done in
+// `done`, which the last one resets to zero for the next step. Dynamic shared memory: the
+// larger of (2E + G) floats and (PE + T·K1) ints.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
-                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared) { pdl_entry();
+                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
+                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry();
     extern __shared__ float sm[];
     float* s = sm;           // sigmoid scores
     float* c = sm + E;       // selection scores
@@ -446,5 +458,24 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             idx[t * K1 + K] = shared;
             wout[t * K1 + K] = 1.f;
         }
+    }
+    if (!plan) return;
+    __shared__ int last;
+    if (lane == 0) {
+        __threadfence();  // this token's picks are visible before it counts itself done
+        last = atomicAdd(done, 1) == (int)gridDim.x - 1;
+    }
+    __syncwarp();
+    if (!last) return;
+    __threadfence();
+    int P = gridDim.x * K1;
+    int* cnt = (int*)sm;
+    int* ex = cnt + PE;
+    for (int e = lane; e < PE; e += 32) cnt[e] = 0;
+    for (int p = lane; p < P; p += 32) ex[p] = __ldcg(idx + p);  // other blocks' writes, from L2
+    __syncwarp();
+    if (lane == 0) {
+        plan_from(ex, P, PE, cnt, plan);
+        *done = 0;
     }
 }

@@ -205,6 +205,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
                 top_k: 8,
                 idx: stream.clone_htod(&idx).map_err(|e| anyhow!("{e:?}"))?,
                 weights: stream.clone_htod(&vec![0.125f32; batch * 8]).map_err(|e| anyhow!("{e:?}"))?,
+                plan: None,
             };
             let ms = time_graph(&ctx, &stream, 8, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
             r.row(&format!("experts {fmt} 8/token x{batch} ({distinct} distinct)"), distinct as f64 * expert_bytes, ms);

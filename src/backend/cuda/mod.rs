@@ -52,6 +52,9 @@ pub struct CudaRouting {
     pub top_k: usize,
     pub idx: CudaSlice<i32>,
     pub weights: CudaSlice<f32>,
+    /// The pairs grouped by expert (moe_plan's layout), when the router built it (decode
+    /// steps), with the number of experts it counts.
+    pub plan: Option<(CudaSlice<i32>, usize)>,
 }
 
 /// A kernel argument, passed by value.
@@ -82,6 +85,8 @@ pub struct CudaBackend {
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
     /// Threads of a tensor-core launch, by (kernel, most warps, blocks): see `mma_threads`.
     mma_block: RwLock<HashMap<(Kernel, usize, usize), u32>>,
+    /// moe_route's count of finished blocks (zero between launches: the last block resets it).
+    route_done: CudaSlice<i32>,
     sms: usize,
     device_name: String,
 }
@@ -124,7 +129,8 @@ impl CudaBackend {
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as usize;
-        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), mma_block: RwLock::new(HashMap::new()), sms, device_name })
+        let route_done = stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))?;
+        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), mma_block: RwLock::new(HashMap::new()), route_done, sms, device_name })
     }
 
     pub fn device_name(&self) -> &str {
@@ -851,14 +857,20 @@ impl Backend for CudaBackend {
         }
         let logits = self.linear(x, gate)?;
         let k1 = p.top_k + p.shared.is_some() as usize;
-        let idx = self.alloc_indices(x.rows * k1)?;
-        let weights = self.alloc(x.rows * k1)?;
+        let pairs = x.rows * k1;
+        let idx = self.alloc_indices(pairs)?;
+        let weights = self.alloc(pairs)?;
+        // Decode steps get their plan from the router's last block (one launch fewer); the
+        // plan counts the appended shared expert too.
+        let plan_experts = p.shared.map_or(e, |s| e.max(s + 1));
+        let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((self.alloc_indices(2 + 3 * pairs)?, plan_experts)) } else { None };
         if x.rows > 0 {
+            let smem = (2 * e + p.n_group).max(if plan.is_some() { plan_experts + pairs } else { 0 }) * 4;
             self.launch(
                 "moe_route",
                 (x.rows as u32, 1, 1),
                 256,
-                (2 * e + p.n_group) * 4,
+                smem,
                 &[
                     Arg::Ptr(self.ptr(&logits.buf)),
                     Arg::Ptr(self.ptr(&bias.0)),
@@ -871,10 +883,13 @@ impl Backend for CudaBackend {
                     Arg::I32(p.norm_topk_prob as i32),
                     Arg::F32(p.scaling),
                     Arg::I32(p.shared.map_or(-1, |s| s as i32)),
+                    Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| self.ptr(b))),
+                    Arg::Ptr(self.ptr(&self.route_done)),
+                    Arg::I32(plan_experts as i32),
                 ],
             )?;
         }
-        Ok(CudaRouting { top_k: k1, idx, weights })
+        Ok(CudaRouting { top_k: k1, idx, weights, plan })
     }
 
     fn moe(&self, x: &CudaTensor, experts: &CudaExperts, routing: &CudaRouting) -> Result<CudaTensor> {
@@ -888,18 +903,28 @@ impl Backend for CudaBackend {
         }
         let pairs = t * k;
         let groups = pairs.min(experts.count) as u32;
-        // Pairs grouped by expert: [groups | expert per group | offsets | pairs].
-        let plan = unsafe { self.stream.alloc::<i32>(2 + 3 * pairs) }.map_err(|e| anyhow!("{e:?}"))?;
-        self.launch(
-            "moe_plan",
-            (1, 1, 1),
-            256,
-            (experts.count + pairs) * 4,
-            &[Arg::Ptr(self.ptr(&routing.idx)), Arg::I32(pairs as i32), Arg::I32(experts.count as i32), Arg::Ptr(self.ptr(&plan))],
-        )?;
+        // Pairs grouped by expert: [groups | expert per group | offsets | pairs], from the
+        // router when it made one for these experts.
+        let built;
+        let plan = match &routing.plan {
+            Some((plan, n)) if *n == experts.count => plan,
+            _ => {
+                built = self.alloc_indices(2 + 3 * pairs)?;
+                // The routes are staged in shared memory when they fit in 64 KB with the counts.
+                let staged = (experts.count + pairs) * 4 <= 64 * 1024;
+                self.launch(
+                    "moe_plan",
+                    (1, 1, 1),
+                    256,
+                    (experts.count + if staged { pairs } else { 0 }) * 4,
+                    &[Arg::Ptr(self.ptr(&routing.idx)), Arg::I32(pairs as i32), Arg::I32(experts.count as i32), Arg::I32(staged as i32), Arg::Ptr(self.ptr(&built))],
+                )?;
+                &built
+            }
+        };
         let act = self.alloc(pairs * i)?;
         let part = self.alloc(pairs * h)?;
-        let plan_args = |table: &CudaSlice<WDesc>| [Arg::Ptr(self.ptr(table)), Arg::Ptr(self.ptr(&plan)), Arg::I32(pairs as i32)];
+        let plan_args = |table: &CudaSlice<WDesc>| [Arg::Ptr(self.ptr(table)), Arg::Ptr(self.ptr(plan)), Arg::I32(pairs as i32)];
         if experts.mma && t <= MMA_MAX_TOKENS {
             // Tensor cores: 8 gate rows with their up rows per tile, then 16 down rows.
             let xs = self.split(x, experts.fmt_gate_up)?;
