@@ -122,13 +122,29 @@ struct Fp8Tile {
         xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
     }
     __device__ int chunks() const { return d.cols >> 6; }
+    __device__ int row_bytes() const { return d.cols; }
+    __device__ const u8* row(int r) const { return (const u8*)d.w + (size_t)r * d.cols; }
+    // Chunk q's weight pieces from rows at pa and pb (global, or a shared-memory copy whose
+    // chunk 0 is chunk q0 of the row).
+    template <bool SMEM> __device__ void weights(const u8* pa, const u8* pb, int q, Chunk& ch) const {
+        int c = threadIdx.x & 3;
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        ch.a = ra >= 0 ? (SMEM ? *(const uint4*)(pa + 64 * q + 16 * c) : ld_stream(pa + 64 * q + 16 * c)) : z;
+        ch.b = rb >= 0 ? (SMEM ? *(const uint4*)(pb + 64 * q + 16 * c) : ld_stream(pb + 64 * q + 16 * c)) : z;
+    }
     __device__ void load(int q, Chunk& ch) const {
+        if (q < chunks()) {
+            weights<false>(row(max(ra, 0)), row(max(rb, 0)), q, ch);
+        } else {
+            ch.a = ch.b = make_uint4(0, 0, 0, 0);
+        }
+        load_x(q, ch);
+    }
+    // Everything but the weights: the x pieces and the rows' scales.
+    __device__ void load_x(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
         bool ok = q < chunks();
         const uint4 z = make_uint4(0, 0, 0, 0);
-        const u8* w = (const u8*)d.w + 64 * q + 16 * c;
-        ch.a = ok && ra >= 0 ? ld_stream(w + (size_t)ra * d.cols) : z;
-        ch.b = ok && rb >= 0 ? ld_stream(w + (size_t)rb * d.cols) : z;
         ch.x[0] = ok && xp ? xp[8 * q + 2 * c] : z;
         ch.x[1] = ok && xp ? xp[8 * q + 2 * c + 1] : z;
         ch.sa = ok && ra >= 0 ? __ldg(sa + (q >> lq)) : 0.f;
@@ -234,18 +250,38 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         }
         return make_float4(__ldg(p), 0.f, 0.f, 0.f);
     }
+    __device__ int row_bytes() const { return d.cols >> 1; }
+    __device__ const u8* row(int r) const { return (const u8*)d.w + (size_t)r * (d.cols >> 1); }
+    // Chunk q's weight words from rows at pa and pb (global, or a shared-memory copy whose
+    // chunk 0 is chunk q0 of the row).
+    template <bool SMEM> __device__ void weights(const u8* pa, const u8* pb, int q, Chunk& ch) const {
+        int c = threadIdx.x & 3;
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        const u32 *a = (const u32*)pa + 16 * q, *b = (const u32*)pb + 16 * q;
+        if (CONTIG) {
+            ch.a = ra >= 0 ? (SMEM ? *(const uint4*)(a + 4 * c) : ld_stream(a + 4 * c)) : z;
+            ch.b = rb >= 0 ? (SMEM ? *(const uint4*)(b + 4 * c) : ld_stream(b + 4 * c)) : z;
+        } else if (SMEM) {
+            ch.a = ra >= 0 ? make_uint4(a[c], a[c + 4], a[c + 8], a[c + 12]) : z;
+            ch.b = rb >= 0 ? make_uint4(b[c], b[c + 4], b[c + 8], b[c + 12]) : z;
+        } else {
+            ch.a = ra >= 0 ? make_uint4(__ldg(a + c), __ldg(a + c + 4), __ldg(a + c + 8), __ldg(a + c + 12)) : z;
+            ch.b = rb >= 0 ? make_uint4(__ldg(b + c), __ldg(b + c + 4), __ldg(b + c + 8), __ldg(b + c + 12)) : z;
+        }
+    }
     __device__ void load(int q, Chunk& ch) const {
+        if (q < chunks()) {
+            weights<false>((const u8*)wa, (const u8*)wb, q, ch);
+        } else {
+            ch.a = ch.b = make_uint4(0, 0, 0, 0);
+        }
+        load_x(q, ch);
+    }
+    // Everything but the weights: x pieces, scales, zero points and plane sums.
+    __device__ void load_x(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
         bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
         const uint4 z = make_uint4(0, 0, 0, 0);
-        if (CONTIG) {
-            ch.a = oa ? ld_stream(wa + 16 * q + 4 * c) : z;
-            ch.b = ob ? ld_stream(wb + 16 * q + 4 * c) : z;
-        } else {
-            const u32 *pa = wa + 16 * q + c, *pb = wb + 16 * q + c;
-            ch.a = oa ? make_uint4(__ldg(pa), __ldg(pa + 4), __ldg(pa + 8), __ldg(pa + 12)) : z;
-            ch.b = ob ? make_uint4(__ldg(pb), __ldg(pb + 4), __ldg(pb + 8), __ldg(pb + 12)) : z;
-        }
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             // Word i's plane bytes are x words 2i, 2i + 1.
@@ -341,8 +377,104 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     }
 };
 
+// ---- weights through a shared-memory ring (MMA_TMA, experimental) ------------------------
+// Built with -DMMA_TMA=1 (DUET_MMA_TMA=1 at run time): instead of each warp loading its chunks
+// into registers, one warp streams the tile's 16 rows into a ring of TMA_STAGES stages of
+// TMA_SEG bytes per row with bulk copies (cp.async.bulk, completing on an mbarrier per stage),
+// so TMA_STAGES stages stay in flight without costing registers; every warp reads its chunks'
+// weights from the ring (x, scales and zero points as before). Rows sit TMA_PITCH bytes apart,
+// 64 bytes more than a segment, so the two rows a quarter-warp reads fall on different banks.
+// Not yet measured on the device: the default build does not use it.
+#ifndef MMA_TMA
+#define MMA_TMA 0
+#endif
+#define TMA_STAGES 4
+#define TMA_SEG 1024
+#define TMA_PITCH (TMA_SEG + 64)
+
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* b, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
+}
+// Arrives on b, expecting `bytes` more of asynchronous copies in the current phase.
+__device__ __forceinline__ void mbar_expect(u64* b, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ bool mbar_done(u64* b, u32 parity) {
+    u32 ok;
+    asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                 : "=r"(ok) : "r"(smem_u32(b)), "r"(parity) : "memory");
+    return ok;
+}
+__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
+    while (!mbar_done(b, parity)) {}
+}
+// bytes (a multiple of 16, both addresses 16-aligned) from global to shared memory, completing on b.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* b) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(b)) : "memory");
+}
+
+template <class Tile> __device__ float2 tile_dots_tma(Tile& tile) {
+    constexpr int UNR = Tile::UNR, CPS = TMA_SEG / 64;  // chunks are 64 bytes of a row in both formats
+    extern __shared__ __align__(128) u8 ring[];          // TMA_STAGES × 16 rows × TMA_PITCH
+    __shared__ __align__(8) u64 full[TMA_STAGES];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, g = lane >> 2;
+    int nq = tile.chunks(), rowbytes = tile.row_bytes(), nst = (rowbytes + TMA_SEG - 1) / TMA_SEG;
+    // Warp 0 lane s < 16 streams ring row s: A row (lanes 4s hold it) for s < 8, B row after.
+    int srow = -1, nrows = 0;
+    if (warp == 0) {
+        int a = __shfl_sync(0xffffffffu, tile.ra, (lane & 7) * 4), b = __shfl_sync(0xffffffffu, tile.rb, (lane & 7) * 4);
+        srow = lane < 8 ? a : lane < 16 ? b : -1;
+        nrows = __popc(__ballot_sync(0xffffffffu, srow >= 0));
+    }
+    __syncthreads();  // an earlier call's readers are done with the ring and its barriers
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < TMA_STAGES; s++) mbar_init(&full[s], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    auto issue = [&](int k) {  // warp 0: stage k into slot k % TMA_STAGES
+        int slot = k % TMA_STAGES, bytes = min(TMA_SEG, rowbytes - k * TMA_SEG);
+        if (lane == 0) mbar_expect(&full[slot], bytes * nrows);
+        __syncwarp();
+        if (srow >= 0) bulk_load(ring + (slot * 16 + lane) * TMA_PITCH, tile.row(srow) + (size_t)k * TMA_SEG, bytes, &full[slot]);
+    };
+    if (warp == 0)
+        for (int k = 0; k < min(TMA_STAGES, nst); k++) issue(k);
+    for (int k = 0; k < nst; k++) {
+        int slot = k % TMA_STAGES;
+        mbar_wait(&full[slot], (k / TMA_STAGES) & 1);
+        const u8* base = ring + slot * 16 * TMA_PITCH;
+        int q0 = k * CPS, q1 = min(nq, q0 + CPS);
+        for (int j0 = q0 + warp; j0 < q1; j0 += UNR * nw) {
+            typename Tile::Chunk ch[UNR];
+#pragma unroll
+            for (int u = 0; u < UNR; u++) {
+                int q = j0 + u * nw;
+                if (q < q1) {
+                    tile.template weights<true>(base + g * TMA_PITCH, base + (g + 8) * TMA_PITCH, q - q0, ch[u]);
+                } else {
+                    ch[u].a = ch[u].b = make_uint4(0, 0, 0, 0);
+                }
+                tile.load_x(q < q1 ? q : nq, ch[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < UNR; u++)
+                if (j0 + u * nw < q1) tile.dot(j0 + u * nw, ch[u]);
+        }
+        __syncthreads();  // every warp is done with this slot
+        if (warp == 0 && k + TMA_STAGES < nst) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // reads before the next async writes
+            issue(k + TMA_STAGES);
+        }
+    }
+    return tile.result();
+}
+
 template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
     Tile t(args...);
+    if (MMA_TMA) return tile_dots_tma(t);
     return tile_dots(t);
 }
 

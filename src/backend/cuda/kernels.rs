@@ -23,11 +23,24 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// `CudaBackend::new` names it too).
 const OPTIONS: &[&str] = &["--std=c++17", "--gpu-architecture=sm_90a", "-lineinfo"];
 
-/// The compile options: OPTIONS, then any `-D` defines in `DUET_KERNEL_DEFINES` (space
-/// separated), which override the kernels' tuning constants (chunks in flight, register caps)
-/// for sweeps on the device without a rebuild.
+/// Whether the tensor-core kernels stream weights through their shared-memory ring
+/// (`DUET_MMA_TMA=1`; experimental, see MMA_TMA in kernels/linear_mma.cu).
+pub fn mma_tma() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DUET_MMA_TMA").is_ok_and(|v| v == "1"))
+}
+
+/// Shared memory of that ring per block (TMA_STAGES × 16 rows × TMA_PITCH).
+pub const MMA_TMA_SMEM: usize = 4 * 16 * (1024 + 64);
+
+/// The compile options: OPTIONS, `-DMMA_TMA=1` with `mma_tma`, then any `-D` defines in
+/// `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning constants
+/// (chunks in flight, register caps) for sweeps on the device without a rebuild.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    if mma_tma() {
+        opts.push("-DMMA_TMA=1".into());
+    }
     if let Ok(defs) = std::env::var("DUET_KERNEL_DEFINES") {
         opts.extend(defs.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string));
     }
@@ -66,10 +79,17 @@ pub fn full_source(name: &str, src: &str) -> String {
 
 /// Compiles one module to a cubin.
 pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
+    compile_with(name, src, &[])
+}
+
+/// Compiles one module to a cubin with `extra` options after the usual ones.
+fn compile_with(name: &str, src: &str, extra: &[&str]) -> Result<Vec<u8>> {
     let full = CString::new(full_source(name, src)).context("kernel source contains a NUL byte")?;
     let fname = CString::new(format!("{name}.cu")).unwrap();
     let prog = nvrtc::create_program(&full, Some(&fname)).map_err(|e| anyhow!("nvrtc cannot create {name}.cu: {e:?}"))?;
-    let compiled = unsafe { nvrtc::compile_program(prog, &options()) };
+    let mut opts = options();
+    opts.extend(extra.iter().map(|s| s.to_string()));
+    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
     let result = match compiled {
         Err(e) => {
             let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
@@ -113,12 +133,16 @@ pub fn cubin(name: &str, src: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Compiles every embedded module (no cache); the CI check that kernels build.
+/// Compiles every embedded module (no cache), and the tensor-core module once more with its
+/// experimental weight ring (MMA_TMA), so no variant rots; the CI check that kernels build.
 pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
     if !nvrtc_available() {
         bail!("libnvrtc is not available (install nvidia-cuda-nvrtc and put its lib folder on LD_LIBRARY_PATH)");
     }
-    SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect()
+    let mut out = SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect::<Result<Vec<_>>>()?;
+    let (name, src) = SOURCES.iter().find(|(n, _)| *n == "linear_mma").expect("linear_mma is embedded");
+    out.push((name, compile_with(name, src, &["-DMMA_TMA=1"])?.len()));
+    Ok(out)
 }
 
 #[cfg(test)]
