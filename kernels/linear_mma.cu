@@ -124,21 +124,22 @@ struct Fp8Tile {
     __device__ int chunks() const { return d.cols >> 6; }
     __device__ int row_bytes() const { return d.cols; }
     __device__ const u8* row(int r) const { return (const u8*)d.w + (size_t)r * d.cols; }
-    // Chunk q's weight pieces from rows at pa and pb (global, or a shared-memory copy whose
-    // chunk 0 is chunk q0 of the row).
-    template <bool SMEM> __device__ void weights(const u8* pa, const u8* pb, int q, Chunk& ch) const {
+    __device__ void load(int q, Chunk& ch) const {
+        int c = threadIdx.x & 3;
+        bool ok = q < chunks();
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        const u8* w = (const u8*)d.w + 64 * q + 16 * c;
+        ch.a = ok && ra >= 0 ? ld_stream(w + (size_t)ra * d.cols) : z;
+        ch.b = ok && rb >= 0 ? ld_stream(w + (size_t)rb * d.cols) : z;
+        load_x(q, ch);
+    }
+    // Chunk q's weight pieces from copies of rows ra and rb in shared memory (MMA_TMA) whose
+    // chunk 0 is at pa and pb; zeros for a row not read (oa, ob false).
+    __device__ void weights_shared(const u8* pa, const u8* pb, int q, bool oa, bool ob, Chunk& ch) const {
         int c = threadIdx.x & 3;
         const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.a = ra >= 0 ? (SMEM ? *(const uint4*)(pa + 64 * q + 16 * c) : ld_stream(pa + 64 * q + 16 * c)) : z;
-        ch.b = rb >= 0 ? (SMEM ? *(const uint4*)(pb + 64 * q + 16 * c) : ld_stream(pb + 64 * q + 16 * c)) : z;
-    }
-    __device__ void load(int q, Chunk& ch) const {
-        if (q < chunks()) {
-            weights<false>(row(max(ra, 0)), row(max(rb, 0)), q, ch);
-        } else {
-            ch.a = ch.b = make_uint4(0, 0, 0, 0);
-        }
-        load_x(q, ch);
+        ch.a = oa ? *(const uint4*)(pa + 64 * q + 16 * c) : z;
+        ch.b = ob ? *(const uint4*)(pb + 64 * q + 16 * c) : z;
     }
     // Everything but the weights: the x pieces and the rows' scales.
     __device__ void load_x(int q, Chunk& ch) const {
@@ -252,30 +253,33 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     }
     __device__ int row_bytes() const { return d.cols >> 1; }
     __device__ const u8* row(int r) const { return (const u8*)d.w + (size_t)r * (d.cols >> 1); }
-    // Chunk q's weight words from rows at pa and pb (global, or a shared-memory copy whose
-    // chunk 0 is chunk q0 of the row).
-    template <bool SMEM> __device__ void weights(const u8* pa, const u8* pb, int q, Chunk& ch) const {
+    __device__ void load(int q, Chunk& ch) const {
+        int c = threadIdx.x & 3;
+        bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        if (CONTIG) {
+            ch.a = oa ? ld_stream(wa + 16 * q + 4 * c) : z;
+            ch.b = ob ? ld_stream(wb + 16 * q + 4 * c) : z;
+        } else {
+            const u32 *pa = wa + 16 * q + c, *pb = wb + 16 * q + c;
+            ch.a = oa ? make_uint4(__ldg(pa), __ldg(pa + 4), __ldg(pa + 8), __ldg(pa + 12)) : z;
+            ch.b = ob ? make_uint4(__ldg(pb), __ldg(pb + 4), __ldg(pb + 8), __ldg(pb + 12)) : z;
+        }
+        load_x(q, ch);
+    }
+    // Chunk q's weight words from copies of rows ra and rb in shared memory (MMA_TMA) whose
+    // chunk 0 is at pa and pb; zeros for a row not read (oa, ob false).
+    __device__ void weights_shared(const u8* pa, const u8* pb, int q, bool oa, bool ob, Chunk& ch) const {
         int c = threadIdx.x & 3;
         const uint4 z = make_uint4(0, 0, 0, 0);
         const u32 *a = (const u32*)pa + 16 * q, *b = (const u32*)pb + 16 * q;
         if (CONTIG) {
-            ch.a = ra >= 0 ? (SMEM ? *(const uint4*)(a + 4 * c) : ld_stream(a + 4 * c)) : z;
-            ch.b = rb >= 0 ? (SMEM ? *(const uint4*)(b + 4 * c) : ld_stream(b + 4 * c)) : z;
-        } else if (SMEM) {
-            ch.a = ra >= 0 ? make_uint4(a[c], a[c + 4], a[c + 8], a[c + 12]) : z;
-            ch.b = rb >= 0 ? make_uint4(b[c], b[c + 4], b[c + 8], b[c + 12]) : z;
+            ch.a = oa ? *(const uint4*)(a + 4 * c) : z;
+            ch.b = ob ? *(const uint4*)(b + 4 * c) : z;
         } else {
-            ch.a = ra >= 0 ? make_uint4(__ldg(a + c), __ldg(a + c + 4), __ldg(a + c + 8), __ldg(a + c + 12)) : z;
-            ch.b = rb >= 0 ? make_uint4(__ldg(b + c), __ldg(b + c + 4), __ldg(b + c + 8), __ldg(b + c + 12)) : z;
+            ch.a = oa ? make_uint4(a[c], a[c + 4], a[c + 8], a[c + 12]) : z;
+            ch.b = ob ? make_uint4(b[c], b[c + 4], b[c + 8], b[c + 12]) : z;
         }
-    }
-    __device__ void load(int q, Chunk& ch) const {
-        if (q < chunks()) {
-            weights<false>((const u8*)wa, (const u8*)wb, q, ch);
-        } else {
-            ch.a = ch.b = make_uint4(0, 0, 0, 0);
-        }
-        load_x(q, ch);
     }
     // Everything but the weights: x pieces, scales, zero points and plane sums.
     __device__ void load_x(int q, Chunk& ch) const {
@@ -452,12 +456,9 @@ template <class Tile> __device__ float2 tile_dots_tma(Tile& tile) {
 #pragma unroll
             for (int u = 0; u < UNR; u++) {
                 int q = j0 + u * nw;
-                if (q < q1) {
-                    tile.template weights<true>(base + g * TMA_PITCH, base + (g + 8) * TMA_PITCH, q - q0, ch[u]);
-                } else {
-                    ch[u].a = ch[u].b = make_uint4(0, 0, 0, 0);
-                }
-                tile.load_x(q < q1 ? q : nq, ch[u]);
+                bool ok = q < q1;
+                tile.weights_shared(base + g * TMA_PITCH, base + (g + 8) * TMA_PITCH, q - q0, ok && tile.ra >= 0, ok && tile.rb >= 0, ch[u]);
+                tile.load_x(ok ? q : nq, ch[u]);
             }
 #pragma unroll
             for (int u = 0; u < UNR; u++)
