@@ -440,6 +440,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             int oi = __shfl_xor_sync(0xffffffffu, bi, o);
             if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
         }
+        if (bi >= E) bi = 0;  // only NaN scores leave no pick: keep the index in bounds
         sum += s[bi];
         __syncwarp();
         if (lane == 0) {
@@ -461,10 +462,9 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     }
     if (!plan) return;
     __shared__ int last;
-    if (lane == 0) {
-        __threadfence();  // this token's picks are visible before it counts itself done
-        last = atomicAdd(done, 1) == (int)gridDim.x - 1;
-    }
+    __threadfence();  // every lane's picks are visible before the block counts itself done
+    __syncwarp();
+    if (lane == 0) last = atomicAdd(done, 1) == (int)gridDim.x - 1;
     __syncwarp();
     if (!last) return;
     __threadfence();

@@ -383,18 +383,21 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
 
 // ---- weights through a shared-memory ring (MMA_TMA, experimental) ------------------------
 // Built with -DMMA_TMA=1 (DUET_MMA_TMA=1 at run time): instead of each warp loading its chunks
-// into registers, one warp streams the tile's 16 rows into a ring of TMA_STAGES stages of
-// TMA_SEG bytes per row with bulk copies (cp.async.bulk, completing on an mbarrier per stage),
-// so TMA_STAGES stages stay in flight without costing registers; every warp reads its chunks'
-// weights from the ring (x, scales and zero points as before). Rows sit TMA_PITCH bytes apart,
-// 64 bytes more than a segment, so the two rows a quarter-warp reads fall on different banks.
-// Not yet measured on the device: the default build does not use it.
+// into registers, one warp streams the tile's 16 rows into a ring of stages of TMA_SEG bytes
+// per row with bulk copies (cp.async.bulk, completing on an mbarrier per stage), so all the
+// ring's stages stay in flight without costing registers; every warp reads its chunks' weights
+// from the ring (x, scales and zero points as before). The ring is the block's dynamic shared
+// memory: as many stages as the launch gives it room for (at most TMA_MAX_STAGES). Rows sit
+// TMA_PITCH bytes apart, 64 bytes more than a segment, so the two rows a quarter-warp reads fall
+// on different banks. Not yet measured on the device: the default build does not use it.
 #ifndef MMA_TMA
 #define MMA_TMA 0
 #endif
-#define TMA_STAGES 4
-#define TMA_SEG 1024
+#ifndef TMA_SEG
+#define TMA_SEG 1024  // a multiple of 64 (one chunk of a row in both formats)
+#endif
 #define TMA_PITCH (TMA_SEG + 64)
+#define TMA_MAX_STAGES 8
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(u64* b, u32 count) {
@@ -421,8 +424,11 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes,
 
 template <class Tile> __device__ float2 tile_dots_tma(Tile& tile) {
     constexpr int UNR = Tile::UNR, CPS = TMA_SEG / 64;  // chunks are 64 bytes of a row in both formats
-    extern __shared__ __align__(128) u8 ring[];          // TMA_STAGES × 16 rows × TMA_PITCH
-    __shared__ __align__(8) u64 full[TMA_STAGES];
+    extern __shared__ __align__(128) u8 ring[];          // stages × 16 rows × TMA_PITCH
+    __shared__ __align__(8) u64 full[TMA_MAX_STAGES];
+    u32 ring_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(ring_bytes));
+    const int stages = min(TMA_MAX_STAGES, (int)(ring_bytes / (16 * TMA_PITCH)));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, g = lane >> 2;
     int nq = tile.chunks(), rowbytes = tile.row_bytes(), nst = (rowbytes + TMA_SEG - 1) / TMA_SEG;
     // Warp 0 lane s < 16 streams ring row s: A row (lanes 4s hold it) for s < 8, B row after.
@@ -434,21 +440,23 @@ template <class Tile> __device__ float2 tile_dots_tma(Tile& tile) {
     }
     __syncthreads();  // an earlier call's readers are done with the ring and its barriers
     if (threadIdx.x == 0) {
-        for (int s = 0; s < TMA_STAGES; s++) mbar_init(&full[s], 1);
+        for (int s = 0; s < stages; s++) mbar_init(&full[s], 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    auto issue = [&](int k) {  // warp 0: stage k into slot k % TMA_STAGES
-        int slot = k % TMA_STAGES, bytes = min(TMA_SEG, rowbytes - k * TMA_SEG);
+    auto issue = [&](int k) {  // warp 0: stage k into slot k % stages
+        int slot = k % stages, bytes = min(TMA_SEG, rowbytes - k * TMA_SEG);
         if (lane == 0) mbar_expect(&full[slot], bytes * nrows);
         __syncwarp();
         if (srow >= 0) bulk_load(ring + (slot * 16 + lane) * TMA_PITCH, tile.row(srow) + (size_t)k * TMA_SEG, bytes, &full[slot]);
     };
-    if (warp == 0)
-        for (int k = 0; k < min(TMA_STAGES, nst); k++) issue(k);
+    if (warp == 0) {
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // an earlier call's reads of the ring
+        for (int k = 0; k < min(stages, nst); k++) issue(k);
+    }
     for (int k = 0; k < nst; k++) {
-        int slot = k % TMA_STAGES;
-        mbar_wait(&full[slot], (k / TMA_STAGES) & 1);
+        int slot = k % stages;
+        mbar_wait(&full[slot], (k / stages) & 1);
         const u8* base = ring + slot * 16 * TMA_PITCH;
         int q0 = k * CPS, q1 = min(nq, q0 + CPS);
         for (int j0 = q0 + warp; j0 < q1; j0 += UNR * nw) {
@@ -465,11 +473,15 @@ template <class Tile> __device__ float2 tile_dots_tma(Tile& tile) {
                 if (j0 + u * nw < q1) tile.dot(j0 + u * nw, ch[u]);
         }
         __syncthreads();  // every warp is done with this slot
-        if (warp == 0 && k + TMA_STAGES < nst) {
+        if (warp == 0 && k + stages < nst) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // reads before the next async writes
-            issue(k + TMA_STAGES);
+            issue(k + stages);
         }
     }
+    // Every phase issued has completed and been waited on; the barriers are invalidated so the
+    // next call (the MoE kernels make several per block) may initialise them again.
+    if (threadIdx.x == 0)
+        for (int s = 0; s < stages; s++) asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(smem_u32(&full[s])) : "memory");
     return tile.result();
 }
 

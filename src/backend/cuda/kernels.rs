@@ -30,8 +30,18 @@ pub fn mma_tma() -> bool {
     *ON.get_or_init(|| std::env::var("DUET_MMA_TMA").is_ok_and(|v| v == "1"))
 }
 
-/// Shared memory of that ring per block (TMA_STAGES × 16 rows × TMA_PITCH).
-pub const MMA_TMA_SMEM: usize = 4 * 16 * (1024 + 64);
+/// The ring's geometry: (stages, bytes of a row per stage), from `DUET_MMA_TMA_STAGES` (2-8,
+/// default 4) and `DUET_MMA_TMA_SEG` (a multiple of 64 from 256 to 4096, default 1024).
+fn mma_tma_ring() -> (usize, usize) {
+    let var = |name: &str, default: usize, ok: &dyn Fn(usize) -> bool| std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&v| ok(v)).unwrap_or(default);
+    (var("DUET_MMA_TMA_STAGES", 4, &|v| (2..=8).contains(&v)), var("DUET_MMA_TMA_SEG", 1024, &|v| v % 64 == 0 && (256..=4096).contains(&v)))
+}
+
+/// Shared memory of that ring per block: stages × 16 rows × (segment + 64) bytes (TMA_PITCH).
+pub fn mma_tma_smem() -> usize {
+    let (stages, seg) = mma_tma_ring();
+    stages * 16 * (seg + 64)
+}
 
 /// The compile options: OPTIONS, `-DMMA_TMA=1` with `mma_tma`, then any `-D` defines in
 /// `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning constants
@@ -40,6 +50,7 @@ fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     if mma_tma() {
         opts.push("-DMMA_TMA=1".into());
+        opts.push(format!("-DTMA_SEG={}", mma_tma_ring().1));
     }
     if let Ok(defs) = std::env::var("DUET_KERNEL_DEFINES") {
         opts.extend(defs.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string));

@@ -355,7 +355,7 @@ fn forced_mma_warps() -> Option<usize> {
 /// Dynamic shared memory of a tensor-core block: the weight ring with `DUET_MMA_TMA=1`.
 fn mma_smem() -> usize {
     if kernels::mma_tma() {
-        kernels::MMA_TMA_SMEM
+        kernels::mma_tma_smem()
     } else {
         0
     }
