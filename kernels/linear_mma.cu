@@ -429,6 +429,7 @@ template <class Tile> __device__ float2 tile_dots_tma(Tile& tile) {
     u32 ring_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(ring_bytes));
     const int stages = min(TMA_MAX_STAGES, (int)(ring_bytes / (16 * TMA_PITCH)));
+    if (stages < 2) return tile_dots(tile);  // launched without room for a ring
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, g = lane >> 2;
     int nq = tile.chunks(), rowbytes = tile.row_bytes(), nst = (rowbytes + TMA_SEG - 1) / TMA_SEG;
     // Warp 0 lane s < 16 streams ring row s: A row (lanes 4s hold it) for s < 8, B row after.

@@ -70,7 +70,7 @@ pub fn run(fixtures: &Path, seed: Option<u64>) -> Result<()> {
     let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
     let gpu = CudaBackend::new(0)?;
     let cpu = CpuBackend;
-    println!("duet bench check: CUDA ({}) against the CPU oracle, seed {seed}", gpu.device_name());
+    println!("duet bench check: CUDA ({}) against the CPU oracle, seed {seed} ({})", gpu.device_name(), crate::backend::cuda::kernels::settings());
     println!("{:<22} {:<44} {:>10}  status", "op", "case", "rel err");
     let mut t = Table { rows: vec![] };
     let mut rng = Rng::new(seed);

@@ -106,7 +106,11 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     let gpu = CudaBackend::new(0)?;
     let (ctx, stream) = (gpu.context().clone(), gpu.stream().clone());
     let mut rng = Rng::new(42);
-    println!("duet bench kernels on {} (CUDA-graph replays, median of {reps}; % of measured copy bandwidth)", gpu.device_name());
+    println!(
+        "duet bench kernels on {} (CUDA-graph replays, median of {reps}; % of measured copy bandwidth; {})",
+        gpu.device_name(),
+        crate::backend::cuda::kernels::settings()
+    );
 
     // Device bandwidth: a 2 GiB device-to-device copy, bytes read plus written.
     let n = 1usize << 29;

@@ -43,6 +43,22 @@ pub fn mma_tma_smem() -> usize {
     stages * 16 * (seg + 64)
 }
 
+/// The run-time settings that change which kernels run or how they are built, for benchmark
+/// headers: programmatic dependent launch, the weight ring, extra defines, forced warps.
+pub fn settings() -> String {
+    let mut parts = vec![format!("pdl {}", if std::env::var("DUET_PDL").is_ok_and(|v| v == "0") { "off" } else { "on" })];
+    if mma_tma() {
+        let (stages, seg) = mma_tma_ring();
+        parts.push(format!("weight ring {stages} x {seg} B"));
+    }
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_CUDA_GRAPHS"] {
+        if let Ok(v) = std::env::var(var) {
+            parts.push(format!("{var}={v}"));
+        }
+    }
+    parts.join(", ")
+}
+
 /// The compile options: OPTIONS, `-DMMA_TMA=1` with `mma_tma`, then any `-D` defines in
 /// `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning constants
 /// (chunks in flight, register caps) for sweeps on the device without a rebuild.
