@@ -33,8 +33,26 @@ pub fn mma_tma() -> bool {
 /// The ring's geometry: (stages, bytes of a row per stage), from `DUET_MMA_TMA_STAGES` (2-8,
 /// default 4) and `DUET_MMA_TMA_SEG` (a multiple of 64 from 256 to 4096, default 1024).
 fn mma_tma_ring() -> (usize, usize) {
-    let var = |name: &str, default: usize, ok: &dyn Fn(usize) -> bool| std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&v| ok(v)).unwrap_or(default);
-    (var("DUET_MMA_TMA_STAGES", 4, &|v| (2..=8).contains(&v)), var("DUET_MMA_TMA_SEG", 1024, &|v| v % 64 == 0 && (256..=4096).contains(&v)))
+    static RING: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *RING.get_or_init(|| {
+        (
+            env_usize("DUET_MMA_TMA_STAGES", "2 to 8", |v| (2..=8).contains(&v)).unwrap_or(4),
+            env_usize("DUET_MMA_TMA_SEG", "a multiple of 64 from 256 to 4096", |v| v % 64 == 0 && (256..=4096).contains(&v)).unwrap_or(1024),
+        )
+    })
+}
+
+/// A tuning variable's value when set and valid; a set but invalid value is ignored with a
+/// warning that names it and what it expects.
+pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Option<usize> {
+    let raw = std::env::var(name).ok()?;
+    match raw.trim().parse() {
+        Ok(v) if ok(v) => Some(v),
+        _ => {
+            tracing::warn!("{name}={raw} ignored: expects {expects}");
+            None
+        }
+    }
 }
 
 /// Shared memory of that ring per block: stages × 16 rows × (segment + 64) bytes (TMA_PITCH).
@@ -68,10 +86,22 @@ fn options() -> Vec<String> {
         opts.push("-DMMA_TMA=1".into());
         opts.push(format!("-DTMA_SEG={}", mma_tma_ring().1));
     }
-    if let Ok(defs) = std::env::var("DUET_KERNEL_DEFINES") {
-        opts.extend(defs.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string));
-    }
+    opts.extend(extra_defines().iter().cloned());
     opts
+}
+
+/// The `-D` defines of `DUET_KERNEL_DEFINES` (read once; anything else in it is ignored with a
+/// warning).
+fn extra_defines() -> &'static [String] {
+    static DEFS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    DEFS.get_or_init(|| {
+        let Ok(defs) = std::env::var("DUET_KERNEL_DEFINES") else { return vec![] };
+        let (keep, drop): (Vec<&str>, Vec<&str>) = defs.split_whitespace().partition(|d| d.starts_with("-D"));
+        if !drop.is_empty() {
+            tracing::warn!("DUET_KERNEL_DEFINES: {} ignored (only -DNAME=VALUE defines are passed on)", drop.join(" "));
+        }
+        keep.into_iter().map(str::to_string).collect()
+    })
 }
 
 /// Whether libnvrtc can be opened.

@@ -349,7 +349,7 @@ impl CudaBackend {
 /// device), or None for the occupancy rule of `mma_threads`.
 fn forced_mma_warps() -> Option<usize> {
     static WARPS: OnceLock<Option<usize>> = OnceLock::new();
-    *WARPS.get_or_init(|| std::env::var("DUET_MMA_WARPS").ok().and_then(|v| v.parse().ok()).filter(|&w| (2..=16).contains(&w)))
+    *WARPS.get_or_init(|| kernels::env_usize("DUET_MMA_WARPS", "2 to 16", |w| (2..=16).contains(&w)))
 }
 
 /// Dynamic shared memory of a tensor-core block: the weight ring with `DUET_MMA_TMA=1`.
