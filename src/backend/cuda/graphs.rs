@@ -56,7 +56,7 @@ type Body<'a> = &'a mut dyn FnMut(&mut CudaCache, &CudaTensor) -> Result<CudaTen
 /// Whether decode steps may become graphs (`DUET_CUDA_GRAPHS` unset or not 0).
 pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("DUET_CUDA_GRAPHS").map_or(true, |v| v != "0"))
+    *ENABLED.get_or_init(|| super::kernels::env_switch("DUET_CUDA_GRAPHS", true))
 }
 
 impl StepGraphs {

@@ -27,7 +27,18 @@ const OPTIONS: &[&str] = &["--std=c++17", "--gpu-architecture=sm_90a", "-lineinf
 /// (`DUET_MMA_TMA=1`; experimental, see MMA_TMA in kernels/linear_mma.cu).
 pub fn mma_tma() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DUET_MMA_TMA").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| env_switch("DUET_MMA_TMA", false))
+}
+
+/// Whether launches allow programmatic dependent launch (`DUET_PDL`, on unless 0).
+pub fn pdl() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("DUET_PDL", true))
+}
+
+/// An on/off variable: `0` is off, any other value on, unset `default`.
+pub fn env_switch(name: &str, default: bool) -> bool {
+    std::env::var(name).map_or(default, |v| v != "0")
 }
 
 /// The ring's geometry: (stages, bytes of a row per stage), from `DUET_MMA_TMA_STAGES` (2-8,
@@ -64,7 +75,7 @@ pub fn mma_tma_smem() -> usize {
 /// The run-time settings that change which kernels run or how they are built, for benchmark
 /// headers: programmatic dependent launch, the weight ring, extra defines, forced warps.
 pub fn settings() -> String {
-    let mut parts = vec![format!("pdl {}", if std::env::var("DUET_PDL").is_ok_and(|v| v == "0") { "off" } else { "on" })];
+    let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
     if mma_tma() {
         let (stages, seg) = mma_tma_ring();
         parts.push(format!("weight ring {stages} x {seg} B"));

@@ -204,7 +204,7 @@ impl CudaBackend {
             sharedMemBytes: smem as u32,
             hStream: self.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: pdl_enabled() as u32,
+            numAttrs: kernels::pdl() as u32,
         };
         self.ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
         // Safety: the parameters match the kernel's signature (each launch site passes them in
@@ -359,12 +359,6 @@ fn mma_smem() -> usize {
     } else {
         0
     }
-}
-
-/// Whether launches allow programmatic dependent launch (`DUET_PDL` unset or not 0).
-fn pdl_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("DUET_PDL").map_or(true, |v| v != "0"))
 }
 
 /// Token rows up to which linear layers take the tensor-core kernels (decode, MTP verify);
