@@ -6,6 +6,12 @@
 // steps (a few tokens) read every weight byte once, which is the bandwidth floor. Rows whose
 // length is not a multiple of the unit take a scalar path.
 
+// L2 fetch size of the weight loads (ld_weight16): none, measured best here on H200 (bf16
+// 16384->6144 at 94% of copy bandwidth with 256-byte fetches against 101% without).
+#ifndef LINEAR_L2_FETCH
+#define LINEAR_L2_FETCH 0
+#endif
+
 template <int FMT> struct Fmt;
 
 // Each format says how to load a row's 16-byte unit, how to turn the i-th group of 4 elements
@@ -21,7 +27,7 @@ __device__ __forceinline__ float small_int(u32 n) { return __uint_as_float(0x4B0
 template <int UNIT> struct PlainFmt {
     static constexpr int U = UNIT;
     static constexpr bool SCALED = false, BIASED = false;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u); }
     __device__ static void param(const WDesc&, int, int, float& s, float& b) { s = 1.f; b = 0.f; }
 };
 
@@ -51,7 +57,7 @@ template <> struct Fmt<FMT_F16> : PlainFmt<8> {
 template <> struct Fmt<FMT_FP8> {
     static constexpr int U = 16;
     static constexpr bool SCALED = true, BIASED = false;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u); }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) {
         s = d.scale[(r / d.br) * d.sc + (u * U) / d.bc];
         b = 0.f;
@@ -80,7 +86,7 @@ __device__ __forceinline__ void int_param(const WDesc& d, int r, int u, int U, f
 template <> struct Fmt<FMT_INT4> {
     static constexpr int U = 32;
     static constexpr bool SCALED = true, BIASED = true;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u); }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 8.f, s, b); }
     __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, i / 2) >> (16 * (i % 2));
@@ -99,7 +105,7 @@ template <> struct Fmt<FMT_INT4> {
 template <> struct Fmt<FMT_INT8> {
     static constexpr int U = 16;
     static constexpr bool SCALED = true, BIASED = true;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ((const uint4*)d.w)[(size_t)r * (d.cols / U) + u]; }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u); }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 128.f, s, b); }
     __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, i);
