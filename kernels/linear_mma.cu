@@ -123,8 +123,6 @@ struct Fp8Tile {
         xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
     }
     __device__ int chunks() const { return d.cols >> 6; }
-    __device__ int row_bytes() const { return d.cols; }
-    __device__ const u8* row(int r) const { return (const u8*)d.w + (size_t)r * d.cols; }
     __device__ void load(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
         bool ok = q < chunks();
@@ -133,14 +131,6 @@ struct Fp8Tile {
         ch.a = ok && ra >= 0 ? ld_weight16<MMA_L2_FETCH>(w + (size_t)ra * d.cols) : z;
         ch.b = ok && rb >= 0 ? ld_weight16<MMA_L2_FETCH>(w + (size_t)rb * d.cols) : z;
         load_x(q, ch);
-    }
-    // Chunk q's weight pieces from copies of rows ra and rb in shared memory (MMA_TMA) whose
-    // chunk 0 is at pa and pb; zeros for a row not read (oa, ob false).
-    __device__ void weights_shared(const u8* pa, const u8* pb, int q, bool oa, bool ob, Chunk& ch) const {
-        int c = threadIdx.x & 3;
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.a = oa ? *(const uint4*)(pa + 64 * q + 16 * c) : z;
-        ch.b = ob ? *(const uint4*)(pb + 64 * q + 16 * c) : z;
     }
     // Everything but the weights: the x pieces and the rows' scales.
     __device__ void load_x(int q, Chunk& ch) const {
@@ -252,8 +242,6 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         }
         return make_float4(__ldg(p), 0.f, 0.f, 0.f);
     }
-    __device__ int row_bytes() const { return d.cols >> 1; }
-    __device__ const u8* row(int r) const { return (const u8*)d.w + (size_t)r * (d.cols >> 1); }
     __device__ void load(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
         bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
@@ -267,20 +255,6 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
             ch.b = ob ? make_uint4(__ldg(pb), __ldg(pb + 4), __ldg(pb + 8), __ldg(pb + 12)) : z;
         }
         load_x(q, ch);
-    }
-    // Chunk q's weight words from copies of rows ra and rb in shared memory (MMA_TMA) whose
-    // chunk 0 is at pa and pb; zeros for a row not read (oa, ob false).
-    __device__ void weights_shared(const u8* pa, const u8* pb, int q, bool oa, bool ob, Chunk& ch) const {
-        int c = threadIdx.x & 3;
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        const u32 *a = (const u32*)pa + 16 * q, *b = (const u32*)pb + 16 * q;
-        if (CONTIG) {
-            ch.a = oa ? *(const uint4*)(a + 4 * c) : z;
-            ch.b = ob ? *(const uint4*)(b + 4 * c) : z;
-        } else {
-            ch.a = oa ? make_uint4(a[c], a[c + 4], a[c + 8], a[c + 12]) : z;
-            ch.b = ob ? make_uint4(b[c], b[c + 4], b[c + 8], b[c + 12]) : z;
-        }
     }
     // Everything but the weights: x pieces, scales, zero points and plane sums.
     __device__ void load_x(int q, Chunk& ch) const {
@@ -382,114 +356,8 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     }
 };
 
-// ---- weights through a shared-memory ring (MMA_TMA, experimental) ------------------------
-// Built with -DMMA_TMA=1 (DUET_MMA_TMA=1 at run time): instead of each warp loading its chunks
-// into registers, one warp streams the tile's 16 rows into a ring of stages of TMA_SEG bytes
-// per row with bulk copies (cp.async.bulk, completing on an mbarrier per stage), so all the
-// ring's stages stay in flight without costing registers; every warp reads its chunks' weights
-// from the ring (x, scales and zero points as before). The ring is the block's dynamic shared
-// memory: as many stages as the launch gives it room for (at most TMA_MAX_STAGES). Rows sit
-// TMA_PITCH bytes apart, 64 bytes more than a segment, so the two rows a quarter-warp reads fall
-// on different banks. Not yet measured on the device: the default build does not use it.
-#ifndef MMA_TMA
-#define MMA_TMA 0
-#endif
-#ifndef TMA_SEG
-#define TMA_SEG 1024  // a multiple of 64 (one chunk of a row in both formats)
-#endif
-#define TMA_PITCH (TMA_SEG + 64)
-#define TMA_MAX_STAGES 8
-
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(u64* b, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(b)), "r"(count) : "memory");
-}
-// Arrives on b, expecting `bytes` more of asynchronous copies in the current phase.
-__device__ __forceinline__ void mbar_expect(u64* b, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ bool mbar_done(u64* b, u32 parity) {
-    u32 ok;
-    asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-                 : "=r"(ok) : "r"(smem_u32(b)), "r"(parity) : "memory");
-    return ok;
-}
-__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
-    while (!mbar_done(b, parity)) {}
-}
-// bytes (a multiple of 16, both addresses 16-aligned) from global to shared memory, completing on b.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* b) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(b)) : "memory");
-}
-
-template <class Tile> __device__ float2 tile_dots_tma(Tile& tile) {
-    constexpr int UNR = Tile::UNR, CPS = TMA_SEG / 64;  // chunks are 64 bytes of a row in both formats
-    extern __shared__ __align__(128) u8 ring[];          // stages × 16 rows × TMA_PITCH
-    __shared__ __align__(8) u64 full[TMA_MAX_STAGES];
-    u32 ring_bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(ring_bytes));
-    const int stages = min(TMA_MAX_STAGES, (int)(ring_bytes / (16 * TMA_PITCH)));
-    if (stages < 2) return tile_dots(tile);  // launched without room for a ring
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, g = lane >> 2;
-    int nq = tile.chunks(), rowbytes = tile.row_bytes(), nst = (rowbytes + TMA_SEG - 1) / TMA_SEG;
-    // Warp 0 lane s < 16 streams ring row s: A row (lanes 4s hold it) for s < 8, B row after.
-    int srow = -1, nrows = 0;
-    if (warp == 0) {
-        int a = __shfl_sync(0xffffffffu, tile.ra, (lane & 7) * 4), b = __shfl_sync(0xffffffffu, tile.rb, (lane & 7) * 4);
-        srow = lane < 8 ? a : lane < 16 ? b : -1;
-        nrows = __popc(__ballot_sync(0xffffffffu, srow >= 0));
-    }
-    __syncthreads();  // an earlier call's readers are done with the ring and its barriers
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stages; s++) mbar_init(&full[s], 1);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-    auto issue = [&](int k) {  // warp 0: stage k into slot k % stages
-        int slot = k % stages, bytes = min(TMA_SEG, rowbytes - k * TMA_SEG);
-        if (lane == 0) mbar_expect(&full[slot], bytes * nrows);
-        __syncwarp();
-        if (srow >= 0) bulk_load(ring + (slot * 16 + lane) * TMA_PITCH, tile.row(srow) + (size_t)k * TMA_SEG, bytes, &full[slot]);
-    };
-    if (warp == 0) {
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // an earlier call's reads of the ring
-        for (int k = 0; k < min(stages, nst); k++) issue(k);
-    }
-    for (int k = 0; k < nst; k++) {
-        int slot = k % stages;
-        mbar_wait(&full[slot], (k / stages) & 1);
-        const u8* base = ring + slot * 16 * TMA_PITCH;
-        int q0 = k * CPS, q1 = min(nq, q0 + CPS);
-        for (int j0 = q0 + warp; j0 < q1; j0 += UNR * nw) {
-            typename Tile::Chunk ch[UNR];
-#pragma unroll
-            for (int u = 0; u < UNR; u++) {
-                int q = j0 + u * nw;
-                bool ok = q < q1;
-                tile.weights_shared(base + g * TMA_PITCH, base + (g + 8) * TMA_PITCH, q - q0, ok && tile.ra >= 0, ok && tile.rb >= 0, ch[u]);
-                tile.load_x(ok ? q : nq, ch[u]);
-            }
-#pragma unroll
-            for (int u = 0; u < UNR; u++)
-                if (j0 + u * nw < q1) tile.dot(j0 + u * nw, ch[u]);
-        }
-        __syncthreads();  // every warp is done with this slot
-        if (warp == 0 && k + stages < nst) {
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // reads before the next async writes
-            issue(k + stages);
-        }
-    }
-    // Every phase issued has completed and been waited on; the barriers are invalidated so the
-    // next call (the MoE kernels make several per block) may initialise them again.
-    if (threadIdx.x == 0)
-        for (int s = 0; s < stages; s++) asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(smem_u32(&full[s])) : "memory");
-    return tile.result();
-}
-
 template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
     Tile t(args...);
-    if (MMA_TMA) return tile_dots_tma(t);
     return tile_dots(t);
 }
 

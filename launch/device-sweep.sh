@@ -7,8 +7,7 @@
 # (kernels/linear_mma.cu lists the tuning constants; DUET_MMA_WARPS forces the warps of its blocks.)
 #   usage: launch/device-sweep.sh PART FILTER < configs
 # Prepared configuration lists are in launch/sweeps/, for example
-#   bash launch/device-sweep.sh gemv,experts 'gemv|experts|moe layer' < launch/sweeps/weight-ring.txt
-# (run `DUET_MMA_TMA=1 target/release/duet bench check` before trusting a ring row).
+#   bash launch/device-sweep.sh gemv,experts 'gemv|experts|moe layer' < launch/sweeps/l2-fetch.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source launch/cuda-env.sh

@@ -23,13 +23,6 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// `CudaBackend::new` names it too).
 const OPTIONS: &[&str] = &["--std=c++17", "--gpu-architecture=sm_90a", "-lineinfo"];
 
-/// Whether the tensor-core kernels stream weights through their shared-memory ring
-/// (`DUET_MMA_TMA=1`; experimental, see MMA_TMA in kernels/linear_mma.cu).
-pub fn mma_tma() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("DUET_MMA_TMA", false))
-}
-
 /// Whether launches allow programmatic dependent launch (`DUET_PDL`, on unless 0).
 pub fn pdl() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -39,18 +32,6 @@ pub fn pdl() -> bool {
 /// An on/off variable: `0` is off, any other value on, unset `default`.
 pub fn env_switch(name: &str, default: bool) -> bool {
     std::env::var(name).map_or(default, |v| v != "0")
-}
-
-/// The ring's geometry: (stages, bytes of a row per stage), from `DUET_MMA_TMA_STAGES` (2-8,
-/// default 4) and `DUET_MMA_TMA_SEG` (a multiple of 64 from 256 to 4096, default 1024).
-fn mma_tma_ring() -> (usize, usize) {
-    static RING: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    *RING.get_or_init(|| {
-        (
-            env_usize("DUET_MMA_TMA_STAGES", "2 to 8", |v| (2..=8).contains(&v)).unwrap_or(4),
-            env_usize("DUET_MMA_TMA_SEG", "a multiple of 64 from 256 to 4096", |v| v % 64 == 0 && (256..=4096).contains(&v)).unwrap_or(1024),
-        )
-    })
 }
 
 /// A tuning variable's value when set and valid; a set but invalid value is ignored with a
@@ -66,20 +47,10 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
     }
 }
 
-/// Shared memory of that ring per block: stages × 16 rows × (segment + 64) bytes (TMA_PITCH).
-pub fn mma_tma_smem() -> usize {
-    let (stages, seg) = mma_tma_ring();
-    stages * 16 * (seg + 64)
-}
-
 /// The run-time settings that change which kernels run or how they are built, for benchmark
-/// headers: programmatic dependent launch, the weight ring, extra defines, forced warps.
+/// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    if mma_tma() {
-        let (stages, seg) = mma_tma_ring();
-        parts.push(format!("weight ring {stages} x {seg} B"));
-    }
     for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_CUDA_GRAPHS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
@@ -88,15 +59,11 @@ pub fn settings() -> String {
     parts.join(", ")
 }
 
-/// The compile options: OPTIONS, `-DMMA_TMA=1` with `mma_tma`, then any `-D` defines in
+/// The compile options: OPTIONS, then any `-D` defines in
 /// `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning constants
 /// (chunks in flight, register caps) for sweeps on the device without a rebuild.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
-    if mma_tma() {
-        opts.push("-DMMA_TMA=1".into());
-        opts.push(format!("-DTMA_SEG={}", mma_tma_ring().1));
-    }
     opts.extend(extra_defines().iter().cloned());
     opts
 }
@@ -147,17 +114,10 @@ pub fn full_source(name: &str, src: &str) -> String {
 
 /// Compiles one module to a cubin.
 pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
-    compile_with(name, src, &[])
-}
-
-/// Compiles one module to a cubin with `extra` options after the usual ones.
-fn compile_with(name: &str, src: &str, extra: &[&str]) -> Result<Vec<u8>> {
     let full = CString::new(full_source(name, src)).context("kernel source contains a NUL byte")?;
     let fname = CString::new(format!("{name}.cu")).unwrap();
     let prog = nvrtc::create_program(&full, Some(&fname)).map_err(|e| anyhow!("nvrtc cannot create {name}.cu: {e:?}"))?;
-    let mut opts = options();
-    opts.extend(extra.iter().map(|s| s.to_string()));
-    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
+    let compiled = unsafe { nvrtc::compile_program(prog, &options()) };
     let result = match compiled {
         Err(e) => {
             let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
@@ -201,16 +161,12 @@ pub fn cubin(name: &str, src: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Compiles every embedded module (no cache), and the tensor-core module once more with its
-/// experimental weight ring (MMA_TMA), so no variant rots; the CI check that kernels build.
+/// Compiles every embedded module (no cache): the CI check that kernels build.
 pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
     if !nvrtc_available() {
         bail!("libnvrtc is not available (install nvidia-cuda-nvrtc and put its lib folder on LD_LIBRARY_PATH)");
     }
-    let mut out = SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect::<Result<Vec<_>>>()?;
-    let (name, src) = SOURCES.iter().find(|(n, _)| *n == "linear_mma").expect("linear_mma is embedded");
-    out.push((name, compile_with(name, src, &["-DMMA_TMA=1"])?.len()));
-    Ok(out)
+    SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect()
 }
 
 #[cfg(test)]

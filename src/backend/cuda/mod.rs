@@ -254,7 +254,7 @@ impl CudaBackend {
                     kernel,
                     grid,
                     self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize)?,
-                    mma_smem(),
+                    0,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -277,7 +277,6 @@ impl CudaBackend {
     /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
     /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
     fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
-        let smem = mma_smem();
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
@@ -292,7 +291,7 @@ impl CudaBackend {
         let mut threads = 64;
         for warps in (2..=most).rev() {
             let t = 32 * warps as u32;
-            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, smem, None).map_err(|e| anyhow!("{e:?}"))? as usize;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
             if per_sm * self.sms >= tiles {
                 threads = t;
                 break;
@@ -350,15 +349,6 @@ impl CudaBackend {
 fn forced_mma_warps() -> Option<usize> {
     static WARPS: OnceLock<Option<usize>> = OnceLock::new();
     *WARPS.get_or_init(|| kernels::env_usize("DUET_MMA_WARPS", "2 to 16", |w| (2..=16).contains(&w)))
-}
-
-/// Dynamic shared memory of a tensor-core block: the weight ring with `DUET_MMA_TMA=1`.
-fn mma_smem() -> usize {
-    if kernels::mma_tma() {
-        kernels::mma_tma_smem()
-    } else {
-        0
-    }
 }
 
 /// Token rows up to which linear layers take the tensor-core kernels (decode, MTP verify);
@@ -939,7 +929,7 @@ impl Backend for CudaBackend {
                 kernel,
                 grid,
                 self.mma_threads(kernel, h, experts.fmt_gate_up, (grid.0 * grid.1) as usize)?,
-                mma_smem(),
+                0,
                 &[a, b, c, Arg::Ptr(self.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(self)), Arg::Ptr(self.ptr(&xs.exps)), Arg::Ptr(self.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
             )?;
             let act = CudaTensor::new(pairs, i, act);
@@ -951,7 +941,7 @@ impl Backend for CudaBackend {
                 kernel,
                 grid,
                 self.mma_threads(kernel, i, experts.fmt_down, (grid.0 * grid.1) as usize)?,
-                mma_smem(),
+                0,
                 &[a, b, c, Arg::Ptr(self.ptr(&acts.data)), Arg::Ptr(acts.sums_ptr(self)), Arg::Ptr(self.ptr(&acts.exps)), Arg::Ptr(self.ptr(&part)), Arg::I32(h as i32)],
             )?;
         } else {
