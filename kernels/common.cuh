@@ -171,32 +171,15 @@ enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_FP8 = 3, FMT_INT4 = 4, FMT_IN
 // src/backend/cuda/weights.rs.
 struct WDesc {
     const void* w;            // raw weight: f32/bf16/f16 elements, e4m3 bytes, or int32 words
-    const float* scale;       // fp8: [ceil(rows/br), sc] block scales; int: group scales (meta_index)
-    const signed char* zero;  // int: zero points (meta_index), or null when symmetric
+    const float* scale;       // fp8: [ceil(rows/br), sc] block scales; int: [rows, sc] group scales
+    const signed char* zero;  // int: [rows, sc] zero points, or null when symmetric
     int rows, cols;
     int br, bc;               // fp8 block shape
     int group;                // int group size
     int sc;                   // scale columns
     int vec;                  // 1 when rows can be read in whole 16-byte units
     int mma;                  // 1 when the tensor-core kernels of linear_mma.cu can read it
-    int pair;                 // int: 0 for [rows, sc] scales and zero points, else tiled (meta_index)
 };
-
-// Where the scale and zero point of (row r, group grp) of an integer weight are. INT4 weights
-// the tensor-core kernels read keep them tiled, for the way those kernels pair rows: a tile is
-// rows b + i and b + i + pair for i < 8, with pair 8 for plain matrices (b = 16t) and pair I
-// for gate ‖ up stacked with I rows each (b = 8t). Per tile and 128-column span, row b + i has
-// entries 2i and its partner 2i + 1, each gpc consecutive groups (gpc = groups per 128 columns,
-// at least 1). A warp then reads a chunk's scales for its 16 rows as one piece instead of
-// gathering 4 bytes from each row (measured: those gathers held INT4 from 62% to 75% of
-// bandwidth).
-__device__ __forceinline__ size_t meta_index(const WDesc& d, int r, int grp) {
-    if (!d.pair) return (size_t)r * d.sc + grp;
-    int h = d.pair == 8 ? (r >> 3) & 1 : r >= d.pair;
-    int b = r - h * d.pair, t = d.pair == 8 ? b >> 4 : b >> 3, i = b & 7;
-    int gpc = d.group < 128 ? 128 / d.group : 1, spans = d.sc / gpc;
-    return ((((size_t)t * spans + grp / gpc) * 8 + i) * 2 + h) * gpc + grp % gpc;
-}
 
 // Word j of a 16-byte load.
 __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }

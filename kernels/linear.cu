@@ -78,9 +78,8 @@ template <> struct Fmt<FMT_FP8> {
 // (q − zp)·s with q = field − 2^(bits−1) equals field·s + b with b = −(2^(bits−1) + zp)·s.
 __device__ __forceinline__ void int_param(const WDesc& d, int r, int u, int U, float offset, float& s, float& b) {
     int g = (u * U) / d.group;
-    size_t m = meta_index(d, r, g);
-    s = d.scale[m];
-    float z = d.zero ? (float)d.zero[m] : 0.f;
+    s = d.scale[(size_t)r * d.sc + g];
+    float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
     b = -(offset + z) * s;
 }
 
@@ -97,9 +96,8 @@ template <> struct Fmt<FMT_INT4> {
         int wpr = (d.cols * 4 + 31) / 32;
         u32 w = ((const u32*)d.w)[(size_t)r * wpr + c / 8];
         int g = c / d.group;
-        size_t m = meta_index(d, r, g);
-        float s = d.scale[m];
-        float z = d.zero ? (float)d.zero[m] : 0.f;
+        float s = d.scale[(size_t)r * d.sc + g];
+        float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
         return fmaf(small_int((w >> (4 * (c % 8))) & 15u), s, -(8.f + z) * s);
     }
 };
@@ -117,9 +115,8 @@ template <> struct Fmt<FMT_INT8> {
         int wpr = (d.cols + 3) / 4;
         u32 w = ((const u32*)d.w)[(size_t)r * wpr + c / 4];
         int g = c / d.group;
-        size_t m = meta_index(d, r, g);
-        float s = d.scale[m];
-        float z = d.zero ? (float)d.zero[m] : 0.f;
+        float s = d.scale[(size_t)r * d.sc + g];
+        float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
         return fmaf(small_int((w >> (8 * (c % 4))) & 255u), s, -(128.f + z) * s);
     }
 };

@@ -204,13 +204,13 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     struct Chunk {
         uint4 a, b, x[NT][2];
         float4 sa, sb;           // the chunk's gpc group scales of ra and rb
-        u32 za, zb;              // ASYM: their gpc zero points, one per byte,
+        u32 za, zb;              // ASYM: the aligned words holding their zero points,
         int2 sums[NT][SPANS];    // and the plane sums of the lane's C columns per span
     };
     const WDesc& d;
     int ra, rb, lg, gpc, n32;  // gpc: groups per chunk (1, 2 or 4)
     const u32 *wa, *wb;
-    size_t meta;        // where ra's scales and zero points start (meta_index; rb's follow)
+    size_t ga, gb;
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
     float acc[NT][4];
@@ -219,8 +219,8 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         gpc = CONTIG ? 1 : 128 >> lg;
         wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
         wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
-        // ra < 0 only for a tile row past the matrix, whose partner rb is past it too.
-        meta = meta_index(d, max(ra, 0), 0);
+        ga = (size_t)max(ra, 0) * d.sc;
+        gb = (size_t)max(rb, 0) * d.sc;
         int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
@@ -233,6 +233,15 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     __device__ int chunks() const { return d.cols >> 7; }
     // The scale groups of chunk q start at group q·gpc (CONTIG: the one group holding it).
     __device__ int group0(int q) const { return (128 * q) >> lg; }
+    // gpc scales from p (aligned to their count).
+    __device__ float4 scales(const float* p) const {
+        if (gpc == 4) return __ldg((const float4*)p);
+        if (gpc == 2) {
+            float2 v = __ldg((const float2*)p);
+            return make_float4(v.x, v.y, 0.f, 0.f);
+        }
+        return make_float4(__ldg(p), 0.f, 0.f, 0.f);
+    }
     __device__ void load(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
         bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
@@ -268,44 +277,14 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
                 ch.x[n][1] = make_uint4(x2.x, x2.y, x3.x, x3.y);
             }
         }
-        // The tiled scales (meta_index): the chunk's span holds ra's gpc groups, then rb's, so
-        // one load serves both rows and the warp's loads are one piece.
-        size_t m = meta + (size_t)(CONTIG ? group0(q) : q) * 16 * gpc;
+        int g0 = group0(q);
         const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = ch.sb = zf;
-        if (oa) {
-            if (gpc == 4) {
-                ch.sa = __ldg((const float4*)(d.scale + m));
-                ch.sb = __ldg((const float4*)(d.scale + m + 4));
-            } else if (gpc == 2) {
-                float4 v = __ldg((const float4*)(d.scale + m));
-                ch.sa = make_float4(v.x, v.y, 0.f, 0.f);
-                ch.sb = make_float4(v.z, v.w, 0.f, 0.f);
-            } else {
-                float2 v = __ldg((const float2*)(d.scale + m));
-                ch.sa.x = v.x;
-                ch.sb.x = v.y;
-            }
-            if (!ob) ch.sb = zf;
-        }
+        ch.sa = oa ? scales(d.scale + ga + g0) : zf;
+        ch.sb = ob ? scales(d.scale + gb + g0) : zf;
         if (ASYM) {
-            ch.za = ch.zb = 0;
-            if (oa) {
-                if (gpc == 4) {
-                    uint2 v = __ldg((const uint2*)(d.zero + m));
-                    ch.za = v.x;
-                    ch.zb = v.y;
-                } else if (gpc == 2) {
-                    u32 v = __ldg((const u32*)(d.zero + m));
-                    ch.za = v & 0xffff;
-                    ch.zb = v >> 16;
-                } else {
-                    u32 v = __ldg((const unsigned short*)(d.zero + m));
-                    ch.za = v & 0xff;
-                    ch.zb = v >> 8;
-                }
-                if (!ob) ch.zb = 0;
-            }
+            // The aligned word holding the chunk's zero points (gpc of them, never straddling).
+            ch.za = oa ? __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3)) : 0;
+            ch.zb = ob ? __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3)) : 0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -313,7 +292,8 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
                     ch.sums[n][s] = ok && sm[n] ? *(const int2*)(sm[n] + (CONTIG ? n32 + q : 4 * q + s) * PLANES) : make_int2(0, 0);
         }
     }
-    __device__ void dot(int, const Chunk& ch) {
+    __device__ void dot(int q, const Chunk& ch) {
+        int g0 = group0(q);
 #pragma unroll
         for (int s = 0; s < SPANS; s++) {
             int C[NT][4];
@@ -336,8 +316,8 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
             float za = 0.f, zb = 0.f;
             if (ASYM) {
                 // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
-                za = -16.f * (float)(signed char)(ch.za >> (8 * j));
-                zb = -16.f * (float)(signed char)(ch.zb >> (8 * j));
+                za = -16.f * (float)(signed char)(ch.za >> (8 * (((ga + g0) & 3) + j)));
+                zb = -16.f * (float)(signed char)(ch.zb >> (8 * (((gb + g0) & 3) + j)));
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {

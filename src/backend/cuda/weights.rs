@@ -57,7 +57,6 @@ pub struct WDesc {
     pub sc: i32,
     pub vec: i32,
     pub mma: i32,
-    pub pair: i32,
 }
 
 unsafe impl DeviceRepr for WDesc {}
@@ -81,15 +80,13 @@ struct HostLinear {
     rows: usize,
     cols: usize,
     data: Vec<u8>,
-    /// fp8: block grid with `br` rows per scale row; int: `[rows, sc]`, until `tile_meta`.
+    /// fp8: block grid with `br` rows per scale row; int: `[rows, sc]`.
     scale: Vec<f32>,
     zero: Option<Vec<i8>>,
     br: usize,
     bc: usize,
     group: usize,
     sc: usize,
-    /// Tiled integer scales and zero points: the row distance of a tile's paired rows, else 0.
-    pair: usize,
 }
 
 impl HostLinear {
@@ -121,7 +118,6 @@ impl HostLinear {
             bc,
             group,
             sc,
-            pair: 0,
         };
         if fmt == Fmt::Fp8 && h.scale.len() == 1 {
             // A per-tensor scale, spelled out as one block row of 128-column blocks.
@@ -196,7 +192,6 @@ impl HostLinear {
             bc: parts[0].bc,
             group: parts[0].group,
             sc: parts[0].sc,
-            pair: 0,
         };
         for p in parts {
             out.rows += p.rows;
@@ -209,34 +204,7 @@ impl HostLinear {
         Ok(out)
     }
 
-    /// INT4 scales and zero points in the tensor-core kernels' tile order (`meta_index` in
-    /// kernels/common.cuh) for tiles that pair row r with row r + `pair`: 8 for plain matrices,
-    /// I for gate ‖ up stacked with I rows each. Every kernel reads them through meta_index.
-    fn tile_meta(&mut self, pair: usize) {
-        if self.fmt != Fmt::Int4 || !self.mma_ok() {
-            return;
-        }
-        let len = meta_len(self.rows, self.sc, self.group, pair);
-        let mut scale = vec![0f32; len];
-        let mut zero = self.zero.as_ref().map(|_| vec![0i8; len]);
-        for r in 0..self.rows {
-            for g in 0..self.sc {
-                let m = meta_index(r, g, pair, self.sc, self.group);
-                scale[m] = self.scale[r * self.sc + g];
-                if let (Some(z), Some(src)) = (zero.as_mut(), self.zero.as_ref()) {
-                    z[m] = src[r * self.sc + g];
-                }
-            }
-        }
-        self.scale = scale;
-        self.zero = zero;
-        self.pair = pair;
-    }
-
-    /// Uploads the weight; `pair` is the row pairing of the tensor-core tiles that will read it
-    /// (see `tile_meta`).
-    fn upload(mut self, stream: &std::sync::Arc<CudaStream>, pair: usize) -> Result<CudaLinear> {
-        self.tile_meta(pair);
+    fn upload(self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
         let vec = self.vec_ok();
         let w = stream.clone_htod(&self.data)?;
         let scale = if self.scale.is_empty() { None } else { Some(stream.clone_htod(&self.scale)?) };
@@ -256,33 +224,9 @@ impl HostLinear {
             sc: self.sc as i32,
             vec: vec as i32,
             mma: self.mma_ok() as i32,
-            pair: self.pair as i32,
         };
         Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _zero: zero, desc })
     }
-}
-
-/// Tiles of plain matrices pair rows r and r + 8 (16 consecutive rows).
-const PLAIN_PAIR: usize = 8;
-
-/// Groups per 128-column span of a tiled INT4 weight (at least 1).
-fn groups_per_span(group: usize) -> usize {
-    (128 / group).max(1)
-}
-
-/// Entries of tiled scales: every tile padded to 16 rows.
-fn meta_len(rows: usize, sc: usize, group: usize, pair: usize) -> usize {
-    let tiles = if pair == PLAIN_PAIR { rows.div_ceil(16) } else { pair.div_ceil(8) };
-    tiles * sc.div_ceil(groups_per_span(group)) * 16 * groups_per_span(group)
-}
-
-/// `meta_index` of kernels/common.cuh: where (row r, group g) sits in tiled scales.
-fn meta_index(r: usize, g: usize, pair: usize, sc: usize, group: usize) -> usize {
-    let h = if pair == PLAIN_PAIR { (r >> 3) & 1 } else { (r >= pair) as usize };
-    let b = r - h * pair;
-    let (t, i) = (if pair == PLAIN_PAIR { b >> 4 } else { b >> 3 }, b & 7);
-    let gpc = groups_per_span(group);
-    (((t * (sc / gpc) + g / gpc) * 8 + i) * 2 + h) * gpc + g % gpc
 }
 
 /// A linear weight: one matrix, or row-stacked parts that could not be fused.
@@ -297,8 +241,8 @@ pub fn upload_stacked(stream: &std::sync::Arc<CudaStream>, parts: &[LinearWeight
     let host = parts.iter().map(HostLinear::from).collect::<Result<Vec<_>>>()?;
     let rows = parts.iter().map(|p| p.rows).sum();
     let uploaded = match HostLinear::stack(host) {
-        Ok(one) => vec![one.upload(stream, PLAIN_PAIR)?],
-        Err(parts) => parts.into_iter().map(|p| p.upload(stream, PLAIN_PAIR)).collect::<Result<Vec<_>>>()?,
+        Ok(one) => vec![one.upload(stream)?],
+        Err(parts) => parts.into_iter().map(|p| p.upload(stream)).collect::<Result<Vec<_>>>()?,
     };
     Ok(CudaWeight { parts: uploaded, rows, cols })
 }
@@ -323,9 +267,7 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     for e in experts {
         let gu = HostLinear::stack(vec![HostLinear::from(&e.gate)?, HostLinear::from(&e.up)?])
             .map_err(|_| anyhow::anyhow!("{} and {} cannot be fused (different formats)", e.gate.module, e.up.module))?;
-        // moe_gate_up pairs gate row r with up row I + r in a tile.
-        let inter = gu.rows / 2;
-        weights.push((gu.upload(stream, inter)?, HostLinear::from(&e.down)?.upload(stream, PLAIN_PAIR)?));
+        weights.push((gu.upload(stream)?, HostLinear::from(&e.down)?.upload(stream)?));
     }
     let Some((gu0, dn0)) = weights.first() else { bail!("an MoE layer without experts") };
     let (fmt_gate_up, fmt_down) = (gu0.fmt, dn0.fmt);
@@ -337,32 +279,4 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
     let mma = weights.iter().all(|(g, d)| g.desc.mma != 0 && d.desc.mma != 0);
     Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Tiled scales put every (row, group) in its own entry inside the padded table, and a
-    /// tile's row pair next to each other (what the kernels' single loads rely on).
-    #[test]
-    fn tiled_meta_is_one_to_one() {
-        for &(rows, cols, group, pair) in &[(40, 256, 128, 8), (24, 512, 32, 8), (2 * 12, 384, 64, 12), (2 * 4, 256, 256, 4), (48, 128, 32, 8)] {
-            let sc = cols / group;
-            let len = meta_len(rows, sc, group, pair);
-            let mut seen = vec![false; len];
-            for r in 0..rows {
-                for g in 0..sc {
-                    let m = meta_index(r, g, pair, sc, group);
-                    assert!(m < len && !seen[m], "rows {rows} group {group} pair {pair}: ({r}, {g}) -> {m}");
-                    seen[m] = true;
-                }
-            }
-            let gpc = groups_per_span(group);
-            let (ra, rb) = if pair == PLAIN_PAIR { (16 + 3, 16 + 8 + 3) } else { (3, pair + 3) };
-            if rb < rows {
-                assert_eq!(meta_index(rb, 0, pair, sc, group), meta_index(ra, 0, pair, sc, group) + gpc);
-            }
-        }
-    }
 }
