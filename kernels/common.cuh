@@ -50,6 +50,7 @@ template <int FETCH> __device__ __forceinline__ uint4 ld_weight16(const void* p)
         asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+
 struct SumOp {
     __device__ float operator()(float a, float b) const { return a + b; }
 };
