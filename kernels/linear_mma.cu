@@ -87,16 +87,27 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // chunk into its accumulators (dot) and them into the lane's result (result). (Issuing the next
 // UNR chunks' loads before multiplying the current ones, in two register sets, measured slower
 // on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
+// Which chunks a warp takes: every nw-th (w, w + nw, ...), or with WARP_RUNS=1 a contiguous run
+// of them (a sweep setting, not yet measured: a warp then reads whole L2 lines of each row and
+// its rows' scales in order).
+#ifndef WARP_RUNS
+#define WARP_RUNS 0
+#endif
 template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
-    for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
+    int run = WARP_RUNS ? (nq + nw - 1) / nw : 0, step = WARP_RUNS ? 1 : nw;
+    int first = WARP_RUNS ? warp * run : warp, end = WARP_RUNS ? min(nq, first + run) : nq;
+    for (int q0 = first; q0 < end; q0 += UNR * step) {
         typename Tile::Chunk ch[UNR];
 #pragma unroll
-        for (int u = 0; u < UNR; u++) tile.load(q0 + u * nw, ch[u]);
+        for (int u = 0; u < UNR; u++) {
+            int q = q0 + u * step;  // past `end` (a run's tail): none, as past the last chunk
+            tile.load(WARP_RUNS && q >= end ? nq : q, ch[u]);
+        }
 #pragma unroll
         for (int u = 0; u < UNR; u++)
-            if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
+            if (q0 + u * step < end) tile.dot(q0 + u * step, ch[u]);
     }
     return tile.result();
 }
