@@ -1,0 +1,250 @@
+//! MLA attention and the DSA indexer on the GPU: cache writes, absorbed queries, attention over
+//! the latent cache, values, and the indexer's top-k selection (kernels/attention.cu).
+
+use anyhow::{anyhow, bail, Result};
+
+use super::cache::{CudaCache, CudaStep};
+use super::{check_rows, Arg, CudaBackend, CudaMlaHeads, CudaSelection, CudaTensor, CudaVector};
+use crate::backend::{length_bucket, IndexDims, MlaDims};
+use crate::checkpoint::LinearWeight;
+
+/// `kv_b_proj` split per head into f32 `W_UK` and `W_UV` (the absorbed decode's weights).
+pub(super) fn mla_heads(gpu: &CudaBackend, kv_b: &LinearWeight, dims: &MlaDims) -> Result<CudaMlaHeads> {
+    let MlaDims { heads, nope, v, latent, .. } = *dims;
+    dims.check_kv_b(kv_b)?;
+    let w = kv_b.to_f32();
+    let (mut uk, mut uv) = (Vec::with_capacity(heads * nope * latent), Vec::with_capacity(heads * v * latent));
+    for h in 0..heads {
+        let base = h * (nope + v) * latent;
+        uk.extend_from_slice(&w[base..base + nope * latent]);
+        uv.extend_from_slice(&w[base + nope * latent..base + (nope + v) * latent]);
+    }
+    Ok(CudaMlaHeads {
+        wuk: gpu.stream.clone_htod(&uk).map_err(|e| anyhow!("{e:?}"))?,
+        wuv: gpu.stream.clone_htod(&uv).map_err(|e| anyhow!("{e:?}"))?,
+        dims: *dims,
+    })
+}
+
+/// The step's latents (normalized) and rotated rope keys into the cache pool of layer `slot`.
+pub(super) fn mla_cache_write(gpu: &CudaBackend, kv: &CudaTensor, norm: &CudaVector, eps: f32, step: &CudaStep, cache: &mut CudaCache, slot: usize) -> Result<()> {
+    let (l, r) = (cache.spec.latent, cache.spec.rope);
+    check_rows("mla_cache_write", kv, step.positions.len(), l + r)?;
+    if kv.rows == 0 {
+        return Ok(());
+    }
+    let pool = gpu.ptr(&cache.mla[slot]);
+    gpu.launch(
+        "mla_cache_write",
+        (kv.rows as u32, 1, 1),
+        128,
+        (l + r) * 4,
+        &[
+            Arg::Ptr(gpu.ptr(&kv.buf)),
+            Arg::Ptr(gpu.ptr(&norm.0)),
+            Arg::F32(eps),
+            Arg::Ptr(step.cos),
+            Arg::Ptr(step.sin),
+            Arg::I32(step.interleaved as i32),
+            Arg::Meta(step.meta),
+            Arg::Ptr(pool),
+            Arg::I32(l as i32),
+            Arg::I32(r as i32),
+        ],
+    )
+}
+
+/// Each head's query absorbed into the latent space (`q_nope · W_UK`) and its rotated rope part.
+pub(super) fn mla_queries(gpu: &CudaBackend, q: &CudaTensor, heads: &CudaMlaHeads, step: &CudaStep) -> Result<(CudaTensor, CudaTensor)> {
+    let MlaDims { heads: h, nope, rope, latent, .. } = heads.dims;
+    check_rows("mla_queries", q, step.positions.len(), h * (nope + rope))?;
+    let q_lat = gpu.tensor_of(q.rows, h * latent)?;
+    let q_pe = gpu.tensor_of(q.rows, h * rope)?;
+    if q.rows > 0 {
+        gpu.launch(
+            "mla_queries",
+            ((q.rows * h) as u32, (latent as u32).div_ceil(128), 1),
+            512,
+            ((nope + rope).div_ceil(4) * 4 + 4 * 512) * 4,
+            &[
+                Arg::Ptr(gpu.ptr(&q.buf)),
+                Arg::Ptr(gpu.ptr(&heads.wuk)),
+                Arg::Ptr(gpu.ptr(&q_lat.buf)),
+                Arg::Ptr(gpu.ptr(&q_pe.buf)),
+                Arg::Ptr(step.cos),
+                Arg::Ptr(step.sin),
+                Arg::I32(step.interleaved as i32),
+                Arg::I32(h as i32),
+                Arg::I32(nope as i32),
+                Arg::I32(rope as i32),
+                Arg::I32(latent as i32),
+            ],
+        )?;
+    }
+    Ok((q_lat, q_pe))
+}
+
+/// Attention over the latent cache (all positions, or the DSA selection), split over keys.
+pub(super) fn mla_attend(gpu: &CudaBackend, q_lat: &CudaTensor, q_rope: &CudaTensor, cache: &CudaCache, slot: usize, step: &CudaStep, sel: Option<&CudaSelection>, dims: &MlaDims) -> Result<CudaTensor> {
+    let MlaDims { heads: h, rope, latent, scale, .. } = *dims;
+    let t = step.positions.len();
+    check_rows("mla_attend", q_lat, t, h * latent)?;
+    let out = gpu.tensor_of(t, h * latent)?;
+    if t == 0 {
+        return Ok(out);
+    }
+    let nk = match sel {
+        Some(s) => s.topk,
+        None => length_bucket(step.positions.iter().max().map_or(0, |p| p + 1)),
+    };
+    // Splits of 64 keys for parallelism, fewer when many rows would make the partials large.
+    let budget = 256usize << 20;
+    let max_splits = (budget / (t * h * (latent + 2) * 4)).max(1);
+    let splits = nk.div_ceil(64).clamp(1, max_splits);
+    let ks = nk.div_ceil(splits);
+    let part = gpu.alloc(t * h * splits * (latent + 2))?;
+    // Shared memory of mla_attend_split (its comment has the layout): 8 heads, 32-key tiles, 8 warps.
+    let (w, hb, kt, warps) = (latent + rope, 8, 32, 8);
+    let smem = (w * hb + kt * (w + 1) + warps * hb * kt + kt * hb + 3 * hb) * 4;
+    if latent > 4 * 256 {
+        bail!("mla_attend: latent width {latent} exceeds the kernel's 1024");
+    }
+    gpu.launch(
+        "mla_attend_split",
+        (t as u32, (h as u32).div_ceil(8), splits as u32),
+        256,
+        smem,
+        &[
+            Arg::Ptr(gpu.ptr(&q_lat.buf)),
+            Arg::Ptr(gpu.ptr(&q_rope.buf)),
+            Arg::Ptr(gpu.ptr(&cache.mla[slot])),
+            Arg::Meta(step.meta),
+            Arg::Ptr(sel.map_or(0, |s| gpu.ptr(&s.idx))),
+            Arg::I32(sel.map_or(0, |s| s.topk as i32)),
+            Arg::I32(h as i32),
+            Arg::I32(latent as i32),
+            Arg::I32(rope as i32),
+            Arg::F32(scale),
+            Arg::I32(ks as i32),
+            Arg::Ptr(gpu.ptr(&part)),
+        ],
+    )?;
+    gpu.launch(
+        "mla_combine",
+        (t as u32, h as u32, (latent as u32).div_ceil(128)),
+        128,
+        splits * 4,
+        &[Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32), Arg::I32(latent as i32), Arg::I32(splits as i32), Arg::Ptr(gpu.ptr(&out.buf))],
+    )?;
+    Ok(out)
+}
+
+/// The attended latents back to each head's values (`o · W_UVᵀ`).
+pub(super) fn mla_values(gpu: &CudaBackend, o_lat: &CudaTensor, heads: &CudaMlaHeads) -> Result<CudaTensor> {
+    let MlaDims { heads: h, v, latent, .. } = heads.dims;
+    if o_lat.cols != h * latent {
+        bail!("mla_values: input has {} columns, expected {}", o_lat.cols, h * latent);
+    }
+    let out = gpu.tensor_of(o_lat.rows, h * v)?;
+    if o_lat.rows > 0 {
+        gpu.launch(
+            "mla_values",
+            ((o_lat.rows * h) as u32, (v as u32).div_ceil(8), 1),
+            256,
+            0,
+            &[Arg::Ptr(gpu.ptr(&o_lat.buf)), Arg::Ptr(gpu.ptr(&heads.wuv)), Arg::Ptr(gpu.ptr(&out.buf)), Arg::I32(h as i32), Arg::I32(v as i32), Arg::I32(latent as i32)],
+        )?;
+    }
+    Ok(out)
+}
+
+/// The indexer's keys (LayerNorm, rope) into the cache of layer `slot`.
+pub(super) fn index_cache_write(gpu: &CudaBackend, k: &CudaTensor, norm_w: &CudaVector, norm_b: &CudaVector, eps: f32, step: &CudaStep, cache: &mut CudaCache, slot: usize) -> Result<()> {
+    let d = cache.spec.index_dim;
+    check_rows("index_cache_write", k, step.positions.len(), d)?;
+    let pool = cache.index[slot].as_ref().ok_or_else(|| anyhow!("index_cache_write: slot {slot} keeps no indexer keys"))?;
+    if k.rows == 0 {
+        return Ok(());
+    }
+    gpu.launch(
+        "index_cache_write",
+        (k.rows as u32, 1, 1),
+        128,
+        d * 4,
+        &[
+            Arg::Ptr(gpu.ptr(&k.buf)),
+            Arg::Ptr(gpu.ptr(&norm_w.0)),
+            Arg::Ptr(gpu.ptr(&norm_b.0)),
+            Arg::F32(eps),
+            Arg::Ptr(step.cos),
+            Arg::Ptr(step.sin),
+            Arg::I32(step.indexer_interleaved as i32),
+            Arg::Meta(step.meta),
+            Arg::Ptr(gpu.ptr(pool)),
+            Arg::I32(d as i32),
+            Arg::I32(cache.spec.rope as i32),
+        ],
+    )
+}
+
+/// The indexer's scores over the cached keys and the top-k positions per query.
+pub(super) fn index_select(gpu: &CudaBackend, q: &CudaTensor, w: &CudaTensor, cache: &CudaCache, slot: usize, step: &CudaStep, dims: &IndexDims) -> Result<CudaSelection> {
+    let IndexDims { heads: nh, head_dim: d, rope, topk } = *dims;
+    let t = step.positions.len();
+    check_rows("index_select q", q, t, nh * d)?;
+    check_rows("index_select w", w, t, nh)?;
+    if d % 4 != 0 {
+        bail!("index_select: indexer heads of {d} dims are not supported (a multiple of 4 is needed)");
+    }
+    let pool = cache.index[slot].as_ref().ok_or_else(|| anyhow!("index_select: slot {slot} keeps no indexer keys"))?;
+    // topk_finish writes every row's k entries (-1 where a row has fewer positions).
+    let idx = gpu.alloc_indices(t * topk)?;
+    if t == 0 {
+        return Ok(CudaSelection { topk, idx });
+    }
+    let ld = length_bucket(step.positions.iter().max().map_or(1, |p| p + 1));
+    let scores = gpu.alloc(t * ld)?;
+    gpu.launch(
+        "index_scores",
+        // 64-key tiles, 4 per block.
+        (t as u32, (ld as u32).div_ceil(64 * 4), 1),
+        256,
+        {
+            // index_scores' shared memory (its comment has the layout): heads padded to 8, 64-key tiles, 4 groups.
+            let nhp = nh.div_ceil(8) * 8;
+            (d * nhp + nhp + 64 * (d + 1) + 64 * 4) * 4
+        },
+        &[
+            Arg::Ptr(gpu.ptr(&q.buf)),
+            Arg::Ptr(gpu.ptr(&w.buf)),
+            Arg::Ptr(gpu.ptr(pool)),
+            Arg::Meta(step.meta),
+            Arg::Ptr(step.cos),
+            Arg::Ptr(step.sin),
+            Arg::I32(step.indexer_interleaved as i32),
+            Arg::I32(nh as i32),
+            Arg::I32(d as i32),
+            Arg::I32(rope as i32),
+            Arg::I32(ld as i32),
+            Arg::Ptr(gpu.ptr(&scores)),
+        ],
+    )?;
+    // Top-k across many blocks: histogram, threshold bin, collect, finish.
+    let chunks = (ld as u32).div_ceil(1024); // TOPK_CHUNK in attention.cu
+    let hist = gpu.stream.alloc_zeros::<u32>(t * 4096).map_err(|e| anyhow!("{e:?}"))?;
+    let meta = gpu.stream.alloc_zeros::<i32>(t * 4).map_err(|e| anyhow!("{e:?}"))?;
+    let cand = unsafe { gpu.stream.alloc::<i32>(t * ld) }.map_err(|e| anyhow!("{e:?}"))?;
+    let base = [Arg::Ptr(gpu.ptr(&scores)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32)];
+    let with = |extra: &[Arg]| base.iter().cloned().chain(extra.iter().cloned()).collect::<Vec<Arg>>();
+    gpu.launch("topk_hist", (t as u32, chunks, 1), 256, 0, &with(&[Arg::Ptr(gpu.ptr(&hist))]))?;
+    gpu.launch(
+        "topk_threshold",
+        (t as u32, 1, 1),
+        1024,
+        0,
+        &[Arg::Ptr(gpu.ptr(&hist)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32), Arg::Ptr(gpu.ptr(&meta))],
+    )?;
+    gpu.launch("topk_collect", (t as u32, chunks, 1), 256, 0, &with(&[Arg::Ptr(gpu.ptr(&meta)), Arg::Ptr(gpu.ptr(&idx)), Arg::Ptr(gpu.ptr(&cand))]))?;
+    gpu.launch("topk_finish", (t as u32, 1, 1), 256, 0, &with(&[Arg::Ptr(gpu.ptr(&meta)), Arg::Ptr(gpu.ptr(&cand)), Arg::Ptr(gpu.ptr(&idx))]))?;
+    Ok(CudaSelection { topk, idx })
+}

@@ -1,0 +1,154 @@
+//! Linear layers on the GPU: which kernel a GEMV takes (tensor cores for FP8/INT4 at decode,
+//! CUDA cores otherwise), its block size, and the split activations the tensor-core kernels read.
+
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::CudaSlice;
+
+use super::weights::{CudaWeight, Fmt};
+use super::{kernels, Arg, CudaBackend, CudaTensor, Kernel};
+
+impl CudaBackend {
+    /// `y[:, yoff .. yoff + w.rows] = x · Wᵀ` for every part of `w`.
+    pub(super) fn gemv_into(&self, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor) -> Result<()> {
+        let mut yoff = 0;
+        // One token (decode) has its own instantiation: fewer registers, no idle token lanes.
+        let (nt, kernel) = if x.rows == 1 { (1, "gemv1") } else { (8, "gemv8") };
+        for p in &w.parts {
+            let (t, ldy, off) = (Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32));
+            if p.desc.mma != 0 && x.rows <= MMA_MAX_TOKENS {
+                let s = self.split(x, p.fmt)?;
+                let kernel = ("gemv_mma", Some(p.fmt));
+                let grid = ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1);
+                self.launch_kernel(
+                    kernel,
+                    grid,
+                    self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize)?,
+                    0,
+                    &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
+                )?;
+            } else {
+                self.launch_kernel(
+                    (kernel, Some(p.fmt)),
+                    ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1),
+                    threads_for(p.cols, p.fmt),
+                    0,
+                    &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
+                )?;
+            }
+            yoff += p.rows;
+        }
+        Ok(())
+    }
+
+    /// Threads of a tensor-core block (`tiles` of them): its warps split the row tile's chunks
+    /// (64 FP8 or 128 INT4 columns), at least two chunks each. The most warps per block with
+    /// which every block is resident at once, so all SMs stream to the end (a large block per SM
+    /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
+    /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
+    pub(super) fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
+        let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
+        let most = chunks.div_ceil(2).clamp(2, 16);
+        if let Some(w) = forced_mma_warps() {
+            return Ok(32 * w.min(most) as u32);
+        }
+        // Decided once per launch shape: the occupancy calculator is not free.
+        let key = (kernel, most, tiles);
+        if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
+            return Ok(threads);
+        }
+        let f = self.function(kernel)?;
+        let mut threads = 64;
+        for warps in (2..=most).rev() {
+            let t = 32 * warps as u32;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
+            if per_sm * self.sms >= tiles {
+                threads = t;
+                break;
+            }
+        }
+        self.mma_block.write().unwrap().insert(key, threads);
+        Ok(threads)
+    }
+
+    /// A fresh split of `x` for weights of format `fmt` (not kept): the benchmark of the split
+    /// kernels alone.
+    pub fn split_activation(&self, x: &CudaTensor, fmt: Fmt) -> Result<()> {
+        self.split_uncached(x, fmt).map(|_| ())
+    }
+
+    /// `x` split for the tensor-core kernels (split_act in kernels/linear_mma.cu), laid out
+    /// for weights of format `fmt`; made on first use and kept with the tensor.
+    pub(super) fn split<'a>(&self, x: &'a CudaTensor, fmt: Fmt) -> Result<&'a Split> {
+        let cell = &x.splits[(fmt == Fmt::Int4) as usize];
+        if let Some(s) = cell.get() {
+            return Ok(s);
+        }
+        let split = self.split_uncached(x, fmt)?;
+        Ok(cell.get_or_init(|| split))
+    }
+
+    pub(super) fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
+        let (rows, cols) = (x.rows, x.cols);
+        let exps = self.alloc_indices(rows)?;
+        let grid = (rows as u32, (cols as u32).div_ceil(SPLIT_SEG), 1);
+        if fmt == Fmt::Int4 {
+            if cols % 128 != 0 {
+                bail!("split_planes: {cols} columns are not a multiple of 128");
+            }
+            // Safety: split_planes writes every plane byte and every sum.
+            let data = unsafe { self.stream.alloc::<u8>((PLANES * rows * cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
+            let sums = self.alloc_indices(rows * (cols / 32 + cols / 128) * PLANES)?;
+            let args = [Arg::Ptr(self.ptr(&x.buf)), Arg::I32(cols as i32), Arg::Ptr(self.ptr(&data)), Arg::Ptr(self.ptr(&sums)), Arg::Ptr(self.ptr(&exps))];
+            self.launch("split_planes", grid, 256, 0, &args)?;
+            return Ok(Split { data, sums: Some(sums), exps });
+        }
+        // Safety: split_act writes both f16 halves of every element.
+        let data = unsafe { self.stream.alloc::<u8>((4 * rows * cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
+        self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(cols as i32), Arg::Ptr(self.ptr(&data)), Arg::Ptr(self.ptr(&exps))])?;
+        Ok(Split { data, sums: None, exps })
+    }
+}
+
+/// Warps per tensor-core block forced by `DUET_MMA_WARPS` (a tuning knob for sweeps on the
+/// device), or None for the occupancy rule of `mma_threads`.
+fn forced_mma_warps() -> Option<usize> {
+    static WARPS: OnceLock<Option<usize>> = OnceLock::new();
+    *WARPS.get_or_init(|| kernels::env_usize("DUET_MMA_WARPS", "2 to 16", |w| (2..=16).contains(&w)))
+}
+
+/// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
+/// and eight warps.
+pub(super) fn threads_for(cols: usize, fmt: Fmt) -> u32 {
+    let units = cols.div_ceil(fmt.unit());
+    (units.div_ceil(32) * 32).clamp(64, 256) as u32
+}
+
+/// Token rows up to which linear layers take the tensor-core kernels (decode, MTP verify);
+/// beyond, the CUDA-core kernels serve prefill chunks.
+pub(super) const MMA_MAX_TOKENS: usize = 8;
+/// Tokens per tensor-core tile (MMA_TOKENS in kernels/linear_mma.cu).
+pub(super) const MMA_TOKENS: u32 = 4;
+
+/// Columns per block of split_act (SPLIT_SEG in kernels/linear_mma.cu).
+const SPLIT_SEG: u32 = 1024;
+
+/// Int8 planes per activation row of the INT4 kernels (PLANES in kernels/linear_mma.cu).
+const PLANES: usize = 4;
+
+/// Activations split for the tensor-core kernels with a power-of-two exponent per row: f16 hi
+/// and lo halves (split_act, FP8), or int8 planes with their sums per 32 and 128 columns
+/// (split_planes, INT4).
+pub(super) struct Split {
+    pub(super) data: CudaSlice<u8>,
+    sums: Option<CudaSlice<i32>>,
+    pub(super) exps: CudaSlice<i32>,
+}
+
+impl Split {
+    pub(super) fn sums_ptr(&self, gpu: &CudaBackend) -> u64 {
+        self.sums.as_ref().map_or(0, |s| gpu.ptr(s))
+    }
+}
+
