@@ -45,6 +45,13 @@
 // against 77%, FP8 experts 83% against 80%, INT4 63% against 60% (256 bytes: the same).
 // Explicit per-lane L2 prefetches of later chunks, or bulk prefetches of a tile's rows, measured
 // slower (FP8 experts 68-71%).
+// INT4_META_SMEM=1 (DUET_INT4_META_SMEM=1 at run time; an experiment, not yet measured): a
+// tile stages its rows' scales and zero points in shared memory once instead of each chunk
+// loading them (the ablation in docs/performance.md puts those loads at ~13 points of INT4's
+// bandwidth).
+#ifndef INT4_META_SMEM
+#define INT4_META_SMEM 0
+#endif
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
 #endif
@@ -221,7 +228,9 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     const WDesc& d;
     int ra, rb, lg, gpc, n32;  // gpc: groups per chunk (1, 2 or 4)
     const u32 *wa, *wb;
-    size_t ga, gb;
+    const float* sbase;       // scales and zero points: the weight's, or the tile's staged copy
+    const signed char* zbase;
+    size_t ga, gb;            // where rows ra and rb start in them
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
     float acc[NT][4];
@@ -230,9 +239,12 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         gpc = CONTIG ? 1 : 128 >> lg;
         wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
         wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
+        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
+        sbase = d.scale;
+        zbase = d.zero;
         ga = (size_t)max(ra, 0) * d.sc;
         gb = (size_t)max(rb, 0) * d.sc;
-        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
+        if (INT4_META_SMEM) stage_meta(g, c);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             int tb = trow[2 * n + g / 4], tc = trow[2 * n + c / 2];
@@ -241,17 +253,45 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
             acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
     }
+    // INT4_META_SMEM: the tile's 16 rows of scales (and zero points) copied into the block's
+    // dynamic shared memory, [16][sc] floats then [16][sc] bytes (A rows, then B rows), so the
+    // chunks read them from there. Every thread of the block takes part.
+    __device__ void stage_meta(int g, int c) {
+        extern __shared__ __align__(16) float meta_s[];
+        __shared__ int rows_s[16];
+        int sc = d.sc;
+        signed char* zs = (signed char*)(meta_s + 16 * sc);
+        __syncthreads();  // an earlier tile's readers are done with the copy
+        if (threadIdx.x < 32 && c == 0) {
+            rows_s[g] = ra;
+            rows_s[8 + g] = rb;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < 16 * sc; i += blockDim.x) {
+            int k = i / sc, r = rows_s[k];
+            size_t src = (size_t)max(r, 0) * sc + (i - k * sc);
+            meta_s[i] = r >= 0 ? __ldg(d.scale + src) : 0.f;
+            if (ASYM) zs[i] = r >= 0 ? d.zero[src] : 0;
+        }
+        __syncthreads();
+        sbase = meta_s;
+        zbase = zs;
+        ga = (size_t)g * sc;
+        gb = (size_t)(8 + g) * sc;
+    }
     __device__ int chunks() const { return d.cols >> 7; }
     // The scale groups of chunk q start at group q·gpc (CONTIG: the one group holding it).
     __device__ int group0(int q) const { return (128 * q) >> lg; }
+    // A word of zero points: from shared memory when staged, else through the read-only path.
+    __device__ u32 meta_word(const u32* p) const { return INT4_META_SMEM ? *p : __ldg(p); }
     // gpc scales from p (aligned to their count).
     __device__ float4 scales(const float* p) const {
-        if (gpc == 4) return __ldg((const float4*)p);
+        if (gpc == 4) return INT4_META_SMEM ? *(const float4*)p : __ldg((const float4*)p);
         if (gpc == 2) {
-            float2 v = __ldg((const float2*)p);
+            float2 v = INT4_META_SMEM ? *(const float2*)p : __ldg((const float2*)p);
             return make_float4(v.x, v.y, 0.f, 0.f);
         }
-        return make_float4(__ldg(p), 0.f, 0.f, 0.f);
+        return make_float4(INT4_META_SMEM ? *p : __ldg(p), 0.f, 0.f, 0.f);
     }
     __device__ void load(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
@@ -290,12 +330,12 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         }
         int g0 = group0(q);
         const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = oa ? scales(d.scale + ga + g0) : zf;
-        ch.sb = ob ? scales(d.scale + gb + g0) : zf;
+        ch.sa = oa ? scales(sbase + ga + g0) : zf;
+        ch.sb = ob ? scales(sbase + gb + g0) : zf;
         if (ASYM) {
             // The aligned word holding the chunk's zero points (gpc of them, never straddling).
-            ch.za = oa ? __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3)) : 0;
-            ch.zb = ob ? __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3)) : 0;
+            ch.za = oa ? meta_word((const u32*)((size_t)(zbase + ga + g0) & ~(size_t)3)) : 0;
+            ch.zb = ob ? meta_word((const u32*)((size_t)(zbase + gb + g0) & ~(size_t)3)) : 0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll

@@ -24,8 +24,8 @@ impl CudaBackend {
                 self.launch_kernel(
                     kernel,
                     grid,
-                    self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize)?,
-                    0,
+                    self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize, mma_smem(p.fmt, p.desc.sc as usize))?,
+                    mma_smem(p.fmt, p.desc.sc as usize),
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -47,14 +47,14 @@ impl CudaBackend {
     /// which every block is resident at once, so all SMs stream to the end (a large block per SM
     /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
     /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
-    pub(super) fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
+    pub(super) fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, smem: usize) -> Result<u32> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
             return Ok(32 * w.min(most) as u32);
         }
         // Decided once per launch shape: the occupancy calculator is not free.
-        let key = (kernel, most, tiles);
+        let key = (kernel, most, tiles, smem);
         if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
             return Ok(threads);
         }
@@ -62,7 +62,7 @@ impl CudaBackend {
         let mut threads = 64;
         for warps in (2..=most).rev() {
             let t = 32 * warps as u32;
-            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, smem, None).map_err(|e| anyhow!("{e:?}"))? as usize;
             if per_sm * self.sms >= tiles {
                 threads = t;
                 break;
@@ -120,6 +120,17 @@ fn forced_mma_warps() -> Option<usize> {
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
 /// and eight warps.
+/// Dynamic shared memory of a tensor-core launch over weights of format `fmt` with `sc` scale
+/// columns: the tile's staged scales and zero points with `DUET_INT4_META_SMEM=1` (16 rows of
+/// an f32 and a byte per group), else none.
+pub(super) fn mma_smem(fmt: Fmt, sc: usize) -> usize {
+    if fmt == Fmt::Int4 && kernels::int4_meta_smem() {
+        (16 * sc * 5).next_multiple_of(16)
+    } else {
+        0
+    }
+}
+
 pub(super) fn threads_for(cols: usize, fmt: Fmt) -> u32 {
     let units = cols.div_ceil(fmt.unit());
     (units.div_ceil(32) * 32).clamp(64, 256) as u32
