@@ -73,9 +73,9 @@ pub fn settings() -> String {
     parts.join(", ")
 }
 
-/// The compile options: OPTIONS, `-DINT4_META_SMEM=1` with `int4_meta_smem`, then any `-D` defines in
-/// `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning constants
-/// (chunks in flight, register caps) for sweeps on the device without a rebuild.
+/// The compile options: OPTIONS, `-DINT4_META_SMEM=1` with `int4_meta_smem`, then any `-D`
+/// defines in `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning
+/// constants (chunks in flight, register caps) for sweeps on the device without a rebuild.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     if int4_meta_smem() {

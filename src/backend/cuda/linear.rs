@@ -21,11 +21,12 @@ impl CudaBackend {
                 let s = self.split(x, p.fmt)?;
                 let kernel = ("gemv_mma", Some(p.fmt));
                 let grid = ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1);
+                let smem = mma_smem(p.fmt, p.desc.sc as usize);
                 self.launch_kernel(
                     kernel,
                     grid,
-                    self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize, mma_smem(p.fmt, p.desc.sc as usize))?,
-                    mma_smem(p.fmt, p.desc.sc as usize),
+                    self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize, smem)?,
+                    smem,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -118,8 +119,6 @@ fn forced_mma_warps() -> Option<usize> {
     *WARPS.get_or_init(|| kernels::env_usize("DUET_MMA_WARPS", "2 to 16", |w| (2..=16).contains(&w)))
 }
 
-/// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
-/// and eight warps.
 /// Dynamic shared memory of a tensor-core launch over weights of format `fmt` with `sc` scale
 /// columns: the tile's staged scales and zero points with `DUET_INT4_META_SMEM=1` (16 rows of
 /// an f32 and a byte per group), else none.
@@ -131,6 +130,8 @@ pub(super) fn mma_smem(fmt: Fmt, sc: usize) -> usize {
     }
 }
 
+/// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
+/// and eight warps.
 pub(super) fn threads_for(cols: usize, fmt: Fmt) -> u32 {
     let units = cols.div_ceil(fmt.unit());
     (units.div_ceil(32) * 32).clamp(64, 256) as u32
