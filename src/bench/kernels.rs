@@ -99,6 +99,11 @@ impl Report {
         let gbs = bytes / ms / 1e6;
         println!("{what:<58} {:>9.1} µs {:>9.1} GB/s {:>6.1}%", ms * 1e3, gbs, 100.0 * gbs / self.peak);
     }
+
+    /// A time without a byte count (a share of the row above it).
+    fn part(&self, what: &str, ms: f64) {
+        println!("{what:<58} {:>9.1} µs", ms * 1e3);
+    }
 }
 
 pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
@@ -184,6 +189,11 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             let ms = time_graph(&ctx, &stream, 8, reps, || layer.forward(&gpu, &gpu.rms_norm(&x, &ones, 1e-6)?).map(|_| ()))?;
             let bytes = (n_exp * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
             r.row(&format!("moe layer {fmt} x{batch} (norm, router, {} routed, shared)", idx.len()), bytes, ms);
+            // Where the block's time goes: its norm, then the norm and router (gate GEMV, route
+            // and plan); the rest is the experts with their splits and the combine.
+            let norm = time_graph(&ctx, &stream, 8, reps, || gpu.rms_norm(&x, &ones, 1e-6).map(|_| ()))?;
+            let router = time_graph(&ctx, &stream, 8, reps, || gpu.route(&gpu.rms_norm(&x, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
+            r.part(&format!("  norm {:.1} + router {:.1} µs; experts, splits, combine", norm * 1e3, (router - norm) * 1e3), ms - router);
         }
         for batch in [1usize, 2, 4] {
             let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;
