@@ -38,18 +38,17 @@ __device__ __forceinline__ float e4m3_to_f32(u8 v) {
 // Weight loads: read once per call, so kept out of L1. FETCH (64, 128 or 256; 0 for none) asks
 // L2 to fetch that many bytes around each miss, so the rest of a line is on its way before the
 // warp that reads it asks: more bytes in flight without more registers.
+#define LD_WEIGHT16(HINT) \
+    asm("ld.global.nc.L1::no_allocate" HINT ".v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p))
 template <int FETCH> __device__ __forceinline__ uint4 ld_weight16(const void* p) {
     uint4 v;
-    if (FETCH == 64)
-        asm("ld.global.nc.L1::no_allocate.L2::64B.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    else if (FETCH == 128)
-        asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    else if (FETCH == 256)
-        asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    else
-        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    if (FETCH == 64) LD_WEIGHT16(".L2::64B");
+    else if (FETCH == 128) LD_WEIGHT16(".L2::128B");
+    else if (FETCH == 256) LD_WEIGHT16(".L2::256B");
+    else LD_WEIGHT16("");
     return v;
 }
+#undef LD_WEIGHT16
 
 struct SumOp {
     __device__ float operator()(float a, float b) const { return a + b; }

@@ -45,15 +45,15 @@
 // against 77%, FP8 experts 83% against 80%, INT4 63% against 60% (256 bytes: the same).
 // Explicit per-lane L2 prefetches of later chunks, or bulk prefetches of a tile's rows, measured
 // slower (FP8 experts 68-71%).
+#ifndef MMA_L2_FETCH
+#define MMA_L2_FETCH 128
+#endif
 // INT4_META_SMEM=1 (DUET_INT4_META_SMEM=1 at run time; an experiment, not yet measured): a
 // tile stages its rows' scales and zero points in shared memory once instead of each chunk
 // loading them (the ablation in docs/performance.md puts those loads at ~13 points of INT4's
 // bandwidth).
 #ifndef INT4_META_SMEM
 #define INT4_META_SMEM 0
-#endif
-#ifndef MMA_L2_FETCH
-#define MMA_L2_FETCH 128
 #endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {

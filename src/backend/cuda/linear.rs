@@ -19,14 +19,12 @@ impl CudaBackend {
             let (t, ldy, off) = (Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32));
             if p.desc.mma != 0 && x.rows <= MMA_MAX_TOKENS {
                 let s = self.split(x, p.fmt)?;
-                let kernel = ("gemv_mma", Some(p.fmt));
-                let grid = ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1);
-                let smem = mma_smem(p.fmt, p.desc.sc as usize);
-                self.launch_kernel(
-                    kernel,
-                    grid,
-                    self.mma_threads(kernel, p.cols, p.fmt, (grid.0 * grid.1) as usize, smem)?,
-                    smem,
+                self.launch_mma(
+                    "gemv_mma",
+                    p.fmt,
+                    ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1),
+                    p.cols,
+                    p.desc.sc as usize,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -43,12 +41,22 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Launches tensor-core kernel `family` for weights of format `fmt` with `cols` columns and
+    /// `scale_cols` scale columns over `grid` tiles: the block size from `mma_threads`, the
+    /// shared memory from `mma_smem`.
+    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, scale_cols: usize, args: &[Arg]) -> Result<()> {
+        let kernel = (family, Some(fmt));
+        let smem = mma_smem(fmt, scale_cols);
+        let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize, smem)?;
+        self.launch_kernel(kernel, grid, threads, smem, args)
+    }
+
     /// Threads of a tensor-core block (`tiles` of them): its warps split the row tile's chunks
     /// (64 FP8 or 128 INT4 columns), at least two chunks each. The most warps per block with
     /// which every block is resident at once, so all SMs stream to the end (a large block per SM
     /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
     /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
-    pub(super) fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, smem: usize) -> Result<u32> {
+    fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, smem: usize) -> Result<u32> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
@@ -122,7 +130,7 @@ fn forced_mma_warps() -> Option<usize> {
 /// Dynamic shared memory of a tensor-core launch over weights of format `fmt` with `sc` scale
 /// columns: the tile's staged scales and zero points with `DUET_INT4_META_SMEM=1` (16 rows of
 /// an f32 and a byte per group), else none.
-pub(super) fn mma_smem(fmt: Fmt, sc: usize) -> usize {
+fn mma_smem(fmt: Fmt, sc: usize) -> usize {
     if fmt == Fmt::Int4 && kernels::int4_meta_smem() {
         (16 * sc * 5).next_multiple_of(16)
     } else {

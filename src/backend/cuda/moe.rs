@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
-use super::linear::{mma_smem, threads_for, MMA_MAX_TOKENS};
+use super::linear::{threads_for, MMA_MAX_TOKENS};
 use super::weights::{CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, RouterParams};
@@ -93,27 +93,23 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
         // Tensor cores: 8 gate rows with their up rows per tile, then 16 down rows.
         let xs = gpu.split(x, experts.fmt_gate_up)?;
         let [a, b, c] = plan_args(&experts.gate_up_table);
-        let kernel = ("moe_gate_up_mma", Some(experts.fmt_gate_up));
-        let grid = ((i as u32).div_ceil(8), groups, 1);
-        let smem = mma_smem(experts.fmt_gate_up, experts.scale_cols.0);
-        gpu.launch_kernel(
-            kernel,
-            grid,
-            gpu.mma_threads(kernel, h, experts.fmt_gate_up, (grid.0 * grid.1) as usize, smem)?,
-            smem,
+        gpu.launch_mma(
+            "moe_gate_up_mma",
+            experts.fmt_gate_up,
+            ((i as u32).div_ceil(8), groups, 1),
+            h,
+            experts.scale_cols.0,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )?;
         let act = CudaTensor::new(pairs, i, act);
         let acts = gpu.split(&act, experts.fmt_down)?;
         let [a, b, c] = plan_args(&experts.down_table);
-        let kernel = ("moe_down_mma", Some(experts.fmt_down));
-        let grid = ((h as u32).div_ceil(16), groups, 1);
-        let smem = mma_smem(experts.fmt_down, experts.scale_cols.1);
-        gpu.launch_kernel(
-            kernel,
-            grid,
-            gpu.mma_threads(kernel, i, experts.fmt_down, (grid.0 * grid.1) as usize, smem)?,
-            smem,
+        gpu.launch_mma(
+            "moe_down_mma",
+            experts.fmt_down,
+            ((h as u32).div_ceil(16), groups, 1),
+            i,
+            experts.scale_cols.1,
             &[a, b, c, Arg::Ptr(gpu.ptr(&acts.data)), Arg::Ptr(acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&acts.exps)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
         )?;
     } else {
