@@ -48,13 +48,6 @@
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
 #endif
-// INT4_META_SMEM=1 (DUET_INT4_META_SMEM=1 at run time; an experiment, not yet measured): a
-// tile stages its rows' scales and zero points in shared memory once instead of each chunk
-// loading them (the ablation in docs/performance.md puts those loads at ~13 points of INT4's
-// bandwidth).
-#ifndef INT4_META_SMEM
-#define INT4_META_SMEM 0
-#endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -94,27 +87,18 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // chunk into its accumulators (dot) and them into the lane's result (result). (Issuing the next
 // UNR chunks' loads before multiplying the current ones, in two register sets, measured slower
 // on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
-// Which chunks a warp takes: every nw-th (w, w + nw, ...), or with WARP_RUNS=1 a contiguous run
-// of them (a sweep setting, not yet measured: a warp then reads whole L2 lines of each row and
-// its rows' scales in order).
-#ifndef WARP_RUNS
-#define WARP_RUNS 0
-#endif
+// (A warp taking a contiguous run of chunks instead of every nw-th measured no better on
+// H200: INT4 16384->6144 60% against 62%, group-32 experts 45% against 42%.)
 template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
-    int run = WARP_RUNS ? (nq + nw - 1) / nw : 0, step = WARP_RUNS ? 1 : nw;
-    int first = WARP_RUNS ? warp * run : warp, end = WARP_RUNS ? min(nq, first + run) : nq;
-    for (int q0 = first; q0 < end; q0 += UNR * step) {
+    for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
         typename Tile::Chunk ch[UNR];
 #pragma unroll
-        for (int u = 0; u < UNR; u++) {
-            int q = q0 + u * step;  // past `end` (a run's tail): none, as past the last chunk
-            tile.load(WARP_RUNS && q >= end ? nq : q, ch[u]);
-        }
+        for (int u = 0; u < UNR; u++) tile.load(q0 + u * nw, ch[u]);
 #pragma unroll
         for (int u = 0; u < UNR; u++)
-            if (q0 + u * step < end) tile.dot(q0 + u * step, ch[u]);
+            if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
     }
     return tile.result();
 }
@@ -228,9 +212,7 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     const WDesc& d;
     int ra, rb, lg, gpc, n32;  // gpc: groups per chunk (1, 2 or 4)
     const u32 *wa, *wb;
-    const float* sbase;       // scales and zero points: the weight's, or the tile's staged copy
-    const signed char* zbase;
-    size_t ga, gb;            // where rows ra and rb start in them
+    size_t ga, gb;
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
     float acc[NT][4];
@@ -239,12 +221,9 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         gpc = CONTIG ? 1 : 128 >> lg;
         wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
         wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
-        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
-        sbase = d.scale;
-        zbase = d.zero;
         ga = (size_t)max(ra, 0) * d.sc;
         gb = (size_t)max(rb, 0) * d.sc;
-        if (INT4_META_SMEM) stage_meta(g, c);
+        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             int tb = trow[2 * n + g / 4], tc = trow[2 * n + c / 2];
@@ -253,45 +232,17 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
             acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
     }
-    // INT4_META_SMEM: the tile's 16 rows of scales (and zero points) copied into the block's
-    // dynamic shared memory, [16][sc] floats then [16][sc] bytes (A rows, then B rows), so the
-    // chunks read them from there. Every thread of the block takes part.
-    __device__ void stage_meta(int g, int c) {
-        extern __shared__ __align__(16) float meta_s[];
-        __shared__ int rows_s[16];
-        int sc = d.sc;
-        signed char* zs = (signed char*)(meta_s + 16 * sc);
-        __syncthreads();  // an earlier tile's readers are done with the copy
-        if (threadIdx.x < 32 && c == 0) {
-            rows_s[g] = ra;
-            rows_s[8 + g] = rb;
-        }
-        __syncthreads();
-        for (int i = threadIdx.x; i < 16 * sc; i += blockDim.x) {
-            int k = i / sc, r = rows_s[k];
-            size_t src = (size_t)max(r, 0) * sc + (i - k * sc);
-            meta_s[i] = r >= 0 ? __ldg(d.scale + src) : 0.f;
-            if (ASYM) zs[i] = r >= 0 ? d.zero[src] : 0;
-        }
-        __syncthreads();
-        sbase = meta_s;
-        zbase = zs;
-        ga = (size_t)g * sc;
-        gb = (size_t)(8 + g) * sc;
-    }
     __device__ int chunks() const { return d.cols >> 7; }
     // The scale groups of chunk q start at group q·gpc (CONTIG: the one group holding it).
     __device__ int group0(int q) const { return (128 * q) >> lg; }
-    // A word of zero points: from shared memory when staged, else through the read-only path.
-    __device__ u32 meta_word(const u32* p) const { return INT4_META_SMEM ? *p : __ldg(p); }
     // gpc scales from p (aligned to their count).
     __device__ float4 scales(const float* p) const {
-        if (gpc == 4) return INT4_META_SMEM ? *(const float4*)p : __ldg((const float4*)p);
+        if (gpc == 4) return __ldg((const float4*)p);
         if (gpc == 2) {
-            float2 v = INT4_META_SMEM ? *(const float2*)p : __ldg((const float2*)p);
+            float2 v = __ldg((const float2*)p);
             return make_float4(v.x, v.y, 0.f, 0.f);
         }
-        return make_float4(INT4_META_SMEM ? *p : __ldg(p), 0.f, 0.f, 0.f);
+        return make_float4(__ldg(p), 0.f, 0.f, 0.f);
     }
     __device__ void load(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
@@ -330,12 +281,12 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         }
         int g0 = group0(q);
         const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = oa ? scales(sbase + ga + g0) : zf;
-        ch.sb = ob ? scales(sbase + gb + g0) : zf;
+        ch.sa = oa ? scales(d.scale + ga + g0) : zf;
+        ch.sb = ob ? scales(d.scale + gb + g0) : zf;
         if (ASYM) {
             // The aligned word holding the chunk's zero points (gpc of them, never straddling).
-            ch.za = oa ? meta_word((const u32*)((size_t)(zbase + ga + g0) & ~(size_t)3)) : 0;
-            ch.zb = ob ? meta_word((const u32*)((size_t)(zbase + gb + g0) & ~(size_t)3)) : 0;
+            ch.za = oa ? __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3)) : 0;
+            ch.zb = ob ? __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3)) : 0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll

@@ -23,17 +23,6 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// `CudaBackend::new` names it too).
 const OPTIONS: &[&str] = &["--std=c++17", "--gpu-architecture=sm_90a", "-lineinfo"];
 
-/// The tensor-core kernels' experimental switches, not yet measured on the device (see
-/// kernels/linear_mma.cu): compiled by CI so they keep building.
-const EXPERIMENTS: &[&str] = &["-DINT4_META_SMEM=1", "-DWARP_RUNS=1"];
-
-/// Whether the INT4 tensor-core kernels stage each tile's scales and zero points in shared
-/// memory (`DUET_INT4_META_SMEM=1`; an experiment, see INT4_META_SMEM in kernels/linear_mma.cu).
-pub fn int4_meta_smem() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("DUET_INT4_META_SMEM", false))
-}
-
 /// Whether launches allow programmatic dependent launch (`DUET_PDL`, on unless 0).
 pub fn pdl() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -62,9 +51,6 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    if int4_meta_smem() {
-        parts.push("INT4 scales staged in shared memory".into());
-    }
     for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_CUDA_GRAPHS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
@@ -73,14 +59,11 @@ pub fn settings() -> String {
     parts.join(", ")
 }
 
-/// The compile options: OPTIONS, `-DINT4_META_SMEM=1` with `int4_meta_smem`, then any `-D`
-/// defines in `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning
-/// constants (chunks in flight, register caps) for sweeps on the device without a rebuild.
+/// The compile options: OPTIONS, then any `-D` defines in
+/// `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning constants
+/// (chunks in flight, register caps) for sweeps on the device without a rebuild.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
-    if int4_meta_smem() {
-        opts.push("-DINT4_META_SMEM=1".into());
-    }
     opts.extend(extra_defines().iter().cloned());
     opts
 }
@@ -131,17 +114,10 @@ pub fn full_source(name: &str, src: &str) -> String {
 
 /// Compiles one module to a cubin.
 pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
-    compile_with(name, src, &[])
-}
-
-/// Compiles one module to a cubin with `extra` options after the usual ones.
-fn compile_with(name: &str, src: &str, extra: &[&str]) -> Result<Vec<u8>> {
     let full = CString::new(full_source(name, src)).context("kernel source contains a NUL byte")?;
     let fname = CString::new(format!("{name}.cu")).unwrap();
     let prog = nvrtc::create_program(&full, Some(&fname)).map_err(|e| anyhow!("nvrtc cannot create {name}.cu: {e:?}"))?;
-    let mut opts = options();
-    opts.extend(extra.iter().map(|s| s.to_string()));
-    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
+    let compiled = unsafe { nvrtc::compile_program(prog, &options()) };
     let result = match compiled {
         Err(e) => {
             let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
@@ -185,16 +161,12 @@ pub fn cubin(name: &str, src: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Compiles every embedded module (no cache), and the tensor-core module once more with its
-/// experimental switches on (EXPERIMENTS), so no variant rots: the CI check that kernels build.
+/// Compiles every embedded module (no cache): the CI check that kernels build.
 pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
     if !nvrtc_available() {
         bail!("libnvrtc is not available (install nvidia-cuda-nvrtc and put its lib folder on LD_LIBRARY_PATH)");
     }
-    let mut out = SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect::<Result<Vec<_>>>()?;
-    let (name, src) = SOURCES.iter().find(|(n, _)| *n == "linear_mma").expect("linear_mma is embedded");
-    out.push((name, compile_with(name, src, EXPERIMENTS)?.len()));
-    Ok(out)
+    SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect()
 }
 
 #[cfg(test)]

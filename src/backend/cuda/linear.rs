@@ -24,7 +24,6 @@ impl CudaBackend {
                     p.fmt,
                     ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1),
                     p.cols,
-                    p.desc.sc as usize,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -41,14 +40,12 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Launches tensor-core kernel `family` for weights of format `fmt` with `cols` columns and
-    /// `scale_cols` scale columns over `grid` tiles: the block size from `mma_threads`, the
-    /// shared memory from `mma_smem`.
-    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, scale_cols: usize, args: &[Arg]) -> Result<()> {
+    /// Launches tensor-core kernel `family` for weights of format `fmt` with `cols` columns over
+    /// `grid` tiles, with the block size from `mma_threads`.
+    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let kernel = (family, Some(fmt));
-        let smem = mma_smem(fmt, scale_cols);
-        let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize, smem)?;
-        self.launch_kernel(kernel, grid, threads, smem, args)
+        let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;
+        self.launch_kernel(kernel, grid, threads, 0, args)
     }
 
     /// Threads of a tensor-core block (`tiles` of them): its warps split the row tile's chunks
@@ -56,14 +53,14 @@ impl CudaBackend {
     /// which every block is resident at once, so all SMs stream to the end (a large block per SM
     /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
     /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
-    fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, smem: usize) -> Result<u32> {
+    fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
             return Ok(32 * w.min(most) as u32);
         }
         // Decided once per launch shape: the occupancy calculator is not free.
-        let key = (kernel, most, tiles, smem);
+        let key = (kernel, most, tiles);
         if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
             return Ok(threads);
         }
@@ -71,7 +68,7 @@ impl CudaBackend {
         let mut threads = 64;
         for warps in (2..=most).rev() {
             let t = 32 * warps as u32;
-            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, smem, None).map_err(|e| anyhow!("{e:?}"))? as usize;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
             if per_sm * self.sms >= tiles {
                 threads = t;
                 break;
@@ -125,17 +122,6 @@ impl CudaBackend {
 fn forced_mma_warps() -> Option<usize> {
     static WARPS: OnceLock<Option<usize>> = OnceLock::new();
     *WARPS.get_or_init(|| kernels::env_usize("DUET_MMA_WARPS", "2 to 16", |w| (2..=16).contains(&w)))
-}
-
-/// Dynamic shared memory of a tensor-core launch over weights of format `fmt` with `sc` scale
-/// columns: the tile's staged scales and zero points with `DUET_INT4_META_SMEM=1` (16 rows of
-/// an f32 and a byte per group), else none.
-fn mma_smem(fmt: Fmt, sc: usize) -> usize {
-    if fmt == Fmt::Int4 && kernels::int4_meta_smem() {
-        (16 * sc * 5).next_multiple_of(16)
-    } else {
-        0
-    }
 }
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two

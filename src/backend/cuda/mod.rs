@@ -90,9 +90,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
-    /// Threads of a tensor-core launch, by (kernel, most warps, blocks, shared memory): see
-    /// `mma_threads`.
-    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize), u32>>,
+    /// Threads of a tensor-core launch, by (kernel, most warps, blocks): see `mma_threads`.
+    mma_block: RwLock<HashMap<(Kernel, usize, usize), u32>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
     sms: usize,

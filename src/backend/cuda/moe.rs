@@ -98,7 +98,6 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
             experts.fmt_gate_up,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            experts.scale_cols.0,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )?;
         let act = CudaTensor::new(pairs, i, act);
@@ -109,7 +108,6 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
             experts.fmt_down,
             ((h as u32).div_ceil(16), groups, 1),
             i,
-            experts.scale_cols.1,
             &[a, b, c, Arg::Ptr(gpu.ptr(&acts.data)), Arg::Ptr(acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&acts.exps)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
         )?;
     } else {

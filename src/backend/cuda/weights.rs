@@ -257,8 +257,6 @@ pub struct CudaExperts {
     pub count: usize,
     /// Every expert can take the tensor-core kernels.
     pub mma: bool,
-    /// The most scale columns of any expert's gate ‖ up and down (integer formats).
-    pub scale_cols: (usize, usize),
     _weights: Vec<(CudaLinear, CudaLinear)>,
     pub gate_up_table: CudaSlice<WDesc>,
     pub down_table: CudaSlice<WDesc>,
@@ -280,6 +278,5 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     let gate_up_table = stream.clone_htod(&weights.iter().map(|(g, _)| g.desc).collect::<Vec<_>>())?;
     let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
     let mma = weights.iter().all(|(g, d)| g.desc.mma != 0 && d.desc.mma != 0);
-    let scale_cols = weights.iter().fold((0, 0), |(a, b), (g, d)| (a.max(g.desc.sc as usize), b.max(d.desc.sc as usize)));
-    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, scale_cols, _weights: weights, gate_up_table, down_table })
+    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
 }
