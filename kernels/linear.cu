@@ -366,16 +366,30 @@ INSTANTIATE(fp8, FMT_FP8)
 INSTANTIATE(int4, FMT_INT4)
 INSTANTIATE(int8, FMT_INT8)
 
-// out[t, r] = Σ_k w[t, k] · part[t·K + k, r]
+// out[t, r] = Σ_k w[t, k] · part[t·K + k, r], then + shared[t, r] when given (the shared expert
+// run apart from the routed ones: the same rounding as a last pair of weight 1).
 extern "C" __global__ void moe_combine(const float* __restrict__ part, const float* __restrict__ w, float* __restrict__ out,
-                                       int T, int K, int H) { pdl_entry();
+                                       int T, int K, int H, const float* __restrict__ shared) { pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * H) return;
     int t = i / H, r = i % H;
     float s = 0.f;
 #pragma unroll 8
     for (int k = 0; k < K; k++) s = fmaf(w[t * K + k], part[((size_t)t * K + k) * H + r], s);
+    if (shared) s += shared[i];
     out[i] = s;
+}
+
+// The plan of expert e alone over P pairs, pair p being token p (moe_plan's layout): the shared
+// expert run apart from the routed ones.
+extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { pdl_entry();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) plan[2 + 2 * P + p] = p;
+    if (threadIdx.x == 0) {
+        plan[0] = 1;
+        plan[1] = e;
+        plan[1 + P] = 0;
+        plan[2 + P] = P;
+    }
 }
 
 // Sigmoid router with the selection-only bias and group-limited top-k; one block per token, the

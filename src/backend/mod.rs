@@ -366,6 +366,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `Σ_k g_k · E_k(x)` over each row's routing: its routed experts, and the shared expert
     /// when the router appends it (`RouterParams::shared`).
     fn moe(&self, x: &Self::Tensor, experts: &Self::Experts, routing: &Self::Routing) -> Result<Self::Tensor>;
+    /// The whole block, `moe` over `route`: backends may overlap the two (the shared expert
+    /// needs no routing), with the same result.
+    fn moe_block(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, experts: &Self::Experts, p: &RouterParams) -> Result<Self::Tensor> {
+        let routing = self.route(x, gate, bias, p)?;
+        self.moe(x, experts, &routing)
+    }
 }
 
 #[cfg(test)]

@@ -302,10 +302,10 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
         SynthFormat::Int { bits: 4, group: 32, symmetric: false },
         SynthFormat::Int { bits: 4, group: 128, symmetric: true },
     ];
-    // Each format's experts, uploaded once to both backends.
+    // Each format's experts, uploaded once to both backends; expert `e` is the shared one.
     let mut experts = Vec::new();
     for &fmt in &fmts {
-        let ws: Vec<ExpertWeights> = (0..e)
+        let ws: Vec<ExpertWeights> = (0..=e)
             .map(|j| ExpertWeights {
                 gate: synthetic_linear(&format!("e{j}.gate"), i, h, fmt, rng),
                 up: synthetic_linear(&format!("e{j}.up"), i, h, fmt, rng),
@@ -320,15 +320,22 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
         let x = random(rng, tokens * h);
         let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
         // With an always-on shared expert appended too (the folded shared expert of a real block).
-        let shared_ok = check_route((cpu, gpu), (&xc, &xg), &router, &RouterParams { shared: Some(e), ..p }, t)?.is_some();
+        let with_shared = RouterParams { shared: Some(e), ..p };
+        let Some((_, rg_shared)) = check_route((cpu, gpu), (&xc, &xg), &router, &with_shared, t)? else { continue };
         let Some((rc, rg)) = check_route((cpu, gpu), (&xc, &xg), &router, &p, t)? else { continue };
-        if !shared_ok {
-            continue;
-        }
         for (fmt, ex_c, ex_g) in &experts {
             let yc = cpu.moe(&xc, ex_c, &rc)?;
             let yg = gpu.moe(&xg, ex_g, &rg)?;
             t.push("moe", format!("{fmt} {e}x[{i},{h}] top-{} x{tokens}", p.top_k), rel_err(&gpu.to_host(&yg)?, &cpu.to_host(&yc)?));
+            // The whole block as a layer runs it (at decode the shared expert overlaps the
+            // router on a second stream): against the oracle, and bit for bit against the
+            // shared expert folded into the routed ones on one stream.
+            let yc = cpu.to_host(&cpu.moe_block(&xc, &gate_c, &bias_c, ex_c, &with_shared)?)?;
+            let yg = gpu.to_host(&gpu.moe_block(&xg, &gate_g, &bias_g, ex_g, &with_shared)?)?;
+            let case = format!("{fmt} {e}x[{i},{h}] top-{} + shared x{tokens}", p.top_k);
+            t.push("moe block", case.clone(), rel_err(&yg, &yc));
+            let folded = gpu.to_host(&gpu.moe(&xg, ex_g, &rg_shared)?)?;
+            t.flag("moe block", case, yg == folded, "= folded");
         }
     }
     Ok(())

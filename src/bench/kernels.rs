@@ -190,10 +190,11 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             let bytes = (n_exp * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
             r.row(&format!("moe layer {fmt} x{batch} (norm, router, {} routed, shared)", idx.len()), bytes, ms);
             // Where the block's time goes: its norm, then the norm and router (gate GEMV, route
-            // and plan); the rest is the experts with their splits and the combine.
+            // and plan) alone; the rest is the experts with their splits and the combine (at
+            // decode the shared expert runs beside the router, so the rest is what it did not hide).
             let norm = time_graph(&ctx, &stream, 8, reps, || gpu.rms_norm(&x, &ones, 1e-6).map(|_| ()))?;
             let router = time_graph(&ctx, &stream, 8, reps, || gpu.route(&gpu.rms_norm(&x, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
-            r.part(&format!("  norm {:.1} + router {:.1} µs; experts, splits, combine", norm * 1e3, (router - norm) * 1e3), ms - router);
+            r.part(&format!("  norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
         }
         for batch in [1usize, 2, 4] {
             let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;

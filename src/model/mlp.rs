@@ -82,8 +82,7 @@ impl<B: Backend> Moe<B> {
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let routing = b.route(x, &self.gate, &self.bias, &self.router)?;
-        let mut y = b.moe(x, &self.experts, &routing)?;
+        let mut y = b.moe_block(x, &self.gate, &self.bias, &self.experts, &self.router)?;
         if let Some(shared) = &self.shared {
             b.add_assign(&mut y, &shared.forward(b, x)?)?;
         }

@@ -52,15 +52,18 @@ impl CudaBackend {
     /// (64 FP8 or 128 INT4 columns), at least two chunks each. The most warps per block with
     /// which every block is resident at once, so all SMs stream to the end (a large block per SM
     /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
-    /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16).
+    /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16). A launch on
+    /// the side stream fits in 1/`side_share()` of each SM, so that the main stream's
+    /// latency-bound kernels (the router beside the shared expert) find room to start.
     fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
             return Ok(32 * w.min(most) as u32);
         }
+        let share = if self.on_side.load(std::sync::atomic::Ordering::Relaxed) { side_share() } else { 1 };
         // Decided once per launch shape: the occupancy calculator is not free.
-        let key = (kernel, most, tiles);
+        let key = (kernel, most, tiles, share);
         if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
             return Ok(threads);
         }
@@ -69,7 +72,7 @@ impl CudaBackend {
         for warps in (2..=most).rev() {
             let t = 32 * warps as u32;
             let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
-            if per_sm * self.sms >= tiles {
+            if per_sm / share * self.sms >= tiles {
                 threads = t;
                 break;
             }
@@ -96,24 +99,34 @@ impl CudaBackend {
     }
 
     pub(super) fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
-        let (rows, cols) = (x.rows, x.cols);
+        let split = self.split_alloc(x.rows, x.cols, fmt)?;
+        self.split_into(x, &split)?;
+        Ok(split)
+    }
+
+    /// Buffers for the split of `rows` activations of `cols` columns for weights of format
+    /// `fmt` (filled by `split_into`).
+    pub(super) fn split_alloc(&self, rows: usize, cols: usize, fmt: Fmt) -> Result<Split> {
         let exps = self.alloc_indices(rows)?;
-        let grid = (rows as u32, (cols as u32).div_ceil(SPLIT_SEG), 1);
         if fmt == Fmt::Int4 {
             if cols % 128 != 0 {
                 bail!("split_planes: {cols} columns are not a multiple of 128");
             }
-            // Safety: split_planes writes every plane byte and every sum.
-            let data = unsafe { self.stream.alloc::<u8>((PLANES * rows * cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
             let sums = self.alloc_indices(rows * (cols / 32 + cols / 128) * PLANES)?;
-            let args = [Arg::Ptr(self.ptr(&x.buf)), Arg::I32(cols as i32), Arg::Ptr(self.ptr(&data)), Arg::Ptr(self.ptr(&sums)), Arg::Ptr(self.ptr(&exps))];
-            self.launch("split_planes", grid, 256, 0, &args)?;
-            return Ok(Split { data, sums: Some(sums), exps });
+            return Ok(Split { data: self.uninit(PLANES * rows * cols)?, sums: Some(sums), exps });
         }
-        // Safety: split_act writes both f16 halves of every element.
-        let data = unsafe { self.stream.alloc::<u8>((4 * rows * cols).max(1)) }.map_err(|e| anyhow!("CUDA allocation: {e:?}"))?;
-        self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(cols as i32), Arg::Ptr(self.ptr(&data)), Arg::Ptr(self.ptr(&exps))])?;
-        Ok(Split { data, sums: None, exps })
+        Ok(Split { data: self.uninit(4 * rows * cols)?, sums: None, exps })
+    }
+
+    /// Splits `x` into `s` (from `split_alloc` for its shape): split_planes for INT4 writes
+    /// every plane byte and sum, split_act both f16 halves of every element.
+    pub(super) fn split_into(&self, x: &CudaTensor, s: &Split) -> Result<()> {
+        let grid = (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1);
+        let (data, exps) = (Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(self.ptr(&s.exps)));
+        match &s.sums {
+            Some(sums) => self.launch("split_planes", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, Arg::Ptr(self.ptr(sums)), exps]),
+            None => self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, exps]),
+        }
     }
 }
 
@@ -122,6 +135,13 @@ impl CudaBackend {
 fn forced_mma_warps() -> Option<usize> {
     static WARPS: OnceLock<Option<usize>> = OnceLock::new();
     *WARPS.get_or_init(|| kernels::env_usize("DUET_MMA_WARPS", "2 to 16", |w| (2..=16).contains(&w)))
+}
+
+/// The share of each SM a side-stream tensor-core launch may fill, as a divisor
+/// (`DUET_SIDE_SHARE`, 1 to 8; default 2: half).
+fn side_share() -> usize {
+    static SHARE: OnceLock<usize> = OnceLock::new();
+    *SHARE.get_or_init(|| kernels::env_usize("DUET_SIDE_SHARE", "1 to 8", |w| (1..=8).contains(&w)).unwrap_or(2))
 }
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two

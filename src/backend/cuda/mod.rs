@@ -15,10 +15,11 @@ mod moe;
 pub mod weights;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
 use self::cache::{CudaCache, CudaStep, StepMeta};
 use self::linear::Split;
@@ -88,10 +89,19 @@ fn kernel_name((family, fmt): Kernel) -> String {
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// A second stream for work that overlaps the main stream's (the shared expert while the
+    /// router runs; see `concurrently`), with the events that fork it from the main stream and
+    /// join it back.
+    side: Arc<CudaStream>,
+    fork_event: CudaEvent,
+    join_event: CudaEvent,
+    /// Set while `concurrently` runs its side closure: launches go to `side`.
+    on_side: AtomicBool,
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
-    /// Threads of a tensor-core launch, by (kernel, most warps, blocks): see `mma_threads`.
-    mma_block: RwLock<HashMap<(Kernel, usize, usize), u32>>,
+    /// Threads of a tensor-core launch, by (kernel, most warps, blocks, SM share): see
+    /// `mma_threads`.
+    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize), u32>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
     sms: usize,
@@ -137,7 +147,22 @@ impl CudaBackend {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as usize;
         let route_done = stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))?;
-        Ok(CudaBackend { ctx, stream, modules, functions: RwLock::new(HashMap::new()), mma_block: RwLock::new(HashMap::new()), route_done, sms, device_name })
+        let side = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
+        let (fork_event, join_event) = (ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?, ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?);
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            side,
+            fork_event,
+            join_event,
+            on_side: AtomicBool::new(false),
+            modules,
+            functions: RwLock::new(HashMap::new()),
+            mma_block: RwLock::new(HashMap::new()),
+            route_done,
+            sms,
+            device_name,
+        })
     }
 
     pub fn device_name(&self) -> &str {
@@ -175,6 +200,25 @@ impl CudaBackend {
         bail!("no CUDA kernel named {name}")
     }
 
+    /// Runs `side` with its launches on the side stream, after everything issued so far, while
+    /// `main` issues on the main stream; the main stream then waits for the side's work, so what
+    /// follows sees both. In a graph capture the two become parallel branches. `side` may only
+    /// launch into buffers allocated before this call: allocations and frees are ordered on the
+    /// main stream, and `uninit` refuses while `side` runs.
+    fn concurrently<R>(&self, side: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
+        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA stream fork/join: {e:?}");
+        self.fork_event.record(&self.stream).map_err(cuda)?;
+        self.side.wait(&self.fork_event).map_err(cuda)?;
+        self.on_side.store(true, Ordering::Relaxed);
+        let side_result = side();
+        self.on_side.store(false, Ordering::Relaxed);
+        // Joined whatever happened, so a capture never ends with the side stream apart.
+        self.join_event.record(&self.side).map_err(cuda)?;
+        let result = side_result.and_then(|()| main());
+        self.stream.wait(&self.join_event).map_err(cuda)?;
+        result
+    }
+
     fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
         self.launch_kernel((name, None), grid, block, smem, args)
     }
@@ -209,7 +253,7 @@ impl CudaBackend {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem as u32,
-            hStream: self.stream.cu_stream(),
+            hStream: if self.on_side.load(Ordering::Relaxed) { self.side.cu_stream() } else { self.stream.cu_stream() },
             attrs: &mut attr,
             numAttrs: kernels::pdl() as u32,
         };
@@ -225,17 +269,23 @@ impl CudaBackend {
         s.device_ptr(&self.stream).0
     }
 
-    /// An output buffer every element of which the next kernel writes (so it is not cleared:
-    /// `duet bench check` compares every element with the CPU oracle).
-    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
-        // Safety: f32 has no invalid bit patterns; callers write before reading.
-        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} floats: {e:?}"))
+    /// `n` uninitialized values on the main stream, for a kernel that writes every one before
+    /// anything reads it (so buffers are not cleared: `duet bench check` compares every
+    /// element with the CPU oracle).
+    fn uninit<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        if self.on_side.load(Ordering::Relaxed) {
+            bail!("internal: a buffer allocated inside a side-stream closure (allocate it before `concurrently`)");
+        }
+        // Safety: the types valid as zero bits have no invalid bit patterns either.
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} x {}: {e:?}", std::any::type_name::<T>()))
     }
 
-    /// Uninitialized indices, for kernels that write every entry.
+    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.uninit(n)
+    }
+
     fn alloc_indices(&self, n: usize) -> Result<CudaSlice<i32>> {
-        // Safety: i32 has no invalid bit patterns; the kernel filling it writes every entry.
-        unsafe { self.stream.alloc::<i32>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} indices: {e:?}"))
+        self.uninit(n)
     }
 
     fn tensor_of(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -489,5 +539,9 @@ impl Backend for CudaBackend {
 
     fn moe(&self, x: &CudaTensor, experts: &CudaExperts, routing: &CudaRouting) -> Result<CudaTensor> {
         moe::moe(self, x, experts, routing)
+    }
+
+    fn moe_block(&self, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
+        moe::moe_block(self, x, gate, bias, experts, p)
     }
 }

@@ -4,13 +4,19 @@
 use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
-use super::linear::{threads_for, MMA_MAX_TOKENS};
+use super::linear::{threads_for, Split, MMA_MAX_TOKENS};
 use super::weights::{CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, RouterParams};
 
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
 pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<CudaRouting> {
+    // The plan counts the appended shared expert too.
+    route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)))
+}
+
+/// `route`, with the decode plan made for a set of `plan_experts` experts.
+fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize) -> Result<CudaRouting> {
     let e = gate.rows;
     if bias.0.len() != e {
         bail!("route: bias of {} for {e} experts", bias.0.len());
@@ -23,10 +29,8 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
     let pairs = x.rows * k1;
     let idx = gpu.alloc_indices(pairs)?;
     let weights = gpu.alloc(pairs)?;
-    // Decode steps get their plan from the router's last block (one launch fewer); the
-    // plan counts the appended shared expert too.
-    let plan_experts = p.shared.map_or(e, |s| e.max(s + 1));
-    let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(2 + 3 * pairs)?, plan_experts)) } else { None };
+    // Decode steps get their plan from the router's last block (one launch fewer).
+    let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
     if x.rows > 0 {
         let smem = (2 * e + p.n_group).max(if plan.is_some() { plan_experts + pairs } else { 0 }) * 4;
         gpu.launch(
@@ -61,9 +65,8 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     if x.cols != h {
         bail!("moe: input has {} columns, experts expect {h}", x.cols);
     }
-    let out = gpu.tensor_of(t, h)?;
     if t == 0 {
-        return Ok(out);
+        return gpu.tensor_of(0, h);
     }
     let pairs = t * k;
     let groups = pairs.min(experts.count) as u32;
@@ -73,7 +76,7 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     let plan = match &routing.plan {
         Some((plan, n)) if *n == experts.count => plan,
         _ => {
-            built = gpu.alloc_indices(2 + 3 * pairs)?;
+            built = gpu.alloc_indices(plan_len(pairs))?;
             // The routes are staged in shared memory when they fit in 64 KB with the counts.
             let staged = (experts.count + pairs) * 4 <= 64 * 1024;
             gpu.launch(
@@ -86,57 +89,139 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
             &built
         }
     };
+    if experts.mma && t <= MMA_MAX_TOKENS {
+        let xs = gpu.split(x, experts.fmt_gate_up)?;
+        let pass = MmaPass::new(gpu, pairs, experts)?;
+        pass.run(gpu, experts, xs, plan, k, groups)?;
+        return combine(gpu, &pass.part, &routing.weights, None, t, k, h);
+    }
+    // Decode batches take a group's tokens one per pass (the second read of a tile hits L1/L2,
+    // and one token needs the fewest registers); prefill takes eight at a time.
     let act = gpu.alloc(pairs * i)?;
     let part = gpu.alloc(pairs * h)?;
-    let plan_args = |table: &CudaSlice<WDesc>| [Arg::Ptr(gpu.ptr(table)), Arg::Ptr(gpu.ptr(plan)), Arg::I32(pairs as i32)];
-    if experts.mma && t <= MMA_MAX_TOKENS {
-        // Tensor cores: 8 gate rows with their up rows per tile, then 16 down rows.
-        let xs = gpu.split(x, experts.fmt_gate_up)?;
-        let [a, b, c] = plan_args(&experts.gate_up_table);
+    let (gate_up, down) = if t <= 8 { ("moe_gate_up1", "moe_down1") } else { ("moe_gate_up8", "moe_down8") };
+    let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
+    gpu.launch_kernel(
+        (gate_up, Some(experts.fmt_gate_up)),
+        ((i as u32).div_ceil(2), groups, 1),
+        threads_for(h, experts.fmt_gate_up),
+        0,
+        &[a, b, c, Arg::Ptr(gpu.ptr(&x.buf)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
+    )?;
+    let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
+    gpu.launch_kernel(
+        (down, Some(experts.fmt_down)),
+        ((h as u32).div_ceil(4), groups, 1),
+        threads_for(i, experts.fmt_down),
+        0,
+        &[a, b, c, Arg::Ptr(gpu.ptr(&act)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
+    )?;
+    combine(gpu, &part, &routing.weights, None, t, k, h)
+}
+
+/// The MoE block of a decode step with the shared expert overlapped with the router. The
+/// shared expert needs no routing, so it streams its weights on the side stream while the
+/// router's latency-bound chain (gate GEMV, route and plan) runs; the routed experts follow on
+/// the main stream, and the combine adds the shared expert's output last, where the folded
+/// expert sits in the routing (the same sum in the same order, so the same bits). Other steps
+/// (prefill, CUDA-core experts, no shared expert) route and then run `moe`.
+pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
+    let t = x.rows;
+    let overlap = p.shared.filter(|&s| s < experts.count && experts.mma && (1..=MMA_MAX_TOKENS).contains(&t));
+    let Some(shared) = overlap else {
+        return moe(gpu, x, experts, &route(gpu, x, gate, bias, p)?);
+    };
+    if x.cols != experts.hidden {
+        bail!("moe: input has {} columns, experts expect {}", x.cols, experts.hidden);
+    }
+    // Everything the side stream touches exists before it forks.
+    let xs = gpu.split(x, experts.fmt_gate_up)?;
+    let shared_plan = gpu.alloc_indices(plan_len(t))?;
+    let shared_pass = MmaPass::new(gpu, t, experts)?;
+    let routed = RouterParams { shared: None, ..*p };
+    let (routing, pass) = gpu.concurrently(
+        || {
+            gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(shared as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(&shared_plan))])?;
+            shared_pass.run(gpu, experts, xs, &shared_plan, 1, 1)
+        },
+        || {
+            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count)?;
+            let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
+            let pairs = t * routing.top_k;
+            let pass = MmaPass::new(gpu, pairs, experts)?;
+            pass.run(gpu, experts, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
+            Ok((routing, pass))
+        },
+    )?;
+    combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
+}
+
+/// Ints in a plan of `pairs` pairs (moe_plan's layout).
+fn plan_len(pairs: usize) -> usize {
+    2 + 3 * pairs
+}
+
+/// The leading arguments of the grouped expert kernels: the weight table, the plan, the pairs.
+fn plan_args(gpu: &CudaBackend, table: &CudaSlice<WDesc>, plan: &CudaSlice<i32>, pairs: usize) -> [Arg; 3] {
+    [Arg::Ptr(gpu.ptr(table)), Arg::Ptr(gpu.ptr(plan)), Arg::I32(pairs as i32)]
+}
+
+/// One tensor-core pass of grouped experts over `pairs` (token, expert) pairs: the buffers of
+/// its SwiGLU activations, their split and each pair's down projection, made before any
+/// launch so that a pass can run on the side stream.
+struct MmaPass {
+    act: CudaTensor,
+    acts: Split,
+    part: CudaSlice<f32>,
+}
+
+impl MmaPass {
+    fn new(gpu: &CudaBackend, pairs: usize, experts: &CudaExperts) -> Result<MmaPass> {
+        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)? })
+    }
+
+    /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
+    /// activations, then down (16 rows per tile), for the pairs of `plan` (at most `groups`
+    /// experts), `k` pairs per token of `xs`.
+    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
+        let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
         gpu.launch_mma(
             "moe_gate_up_mma",
             experts.fmt_gate_up,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )?;
-        let act = CudaTensor::new(pairs, i, act);
-        let acts = gpu.split(&act, experts.fmt_down)?;
-        let [a, b, c] = plan_args(&experts.down_table);
+        gpu.split_into(&self.act, &self.acts)?;
+        let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
             "moe_down_mma",
             experts.fmt_down,
             ((h as u32).div_ceil(16), groups, 1),
             i,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&acts.data)), Arg::Ptr(acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&acts.exps)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
-        )?;
-    } else {
-        // Decode batches take a group's tokens one per pass (the second read of a tile hits
-        // L1/L2, and one token needs the fewest registers); prefill takes eight at a time.
-        let (gate_up, down) = if t <= 8 { ("moe_gate_up1", "moe_down1") } else { ("moe_gate_up8", "moe_down8") };
-        let [a, b, c] = plan_args(&experts.gate_up_table);
-        gpu.launch_kernel(
-            (gate_up, Some(experts.fmt_gate_up)),
-            ((i as u32).div_ceil(2), groups, 1),
-            threads_for(h, experts.fmt_gate_up),
-            0,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&x.buf)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
-        )?;
-        let [a, b, c] = plan_args(&experts.down_table);
-        gpu.launch_kernel(
-            (down, Some(experts.fmt_down)),
-            ((h as u32).div_ceil(4), groups, 1),
-            threads_for(i, experts.fmt_down),
-            0,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&act)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
-        )?;
+            &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
+        )
     }
+}
+
+/// `out[t] = Σ_k w[t, k] · part[t·k + k]`, then `+ shared[t]` when given.
+fn combine(gpu: &CudaBackend, part: &CudaSlice<f32>, weights: &CudaSlice<f32>, shared: Option<&CudaSlice<f32>>, t: usize, k: usize, h: usize) -> Result<CudaTensor> {
+    let out = gpu.tensor_of(t, h)?;
     gpu.launch(
         "moe_combine",
         CudaBackend::elementwise_grid(t * h),
         256,
         0,
-        &[Arg::Ptr(gpu.ptr(&part)), Arg::Ptr(gpu.ptr(&routing.weights)), Arg::Ptr(gpu.ptr(&out.buf)), Arg::I32(t as i32), Arg::I32(k as i32), Arg::I32(h as i32)],
+        &[
+            Arg::Ptr(gpu.ptr(part)),
+            Arg::Ptr(gpu.ptr(weights)),
+            Arg::Ptr(gpu.ptr(&out.buf)),
+            Arg::I32(t as i32),
+            Arg::I32(k as i32),
+            Arg::I32(h as i32),
+            Arg::Ptr(shared.map_or(0, |s| gpu.ptr(s))),
+        ],
     )?;
     Ok(out)
 }
