@@ -307,29 +307,53 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
     }
 }
 
-// Groups the step's pairs by expert (one thread; P is small at decode). smem: E ints.
-// Fills `plan` (see plan_parts) from the pairs' experts ex[0 .. P) (E experts); cnt: E ints of
-// scratch, zeroed. One thread.
+// Fills `plan` (see plan_parts) from the pairs' experts ex[0 .. P) over E experts; cnt: E ints
+// of shared scratch, zeroed. One whole warp: counts by shared atomics; groups (the used experts
+// in order) and their offsets by warp scans over 32 experts at a time; then each pair's slot,
+// 32 pairs at a time, after the earlier pairs of its expert (match_any), so pairs keep their
+// order within a group. (One thread doing all of it waited on shared memory once per expert.)
 __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
-    for (int p = 0; p < P; p++) cnt[ex[p]]++;
+    const unsigned all = 0xffffffffu;
+    int lane = threadIdx.x & 31;
+    unsigned below = (1u << lane) - 1;
+    for (int p = lane; p < P; p += 32) atomicAdd(&cnt[ex[p]], 1);
+    __syncwarp();
     int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
     int groups = 0, off = 0;
-    for (int e = 0; e < E; e++) {
-        if (cnt[e] == 0) continue;
-        experts[groups] = e;
-        offs[groups] = off;
-        off += cnt[e];
-        cnt[e] = off - cnt[e];  // becomes the next free slot of the group
-        groups++;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        int e = e0 + lane, n = e < E ? cnt[e] : 0, incl = n;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(all, incl, o);
+            if (lane >= o) incl += v;
+        }
+        unsigned used = __ballot_sync(all, n > 0);
+        if (n > 0) {
+            int gi = groups + __popc(used & below);
+            experts[gi] = e;
+            offs[gi] = off + incl - n;
+            cnt[e] = off + incl - n;  // becomes the next free slot of the group
+        }
+        groups += __popc(used);
+        off += __shfl_sync(all, incl, 31);
     }
-    offs[groups] = off;
-    plan[0] = groups;
-    for (int p = 0; p < P; p++) pairs[cnt[ex[p]]++] = p;
+    if (lane == 0) {
+        offs[groups] = off;
+        plan[0] = groups;
+    }
+    __syncwarp();
+    for (int p0 = 0; p0 < P; p0 += 32) {
+        int p = p0 + lane, e = p < P ? ex[p] : -1;
+        unsigned same = __match_any_sync(all, e);
+        if (p < P) pairs[cnt[e] + __popc(same & below)] = p;
+        __syncwarp();
+        if (p < P && (same >> lane) == 1) cnt[e] += __popc(same);  // the group's last lane
+        __syncwarp();
+    }
 }
 
 // The plan of a step's routes. Shared: a count per expert, then (when `staged`) the pairs'
-// experts, read from global in one parallel pass: a single thread reading them one by one
-// waited a memory latency per pair.
+// experts, read from global in one parallel pass.
 extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int staged, int* __restrict__ plan) { pdl_entry();
     extern __shared__ int cnt[];
     int* ex = cnt + E;
@@ -337,7 +361,7 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
     if (staged)
         for (int p = threadIdx.x; p < P; p += blockDim.x) ex[p] = idx[p];
     __syncthreads();
-    if (threadIdx.x == 0) plan_from(staged ? ex : idx, P, E, cnt, plan);
+    if (threadIdx.x < 32) plan_from(staged ? ex : idx, P, E, cnt, plan);
 }
 
 #define MOE_NT_KERNELS(NAME, FMT, NT)                                                                      \
@@ -392,11 +416,10 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
     }
 }
 
-// Sigmoid router with the selection-only bias and group-limited top-k; one block per token, the
-// top-k by its first warp (K rounds of a warp arg-max; ties go to the lower index). With
-// shared ≥ 0 that expert (the shared expert folded into the routed ones) follows every token's
-// K choices with weight 1, so idx and wout hold K + 1 entries per token. smem: 2·E + G floats.
-// One block per token. With `plan` non-null, the last block to finish also builds the step's
+// Sigmoid router with the selection-only bias and group-limited top-k (ties go to the lower
+// index); one block per token. With shared ≥ 0 that expert (the shared expert folded into the
+// routed ones) follows every token's K choices with weight 1, so idx and wout hold K + 1
+// entries per token. With `plan` non-null, the last block to finish also builds the step's
 // plan over PE experts (moe_plan's work, without its launch): blocks count themselves done in
 // `done`, which the last one resets to zero for the next step. Dynamic shared memory: the
 // larger of (2E + G) floats and (PE + T·K1) ints.
@@ -414,6 +437,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
         float v = 1.f / (1.f + expf(-z));
         s[e] = v;
         c[e] = v + bias[e];
+        if (!(c[e] == c[e])) c[e] = NEG_INF;  // NaN ranks last (every rank stays distinct)
     }
     __syncthreads();
     int per = E / G;
@@ -444,31 +468,25 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             if (gs[e / per] == 0.f) c[e] = NEG_INF;
         __syncthreads();
     }
+    // Top-K by rank: expert e is pick number `rank`, the count of experts that come before it
+    // (a higher score, or the same at a lower index: the CPU's order), when that is below K.
+    // Every thread ranks its experts in one pass over the scores (K rounds of a warp arg-max
+    // waited on K chains of shuffles).
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float v = c[e];
+        int rank = 0;
+#pragma unroll 8
+        for (int j = 0; j < E; j++) {
+            float u = c[j];
+            rank += u > v || (u == v && j < e);
+        }
+        if (rank < K) chosen[rank] = e;
+    }
+    __syncthreads();
     if (threadIdx.x >= 32) return;
     int lane = threadIdx.x;
     float sum = 0.f;
-    for (int k = 0; k < K; k++) {
-        float bv = NEG_INF;
-        int bi = 0x7fffffff;
-        for (int e = lane; e < E; e += 32) {
-            float v = c[e];
-            if (v > bv || (v == bv && e < bi)) { bv = v; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (bi >= E) bi = 0;  // only NaN scores leave no pick: keep the index in bounds
-        sum += s[bi];
-        __syncwarp();
-        if (lane == 0) {
-            chosen[k] = bi;
-            c[bi] = NEG_INF;
-        }
-        __syncwarp();
-    }
+    for (int k = 0; k < K; k++) sum += s[chosen[k]];
     float denom = norm ? sum + 1e-20f : 1.f;
     for (int k = lane; k < K; k += 32) {
         idx[t * K1 + k] = chosen[k];
@@ -494,8 +512,6 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     for (int e = lane; e < PE; e += 32) cnt[e] = 0;
     for (int p = lane; p < P; p += 32) ex[p] = __ldcg(idx + p);  // other blocks' writes, from L2
     __syncwarp();
-    if (lane == 0) {
-        plan_from(ex, P, PE, cnt, plan);
-        *done = 0;
-    }
+    plan_from(ex, P, PE, cnt, plan);
+    if (lane == 0) *done = 0;
 }
