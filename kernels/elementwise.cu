@@ -1,10 +1,7 @@
 // Norms and elementwise operations on f32 activations.
 
-// y = w ⊙ x / sqrt(mean(x²) + eps), one block per row. A row of up to NORM_VEC float4s per
-// thread is read into registers with all its loads in flight at once: a loop of loads into a
-// running sum waited a memory latency per step (21 µs for one 6144-wide row on H200, against
-// 2-3 µs). Longer or unaligned rows take the loop.
-#define NORM_VEC 8
+// y = w ⊙ x / sqrt(mean(x²) + eps), one block per row; rows of up to NORM_VEC float4s per
+// thread (norm_row in common.cuh) are held in registers, longer or unaligned ones take the loop.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
                                     float eps) { pdl_entry();
     __shared__ float scratch[32];
@@ -13,22 +10,11 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     int n4 = cols / 4;
     if (cols % 4 == 0 && n4 <= NORM_VEC * (int)blockDim.x) {
         float4 v[NORM_VEC];
-        float ss = 0.f;
+        norm_row(xr, w, cols, eps, v, scratch);
 #pragma unroll
         for (int j = 0; j < NORM_VEC; j++) {
             int i = threadIdx.x + j * blockDim.x;
-            v[j] = i < n4 ? ((const float4*)xr)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int j = 0; j < NORM_VEC; j++) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-        float r = 1.f / sqrtf(block_sum(ss, scratch) / cols + eps);
-#pragma unroll
-        for (int j = 0; j < NORM_VEC; j++) {
-            int i = threadIdx.x + j * blockDim.x;
-            if (i < n4) {
-                float4 g = ((const float4*)w)[i];
-                ((float4*)yr)[i] = make_float4(g.x * (v[j].x * r), g.y * (v[j].y * r), g.z * (v[j].z * r), g.w * (v[j].w * r));
-            }
+            if (i < n4) ((float4*)yr)[i] = v[j];
         }
         return;
     }

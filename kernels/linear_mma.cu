@@ -415,48 +415,24 @@ __device__ __forceinline__ int row_exponent(float m, int top, int lo, int hi) {
     return min(max(top - e, lo), hi);
 }
 
-// FP8: xs[(r·2 + part)·cols + c] = hi / lo half of x[r, c]·2^k as f16, exps[r] = k. Grid (rows,
-// segments of SPLIT_SEG columns), 256 threads: every block finds its row's max and converts its
-// segment, 4 columns per thread. cols is a multiple of 64.
-#define SPLIT_SEG 1024
-extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) { pdl_entry();
-    __shared__ float scratch[32];
-    int r = blockIdx.x;
-    const float4* xr = (const float4*)(x + (size_t)r * cols);
-    int n4 = cols / 4;
-    int k = row_exponent(row_absmax(xr, n4, scratch), 15, -126, 126);
-    float s = pow2(k);
-    u16* hi = xs + (size_t)r * 2 * cols;
-    u16* lo = hi + cols;
-    int i = blockIdx.y * (SPLIT_SEG / 4) + threadIdx.x;
-    if (threadIdx.x < SPLIT_SEG / 4 && i < n4) {
-        float4 v4 = xr[i];
-        float v[4] = {v4.x * s, v4.y * s, v4.z * s, v4.w * s};
+// FP8: the hi / lo f16 halves of columns 4i .. 4i + 3 of a row (v4, times s = 2^k) into the
+// row's halves hi and lo.
+__device__ __forceinline__ void store_halves(float4 v4, float s, u16* hi, u16* lo, int i) {
+    float v[4] = {v4.x * s, v4.y * s, v4.z * s, v4.w * s};
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            u32 h = f16_bits(v[j]);
-            hi[4 * i + j] = (u16)h;
-            lo[4 * i + j] = (u16)f16_bits(v[j] - f16_to_f32((u16)h));
-        }
+    for (int j = 0; j < 4; j++) {
+        u32 h = f16_bits(v[j]);
+        hi[4 * i + j] = (u16)h;
+        lo[4 * i + j] = (u16)f16_bits(v[j] - f16_to_f32((u16)h));
     }
-    if (threadIdx.x == 0 && blockIdx.y == 0) exps[r] = k;
 }
 
-// INT4: q[(r·PLANES + p)·cols + plane_pos(c)] = plane p of x[r, c]·2^k (int8), exps[r] = k + 4
-// (the 16 of the weights' 16·q folded in), and each plane's sums over every 32 and every 128
-// columns (see int4_dots). Each plane takes the rounded remainder of the ones before it,
-// scaled by 2^PLANE_BITS. Same grid as split_act; cols is a multiple of 128, so each warp
-// covers whole 128-column chunks.
-extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) { pdl_entry();
-    __shared__ float scratch[32];
-    int r = blockIdx.x, lane = threadIdx.x & 31;
-    const float4* xr = (const float4*)(x + (size_t)r * cols);
-    int n4 = cols / 4, n32 = cols / 32, spans = n32 + cols / 128;
-    int k = row_exponent(row_absmax(xr, n4, scratch), 7, -126, 122);
-    float s = pow2(k);
-    int i = blockIdx.y * (SPLIT_SEG / 4) + threadIdx.x;
-    if (i >= n4) return;  // whole warps (n4 is a multiple of 32)
-    float4 v4 = xr[i];
+// INT4: the int8 planes of columns 4i .. 4i + 3 of row r (v4, times s = 2^k), and with the rest
+// of the warp (32 consecutive i: whole 128-column chunks) each plane's sums over every 32 and
+// every 128 columns. Each plane takes the rounded remainder of the ones before it, scaled by
+// 2^PLANE_BITS.
+__device__ __forceinline__ void store_planes(float4 v4, float s, int i, int r, int cols, u8* q, int* sums) {
+    int lane = threadIdx.x & 31, n32 = cols / 32, spans = n32 + cols / 128;
     float v[4] = {v4.x * s, v4.y * s, v4.z * s, v4.w * s};
     int part[PLANES];
 #pragma unroll
@@ -483,7 +459,80 @@ extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u
         if ((lane & 7) == 0) rs[(i / 8) * PLANES + p] = v32;
         if (lane == 0) rs[(n32 + i / 32) * PLANES + p] = v128;
     }
+}
+
+// The exponents of the splits: FP8 halves put a row's largest |x| in [2^14, 2^15) (f16 range),
+// INT4 planes in [2^6, 2^7) (int8), both within float's range.
+__device__ __forceinline__ int halves_exponent(float m) { return row_exponent(m, 15, -126, 126); }
+__device__ __forceinline__ int planes_exponent(float m) { return row_exponent(m, 7, -126, 122); }
+
+// FP8: xs[(r·2 + part)·cols + c] = hi / lo half of x[r, c]·2^k as f16, exps[r] = k. Grid (rows,
+// segments of SPLIT_SEG columns), 256 threads: every block finds its row's max and converts its
+// segment, 4 columns per thread. cols is a multiple of 64.
+#define SPLIT_SEG 1024
+extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) { pdl_entry();
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    const float4* xr = (const float4*)(x + (size_t)r * cols);
+    int n4 = cols / 4;
+    int k = halves_exponent(row_absmax(xr, n4, scratch));
+    u16* hi = xs + (size_t)r * 2 * cols;
+    int i = blockIdx.y * (SPLIT_SEG / 4) + threadIdx.x;
+    if (threadIdx.x < SPLIT_SEG / 4 && i < n4) store_halves(xr[i], pow2(k), hi, hi + cols, i);
+    if (threadIdx.x == 0 && blockIdx.y == 0) exps[r] = k;
+}
+
+// INT4: q[(r·PLANES + p)·cols + plane_pos(c)] = plane p of x[r, c]·2^k (int8), exps[r] = k + 4
+// (the 16 of the weights' 16·q folded in), and each plane's sums over every 32 and every 128
+// columns (see int4_dots). Same grid as split_act; cols is a multiple of 128, so each warp
+// covers whole 128-column chunks.
+extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) { pdl_entry();
+    __shared__ float scratch[32];
+    int r = blockIdx.x;
+    const float4* xr = (const float4*)(x + (size_t)r * cols);
+    int n4 = cols / 4;
+    int k = planes_exponent(row_absmax(xr, n4, scratch));
+    int i = blockIdx.y * (SPLIT_SEG / 4) + threadIdx.x;
+    if (i >= n4) return;  // whole warps (n4 is a multiple of 32)
+    store_planes(xr[i], pow2(k), i, r, cols, q, sums);
     if (threadIdx.x == 0 && blockIdx.y == 0) exps[r] = k + 4;
+}
+
+// RMSNorm (rms_norm's register path, the same bits) fused with the splits of its output for
+// the tensor-core kernels: with xs non-null the FP8 halves and their exponents (split_act's),
+// with q non-null the INT4 planes, sums and exponents (split_planes'). Grid (rows, segments of
+// SPLIT_SEG columns), 256 threads: every block normalizes its whole row in registers and takes
+// its maximum, then writes its segment (float4s 256·seg + t: the thread's register seg), so the
+// stores spread over the SMs (one block per row took 8.5 µs for a 6144-wide row on H200, the
+// stores of one SM). cols a multiple of 128, at most NORM_VEC·1024. A decode step's norms feed
+// FP8/INT4 linears, so this saves each a split launch.
+extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
+                                          float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
+                                          int* __restrict__ sums, int* __restrict__ q_exps) { pdl_entry();
+    __shared__ float scratch[32];
+    int r = blockIdx.x, seg = blockIdx.y, n4 = cols / 4;
+    float4 v[NORM_VEC];
+    norm_row(x + (size_t)r * cols, w, cols, eps, v, scratch);
+    float m = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; j++)
+        if (threadIdx.x + j * blockDim.x < n4)
+            m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
+    m = block_max(m, scratch);
+    int kh = halves_exponent(m), kq = planes_exponent(m);
+    u16* hi = xs ? xs + (size_t)r * 2 * cols : nullptr;
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (j != seg || i >= n4) continue;  // (a register index must be known at compile time)
+        ((float4*)(y + (size_t)r * cols))[i] = v[j];
+        if (xs) store_halves(v[j], pow2(kh), hi, hi + cols, i);
+        if (q) store_planes(v[j], pow2(kq), i, r, cols, q, sums);  // whole warps: n4 is a multiple of 32
+    }
+    if (threadIdx.x == 0 && seg == 0) {
+        if (xs) xs_exps[r] = kh;
+        if (q) q_exps[r] = kq + 4;
+    }
 }
 
 // The activation rows of a tile's token slots: slot j is row base[j]/div for j < n, else none.

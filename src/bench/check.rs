@@ -162,6 +162,19 @@ fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
     let w = random(rng, cols);
     let err = rel_err(&gpu.to_host(&gpu.rms_norm(&xg, &gpu.vector(&w)?, 1e-5)?)?, &cpu.to_host(&cpu.rms_norm(&xc, &cpu.vector(&w)?, 1e-5)?)?);
     t.push("rms_norm", format!("[{rows},{cols}]"), err);
+    // Decode rows: the norm makes its output's tensor-core splits in the same launch. A linear
+    // reading them matches the oracle, and bit for bit one reading a split made apart (of a copy).
+    for fmt in [SynthFormat::Fp8([128, 128]), SynthFormat::Int { bits: 4, group: 128, symmetric: false }] {
+        let lin = synthetic_linear("w", 64, cols, fmt, rng);
+        let (wc, wg) = (cpu.weight(&lin)?, gpu.weight(&lin)?);
+        let normed = gpu.rms_norm(&xg, &gpu.vector(&w)?, 1e-5)?;
+        let fused = gpu.to_host(&gpu.linear(&normed, &wg)?)?;
+        let want = cpu.to_host(&cpu.linear(&cpu.rms_norm(&xc, &cpu.vector(&w)?, 1e-5)?, &wc)?)?;
+        let case = format!("{fmt} [{rows},{cols}] -> 64");
+        t.push("rms_norm split", case.clone(), rel_err(&fused, &want));
+        let apart = gpu.to_host(&gpu.linear(&gpu.copy(&normed)?, &wg)?)?;
+        t.flag("rms_norm split", case, fused == apart, "= apart");
+    }
     let (mut ac, mut ag) = pair(cpu, gpu, rows, cols, &x)?;
     cpu.add_assign(&mut ac, &yc)?;
     gpu.add_assign(&mut ag, &yg)?;

@@ -1,6 +1,7 @@
 //! Linear layers on the GPU: which kernel a GEMV takes (tensor cores for FP8/INT4 at decode,
 //! CUDA cores otherwise), its block size, and the split activations the tensor-core kernels read.
 
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
@@ -98,6 +99,53 @@ impl CudaBackend {
         Ok(cell.get_or_init(|| split))
     }
 
+    /// Notes that weights of formats `fmts` take the tensor-core kernels.
+    pub(super) fn note_mma_fmts(&self, fmts: impl IntoIterator<Item = Fmt>) {
+        for f in fmts {
+            self.mma_fmts.fetch_or(if f == Fmt::Int4 { MMA_INT4 } else { MMA_FP8 }, Ordering::Relaxed);
+        }
+    }
+
+    /// RMSNorm of decode rows into `y` with, in the same launch, the splits that the tensor-core
+    /// formats of the uploaded weights read (kept with `y`): a decode step's norms feed its FP8
+    /// or INT4 linears, and each split is a launch saved. The same bits as `rms_norm` then
+    /// `split` (kernels/linear_mma.cu). False, launching nothing, where it does not apply.
+    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor) -> Result<bool> {
+        let fmts = self.mma_fmts.load(Ordering::Relaxed);
+        // 256-thread blocks holding the row in registers (NORM_VEC float4s per thread), one per
+        // SPLIT_SEG columns.
+        if fmts == 0 || x.rows > MMA_MAX_TOKENS || x.cols % 128 != 0 || x.cols > 8 * SPLIT_SEG as usize {
+            return Ok(false);
+        }
+        let halves = if fmts & MMA_FP8 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Fp8)?) } else { None };
+        let planes = if fmts & MMA_INT4 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Int4)?) } else { None };
+        let ptr = |s: &Option<Split>, f: &dyn Fn(&Split) -> u64| Arg::Ptr(s.as_ref().map_or(0, f));
+        self.launch(
+            "rms_norm_split",
+            (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(self.ptr(&x.buf)),
+                Arg::Ptr(self.ptr(&w.0)),
+                Arg::Ptr(self.ptr(&y.buf)),
+                Arg::I32(x.cols as i32),
+                Arg::F32(eps),
+                ptr(&halves, &|s| self.ptr(&s.data)),
+                ptr(&halves, &|s| self.ptr(&s.exps)),
+                ptr(&planes, &|s| self.ptr(&s.data)),
+                ptr(&planes, &|s| s.sums_ptr(self)),
+                ptr(&planes, &|s| self.ptr(&s.exps)),
+            ],
+        )?;
+        for (cell, split) in y.splits.iter().zip([halves, planes]) {
+            if let Some(s) = split {
+                let _ = cell.set(s);
+            }
+        }
+        Ok(true)
+    }
+
     pub(super) fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
         let split = self.split_alloc(x.rows, x.cols, fmt)?;
         self.split_into(x, &split)?;
@@ -156,6 +204,10 @@ pub(super) fn threads_for(cols: usize, fmt: Fmt) -> u32 {
 pub(super) const MMA_MAX_TOKENS: usize = 8;
 /// Tokens per tensor-core tile (MMA_TOKENS in kernels/linear_mma.cu).
 pub(super) const MMA_TOKENS: u32 = 4;
+
+/// Bits of `CudaBackend::mma_fmts`.
+const MMA_FP8: u8 = 1;
+const MMA_INT4: u8 = 2;
 
 /// Columns per block of split_act (SPLIT_SEG in kernels/linear_mma.cu).
 const SPLIT_SEG: u32 = 1024;

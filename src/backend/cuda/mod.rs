@@ -15,7 +15,7 @@ mod moe;
 pub mod weights;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -97,6 +97,9 @@ pub struct CudaBackend {
     join_event: CudaEvent,
     /// Set while `concurrently` runs its side closure: launches go to `side`.
     on_side: AtomicBool,
+    /// The tensor-core formats among the uploaded weights (MMA_FP8 | MMA_INT4 in `linear`): the
+    /// splits a decode step's norms make for their readers.
+    mma_fmts: AtomicU8,
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
     /// Threads of a tensor-core launch, by (kernel, most warps, blocks, SM share): see
@@ -156,6 +159,7 @@ impl CudaBackend {
             fork_event,
             join_event,
             on_side: AtomicBool::new(false),
+            mma_fmts: AtomicU8::new(0),
             modules,
             functions: RwLock::new(HashMap::new()),
             mma_block: RwLock::new(HashMap::new()),
@@ -324,11 +328,13 @@ impl Backend for CudaBackend {
     }
 
     fn weight(&self, w: &LinearWeight) -> Result<CudaWeight> {
-        upload_stacked(&self.stream, std::slice::from_ref(w)).with_context(|| format!("uploading {}", w.module))
+        self.weight_stacked(std::slice::from_ref(w)).with_context(|| format!("uploading {}", w.module))
     }
 
     fn weight_stacked(&self, parts: &[LinearWeight]) -> Result<CudaWeight> {
-        upload_stacked(&self.stream, parts)
+        let w = upload_stacked(&self.stream, parts)?;
+        self.note_mma_fmts(w.parts.iter().filter(|p| p.desc.mma != 0).map(|p| p.fmt));
+        Ok(w)
     }
 
     fn vector(&self, v: &[f32]) -> Result<CudaVector> {
@@ -340,7 +346,11 @@ impl Backend for CudaBackend {
     }
 
     fn experts(&self, experts: &[ExpertWeights]) -> Result<CudaExperts> {
-        upload_experts(&self.stream, experts)
+        let e = upload_experts(&self.stream, experts)?;
+        if e.mma {
+            self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
+        }
+        Ok(e)
     }
 
     fn new_cache(&self, spec: &CacheSpec) -> Result<CudaCache> {
@@ -442,7 +452,10 @@ impl Backend for CudaBackend {
             bail!("rms_norm: weight of {} for rows of {}", w.0.len(), x.cols);
         }
         let y = self.tensor_of(x.rows, x.cols)?;
-        if x.rows > 0 {
+        if x.rows == 0 {
+            return Ok(y);
+        }
+        if !self.rms_norm_split(x, w, eps, &y)? {
             self.launch("rms_norm", (x.rows as u32, 1, 1), 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&w.0)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.cols as i32), Arg::F32(eps)])?;
         }
         Ok(y)
