@@ -29,13 +29,48 @@ extern "C" __global__ void mla_cache_write(const float* __restrict__ kv, const f
     for (int i = threadIdx.x; i < W; i += blockDim.x) dst[i] = row[i];
 }
 
+// The absorbed decode's W_UK / W_UV ([H·rows, L] row-major), stored as f32, as bf16 when that
+// loses nothing, or as a checkpoint's FP8 codes with their scale per (row, bc columns): element
+// i (at row r, column c), and four in a row from there (c a multiple of 4 inside one scale
+// block; 16, 8 or 4 bytes, aligned). Each gives the f32 value the CPU oracle dequantizes
+// (an FP8 code times its scale, rounded once), so every storage gives the same sums.
+struct MlaF32 {
+    const float* w;
+    __device__ float one(size_t i, int, int) const { return w[i]; }
+    __device__ float4 four(size_t i, int, int) const { return *(const float4*)(w + i); }
+};
+struct MlaBf16 {
+    const u16* w;
+    __device__ float one(size_t i, int, int) const { return bf16_to_f32(w[i]); }
+    __device__ float4 four(size_t i, int, int) const {
+        uint2 u = *(const uint2*)(w + i);
+        return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                           __uint_as_float(u.y & 0xffff0000u));
+    }
+};
+struct MlaFp8 {
+    const u8* w;
+    const float* scale;  // [H·rows, sc]
+    int sc, bc;
+    __device__ float s(int r, int c) const { return scale[(size_t)r * sc + c / bc]; }
+    __device__ float one(size_t i, int r, int c) const { return e4m3_to_f32(w[i]) * s(r, c); }
+    __device__ float4 four(size_t i, int r, int c) const {
+        u32 u = *(const u32*)(w + i);
+        float k = s(r, c), a, b, e, f;
+        e4m3x2_to_f32((u16)u, a, b);
+        e4m3x2_to_f32((u16)(u >> 16), e, f);
+        return make_float4(a * k, b * k, e * k, f * k);
+    }
+};
+
 // q_lat[t,h,:] = W_UK[h]ᵀ q_nope[t,h]; q_pe[t,h] = rope(q_rope[t,h]); grid (T·H, ceil(L / 128)),
-// block 32·parts: thread (4 columns, part) sums every parts-th of the N dims with 16-byte loads
+// block 32·parts: thread (4 columns, part) sums every parts-th of the N dims with vector loads
 // (so each SM keeps many weight bytes in flight), and the parts meet in shared memory.
-// smem: N + R + 4·blockDim floats.
-extern "C" __global__ void mla_queries(const float* __restrict__ q, const float* __restrict__ wuk, float* __restrict__ q_lat,
-                                       float* __restrict__ q_pe, const float* __restrict__ cosv, const float* __restrict__ sinv,
-                                       int interleaved, int H, int N, int R, int L) { pdl_entry();
+// smem: N + R + 4·blockDim floats. The same sums in the same order for either storage.
+template <class W>
+__device__ void mla_queries(const float* __restrict__ q, const W wuk, float* __restrict__ q_lat, float* __restrict__ q_pe,
+                            const float* __restrict__ cosv, const float* __restrict__ sinv, int interleaved, int H, int N, int R,
+                            int L) {
     extern __shared__ float4 sm4[];
     float* sm = (float*)sm4;  // [N + R] query (padded to a float4), then [parts][128] partial sums
     float* red = sm + (N + R + 3) / 4 * 4;
@@ -43,14 +78,14 @@ extern "C" __global__ void mla_queries(const float* __restrict__ q, const float*
     const float* qh = q + (size_t)t * H * (N + R) + (size_t)h * (N + R);
     for (int i = threadIdx.x; i < N + R; i += blockDim.x) sm[i] = qh[i];
     __syncthreads();
-    const float* w = wuk + (size_t)h * N * L;
     int jl = (threadIdx.x & 31) * 4, part = threadIdx.x >> 5, parts = blockDim.x >> 5;
     int j = blockIdx.y * 128 + jl;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if ((L & 3) == 0 && j < L) {
 #pragma unroll 4
         for (int d = part; d < N; d += parts) {
-            float4 v = *(const float4*)(w + (size_t)d * L + j);
+            int r = h * N + d;
+            float4 v = wuk.four((size_t)r * L + j, r, j);
             float x = sm[d];
             acc.x = fmaf(x, v.x, acc.x);
             acc.y = fmaf(x, v.y, acc.y);
@@ -59,12 +94,13 @@ extern "C" __global__ void mla_queries(const float* __restrict__ q, const float*
         }
     } else if (j < L) {
         for (int d = part; d < N; d += parts) {
-            const float* row = w + (size_t)d * L + j;
+            int r = h * N + d;
+            size_t i = (size_t)r * L + j;
             float x = sm[d];
-            acc.x = fmaf(x, row[0], acc.x);
-            if (j + 1 < L) acc.y = fmaf(x, row[1], acc.y);
-            if (j + 2 < L) acc.z = fmaf(x, row[2], acc.z);
-            if (j + 3 < L) acc.w = fmaf(x, row[3], acc.w);
+            acc.x = fmaf(x, wuk.one(i, r, j), acc.x);
+            if (j + 1 < L) acc.y = fmaf(x, wuk.one(i + 1, r, j + 1), acc.y);
+            if (j + 2 < L) acc.z = fmaf(x, wuk.one(i + 2, r, j + 2), acc.z);
+            if (j + 3 < L) acc.w = fmaf(x, wuk.one(i + 3, r, j + 3), acc.w);
         }
     }
     float* r = red + part * 128 + jl;
@@ -253,20 +289,56 @@ extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, in
     }
 }
 
-// out[t,h,j] = W_UV[h][j] · o_lat[t,h]; grid (T·H, ceil(V / warps)), a warp per output.
-extern "C" __global__ void mla_values(const float* __restrict__ o_lat, const float* __restrict__ wuv, float* __restrict__ out, int H,
-                                      int V, int L) { pdl_entry();
+// out[t,h,j] = W_UV[h][j] · o_lat[t,h]; grid (T·H, ceil(V / warps)), a warp per output; lane i
+// takes columns 8i .. 8i + 7, 8·32 + 8i .. (vector loads; one at a time when L is not a multiple
+// of 8). The same sums in the same order for every storage.
+template <class W>
+__device__ void mla_values(const float* __restrict__ o_lat, const W wuv, float* __restrict__ out, int H, int V, int L) {
     int t = blockIdx.x / H, h = blockIdx.x % H;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float* o = o_lat + ((size_t)t * H + h) * L;
     for (int j = blockIdx.y * nw + warp; j < min(V, (int)(blockIdx.y + 1) * nw); j += nw) {
-        const float* w = wuv + ((size_t)h * V + j) * L;
+        int r = h * V + j;
+        size_t base = (size_t)r * L;
         float acc = 0.f;
-        for (int i = lane; i < L; i += 32) acc = fmaf(w[i], o[i], acc);
+        if ((L & 7) == 0) {
+            for (int i = 8 * lane; i < L; i += 256) {
+                float4 w0 = wuv.four(base + i, r, i), w1 = wuv.four(base + i + 4, r, i + 4);
+                float4 o0 = *(const float4*)(o + i), o1 = *(const float4*)(o + i + 4);
+                acc = fmaf(w0.x, o0.x, acc);
+                acc = fmaf(w0.y, o0.y, acc);
+                acc = fmaf(w0.z, o0.z, acc);
+                acc = fmaf(w0.w, o0.w, acc);
+                acc = fmaf(w1.x, o1.x, acc);
+                acc = fmaf(w1.y, o1.y, acc);
+                acc = fmaf(w1.z, o1.z, acc);
+                acc = fmaf(w1.w, o1.w, acc);
+            }
+        } else {
+            for (int i = lane; i < L; i += 32) acc = fmaf(wuv.one(base + i, r, i), o[i], acc);
+        }
         acc = warp_sum(acc);
         if (lane == 0) out[((size_t)t * H + h) * V + j] = acc;
     }
 }
+
+// Entry points per storage; every one takes the FP8 scale table (null for the others).
+#define MLA_ENTRIES(NAME, MAKE)                                                                                           \
+    extern "C" __global__ void mla_queries_##NAME(const float* q, const void* wuk, const float* scale, int sc, int bc,     \
+                                                  float* q_lat, float* q_pe, const float* cosv, const float* sinv,        \
+                                                  int interleaved, int H, int N, int R, int L) { pdl_entry();             \
+        mla_queries(q, MAKE(wuk), q_lat, q_pe, cosv, sinv, interleaved, H, N, R, L);                                      \
+    }                                                                                                                     \
+    extern "C" __global__ void mla_values_##NAME(const float* o_lat, const void* wuv, const float* scale, int sc, int bc,   \
+                                                 float* out, int H, int V, int L) { pdl_entry();                          \
+        mla_values(o_lat, MAKE(wuv), out, H, V, L);                                                                       \
+    }
+#define MLA_F32(p) (MlaF32{(const float*)(p)})
+#define MLA_BF16(p) (MlaBf16{(const u16*)(p)})
+#define MLA_FP8(p) (MlaFp8{(const u8*)(p), scale, sc, bc})
+MLA_ENTRIES(f32, MLA_F32)
+MLA_ENTRIES(bf16, MLA_BF16)
+MLA_ENTRIES(fp8, MLA_FP8)
 
 // LayerNorm (weight, bias) of the indexer key, rope on its first R dims, stored; grid T.
 extern "C" __global__ void index_cache_write(const float* __restrict__ k, const float* __restrict__ nw_, const float* __restrict__ nb,

@@ -209,6 +209,13 @@ fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut T
     let spec = CacheSpec { latent: 64, rope: 16, index_dim: 32, slot_has_index: vec![true], capacity: 256 };
     let kv_b = synthetic_linear("kv_b", dims.heads * (dims.nope + dims.v), dims.latent, SynthFormat::Bf16, rng);
     let (hc, hg) = (cpu.mla_heads(&kv_b, &dims)?, gpu.mla_heads(&kv_b, &dims)?);
+    // The GPU keeps W_UK / W_UV as bf16 above; as FP8 codes with row scales, and as f32 (values
+    // that are not bf16), here.
+    let mut other_heads = Vec::new();
+    for fmt in [SynthFormat::Fp8([128, 128]), SynthFormat::F32] {
+        let w = synthetic_linear("kv_b", dims.heads * (dims.nope + dims.v), dims.latent, fmt, rng);
+        other_heads.push((fmt, cpu.mla_heads(&w, &dims)?, gpu.mla_heads(&w, &dims)?));
+    }
     let (mut cc, mut cg) = (cpu.new_cache(&spec)?, gpu.new_cache(&spec)?);
     let norm = random(rng, 64);
     let (kn_w, kn_b) = (random(rng, 32), random(rng, 32));
@@ -235,6 +242,11 @@ fn check_attention(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut T
         let og = gpu.mla_attend(&qlg, &qpg, &cg, 0, &sg, None, &dims)?;
         t.push("mla_attend dense", format!("step {si}: {n} rows"), rel_err(&gpu.to_host(&og)?, &cpu.to_host(&oc)?));
         t.push("mla_values", format!("step {si}: {n} rows"), rel_err(&gpu.to_host(&gpu.mla_values(&og, &hg)?)?, &cpu.to_host(&cpu.mla_values(&oc, &hc)?)?));
+        for (fmt, hc2, hg2) in &other_heads {
+            let (qlc2, qlg2) = (cpu.mla_queries(&qc, hc2, &sc)?.0, gpu.mla_queries(&qg, hg2, &sg)?.0);
+            t.push("mla_queries", format!("step {si}: latent, {n} rows, {fmt} kv_b"), rel_err(&gpu.to_host(&qlg2)?, &cpu.to_host(&qlc2)?));
+            t.push("mla_values", format!("step {si}: {n} rows, {fmt} kv_b"), rel_err(&gpu.to_host(&gpu.mla_values(&og, hg2)?)?, &cpu.to_host(&cpu.mla_values(&oc, hc2)?)?));
+        }
         let k = random(rng, n * 32);
         let (kc, kg) = pair(cpu, gpu, n, 32, &k)?;
         cpu.index_cache_write(&kc, &vc.1, &vc.2, 1e-6, &sc, &mut cc, 0)?;

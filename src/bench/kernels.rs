@@ -230,8 +230,9 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     // MLA decode with DSA top-2048: one query over a long latent cache.
     let dims = MlaDims { heads: 64, nope: 192, rope: 64, v: 256, latent: 512, scale: (256f32).powf(-0.5) };
     let rope = RopeSpec { inv_freq: (0..32).map(|i| 1.0 / 8e6f32.powf(i as f32 / 32.0)).collect(), interleaved: true, indexer_interleaved: true };
-    let kv_b = random_weight("kv_b", 64 * 448, 512, "bf16", &mut rng);
-    let heads = gpu.mla_heads(&kv_b, &dims)?;
+    // kv_b as a bf16 and as an FP8 checkpoint stores it (W_UK / W_UV kept in that precision).
+    let kv_fmts = ["bf16", "fp8"];
+    let heads: Vec<_> = kv_fmts.iter().map(|f| gpu.mla_heads(&random_weight("kv_b", 64 * 448, 512, f, &mut rng), &dims)).collect::<Result<_>>()?;
     let idims = IndexDims { heads: 32, head_dim: 128, rope: 64, topk: 2048 };
     let contexts: &[usize] = if want("mla") { &[4096, 32768, 131072] } else { &[] };
     for &ctx_len in contexts {
@@ -255,17 +256,19 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
         let iq = gpu.tensor(1, 32 * 128, &vec![0.01; 32 * 128])?;
         let iw = gpu.tensor(1, 32, &vec![1.0; 32])?;
         let sel = gpu.index_select(&iq, &iw, &cache, 0, &step, &idims)?;
-        let (ql, qp) = gpu.mla_queries(&q, &heads, &step)?;
+        let (ql, qp) = gpu.mla_queries(&q, &heads[0], &step)?;
         let ms = time_graph(&ctx, &stream, 8, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
         let keys = 2048.min(ctx_len);
         r.row(&format!("mla attend top-{keys} of {}K ctx (f32 cache)", ctx_len / 1024), (keys * 576 * 4) as f64, ms);
-        let ms = time_graph(&ctx, &stream, 8, reps, || {
-            let (ql, qp) = gpu.mla_queries(&q, &heads, &step)?;
-            let o = gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims)?;
-            gpu.mla_values(&o, &heads).map(|_| ())
-        })?;
-        let absorb = (64 * (192 + 256) * 512 * 4) as f64;
-        r.row(&format!("mla decode (absorb + attend + values) {}K ctx", ctx_len / 1024), absorb + (keys * 576 * 4) as f64, ms);
+        for (fmt, heads) in kv_fmts.iter().zip(&heads) {
+            let ms = time_graph(&ctx, &stream, 8, reps, || {
+                let (ql, qp) = gpu.mla_queries(&q, heads, &step)?;
+                let o = gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims)?;
+                gpu.mla_values(&o, heads).map(|_| ())
+            })?;
+            let absorb = (64 * (192 + 256) * 512) as f64 * bytes_per_weight(fmt);
+            r.row(&format!("mla decode (absorb + attend + values) {}K ctx, {fmt} kv_b", ctx_len / 1024), absorb + (keys * 576 * 4) as f64, ms);
+        }
         if ctx_len == 131072 {
             let ms = time_graph(&ctx, &stream, 8, reps, || gpu.index_select(&iq, &iw, &cache, 0, &step, &idims).map(|_| ()))?;
             r.row("indexer scores + top-2048 at 128K ctx (f32 keys)", (ctx_len * 128 * 4) as f64, ms);

@@ -4,26 +4,53 @@
 use anyhow::{anyhow, bail, Result};
 
 use super::cache::{CudaCache, CudaStep};
+use super::weights::Fmt;
 use super::{check_rows, Arg, CudaBackend, CudaMlaHeads, CudaSelection, CudaTensor, CudaVector};
 use crate::backend::{length_bucket, IndexDims, MlaDims};
-use crate::checkpoint::LinearWeight;
+use crate::checkpoint::{Format, LinearWeight};
 
-/// `kv_b_proj` split per head into f32 `W_UK` and `W_UV` (the absorbed decode's weights).
+/// `kv_b_proj` split per head into `W_UK` and `W_UV` (the absorbed decode's weights, read whole
+/// at every step), stored as compactly as loses nothing: bf16 when every value is one (a bf16
+/// checkpoint), the checkpoint's FP8 codes with each row's scales (an FP8 checkpoint whose scale
+/// blocks span whole 8-column runs), else f32. The kernels compute the oracle's f32 values.
 pub(super) fn mla_heads(gpu: &CudaBackend, kv_b: &LinearWeight, dims: &MlaDims) -> Result<CudaMlaHeads> {
     let MlaDims { heads, nope, v, latent, .. } = *dims;
     dims.check_kv_b(kv_b)?;
-    let w = kv_b.to_f32();
-    let (mut uk, mut uv) = (Vec::with_capacity(heads * nope * latent), Vec::with_capacity(heads * v * latent));
-    for h in 0..heads {
-        let base = h * (nope + v) * latent;
-        uk.extend_from_slice(&w[base..base + nope * latent]);
-        uv.extend_from_slice(&w[base + nope * latent..base + (nope + v) * latent]);
+    // kv_b rows of W_UK (each head's first `nope`) and of W_UV (its next `v`), in order.
+    let rows = |first: usize, n: usize| (0..heads).flat_map(move |h| (0..n).map(move |d| h * (nope + v) + first + d));
+    let upload = |bytes: &[u8]| gpu.stream.clone_htod(bytes).map_err(|e| anyhow!("{e:?}"));
+    let upload_f32 = |vals: &[f32]| gpu.stream.clone_htod(vals).map_err(|e| anyhow!("{e:?}"));
+    if let Format::Fp8 { block, .. } = &kv_b.format {
+        if block[1] % 8 == 0 && latent % 8 == 0 {
+            let (codes, grid) = (kv_b.data.bytes(), kv_b.scale_values());
+            let sc = latent.div_ceil(block[1]);
+            let pick = |first, n| -> (Vec<u8>, Vec<f32>) {
+                let (mut c, mut s) = (Vec::new(), Vec::new());
+                for r in rows(first, n) {
+                    c.extend_from_slice(&codes[r * latent..(r + 1) * latent]);
+                    s.extend_from_slice(&grid[(r / block[0]) * sc..(r / block[0] + 1) * sc]);
+                }
+                (c, s)
+            };
+            let ((uk, uk_s), (uv, uv_s)) = (pick(0, nope), pick(nope, v));
+            return Ok(CudaMlaHeads {
+                wuk: upload(&uk)?,
+                wuv: upload(&uv)?,
+                scales: Some((upload_f32(&uk_s)?, upload_f32(&uv_s)?, sc, block[1])),
+                fmt: Fmt::Fp8,
+                dims: *dims,
+            });
+        }
     }
-    Ok(CudaMlaHeads {
-        wuk: gpu.stream.clone_htod(&uk).map_err(|e| anyhow!("{e:?}"))?,
-        wuv: gpu.stream.clone_htod(&uv).map_err(|e| anyhow!("{e:?}"))?,
-        dims: *dims,
-    })
+    let w = kv_b.to_f32();
+    let bf16 = w.iter().all(|x| x.to_bits() & 0xffff == 0);
+    let pick = |first, n| -> Vec<u8> {
+        rows(first, n)
+            .flat_map(|r| &w[r * latent..(r + 1) * latent])
+            .flat_map(|x| if bf16 { ((x.to_bits() >> 16) as u16).to_le_bytes().to_vec() } else { x.to_le_bytes().to_vec() })
+            .collect()
+    };
+    Ok(CudaMlaHeads { wuk: upload(&pick(0, nope))?, wuv: upload(&pick(nope, v))?, scales: None, fmt: if bf16 { Fmt::Bf16 } else { Fmt::F32 }, dims: *dims })
 }
 
 /// The step's latents (normalized) and rotated rope keys into the cache pool of layer `slot`.
@@ -61,14 +88,17 @@ pub(super) fn mla_queries(gpu: &CudaBackend, q: &CudaTensor, heads: &CudaMlaHead
     let q_lat = gpu.tensor_of(q.rows, h * latent)?;
     let q_pe = gpu.tensor_of(q.rows, h * rope)?;
     if q.rows > 0 {
-        gpu.launch(
-            "mla_queries",
+        gpu.launch_kernel(
+            ("mla_queries", Some(heads.fmt)),
             ((q.rows * h) as u32, (latent as u32).div_ceil(128), 1),
             512,
             ((nope + rope).div_ceil(4) * 4 + 4 * 512) * 4,
             &[
                 Arg::Ptr(gpu.ptr(&q.buf)),
                 Arg::Ptr(gpu.ptr(&heads.wuk)),
+                Arg::Ptr(heads.scales.as_ref().map_or(0, |s| gpu.ptr(&s.0))),
+                Arg::I32(heads.scales.as_ref().map_or(0, |s| s.2 as i32)),
+                Arg::I32(heads.scales.as_ref().map_or(1, |s| s.3 as i32)),
                 Arg::Ptr(gpu.ptr(&q_lat.buf)),
                 Arg::Ptr(gpu.ptr(&q_pe.buf)),
                 Arg::Ptr(step.cos),
@@ -147,12 +177,22 @@ pub(super) fn mla_values(gpu: &CudaBackend, o_lat: &CudaTensor, heads: &CudaMlaH
     }
     let out = gpu.tensor_of(o_lat.rows, h * v)?;
     if o_lat.rows > 0 {
-        gpu.launch(
-            "mla_values",
+        gpu.launch_kernel(
+            ("mla_values", Some(heads.fmt)),
             ((o_lat.rows * h) as u32, (v as u32).div_ceil(8), 1),
             256,
             0,
-            &[Arg::Ptr(gpu.ptr(&o_lat.buf)), Arg::Ptr(gpu.ptr(&heads.wuv)), Arg::Ptr(gpu.ptr(&out.buf)), Arg::I32(h as i32), Arg::I32(v as i32), Arg::I32(latent as i32)],
+            &[
+                Arg::Ptr(gpu.ptr(&o_lat.buf)),
+                Arg::Ptr(gpu.ptr(&heads.wuv)),
+                Arg::Ptr(heads.scales.as_ref().map_or(0, |s| gpu.ptr(&s.1))),
+                Arg::I32(heads.scales.as_ref().map_or(0, |s| s.2 as i32)),
+                Arg::I32(heads.scales.as_ref().map_or(1, |s| s.3 as i32)),
+                Arg::Ptr(gpu.ptr(&out.buf)),
+                Arg::I32(h as i32),
+                Arg::I32(v as i32),
+                Arg::I32(latent as i32),
+            ],
         )?;
     }
     Ok(out)

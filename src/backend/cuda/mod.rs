@@ -44,10 +44,14 @@ impl CudaTensor {
 
 pub struct CudaVector(CudaSlice<f32>);
 
-/// `kv_b_proj` split per head, in f32: `W_UK [H, nope, latent]` and `W_UV [H, v, latent]`.
+/// `kv_b_proj` split per head: `W_UK [H, nope, latent]` and `W_UV [H, v, latent]`, as f32, bf16
+/// or FP8 elements (`fmt`; see `attention::mla_heads`).
 pub struct CudaMlaHeads {
-    wuk: CudaSlice<f32>,
-    wuv: CudaSlice<f32>,
+    wuk: CudaSlice<u8>,
+    wuv: CudaSlice<u8>,
+    /// FP8: each row's scales for W_UK and W_UV, scale columns, columns per scale.
+    scales: Option<(CudaSlice<f32>, CudaSlice<f32>, usize, usize)>,
+    fmt: Fmt,
     dims: MlaDims,
 }
 
