@@ -62,7 +62,7 @@ impl CudaBackend {
         if let Some(w) = forced_mma_warps() {
             return Ok(32 * w.min(most) as u32);
         }
-        let share = if self.on_side.load(std::sync::atomic::Ordering::Relaxed) { side_share() } else { 1 };
+        let share = if self.on_side.load(Ordering::Relaxed) { side_share() } else { 1 };
         // Decided once per launch shape: the occupancy calculator is not free.
         let key = (kernel, most, tiles, share);
         if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
@@ -112,9 +112,7 @@ impl CudaBackend {
     /// `split` (kernels/linear_mma.cu). False, launching nothing, where it does not apply.
     pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor) -> Result<bool> {
         let fmts = self.mma_fmts.load(Ordering::Relaxed);
-        // 256-thread blocks holding the row in registers (NORM_VEC float4s per thread), one per
-        // SPLIT_SEG columns.
-        if fmts == 0 || x.rows > MMA_MAX_TOKENS || x.cols % 128 != 0 || x.cols > 8 * SPLIT_SEG as usize {
+        if fmts == 0 || x.rows > MMA_MAX_TOKENS || x.cols % 128 != 0 || x.cols > NORM_MAX_COLS {
             return Ok(false);
         }
         let halves = if fmts & MMA_FP8 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Fp8)?) } else { None };
@@ -208,6 +206,10 @@ pub(super) const MMA_TOKENS: u32 = 4;
 /// Bits of `CudaBackend::mma_fmts`.
 const MMA_FP8: u8 = 1;
 const MMA_INT4: u8 = 2;
+
+/// The widest row rms_norm_split takes: each of its 256 threads holds NORM_VEC (8) float4s of
+/// the row (kernels/common.cuh); each block writes the SPLIT_SEG columns of its register index.
+const NORM_MAX_COLS: usize = 256 * 8 * 4;
 
 /// Columns per block of split_act (SPLIT_SEG in kernels/linear_mma.cu).
 const SPLIT_SEG: u32 = 1024;

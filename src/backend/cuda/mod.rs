@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use self::cache::{CudaCache, CudaStep, StepMeta};
 use self::linear::Split;
@@ -212,7 +212,8 @@ impl CudaBackend {
     /// `main` issues on the main stream; the main stream then waits for the side's work, so what
     /// follows sees both. In a graph capture the two become parallel branches. `side` may only
     /// launch into buffers allocated before this call: allocations and frees are ordered on the
-    /// main stream, and `uninit` refuses while `side` runs.
+    /// main stream, and `uninit` refuses while `side` runs. (The backend is driven by one thread
+    /// at a time, as a stage's loop drives it: the side flag belongs to that thread's launches.)
     fn concurrently<R>(&self, side: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA stream fork/join: {e:?}");
         self.fork_event.record(&self.stream).map_err(cuda)?;
@@ -280,11 +281,11 @@ impl CudaBackend {
     /// `n` uninitialized values on the main stream, for a kernel that writes every one before
     /// anything reads it (so buffers are not cleared: `duet bench check` compares every
     /// element with the CPU oracle).
-    fn uninit<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+    fn uninit<T: AnyBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         if self.on_side.load(Ordering::Relaxed) {
             bail!("internal: a buffer allocated inside a side-stream closure (allocate it before `concurrently`)");
         }
-        // Safety: the types valid as zero bits have no invalid bit patterns either.
+        // Safety: every bit pattern of T is a value (AnyBits).
         unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} x {}: {e:?}", std::any::type_name::<T>()))
     }
 
@@ -308,6 +309,13 @@ impl CudaBackend {
         ((n as u32).div_ceil(256).max(1), 1, 1)
     }
 }
+
+/// Device element types every bit pattern of which is a value, so a buffer of them may start
+/// uninitialized.
+trait AnyBits: DeviceRepr {}
+impl AnyBits for f32 {}
+impl AnyBits for i32 {}
+impl AnyBits for u8 {}
 
 fn check_rows(op: &str, t: &CudaTensor, rows: usize, cols: usize) -> Result<()> {
     if t.rows != rows || t.cols != cols {
