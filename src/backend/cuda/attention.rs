@@ -127,10 +127,11 @@ pub(super) fn mla_attend(gpu: &CudaBackend, q_lat: &CudaTensor, q_rope: &CudaTen
         Some(s) => s.topk,
         None => length_bucket(step.positions.iter().max().map_or(0, |p| p + 1)),
     };
-    // Splits of 64 keys for parallelism, fewer when many rows would make the partials large.
+    // Splits of 64 keys for parallelism (`DUET_MLA_SPLIT_KEYS` for sweeps), fewer when many
+    // rows would make the partials large.
     let budget = 256usize << 20;
     let max_splits = (budget / (t * h * (latent + 2) * 4)).max(1);
-    let splits = nk.div_ceil(64).clamp(1, max_splits);
+    let splits = nk.div_ceil(split_keys()).clamp(1, max_splits);
     let ks = nk.div_ceil(splits);
     let part = gpu.alloc(t * h * splits * (latent + 2))?;
     // Shared memory of mla_attend_split (its comment has the layout): 8 heads, 32-key tiles, 8 warps.
@@ -287,4 +288,11 @@ pub(super) fn index_select(gpu: &CudaBackend, q: &CudaTensor, w: &CudaTensor, ca
     gpu.launch("topk_collect", (t as u32, chunks, 1), 256, 0, &with(&[Arg::Ptr(gpu.ptr(&meta)), Arg::Ptr(gpu.ptr(&idx)), Arg::Ptr(gpu.ptr(&cand))]))?;
     gpu.launch("topk_finish", (t as u32, 1, 1), 256, 0, &with(&[Arg::Ptr(gpu.ptr(&meta)), Arg::Ptr(gpu.ptr(&cand)), Arg::Ptr(gpu.ptr(&idx))]))?;
     Ok(CudaSelection { topk, idx })
+}
+
+/// Keys per split of `mla_attend` (`DUET_MLA_SPLIT_KEYS`, a multiple of 32 up to 1024; 64 by
+/// default).
+fn split_keys() -> usize {
+    static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KEYS.get_or_init(|| super::kernels::env_usize("DUET_MLA_SPLIT_KEYS", "a multiple of 32 up to 1024", |k| k % 32 == 0 && (32..=1024).contains(&k)).unwrap_or(64))
 }
