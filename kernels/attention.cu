@@ -262,6 +262,210 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
     }
 }
 
+// ---- tensor-core attention (an experiment: DUET_MLA_TC=1; not yet run on a GPU) --------------
+// The same partials as mla_attend_split from mma.m16n8k8 on TF32 in 3xTF32 form: each f32
+// operand is split into a TF32 high part and a TF32 remainder, and hi·hi + hi·lo + lo·hi keeps
+// about 22 bits of each product (TF32 keeps f32's exponent, so no scaling is needed), with f32
+// accumulators. Block (t, 16 heads, split), 8 warps: the 16 heads are one m16 tile, so each key
+// tile serves all of them; key tiles of 32 are double-buffered, the next one's 16-byte async
+// copies in flight during the current one's math. Scores: warp w takes keys 8(w % 4) .. + 7
+// over half w / 4 of the dims, the halves meet in shared memory; the online softmax is
+// mla_attend_split's (a warp per head, a lane per key); P·V: warp w takes the latent n8 tiles
+// w, w + 8, ... (L ≤ 512). Rows are padded by 4 floats so a fragment's 32 reads fall on 32
+// banks. smem: see mla_attend_tc_smem in src/backend/cuda/attention.rs.
+#define TC_HB 16
+#define TC_KT 32
+#define TC_PAD 4
+#define TC_NPW 8  // latent n8 tiles per warp: L ≤ 8 warps · 8 tiles · 8
+#define TC_QV 12  // query float4s per thread (16 heads of up to 768 floats)
+
+__device__ __forceinline__ u32 tf32_bits(float x) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ void tf32_split(float x, u32& hi, u32& lo) {
+    hi = tf32_bits(x);
+    lo = tf32_bits(x - __uint_as_float(hi));
+}
+__device__ __forceinline__ void mma_tf32(float d[4], const u32 a[4], const u32 b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// d += A·B for A given as hi / lo parts and B as f32 (lane fragments of m16n8k8): the small
+// products first.
+__device__ __forceinline__ void mma_3xtf32(float d[4], const u32 ah[4], const u32 al[4], float b0, float b1) {
+    u32 bh[2], bl[2];
+    tf32_split(b0, bh[0], bl[0]);
+    tf32_split(b1, bh[1], bl[1]);
+    mma_tf32(d, al, bh);
+    mma_tf32(d, ah, bl);
+    mma_tf32(d, ah, bh);
+}
+// A fragment (rows g, g + 8; columns c, c + 4 from col0) of a row-major f32 matrix with row
+// stride ld, split into hi / lo parts.
+__device__ __forceinline__ void a_frag(const float* m, int ld, int col0, int g, int c, u32 hi[4], u32 lo[4]) {
+    tf32_split(m[g * ld + col0 + c], hi[0], lo[0]);
+    tf32_split(m[(g + 8) * ld + col0 + c], hi[1], lo[1]);
+    tf32_split(m[g * ld + col0 + c + 4], hi[2], lo[2]);
+    tf32_split(m[(g + 8) * ld + col0 + c + 4], hi[3], lo[3]);
+}
+__device__ __forceinline__ void copy_async16(float* dst, const float* src, bool valid) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+extern "C" __global__ void mla_attend_tc(const float* __restrict__ q_lat, const float* __restrict__ q_pe, const float* __restrict__ pool,
+                                         const StepMeta m, const int* __restrict__ sel, int topk, int H, int L, int R, float scale,
+                                         int ks, float* __restrict__ part) { pdl_entry();
+    extern __shared__ float4 sm4[];
+    const int W = L + R, WS = W + TC_PAD, PS = TC_KT + TC_PAD, nrow = (ks + TC_KT - 1) / TC_KT * TC_KT;
+    const float** rowp = (const float**)sm4;                // [nrow] key rows of the block (null: none)
+    float* qs = (float*)(rowp + nrow);                      // [TC_HB][WS] queries: latent, then rope
+    float* kt = qs + TC_HB * WS;                            // [2][TC_KT][WS] key tiles
+    float* red = kt + 2 * TC_KT * WS;                       // [2][TC_HB][TC_KT] scores of each dim half
+    float* ps = red + 2 * TC_HB * TC_KT;                    // [TC_HB][PS] probabilities of the tile
+    float* mrun = ps + TC_HB * PS;                          // [TC_HB] running max
+    float* lrun = mrun + TC_HB;                             // [TC_HB] running sum
+    float* fac = lrun + TC_HB;                              // [TC_HB] rescale of the previous output
+    int t = blockIdx.x, hb = blockIdx.y * TC_HB, split = blockIdx.z, S = gridDim.z;
+    int nh = min(TC_HB, H - hb);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    // The queries, float4s with every load in flight before the first store (a loop of
+    // load-then-store waits a memory latency per step); one at a time for odd widths.
+    const int W4 = W / 4;
+    if (L % 4 == 0 && R % 4 == 0 && TC_HB * W4 <= TC_QV * (int)blockDim.x) {
+        float4 v[TC_QV];
+#pragma unroll
+        for (int u = 0; u < TC_QV; u++) {
+            int i = threadIdx.x + u * blockDim.x, hh = i / W4, col = 4 * (i % W4);
+            v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i < TC_HB * W4 && hh < nh)
+                v[u] = col < L ? *(const float4*)(q_lat + ((size_t)t * H + hb + hh) * L + col)
+                               : *(const float4*)(q_pe + ((size_t)t * H + hb + hh) * R + (col - L));
+        }
+#pragma unroll
+        for (int u = 0; u < TC_QV; u++) {
+            int i = threadIdx.x + u * blockDim.x;
+            if (i < TC_HB * W4) *(float4*)(qs + (i / W4) * WS + 4 * (i % W4)) = v[u];
+        }
+    } else {
+        for (int i = threadIdx.x; i < TC_HB * W; i += blockDim.x) {
+            int hh = i / W, col = i % W;
+            float v = 0.f;
+            if (hh < nh) v = col < L ? q_lat[((size_t)t * H + hb + hh) * L + col] : q_pe[((size_t)t * H + hb + hh) * R + (col - L)];
+            qs[hh * WS + col] = v;
+        }
+    }
+    if (threadIdx.x < TC_HB) {
+        mrun[threadIdx.x] = NEG_INF;
+        lrun[threadIdx.x] = 0.f;
+    }
+    int pos = m.pos[t], seq = m.row_seq[t];
+    int nk = sel ? topk : pos + 1;
+    int k0 = split * ks, k1 = min(nk, k0 + ks);
+    for (int j = threadIdx.x; j < nrow; j += blockDim.x) {
+        int kk = k0 + j;
+        int p = j < ks && kk < k1 ? (sel ? sel[(size_t)t * topk + kk] : kk) : -1;
+        rowp[j] = p >= 0 && p <= pos ? cache_row((float*)pool, W, m.blocks, m.max_blocks, seq, p) : nullptr;
+    }
+    __syncthreads();
+    int ntiles = k1 > k0 ? (k1 - k0 + TC_KT - 1) / TC_KT : 0;
+    // Tile i into buffer b: a warp copies whole rows in 16-byte pieces (zeros for missing keys).
+    auto copy_tile = [&](int i, int b) {
+        float* dst = kt + b * TC_KT * WS;
+        for (int k = warp; k < TC_KT; k += 8) {
+            const float* r = rowp[i * TC_KT + k];
+            for (int q = lane; q < W / 4; q += 32) copy_async16(dst + k * WS + 4 * q, r ? r + 4 * q : pool, r != nullptr);
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+    float o[TC_NPW][4];
+#pragma unroll
+    for (int j = 0; j < TC_NPW; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    if (ntiles > 0) copy_tile(0, 0);
+    int steps = W / 8, mid = (steps + 1) / 2;
+    for (int i = 0; i < ntiles; i++) {
+        copy_async_wait();
+        __syncthreads();  // tile i is in; every warp is done with tile i - 1's buffer
+        if (i + 1 < ntiles) copy_tile(i + 1, (i + 1) & 1);
+        const float* K = kt + (i & 1) * TC_KT * WS;
+        {
+            int nt = warp & 3, half = warp >> 2;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int s = half ? mid : 0; s < (half ? steps : mid); s++) {
+                u32 ah[4], al[4];
+                a_frag(qs, WS, 8 * s, g, c, ah, al);
+                const float* kr = K + (nt * 8 + g) * WS + 8 * s + c;
+                mma_3xtf32(acc, ah, al, kr[0], kr[4]);
+            }
+            float* r = red + half * TC_HB * TC_KT + nt * 8 + 2 * c;
+            r[g * TC_KT] = acc[0];
+            r[g * TC_KT + 1] = acc[1];
+            r[(g + 8) * TC_KT] = acc[2];
+            r[(g + 8) * TC_KT + 1] = acc[3];
+        }
+        __syncthreads();
+        for (int hh = warp; hh < TC_HB; hh += 8) {
+            float sum = red[hh * TC_KT + lane] + red[(TC_HB + hh) * TC_KT + lane];
+            bool valid = hh < nh && rowp[i * TC_KT + lane] != nullptr;
+            float sc = valid ? sum * scale : NEG_INF;
+            float mold = mrun[hh];
+            float mnew = fmaxf(mold, warp_max(sc));
+            float p = sc == NEG_INF ? 0.f : expf(sc - mnew);
+            float psum = warp_sum(p);
+            ps[hh * PS + lane] = p;
+            if (lane == 0) {
+                float f = mold == NEG_INF ? 0.f : expf(mold - mnew);
+                fac[hh] = f;
+                mrun[hh] = mnew;
+                lrun[hh] = lrun[hh] * f + psum;
+            }
+        }
+        __syncthreads();
+        float fa = fac[g], fb = fac[g + 8];
+#pragma unroll
+        for (int j = 0; j < TC_NPW; j++) {
+            o[j][0] *= fa;
+            o[j][1] *= fa;
+            o[j][2] *= fb;
+            o[j][3] *= fb;
+        }
+#pragma unroll
+        for (int k8 = 0; k8 < TC_KT; k8 += 8) {
+            u32 ah[4], al[4];
+            a_frag(ps, PS, k8, g, c, ah, al);
+            const float* vr = K + (k8 + c) * WS + g;
+#pragma unroll
+            for (int j = 0; j < TC_NPW; j++) {
+                int n0 = (warp + 8 * j) * 8;
+                if (n0 < L) mma_3xtf32(o[j], ah, al, vr[n0], vr[4 * WS + n0]);
+            }
+        }
+    }
+    // Partial layout: [t][h][split][L + 2] = unnormalized output, running max, running sum.
+    float* base = part + (((size_t)t * H + hb) * S + split) * (L + 2);
+    size_t hstride = (size_t)S * (L + 2);
+#pragma unroll
+    for (int j = 0; j < TC_NPW; j++) {
+        int col = (warp + 8 * j) * 8 + 2 * c;
+        if (col >= L) continue;
+        if (g < nh) {
+            base[g * hstride + col] = o[j][0];
+            base[g * hstride + col + 1] = o[j][1];
+        }
+        if (g + 8 < nh) {
+            base[(g + 8) * hstride + col] = o[j][2];
+            base[(g + 8) * hstride + col + 1] = o[j][3];
+        }
+    }
+    if (threadIdx.x < nh) {
+        base[threadIdx.x * hstride + L] = mrun[threadIdx.x];
+        base[threadIdx.x * hstride + L + 1] = lrun[threadIdx.x];
+    }
+}
+
 // Merges the splits of each (row, head): every split's weight exp(m_s - max) once into shared
 // memory, then each thread sums its latent dim over the splits; grid (T, H, ceil(L / blockDim)),
 // smem S floats.

@@ -134,15 +134,22 @@ pub(super) fn mla_attend(gpu: &CudaBackend, q_lat: &CudaTensor, q_rope: &CudaTen
     let splits = nk.div_ceil(split_keys()).clamp(1, max_splits);
     let ks = nk.div_ceil(splits);
     let part = gpu.alloc(t * h * splits * (latent + 2))?;
+    let w = latent + rope;
+    // The tensor-core experiment (DUET_MLA_TC=1) where its shapes and shared memory allow.
+    let tc = mla_tc() && w % 8 == 0 && latent % 8 == 0 && latent <= 512 && mla_attend_tc_smem(w, ks) <= 200 * 1024;
     // Shared memory of mla_attend_split (its comment has the layout): 8 heads, 32-key tiles, 8 warps.
-    let (w, hb, kt, warps) = (latent + rope, 8, 32, 8);
-    let smem = (w * hb + kt * (w + 1) + warps * hb * kt + kt * hb + 3 * hb) * 4;
+    let (kernel, heads_per_block, smem) = if tc {
+        ("mla_attend_tc", 16, mla_attend_tc_smem(w, ks))
+    } else {
+        let (hb, kt, warps) = (8, 32, 8);
+        ("mla_attend_split", 8, (w * hb + kt * (w + 1) + warps * hb * kt + kt * hb + 3 * hb) * 4)
+    };
     if latent > 4 * 256 {
         bail!("mla_attend: latent width {latent} exceeds the kernel's 1024");
     }
     gpu.launch(
-        "mla_attend_split",
-        (t as u32, (h as u32).div_ceil(8), splits as u32),
+        kernel,
+        (t as u32, (h as u32).div_ceil(heads_per_block), splits as u32),
         256,
         smem,
         &[
@@ -295,4 +302,19 @@ pub(super) fn index_select(gpu: &CudaBackend, q: &CudaTensor, w: &CudaTensor, ca
 fn split_keys() -> usize {
     static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *KEYS.get_or_init(|| super::kernels::env_usize("DUET_MLA_SPLIT_KEYS", "a multiple of 32 up to 1024", |k| k % 32 == 0 && (32..=1024).contains(&k)).unwrap_or(64))
+}
+
+/// Whether attention takes the tensor-core experiment `mla_attend_tc` (`DUET_MLA_TC=1`; not yet
+/// measured).
+fn mla_tc() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_MLA_TC", false))
+}
+
+/// Shared memory of `mla_attend_tc` for rows of `w` floats and `ks` keys per split (the
+/// kernel's layout: key row pointers, 16 query rows and two 32-key tiles padded by 4 floats,
+/// the scores of two dim halves, the probabilities, and three values per head).
+fn mla_attend_tc_smem(w: usize, ks: usize) -> usize {
+    let (hb, kt, pad) = (16, 32, 4);
+    ks.div_ceil(kt) * kt * 8 + (hb * (w + pad) + 2 * kt * (w + pad) + 2 * hb * kt + hb * (kt + pad) + 3 * hb) * 4
 }
