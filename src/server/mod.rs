@@ -549,7 +549,28 @@ fn router(app: AppState) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), refuse_oversized))
         .with_state(app)
+}
+
+/// Answers a request whose declared body is over the limit with 413 after reading and dropping
+/// that body (up to 16 times the limit). Answering first and closing with the body unread makes
+/// the kernel reset the connection, and a client still sending it sees a broken pipe instead of
+/// the answer.
+async fn refuse_oversized(State(app): State<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use futures_core::Stream;
+    let limit = app.cfg.max_body_bytes;
+    let declared = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let Some(size) = declared.filter(|&n| n > limit) else { return next.run(req).await };
+    let mut body = req.into_body().into_data_stream();
+    let mut read = 0usize;
+    while read <= 16 * limit {
+        match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_next(cx)).await {
+            Some(Ok(chunk)) => read += chunk.len(),
+            _ => break,
+        }
+    }
+    error_response(ApiError::new(413, "invalid_request_error", format!("the request body of {size} bytes is over the {limit}-byte limit")))
 }
 
 /// Rank 0 with the HTTP API: starts the engine thread and serves until SIGINT/SIGTERM.
