@@ -121,6 +121,24 @@ __device__ void mla_queries(const float* __restrict__ q, const W wuk, float* __r
     }
 }
 
+// One head's online-softmax step over a tile of 32 keys, a lane per key (the whole warp): the
+// lane's scaled score (NEG_INF for none) joins the head's running max and sum; returns the
+// lane's unnormalized probability, and lane 0 leaves the new max, sum, and the factor that
+// rescales the output so far.
+__device__ __forceinline__ float softmax_step(float sc, float* mrun, float* lrun, float* fac) {
+    float mold = *mrun;
+    float mnew = fmaxf(mold, warp_max(sc));
+    float p = sc == NEG_INF ? 0.f : expf(sc - mnew);
+    float psum = warp_sum(p);
+    if ((threadIdx.x & 31) == 0) {
+        float f = mold == NEG_INF ? 0.f : expf(mold - mnew);
+        *fac = f;
+        *mrun = mnew;
+        *lrun = *lrun * f + psum;
+    }
+    return p;
+}
+
 // Softmax attention over the latent cache, split over keys (flash-decoding): block (t, head
 // group, split) scores MLA_HB heads against its run of keys in tiles of MLA_KT, keeping a
 // running max and sum per head, and writes an unnormalized partial output; mla_combine merges
@@ -206,17 +224,7 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
             float s = 0.f;
             for (int w = 0; w < nwarps; w++) s += red[(w * MLA_HB + hh) * MLA_KT + lane];
             float sc = (kval[lane] != 0.f && hh < nh) ? s * scale : NEG_INF;
-            float mold = mrun[hh];
-            float mnew = fmaxf(mold, warp_max(sc));
-            float p = sc == NEG_INF ? 0.f : expf(sc - mnew);
-            float psum = warp_sum(p);
-            ps[lane * MLA_HB + hh] = p;
-            if (lane == 0) {
-                float f = mold == NEG_INF ? 0.f : expf(mold - mnew);
-                fac[hh] = f;
-                mrun[hh] = mnew;
-                lrun[hh] = lrun[hh] * f + psum;
-            }
+            ps[lane * MLA_HB + hh] = softmax_step(sc, mrun + hh, lrun + hh, fac + hh);
         }
         __syncthreads();
 #pragma unroll
@@ -410,18 +418,7 @@ extern "C" __global__ void mla_attend_tc(const float* __restrict__ q_lat, const 
         for (int hh = warp; hh < TC_HB; hh += 8) {
             float sum = red[hh * TC_KT + lane] + red[(TC_HB + hh) * TC_KT + lane];
             bool valid = hh < nh && rowp[i * TC_KT + lane] != nullptr;
-            float sc = valid ? sum * scale : NEG_INF;
-            float mold = mrun[hh];
-            float mnew = fmaxf(mold, warp_max(sc));
-            float p = sc == NEG_INF ? 0.f : expf(sc - mnew);
-            float psum = warp_sum(p);
-            ps[hh * PS + lane] = p;
-            if (lane == 0) {
-                float f = mold == NEG_INF ? 0.f : expf(mold - mnew);
-                fac[hh] = f;
-                mrun[hh] = mnew;
-                lrun[hh] = lrun[hh] * f + psum;
-            }
+            ps[hh * PS + lane] = softmax_step(valid ? sum * scale : NEG_INF, mrun + hh, lrun + hh, fac + hh);
         }
         __syncthreads();
         float fa = fac[g], fb = fac[g + 8];
