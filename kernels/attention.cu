@@ -121,6 +121,19 @@ __device__ void mla_queries(const float* __restrict__ q, const W wuk, float* __r
     }
 }
 
+// The loops that stage a block's queries in shared memory load from global memory and store
+// each value before the next load, so unless unrolled they wait a latency per round (18 rounds
+// of a 576-wide head in mla_attend_split, 16 in index_scores). STAGE_UNROLL_BY (a sweep
+// setting, for example DUET_KERNEL_DEFINES=-DSTAGE_UNROLL_BY=8; not yet measured) unrolls them
+// so that many loads are in flight; unset, the compiler chooses.
+#define DUET_PRAGMA(x) _Pragma(#x)
+#define DUET_UNROLL(n) DUET_PRAGMA(unroll n)
+#ifdef STAGE_UNROLL_BY
+#define STAGE_UNROLL DUET_UNROLL(STAGE_UNROLL_BY)
+#else
+#define STAGE_UNROLL
+#endif
+
 // One head's online-softmax step over a tile of 32 keys, a lane per key (the whole warp): the
 // lane's scaled score (NEG_INF for none) joins the head's running max and sum; returns the
 // lane's unnormalized probability, and lane 0 leaves the new max, sum, and the factor that
@@ -173,6 +186,7 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
     int nh = min(MLA_HB, H - hb);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int hh = warp; hh < MLA_HB; hh += nwarps)
+        STAGE_UNROLL
         for (int c = lane; c < W; c += 32) {
             float v = 0.f;
             if (hh < nh) v = c < L ? q_lat[((size_t)t * H + hb + hh) * L + c] : q_pe[((size_t)t * H + hb + hh) * R + (c - L)];
@@ -596,6 +610,7 @@ extern "C" __global__ void index_scores(const float* __restrict__ q, const float
     int pos = m.pos[t], seq = m.row_seq[t];
     // The queries, roped on their first R dims; consecutive threads take consecutive heads.
     const int half = R / 2;
+    STAGE_UNROLL
     for (int i = threadIdx.x; i < D * NHP; i += blockDim.x) {
         int c = i / NHP, h = i % NHP;
         float v = 0.f;
