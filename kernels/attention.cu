@@ -71,8 +71,9 @@ template <class W>
 __device__ void mla_queries(const float* __restrict__ q, const W wuk, float* __restrict__ q_lat, float* __restrict__ q_pe,
                             const float* __restrict__ cosv, const float* __restrict__ sinv, int interleaved, int H, int N, int R,
                             int L) {
-    extern __shared__ float4 sm4[];
-    float* sm = (float*)sm4;  // [N + R] query (padded to a float4), then [parts][128] partial sums
+    // Named apart from the kernels' sm4: NVRTC warns when a template shares an extern's name.
+    extern __shared__ float4 queries_sm[];
+    float* sm = (float*)queries_sm;  // [N + R] query (padded to a float4), then [parts][128] partial sums
     float* red = sm + (N + R + 3) / 4 * 4;
     int t = blockIdx.x / H, h = blockIdx.x % H;
     const float* qh = q + (size_t)t * H * (N + R) + (size_t)h * (N + R);
