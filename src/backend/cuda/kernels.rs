@@ -112,24 +112,31 @@ pub fn full_source(name: &str, src: &str) -> String {
     format!("{COMMON}\n#line 1 \"{name}.cu\"\n{src}")
 }
 
-/// Compiles one module to a cubin.
+/// Compiles one module to a cubin (warnings are logged).
 pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
+    let (cubin, log) = compile_logged(name, src)?;
+    if !log.is_empty() {
+        tracing::warn!("kernel {name}.cu compiles with warnings: {log}");
+    }
+    Ok(cubin)
+}
+
+/// Compiles one module to a cubin, with NVRTC's log (its warnings; empty when clean).
+fn compile_logged(name: &str, src: &str) -> Result<(Vec<u8>, String)> {
     let full = CString::new(full_source(name, src)).context("kernel source contains a NUL byte")?;
     let fname = CString::new(format!("{name}.cu")).unwrap();
     let prog = nvrtc::create_program(&full, Some(&fname)).map_err(|e| anyhow!("nvrtc cannot create {name}.cu: {e:?}"))?;
     let compiled = unsafe { nvrtc::compile_program(prog, &options()) };
+    let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
+    let log = unsafe { CStr::from_ptr(log.as_ptr()) }.to_string_lossy().trim().to_string();
     let result = match compiled {
-        Err(e) => {
-            let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
-            let log = unsafe { CStr::from_ptr(log.as_ptr()) }.to_string_lossy().into_owned();
-            Err(anyhow!("kernel {name}.cu does not compile ({e:?}): {}", log.trim()))
-        }
+        Err(e) => Err(anyhow!("kernel {name}.cu does not compile ({e:?}): {log}")),
         Ok(()) => unsafe {
             let mut size = 0usize;
             nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| anyhow!("nvrtcGetCUBINSize: {e:?}"))?;
             let mut cubin = vec![0u8; size];
             nvrtc_sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _).result().map_err(|e| anyhow!("nvrtcGetCUBIN: {e:?}"))?;
-            Ok(cubin)
+            Ok((cubin, log))
         },
     };
     unsafe { nvrtc::destroy_program(prog) }.ok();
@@ -161,12 +168,22 @@ pub fn cubin(name: &str, src: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Compiles every embedded module (no cache): the CI check that kernels build.
+/// Compiles every embedded module (no cache): the CI check that kernels build, and build
+/// without warnings.
 pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
     if !nvrtc_available() {
         bail!("libnvrtc is not available (install nvidia-cuda-nvrtc and put its lib folder on LD_LIBRARY_PATH)");
     }
-    SOURCES.iter().map(|(name, src)| Ok((*name, compile(name, src)?.len()))).collect()
+    SOURCES
+        .iter()
+        .map(|(name, src)| {
+            let (cubin, log) = compile_logged(name, src)?;
+            if !log.is_empty() {
+                bail!("kernel {name}.cu compiles with warnings: {log}");
+            }
+            Ok((*name, cubin.len()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
