@@ -372,18 +372,14 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
 /// The output of `f` captured into a CUDA graph and replayed once (into a buffer made outside the
 /// graph, zeroed, so a replay that wrote nothing shows).
 fn replayed(gpu: &CudaBackend, f: impl Fn() -> Result<<CudaBackend as Backend>::Tensor>) -> Result<Vec<f32>> {
-    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let cuda = |e: cudarc::driver::DriverError| anyhow::anyhow!("CUDA graph: {e:?}");
     let probe = f()?;
     let mut out = gpu.tensor(probe.rows, probe.cols, &vec![0.0; probe.rows * probe.cols])?;
     drop(probe);
     gpu.synchronize()?;
     let stream = gpu.stream();
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda)?;
-    let captured = f().and_then(|y| stream.memcpy_dtod(&y.buf, &mut out.buf).map_err(cuda));
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(cuda)?;
-    captured?;
-    graph.ok_or_else(|| anyhow::anyhow!("CUDA graph: nothing captured"))?.launch().map_err(cuda)?;
+    let graph = crate::backend::cuda::graphs::record(stream, || f().and_then(|y| stream.memcpy_dtod(&y.buf, &mut out.buf).map_err(cuda)))?;
+    graph.launch().map_err(cuda)?;
     gpu.to_host(&out)
 }
 

@@ -37,14 +37,9 @@ fn time_ms(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, warmup: usize, reps
 /// Times `f` as the GPU runs it, without host launch overhead: `inner` calls are captured in a
 /// CUDA graph, the graph is replayed `reps` times between events; returns ms per call.
 fn time_graph(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, inner: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     f()?; // warm-up outside the graph (module load, first allocations)
     stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| anyhow!("begin capture: {e:?}"))?;
-    let captured: Result<()> = (0..inner).try_for_each(|_| f());
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).map_err(|e| anyhow!("end capture: {e:?}"))?;
-    captured?;
-    let graph = graph.ok_or_else(|| anyhow!("empty graph"))?;
+    let graph = crate::backend::cuda::graphs::record(stream, || (0..inner).try_for_each(|_| f()))?;
     graph.upload().map_err(|e| anyhow!("{e:?}"))?;
     let ms = time_ms(ctx, stream, 2, reps, || graph.launch().map_err(|e| anyhow!("graph launch: {e:?}")))?;
     Ok(ms / inner as f64)

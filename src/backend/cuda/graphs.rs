@@ -9,10 +9,11 @@
 //! they must not outlive it or serve another one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::CudaGraph;
+use cudarc::driver::{CudaGraph, CudaStream};
 
 use super::cache::CudaCache;
 use super::{CudaBackend, CudaTensor};
@@ -108,17 +109,24 @@ fn capture(gpu: &CudaBackend, cache: &mut CudaCache, input: &CudaTensor, output:
     let graph_input = gpu.copy(input)?;
     let mut graph_output = gpu.tensor_of(output.0, output.1)?;
     let stream = &gpu.stream;
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| anyhow!("begin capture: {e:?}"))?;
-    let recorded = body(cache, &graph_input).and_then(|y| {
+    let graph = record(stream, || {
+        let y = body(cache, &graph_input)?;
         if (y.rows, y.cols) != output {
             bail!("the step's output is [{}, {}], its first run's was {output:?}", y.rows, y.cols);
         }
         stream.memcpy_dtod(&y.buf, &mut graph_output.buf).map_err(|e| anyhow!("CUDA copy: {e:?}"))
-    });
-    // End the capture whatever happened, so the stream leaves capture mode.
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-    recorded?;
-    let graph = graph.map_err(|e| anyhow!("end capture: {e:?}"))?.ok_or_else(|| anyhow!("the step recorded no work"))?;
+    })?;
     graph.launch().map_err(|e| anyhow!("CUDA graph launch: {e:?}"))?;
     Ok(Captured { graph: Graph(graph), input: graph_input, output: graph_output })
+}
+
+/// The work `f` issues on `stream`, captured into a CUDA graph whose allocations are freed when
+/// it is launched again, and instantiated. The capture ends whatever `f` returned, so the stream
+/// leaves capture mode.
+pub fn record(stream: &Arc<CudaStream>, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| anyhow!("begin capture: {e:?}"))?;
+    let recorded = f();
+    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    recorded?;
+    graph.map_err(|e| anyhow!("end capture: {e:?}"))?.ok_or_else(|| anyhow!("the capture recorded no work"))
 }
