@@ -135,6 +135,15 @@ __device__ void mla_queries(const float* __restrict__ q, const W wuk, float* __r
 #define STAGE_UNROLL
 #endif
 
+// Column col of query row th (token · H + head): the absorbed latent part (L), then the rope
+// part (R); four from a multiple of 4 when L and R are multiples of 4.
+__device__ __forceinline__ float mla_query(const float* q_lat, const float* q_pe, size_t th, int L, int R, int col) {
+    return col < L ? q_lat[th * L + col] : q_pe[th * R + (col - L)];
+}
+__device__ __forceinline__ float4 mla_query4(const float* q_lat, const float* q_pe, size_t th, int L, int R, int col) {
+    return col < L ? *(const float4*)(q_lat + th * L + col) : *(const float4*)(q_pe + th * R + (col - L));
+}
+
 // One head's online-softmax step over a tile of 32 keys, a lane per key (the whole warp): the
 // lane's scaled score (NEG_INF for none) joins the head's running max and sum; returns the
 // lane's unnormalized probability, and lane 0 leaves the new max, sum, and the factor that
@@ -190,7 +199,7 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
         STAGE_UNROLL
         for (int c = lane; c < W; c += 32) {
             float v = 0.f;
-            if (hh < nh) v = c < L ? q_lat[((size_t)t * H + hb + hh) * L + c] : q_pe[((size_t)t * H + hb + hh) * R + (c - L)];
+            if (hh < nh) v = mla_query(q_lat, q_pe, (size_t)t * H + hb + hh, L, R, c);
             qs[c * MLA_HB + hh] = v;
         }
     if (threadIdx.x < MLA_HB) {
@@ -356,30 +365,20 @@ extern "C" __global__ void mla_attend_tc(const float* __restrict__ q_lat, const 
     int nh = min(TC_HB, H - hb);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     // The queries, float4s with every load in flight before the first store (a loop of
-    // load-then-store waits a memory latency per step); one at a time for odd widths.
+    // load-then-store waits a memory latency per step). The launch guarantees L and R multiples
+    // of 8 and rows that fit TC_QV float4s per thread (its shared-memory bound keeps W ≤ 640).
     const int W4 = W / 4;
-    if (L % 4 == 0 && R % 4 == 0 && TC_HB * W4 <= TC_QV * (int)blockDim.x) {
-        float4 v[TC_QV];
+    float4 v[TC_QV];
 #pragma unroll
-        for (int u = 0; u < TC_QV; u++) {
-            int i = threadIdx.x + u * blockDim.x, hh = i / W4, col = 4 * (i % W4);
-            v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (i < TC_HB * W4 && hh < nh)
-                v[u] = col < L ? *(const float4*)(q_lat + ((size_t)t * H + hb + hh) * L + col)
-                               : *(const float4*)(q_pe + ((size_t)t * H + hb + hh) * R + (col - L));
-        }
+    for (int u = 0; u < TC_QV; u++) {
+        int i = threadIdx.x + u * blockDim.x, hh = i / W4, col = 4 * (i % W4);
+        v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (i < TC_HB * W4 && hh < nh) v[u] = mla_query4(q_lat, q_pe, (size_t)t * H + hb + hh, L, R, col);
+    }
 #pragma unroll
-        for (int u = 0; u < TC_QV; u++) {
-            int i = threadIdx.x + u * blockDim.x;
-            if (i < TC_HB * W4) *(float4*)(qs + (i / W4) * WS + 4 * (i % W4)) = v[u];
-        }
-    } else {
-        for (int i = threadIdx.x; i < TC_HB * W; i += blockDim.x) {
-            int hh = i / W, col = i % W;
-            float v = 0.f;
-            if (hh < nh) v = col < L ? q_lat[((size_t)t * H + hb + hh) * L + col] : q_pe[((size_t)t * H + hb + hh) * R + (col - L)];
-            qs[hh * WS + col] = v;
-        }
+    for (int u = 0; u < TC_QV; u++) {
+        int i = threadIdx.x + u * blockDim.x;
+        if (i < TC_HB * W4) *(float4*)(qs + (i / W4) * WS + 4 * (i % W4)) = v[u];
     }
     if (threadIdx.x < TC_HB) {
         mrun[threadIdx.x] = NEG_INF;

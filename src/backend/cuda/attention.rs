@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::cache::{CudaCache, CudaStep};
 use super::weights::Fmt;
-use super::{check_rows, Arg, CudaBackend, CudaMlaHeads, CudaSelection, CudaTensor, CudaVector};
+use super::{check_rows, Arg, CudaBackend, CudaMlaHeads, CudaSelection, CudaTensor, CudaVector, MlaScales};
 use crate::backend::{length_bucket, IndexDims, MlaDims};
 use crate::checkpoint::{Format, LinearWeight};
 
@@ -36,7 +36,7 @@ pub(super) fn mla_heads(gpu: &CudaBackend, kv_b: &LinearWeight, dims: &MlaDims) 
             return Ok(CudaMlaHeads {
                 wuk: upload(&uk)?,
                 wuv: upload(&uv)?,
-                scales: Some((upload_f32(&uk_s)?, upload_f32(&uv_s)?, sc, block[1])),
+                scales: Some(MlaScales { uk: upload_f32(&uk_s)?, uv: upload_f32(&uv_s)?, cols: sc, block: block[1] }),
                 fmt: Fmt::Fp8,
                 dims: *dims,
             });
@@ -51,6 +51,15 @@ pub(super) fn mla_heads(gpu: &CudaBackend, kv_b: &LinearWeight, dims: &MlaDims) 
             .collect()
     };
     Ok(CudaMlaHeads { wuk: upload(&pick(0, nope))?, wuv: upload(&pick(nope, v))?, scales: None, fmt: if bf16 { Fmt::Bf16 } else { Fmt::F32 }, dims: *dims })
+}
+
+/// The FP8 scale arguments of the absorb and values kernels (W_UK's scales, W_UV's, scale
+/// columns, columns per scale); null and unused for the other storages.
+fn scale_args(gpu: &CudaBackend, heads: &CudaMlaHeads) -> [Arg; 4] {
+    match &heads.scales {
+        Some(s) => [Arg::Ptr(gpu.ptr(&s.uk)), Arg::Ptr(gpu.ptr(&s.uv)), Arg::I32(s.cols as i32), Arg::I32(s.block as i32)],
+        None => [Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0), Arg::I32(1)],
+    }
 }
 
 /// The step's latents (normalized) and rotated rope keys into the cache pool of layer `slot`.
@@ -88,6 +97,7 @@ pub(super) fn mla_queries(gpu: &CudaBackend, q: &CudaTensor, heads: &CudaMlaHead
     let q_lat = gpu.tensor_of(q.rows, h * latent)?;
     let q_pe = gpu.tensor_of(q.rows, h * rope)?;
     if q.rows > 0 {
+        let [uk_scale, _, scale_cols, scale_block] = scale_args(gpu, heads);
         gpu.launch_kernel(
             ("mla_queries", Some(heads.fmt)),
             ((q.rows * h) as u32, (latent as u32).div_ceil(128), 1),
@@ -96,9 +106,9 @@ pub(super) fn mla_queries(gpu: &CudaBackend, q: &CudaTensor, heads: &CudaMlaHead
             &[
                 Arg::Ptr(gpu.ptr(&q.buf)),
                 Arg::Ptr(gpu.ptr(&heads.wuk)),
-                Arg::Ptr(heads.scales.as_ref().map_or(0, |s| gpu.ptr(&s.0))),
-                Arg::I32(heads.scales.as_ref().map_or(0, |s| s.2 as i32)),
-                Arg::I32(heads.scales.as_ref().map_or(1, |s| s.3 as i32)),
+                uk_scale,
+                scale_cols,
+                scale_block,
                 Arg::Ptr(gpu.ptr(&q_lat.buf)),
                 Arg::Ptr(gpu.ptr(&q_pe.buf)),
                 Arg::Ptr(step.cos),
@@ -135,7 +145,8 @@ pub(super) fn mla_attend(gpu: &CudaBackend, q_lat: &CudaTensor, q_rope: &CudaTen
     let ks = nk.div_ceil(splits);
     let part = gpu.alloc(t * h * splits * (latent + 2))?;
     let w = latent + rope;
-    // The tensor-core experiment (DUET_MLA_TC=1) where its shapes and shared memory allow.
+    // The tensor-core experiment (DUET_MLA_TC=1) where its shapes and shared memory allow (the
+    // bound keeps rows within the kernel's TC_QV query float4s per thread).
     let tc = mla_tc() && w % 8 == 0 && latent % 8 == 0 && latent <= 512 && mla_attend_tc_smem(w, ks) <= 200 * 1024;
     // Shared memory of mla_attend_split (its comment has the layout): 8 heads, 32-key tiles, 8 warps.
     let (kernel, heads_per_block, smem) = if tc {
@@ -185,6 +196,7 @@ pub(super) fn mla_values(gpu: &CudaBackend, o_lat: &CudaTensor, heads: &CudaMlaH
     }
     let out = gpu.tensor_of(o_lat.rows, h * v)?;
     if o_lat.rows > 0 {
+        let [_, uv_scale, scale_cols, scale_block] = scale_args(gpu, heads);
         gpu.launch_kernel(
             ("mla_values", Some(heads.fmt)),
             ((o_lat.rows * h) as u32, (v as u32).div_ceil(8), 1),
@@ -193,9 +205,9 @@ pub(super) fn mla_values(gpu: &CudaBackend, o_lat: &CudaTensor, heads: &CudaMlaH
             &[
                 Arg::Ptr(gpu.ptr(&o_lat.buf)),
                 Arg::Ptr(gpu.ptr(&heads.wuv)),
-                Arg::Ptr(heads.scales.as_ref().map_or(0, |s| gpu.ptr(&s.1))),
-                Arg::I32(heads.scales.as_ref().map_or(0, |s| s.2 as i32)),
-                Arg::I32(heads.scales.as_ref().map_or(1, |s| s.3 as i32)),
+                uv_scale,
+                scale_cols,
+                scale_block,
                 Arg::Ptr(gpu.ptr(&out.buf)),
                 Arg::I32(h as i32),
                 Arg::I32(v as i32),

@@ -117,7 +117,8 @@ impl CudaBackend {
         }
         let halves = if fmts & MMA_FP8 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Fp8)?) } else { None };
         let planes = if fmts & MMA_INT4 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Int4)?) } else { None };
-        let ptr = |s: &Option<Split>, f: &dyn Fn(&Split) -> u64| Arg::Ptr(s.as_ref().map_or(0, f));
+        let (hd, he) = halves.as_ref().map_or((0, 0), |s| (self.ptr(&s.data), self.ptr(&s.exps)));
+        let (pd, ps, pe) = planes.as_ref().map_or((0, 0, 0), |s| (self.ptr(&s.data), s.sums_ptr(self), self.ptr(&s.exps)));
         self.launch(
             "rms_norm_split",
             (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1),
@@ -129,11 +130,11 @@ impl CudaBackend {
                 Arg::Ptr(self.ptr(&y.buf)),
                 Arg::I32(x.cols as i32),
                 Arg::F32(eps),
-                ptr(&halves, &|s| self.ptr(&s.data)),
-                ptr(&halves, &|s| self.ptr(&s.exps)),
-                ptr(&planes, &|s| self.ptr(&s.data)),
-                ptr(&planes, &|s| s.sums_ptr(self)),
-                ptr(&planes, &|s| self.ptr(&s.exps)),
+                Arg::Ptr(hd),
+                Arg::Ptr(he),
+                Arg::Ptr(pd),
+                Arg::Ptr(ps),
+                Arg::Ptr(pe),
             ],
         )?;
         for (cell, split) in y.splits.iter().zip([halves, planes]) {

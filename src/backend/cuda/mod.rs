@@ -49,10 +49,18 @@ pub struct CudaVector(CudaSlice<f32>);
 pub struct CudaMlaHeads {
     wuk: CudaSlice<u8>,
     wuv: CudaSlice<u8>,
-    /// FP8: each row's scales for W_UK and W_UV, scale columns, columns per scale.
-    scales: Option<(CudaSlice<f32>, CudaSlice<f32>, usize, usize)>,
+    /// FP8: each row's scales.
+    scales: Option<MlaScales>,
     fmt: Fmt,
     dims: MlaDims,
+}
+
+/// The scales of FP8 `W_UK` / `W_UV` rows: `[rows, cols]` each, one per `block` columns.
+struct MlaScales {
+    uk: CudaSlice<f32>,
+    uv: CudaSlice<f32>,
+    cols: usize,
+    block: usize,
 }
 
 pub struct CudaSelection {
