@@ -15,5 +15,5 @@ part=$1 filter=$2
 while IFS= read -r cfg; do
     [ -z "$cfg" ] && continue
     echo "== ${cfg}"
-    env -S "$cfg" ./target/release/duet bench kernels --only "$part" 2>&1 | grep -E "$filter"
+    env -S "$cfg" timeout 120 ./target/release/duet bench kernels --only "$part" 2>&1 | grep -E "$filter"
 done
