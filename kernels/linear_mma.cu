@@ -48,22 +48,6 @@
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
 #endif
-// The staged kernels' shape ("staged weights" below).
-#ifndef STAGE_CHUNKS
-#define STAGE_CHUNKS 16
-#endif
-#ifndef STAGE_RING
-#define STAGE_RING 3
-#endif
-#ifndef STAGE_WARPS
-#define STAGE_WARPS 8
-#endif
-#ifndef STAGE_REGS
-#define STAGE_REGS 112  // two blocks of STAGE_WARPS + 1 = 9 warps per SM
-#endif
-#define STAGE_WBYTES (16 * (STAGE_CHUNKS * 64 + 64))     // a slot's weights at the largest pad
-#define STAGE_ZOFF (16 * 16 * (STAGE_CHUNKS + 1))         // from a scale entry to its zero-point word
-#define STAGE_SLOT (STAGE_WBYTES + 2 * STAGE_ZOFF)
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -124,7 +108,6 @@ template <class Tile> __device__ float2 tile_dots(Tile& tile) {
 // the lane's B column (slot g / 2, half g % 2 of split_act).
 struct Fp8Tile {
     static constexpr int UNR = FP8_UNR;
-    static constexpr int PAD = 64;  // staged row padding: 16-byte reads (see Stages)
     struct Chunk {
         uint4 a, b, x[2];
         float sa, sb;
@@ -151,31 +134,13 @@ struct Fp8Tile {
         ch.b = ok && rb >= 0 ? ld_weight16<MMA_L2_FETCH>(w + (size_t)rb * d.cols) : z;
         load_x(q, ch);
     }
-    // Chunk q's weights from a staged copy (tile_dots_staged): its 64 bytes of rows ra and rb
-    // at pa, pb; the scales stay in memory (a 128-row block shares them: L1 hits).
-    static constexpr bool STAGE_META = false;
-    __device__ void staged(int q, Chunk& ch, const u8* pa, const u8* pb, const u8*, const u8*) const {
-        int c = threadIdx.x & 3;
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.a = ra >= 0 ? *(const uint4*)(pa + 16 * c) : z;
-        ch.b = rb >= 0 ? *(const uint4*)(pb + 16 * c) : z;
-        load_meta(q, ch);
-    }
-    __device__ void fill_meta(u8*, int, int, int) const {}
-    // Everything but the weights: the x pieces (load_act) and the rows' scales (load_meta).
+    // Everything but the weights: the x pieces and the rows' scales.
     __device__ void load_x(int q, Chunk& ch) const {
-        load_act(q, ch);
-        load_meta(q, ch);
-    }
-    __device__ void load_act(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
         bool ok = q < chunks();
         const uint4 z = make_uint4(0, 0, 0, 0);
         ch.x[0] = ok && xp ? xp[8 * q + 2 * c] : z;
         ch.x[1] = ok && xp ? xp[8 * q + 2 * c + 1] : z;
-    }
-    __device__ void load_meta(int q, Chunk& ch) const {
-        bool ok = q < chunks();
         ch.sa = ok && ra >= 0 ? __ldg(sa + (q >> lq)) : 0.f;
         ch.sb = ok && rb >= 0 ? __ldg(sb + (q >> lq)) : 0.f;
     }
@@ -238,7 +203,6 @@ __device__ __forceinline__ int plane_pos(int col) { return (col & ~7) | ((col & 
 template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : 2) : (NT == 1 ? 2 : 1);
     static constexpr int SPANS = CONTIG ? 1 : 4;  // scale groups per chunk, at most
-    static constexpr int PAD = CONTIG ? 64 : 16;  // staged row padding: 16-byte or word reads (see Stages)
     struct Chunk {
         uint4 a, b, x[NT][2];
         float4 sa, sb;           // the chunk's gpc group scales of ra and rb
@@ -294,66 +258,10 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         }
         load_x(q, ch);
     }
-    // Chunk q from a staged copy (tile_dots_staged): its 64 bytes of rows ra and rb at pa, pb,
-    // read as load reads them from memory, and its scales and zero points from the slot's
-    // (fill_meta's) at ma, mb.
-    static constexpr bool STAGE_META = true;
-    __device__ void staged(int, Chunk& ch, const u8* pa, const u8* pb, const u8* ma, const u8* mb) const {
-        int c = threadIdx.x & 3;
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        if (CONTIG) {
-            ch.a = ra >= 0 ? *(const uint4*)(pa + 16 * c) : z;
-            ch.b = rb >= 0 ? *(const uint4*)(pb + 16 * c) : z;
-        } else {
-            const u32 *wa = (const u32*)pa + c, *wb = (const u32*)pb + c;
-            ch.a = ra >= 0 ? make_uint4(wa[0], wa[4], wa[8], wa[12]) : z;
-            ch.b = rb >= 0 ? make_uint4(wb[0], wb[4], wb[8], wb[12]) : z;
-        }
-        const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = ra >= 0 ? *(const float4*)ma : zf;
-        ch.sb = rb >= 0 ? *(const float4*)mb : zf;
-        if (ASYM) {
-            ch.za = ra >= 0 ? *(const u32*)(ma + STAGE_ZOFF) : 0;
-            ch.zb = rb >= 0 ? *(const u32*)(mb + STAGE_ZOFF) : 0;
-        }
-    }
-    // The producer warp's part: the scales and zero points of chunks q0 .. q0 + nch of the tile's
-    // rows into the slot, as load_meta reads them (row j, chunk l at (j·(STAGE_CHUNKS + 1) + l)·16;
-    // rows: the tile row of each of lanes 0 .. 15, −1 for none).
-    __device__ void fill_meta(u8* meta, int q0, int nch, int rows) const {
-        int lane = threadIdx.x & 31, j = lane & 15, row = __shfl_sync(0xffffffffu, rows, j);
-        if (row < 0) return;
-        size_t gr = (size_t)row * d.sc;
-        for (int l = lane >> 4; l < nch; l += 2) {
-            int g0 = group0(q0 + l);
-            u8* m = meta + (j * (STAGE_CHUNKS + 1) + l) * 16;
-            *(float4*)m = scales(d.scale + gr + g0);
-            if (ASYM) *(u32*)(m + STAGE_ZOFF) = zero_word(gr + g0);
-        }
-    }
-    // The word whose low bytes are the zero points of the gpc groups from group index i.
-    __device__ u32 zero_word(size_t i) const { return __ldg((const u32*)((size_t)(d.zero + i) & ~(size_t)3)) >> (8 * (i & 3)); }
-    // Everything but the weights: x pieces and plane sums (load_act), scales and zero points
-    // (load_meta).
+    // Everything but the weights: x pieces, scales, zero points and plane sums.
     __device__ void load_x(int q, Chunk& ch) const {
-        load_act(q, ch);
-        load_meta(q, ch);
-    }
-    __device__ void load_meta(int q, Chunk& ch) const {
-        bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
-        int g0 = group0(q);
-        const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = oa ? scales(d.scale + ga + g0) : zf;
-        ch.sb = ob ? scales(d.scale + gb + g0) : zf;
-        if (ASYM) {
-            // (The aligned word holding the chunk's zero points: gpc of them, never straddling.)
-            ch.za = oa ? zero_word(ga + g0) : 0;
-            ch.zb = ob ? zero_word(gb + g0) : 0;
-        }
-    }
-    __device__ void load_act(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
-        bool ok = q < chunks();
+        bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
         const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
@@ -371,7 +279,14 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
                 ch.x[n][1] = make_uint4(x2.x, x2.y, x3.x, x3.y);
             }
         }
+        int g0 = group0(q);
+        const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
+        ch.sa = oa ? scales(d.scale + ga + g0) : zf;
+        ch.sb = ob ? scales(d.scale + gb + g0) : zf;
         if (ASYM) {
+            // The aligned word holding the chunk's zero points (gpc of them, never straddling).
+            ch.za = oa ? __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3)) : 0;
+            ch.zb = ob ? __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3)) : 0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -379,7 +294,8 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
                     ch.sums[n][s] = ok && sm[n] ? *(const int2*)(sm[n] + (CONTIG ? n32 + q : 4 * q + s) * PLANES) : make_int2(0, 0);
         }
     }
-    __device__ void dot(int, const Chunk& ch) {
+    __device__ void dot(int q, const Chunk& ch) {
+        int g0 = group0(q);
 #pragma unroll
         for (int s = 0; s < SPANS; s++) {
             int C[NT][4];
@@ -402,8 +318,8 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
             float za = 0.f, zb = 0.f;
             if (ASYM) {
                 // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
-                za = -16.f * (float)(signed char)(ch.za >> (8 * j));
-                zb = -16.f * (float)(signed char)(ch.zb >> (8 * j));
+                za = -16.f * (float)(signed char)(ch.za >> (8 * (((ga + g0) & 3) + j)));
+                zb = -16.f * (float)(signed char)(ch.zb >> (8 * (((gb + g0) & 3) + j)));
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {
@@ -442,134 +358,23 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     }
 };
 
-// ---- staged weights: bulk copies into shared memory -------------------------------------------
-// The staged kernels (the *_staged entry points) take a tile's weights another way: their last
-// warp copies the tile's 16 rows, STAGE_CHUNKS chunks at a time, into a ring of STAGE_RING
-// shared-memory slots with cp.async.bulk, so the copy engine, not the registers of waiting
-// warps, holds the bytes in flight; it also puts the stage's INT4 scales and zero points in the
-// slot (Tile::fill_meta), so no consumer waits on their scattered loads. The other STAGE_WARPS
-// warps load their chunks' activations, wait for the slot, read it, hand it back and multiply
-// as tile_dots does. Slots are handed over through mbarriers: `full` (the copies' bytes
-// arrived and every producer lane has written its meta), `empty` (every consumer warp has read
-// the slot). A slot holds row j of the tile at j·pitch, the pitch padding a row by Tile::PAD
-// bytes so that a warp's reads of eight rows fall in distinct banks; then the meta, row j
-// chunk l at (j·(STAGE_CHUNKS + 1) + l)·16 (4 scales; the zero-point word STAGE_ZOFF further).
-// The host reads the constants (STAGE_* at the top) from the same defines (kernels.rs,
-// define_or) to size the block and its shared memory.
-
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(u64* b, u32 count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count) : "memory"); }
-__device__ __forceinline__ void mbar_arrive(u64* b) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(b)) : "memory"); }
-// Arrives and adds `bytes` to the transfers the current phase waits for.
-__device__ __forceinline__ void mbar_expect(u64* b, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
-}
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(u64* b, u32 parity) {
-    u32 done;
-    do {
-        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-                     : "=r"(done)
-                     : "r"(smem_addr(b)), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
-// dst[0 .. bytes) = src[0 .. bytes) by the copy engine, completing on barrier b (16-byte aligned
-// addresses, bytes a multiple of 16).
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* b) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes),
-                 "r"(smem_addr(b))
-                 : "memory");
-}
-
-// The ring of one block; `it` counts the stages passed through it, so a kernel that streams its
-// tile more than once (an expert with more than four tokens) runs on with the same phases.
-struct Stages {
-    u8* buf;  // STAGE_RING slots of STAGE_SLOT bytes
-    u64 *full, *empty;
-    int it;
-    int prow;  // the producer lane's tile row (lane j < 16: row j of the tile; A rows g, g + 8), or −1
-};
-
-// Sets up the ring (every thread of the block calls it).
-__device__ Stages stages_init(u8* buf, u64* bars, int prow) {
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < STAGE_RING; i++) {
-            mbar_init(bars + i, 33);  // the producer's byte count and each of its lanes' meta
-            mbar_init(bars + STAGE_RING + i, STAGE_WARPS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-    return Stages{buf, bars, bars + STAGE_RING, 0, prow};
-}
-
-// tile_dots with the weights staged through shared memory (see above). Every chunk of a row is
-// 64 bytes in both formats, so row r of the weights starts at r · chunks · 64.
-template <class Tile> __device__ __forceinline__ float2 tile_dots_staged(Tile& tile, Stages& st) {
-    constexpr int PER = (STAGE_CHUNKS + STAGE_WARPS - 1) / STAGE_WARPS;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nq = tile.chunks();
-    int pitch = STAGE_CHUNKS * 64 + Tile::PAD, nst = (nq + STAGE_CHUNKS - 1) / STAGE_CHUNKS;
-    if (warp == STAGE_WARPS) {
-        const u8* src = (const u8*)tile.d.w + (size_t)max(st.prow, 0) * nq * 64;
-        u32 rows = __popc(__ballot_sync(0xffffffffu, st.prow >= 0));
-        for (int s = 0; s < nst; s++, st.it++) {
-            int slot = st.it % STAGE_RING, use = st.it / STAGE_RING, q0 = s * STAGE_CHUNKS, nch = min(STAGE_CHUNKS, nq - q0);
-            u8* buf = st.buf + slot * STAGE_SLOT;
-            if (use > 0) mbar_wait(&st.empty[slot], (use - 1) & 1);
-            if (lane == 0) mbar_expect(&st.full[slot], rows * nch * 64);
-            __syncwarp();
-            if (st.prow >= 0) bulk_copy(buf + lane * pitch, src + q0 * 64, nch * 64, &st.full[slot]);
-            tile.fill_meta(buf + STAGE_WBYTES, q0, nch, st.prow);
-            mbar_arrive(&st.full[slot]);
-        }
-        return make_float2(0.f, 0.f);
-    }
-    int g = lane >> 2;
-    for (int s = 0; s < nst; s++, st.it++) {
-        int slot = st.it % STAGE_RING, use = st.it / STAGE_RING, q0 = s * STAGE_CHUNKS, nch = min(STAGE_CHUNKS, nq - q0);
-        typename Tile::Chunk ch[PER];
-        // The activations first: their loads overlap the wait for the slot.
-#pragma unroll
-        for (int u = 0; u < PER; u++)
-            if (warp + u * STAGE_WARPS < nch) tile.load_act(q0 + warp + u * STAGE_WARPS, ch[u]);
-        mbar_wait(&st.full[slot], use & 1);
-        const u8 *w = st.buf + slot * STAGE_SLOT, *m = w + STAGE_WBYTES;
-#pragma unroll
-        for (int u = 0; u < PER; u++) {
-            int l = warp + u * STAGE_WARPS;
-            if (l < nch)
-                tile.staged(q0 + l, ch[u], w + g * pitch + 64 * l, w + (g + 8) * pitch + 64 * l, m + (g * (STAGE_CHUNKS + 1) + l) * 16,
-                            m + ((g + 8) * (STAGE_CHUNKS + 1) + l) * 16);
-        }
-        // The chunks are in registers: the slot can be refilled while they are multiplied.
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&st.empty[slot]);
-#pragma unroll
-        for (int u = 0; u < PER; u++)
-            if (warp + u * STAGE_WARPS < nch) tile.dot(q0 + warp + u * STAGE_WARPS, ch[u]);
-    }
-    return tile.result();
-}
-
-// A tile's share, from its weights in memory or (st non-null) staged.
-template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(Stages* st, const Args&... args) {
+template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
     Tile t(args...);
-    return st ? tile_dots_staged(t, *st) : tile_dots(t);
+    return tile_dots(t);
 }
 
-template <bool CONTIG, int NT> __device__ __forceinline__ float2 int4_part(Stages* st, const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) {
-    if (d.zero) return run_tile<Int4Tile<CONTIG, NT, true>>(st, d, ra, rb, trow, xq, sums);
-    return run_tile<Int4Tile<CONTIG, NT, false>>(st, d, ra, rb, trow, xq, sums);
+template <bool CONTIG, int NT> __device__ __forceinline__ float2 int4_part(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) {
+    if (d.zero) return run_tile<Int4Tile<CONTIG, NT, true>>(d, ra, rb, trow, xq, sums);
+    return run_tile<Int4Tile<CONTIG, NT, false>>(d, ra, rb, trow, xq, sums);
 }
 
 // This tile's share for lane (g, c); INT4 takes two B tiles when slots 2 and 3 are used.
-template <int FMT> __device__ __forceinline__ float2 tile_part(Stages* st, const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
-    if (FMT == FMT_FP8) return run_tile<Fp8Tile>(st, d, ra, rb, trow, xs);
+template <int FMT> __device__ __forceinline__ float2 tile_part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
+    if (FMT == FMT_FP8) return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
     const u8* xq = (const u8*)xs;
     bool two = trow[2] >= 0 || trow[3] >= 0;
-    if (d.group >= 128) return two ? int4_part<true, 2>(st, d, ra, rb, trow, xq, sums) : int4_part<true, 1>(st, d, ra, rb, trow, xq, sums);
-    return two ? int4_part<false, 2>(st, d, ra, rb, trow, xq, sums) : int4_part<false, 1>(st, d, ra, rb, trow, xq, sums);
+    if (d.group >= 128) return two ? int4_part<true, 2>(d, ra, rb, trow, xq, sums) : int4_part<true, 1>(d, ra, rb, trow, xq, sums);
+    return two ? int4_part<false, 2>(d, ra, rb, trow, xq, sums) : int4_part<false, 1>(d, ra, rb, trow, xq, sums);
 }
 
 // Sums the warps' shares: res[r·4 + t] = row r of the tile (0..15) with token t. Every thread
@@ -736,29 +541,16 @@ __device__ __forceinline__ void slot_rows(int* trow, const int* base, int n, int
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < n ? base[j] / div : -1;
 }
 
-// The ring of a staged kernel (STAGED), or none. prow: the tile row that producer lane j < 16
-// copies (row j of the tile: A row j for j < 8, the A row g + 8 of g = j − 8 otherwise), −1 for
-// none.
-#define STAGES_SETUP(STAGED, prow)                                          \
-    extern __shared__ __align__(128) u8 stage_buf[];                        \
-    __shared__ u64 stage_bars[2 * STAGE_RING];                              \
-    Stages stages_, *st = nullptr;                                          \
-    if (STAGED) {                                                           \
-        stages_ = stages_init(stage_buf, stage_bars, (prow));               \
-        st = &stages_;                                                      \
-    }
-
 // y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / 4)).
-template <int FMT, bool STAGED> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
+template <int FMT> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
     __shared__ float res[16 * MMA_TOKENS];
     int r0 = blockIdx.x * 16, t0 = blockIdx.y * MMA_TOKENS, nt = min(MMA_TOKENS, T - t0);
-    int lane = threadIdx.x & 31, g = lane >> 2;
+    int g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < d.rows ? r0 + g : -1, rb = r0 + 8 + g < d.rows ? r0 + 8 + g : -1;
-    STAGES_SETUP(STAGED, lane < 16 && r0 + lane < d.rows ? r0 + lane : -1)
     int trow[MMA_TOKENS];
 #pragma unroll
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
-    float2 v = tile_part<FMT>(st, d, ra, rb, trow, xs, sums);
+    float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
     tile_reduce(v, res);
     int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
     if (i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
@@ -766,21 +558,19 @@ template <int FMT, bool STAGED> __device__ void gemv_mma(const WDesc d, const vo
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
 // matching up rows; grid (ceil(I / 8), groups); x split for the format (T rows).
-template <int FMT, bool STAGED> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
+template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
     int grp = blockIdx.y;
     if (grp >= plan[0]) return;
     const WDesc d = gu[experts[grp]];
-    int r0 = blockIdx.x * 8, lane = threadIdx.x & 31, g = lane >> 2;
+    int r0 = blockIdx.x * 8, g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
-    int pr = r0 + (lane & 7);
-    STAGES_SETUP(STAGED, lane < 16 && pr < I ? (lane < 8 ? pr : I + pr) : -1)
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
         int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, K);
-        float2 v = tile_part<FMT>(st, d, ra, rb, trow, xs, sums);
+        float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         if (i < 8 * MMA_TOKENS && t < nt && r0 + r < I) {
@@ -792,20 +582,19 @@ template <int FMT, bool STAGED> __device__ void moe_gate_up_mma(const WDesc* gu,
 }
 
 // part[p, r] = down_e[r] · act[p]; grid (ceil(H / 16), groups); act split for the format (P rows).
-template <int FMT, bool STAGED> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
+template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
     int grp = blockIdx.y;
     if (grp >= plan[0]) return;
     const WDesc d = dn[experts[grp]];
-    int r0 = blockIdx.x * 16, lane = threadIdx.x & 31, g = lane >> 2;
+    int r0 = blockIdx.x * 16, g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
-    STAGES_SETUP(STAGED, lane < 16 && r0 + lane < H ? r0 + lane : -1)
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
         int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
-        float2 v = tile_part<FMT>(st, d, ra, rb, trow, acts, sums);
+        float2 v = tile_part<FMT>(d, ra, rb, trow, acts, sums);
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         if (i < 16 * MMA_TOKENS && t < nt && r0 + r < H) {
@@ -815,21 +604,16 @@ template <int FMT, bool STAGED> __device__ void moe_down_mma(const WDesc* dn, co
     }
 }
 
-// Each family for weights in memory (register cap REGS) and staged (register cap STAGE_REGS).
-#define INSTANTIATE_ONE(NAME, SUFFIX, FMT, STAGED, BOUNDS)                                                                 \
-    extern "C" __global__ void BOUNDS gemv_mma##SUFFIX##_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { pdl_entry(); \
-        gemv_mma<FMT, STAGED>(d, xs, sums, exps, y, T, ldy, yoff);                                                      \
+#define INSTANTIATE_MMA(NAME, FMT, REGS)                                                                                      \
+    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { pdl_entry(); \
+        gemv_mma<FMT>(d, xs, sums, exps, y, T, ldy, yoff);                                                              \
     }                                                                                                                   \
-    extern "C" __global__ void BOUNDS moe_gate_up_mma##SUFFIX##_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
-        moe_gate_up_mma<FMT, STAGED>(gu, plan, P, xs, sums, exps, act, K, I);                                           \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
+        moe_gate_up_mma<FMT>(gu, plan, P, xs, sums, exps, act, K, I);                                                   \
     }                                                                                                                   \
-    extern "C" __global__ void BOUNDS moe_down_mma##SUFFIX##_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { pdl_entry(); \
-        moe_down_mma<FMT, STAGED>(dn, plan, P, acts, sums, exps, part, H);                                              \
+    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { pdl_entry(); \
+        moe_down_mma<FMT>(dn, plan, P, acts, sums, exps, part, H);                                                      \
     }
-#define STAGE_BOUNDS __maxnreg__(STAGE_REGS)
-#define INSTANTIATE_MMA(NAME, FMT, REGS)                         \
-    INSTANTIATE_ONE(NAME, , FMT, false, __maxnreg__(REGS))        \
-    INSTANTIATE_ONE(NAME, _staged, FMT, true, STAGE_BOUNDS)
 
 INSTANTIATE_MMA(fp8, FMT_FP8, FP8_REGS)
 INSTANTIATE_MMA(int4, FMT_INT4, INT4_REGS)

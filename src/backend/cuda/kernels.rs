@@ -51,7 +51,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_MMA_STAGED", "DUET_SIDE_SHARE", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }
@@ -80,14 +80,6 @@ fn extra_defines() -> &'static [String] {
         }
         keep.into_iter().map(str::to_string).collect()
     })
-}
-
-/// The value of a kernel tuning constant: `-DNAME=V` in `DUET_KERNEL_DEFINES`, else `default`
-/// (which must match the kernel's own `#ifndef` default). For the constants the host sizes
-/// launches by (the staged linears' warps and shared memory).
-pub fn define_or(name: &str, default: usize) -> usize {
-    let prefix = format!("-D{name}=");
-    extra_defines().iter().find_map(|d| d.strip_prefix(&prefix)?.parse().ok()).unwrap_or(default)
 }
 
 /// Whether libnvrtc can be opened.

@@ -43,13 +43,7 @@ impl CudaBackend {
 
     /// Launches tensor-core kernel `family` for weights of format `fmt` with `cols` columns over
     /// `grid` tiles, with the block size from `mma_threads`.
-    /// With `DUET_MMA_STAGED=1` the staged variant of the family runs instead (weights through
-    /// shared memory by bulk copies; kernels/linear_mma.cu "staged weights").
     pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
-        if let Some(staged) = staged_family(family) {
-            let s = stage_shape();
-            return self.launch_kernel((staged, Some(fmt)), grid, s.threads, s.smem, args);
-        }
         let kernel = (family, Some(fmt));
         let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;
         self.launch_kernel(kernel, grid, threads, 0, args)
@@ -195,37 +189,6 @@ fn forced_mma_warps() -> Option<usize> {
 fn side_share() -> usize {
     static SHARE: OnceLock<usize> = OnceLock::new();
     *SHARE.get_or_init(|| kernels::env_usize("DUET_SIDE_SHARE", "1 to 8", |w| (1..=8).contains(&w)).unwrap_or(2))
-}
-
-/// The staged kernel of a tensor-core family, when `DUET_MMA_STAGED` asks for them.
-fn staged_family(family: &str) -> Option<&'static str> {
-    static ON: OnceLock<bool> = OnceLock::new();
-    if !*ON.get_or_init(|| kernels::env_switch("DUET_MMA_STAGED", false)) {
-        return None;
-    }
-    match family {
-        "gemv_mma" => Some("gemv_mma_staged"),
-        "moe_gate_up_mma" => Some("moe_gate_up_mma_staged"),
-        "moe_down_mma" => Some("moe_down_mma_staged"),
-        _ => None,
-    }
-}
-
-/// Block size and dynamic shared memory of the staged kernels, from the kernels' constants
-/// (STAGE_WARPS consumers and a copying warp; STAGE_RING slots of 16 rows of STAGE_CHUNKS
-/// 64-byte chunks, each row padded by at most 64 bytes, and 16 rows of STAGE_CHUNKS + 1
-/// 20-byte meta entries: STAGE_SLOT in kernels/linear_mma.cu).
-struct StageShape {
-    threads: u32,
-    smem: usize,
-}
-
-fn stage_shape() -> &'static StageShape {
-    static SHAPE: OnceLock<StageShape> = OnceLock::new();
-    SHAPE.get_or_init(|| {
-        let (chunks, ring, warps) = (kernels::define_or("STAGE_CHUNKS", 16), kernels::define_or("STAGE_RING", 3), kernels::define_or("STAGE_WARPS", 8));
-        StageShape { threads: 32 * (warps as u32 + 1), smem: ring * 16 * (chunks * 64 + 64 + 2 * 16 * (chunks + 1)) }
-    })
 }
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
