@@ -40,6 +40,9 @@
 #ifndef INT4_UNR_ASYM
 #define INT4_UNR_ASYM 3  // the same with zero points
 #endif
+#ifndef INT4_UNR_SMALL
+#define INT4_UNR_SMALL 2  // groups of 32 or 64, up to two token slots
+#endif
 // L2 fetch size of the weight loads (ld_weight16): a chunk reads 64 bytes of each of 16 rows,
 // half an L2 line each; fetching whole lines measured FP8 16384->6144 87% of copy bandwidth
 // against 77%, FP8 experts 83% against 80%, INT4 63% against 60% (256 bytes: the same).
@@ -193,24 +196,26 @@ __device__ __forceinline__ void int4_s8(u32 w, u32& even, u32& odd) {
 // the bytes of one word's even nibbles and then its odd ones are adjacent.
 __device__ __forceinline__ int plane_pos(int col) { return (col & ~7) | ((col & 1) << 2) | ((col >> 1) & 3); }
 
-// INT4, columns in chunks of 128. With groups of 128 or more (CONTIG) lane c reads bytes
-// [16c, 16c + 16) of a chunk's row and mma i takes word i of every lane, all in the chunk's
-// group; with smaller groups lane c reads word c of each 16-byte piece, so mma i covers columns
-// [32i, 32i + 32), inside one group. NT 8-column B tiles, two token slots each. xq: planes
+// INT4, columns in chunks of 128 holding GPC scale groups (1 for groups of 128 or more, 2 for
+// 64, 4 for 32). With one group (CONTIG) lane c reads bytes [16c, 16c + 16) of a chunk's row and
+// mma i takes word i of every lane, all in the chunk's group; with smaller groups lane c reads
+// word c of each 16-byte piece, so mma i covers columns [32i, 32i + 32), and the 4 / GPC mmas of
+// a group sum into one int32 result before its scale is applied (one epilogue per group, not per
+// 32 columns). NT 8-column B tiles, two token slots each. xq: planes
 // [row][PLANES][cols] in plane_pos order; sums: per activation row, each plane's sum over every
 // 32 columns, then over every 128 ([row][cols/32 + cols/128][PLANES]), read for zero points
 // only. The result is times 16·2^k (split_planes folds the 16 into the row's exponent).
-template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
-    static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : 2) : (NT == 1 ? 2 : 1);
-    static constexpr int SPANS = CONTIG ? 1 : 4;  // scale groups per chunk, at most
+template <int GPC, int NT, bool ASYM> struct Int4Tile {
+    static constexpr bool CONTIG = GPC == 1;
+    static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : 2) : (NT == 1 ? INT4_UNR_SMALL : 1);
     struct Chunk {
         uint4 a, b, x[NT][2];
-        float4 sa, sb;           // the chunk's gpc group scales of ra and rb
+        float4 sa, sb;           // the chunk's GPC group scales of ra and rb
         u32 za, zb;              // ASYM: the aligned words holding their zero points,
-        int2 sums[NT][SPANS];    // and the plane sums of the lane's C columns per span
+        int2 sums[NT][GPC];      // and the plane sums of the lane's C columns per group
     };
     const WDesc& d;
-    int ra, rb, lg, gpc, n32;  // gpc: groups per chunk (1, 2 or 4)
+    int ra, rb, lg, n32;
     const u32 *wa, *wb;
     size_t ga, gb;
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
@@ -218,7 +223,6 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
     float acc[NT][4];
     __device__ Int4Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums)
         : d(d), ra(ra), rb(rb), lg(__ffs(d.group) - 1), n32(d.cols >> 5) {
-        gpc = CONTIG ? 1 : 128 >> lg;
         wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
         wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
         ga = (size_t)max(ra, 0) * d.sc;
@@ -233,12 +237,12 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         }
     }
     __device__ int chunks() const { return d.cols >> 7; }
-    // The scale groups of chunk q start at group q·gpc (CONTIG: the one group holding it).
+    // The scale groups of chunk q start at group q·GPC (CONTIG: the one group holding it).
     __device__ int group0(int q) const { return (128 * q) >> lg; }
-    // gpc scales from p (aligned to their count).
+    // GPC scales from p (aligned to their count).
     __device__ float4 scales(const float* p) const {
-        if (gpc == 4) return __ldg((const float4*)p);
-        if (gpc == 2) {
+        if (GPC == 4) return __ldg((const float4*)p);
+        if (GPC == 2) {
             float2 v = __ldg((const float2*)p);
             return make_float4(v.x, v.y, 0.f, 0.f);
         }
@@ -284,25 +288,37 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
         ch.sa = oa ? scales(d.scale + ga + g0) : zf;
         ch.sb = ob ? scales(d.scale + gb + g0) : zf;
         if (ASYM) {
-            // The aligned word holding the chunk's zero points (gpc of them, never straddling).
+            // The aligned word holding the chunk's zero points (GPC of them, never straddling).
             ch.za = oa ? __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3)) : 0;
             ch.zb = ob ? __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3)) : 0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
-                for (int s = 0; s < SPANS; s++)
-                    ch.sums[n][s] = ok && sm[n] ? *(const int2*)(sm[n] + (CONTIG ? n32 + q : 4 * q + s) * PLANES) : make_int2(0, 0);
+                for (int s = 0; s < GPC; s++) {
+                    // A group's sums: the chunk's 128-column sum, or its 32-column ones added.
+                    int2 v = make_int2(0, 0);
+                    if (ok && sm[n]) {
+                        if (CONTIG) v = *(const int2*)(sm[n] + (n32 + q) * PLANES);
+#pragma unroll
+                        for (int i = 0; i < 4 / GPC && !CONTIG; i++) {
+                            int2 p = *(const int2*)(sm[n] + (4 * q + s * (4 / GPC) + i) * PLANES);
+                            v.x += p.x;
+                            v.y += p.y;
+                        }
+                    }
+                    ch.sums[n][s] = v;
+                }
         }
     }
     __device__ void dot(int q, const Chunk& ch) {
         int g0 = group0(q);
 #pragma unroll
-        for (int s = 0; s < SPANS; s++) {
+        for (int s = 0; s < GPC; s++) {
             int C[NT][4];
 #pragma unroll
             for (int n = 0; n < NT; n++) C[n][0] = C[n][1] = C[n][2] = C[n][3] = ACC_BASE;
 #pragma unroll
-            for (int i = (CONTIG ? 0 : s); i < (CONTIG ? 4 : s + 1); i++) {
+            for (int i = s * (4 / GPC); i < (s + 1) * (4 / GPC); i++) {
                 u32 ae, ao, be, bo;
                 int4_s8(word(ch.a, i), ae, ao);
                 int4_s8(word(ch.b, i), be, bo);
@@ -312,7 +328,7 @@ template <bool CONTIG, int NT, bool ASYM> struct Int4Tile {
                     mma_s8(C[n], ae, be, ao, bo, word(x, 2 * (i % 2)), word(x, 2 * (i % 2) + 1));
                 }
             }
-            int j = CONTIG ? 0 : (32 * s) >> lg;  // the span's group within the chunk
+            const int j = s;  // the group within the chunk
             float sa = j == 0 ? ch.sa.x : j == 1 ? ch.sa.y : j == 2 ? ch.sa.z : ch.sa.w;
             float sb = j == 0 ? ch.sb.x : j == 1 ? ch.sb.y : j == 2 ? ch.sb.z : ch.sb.w;
             float za = 0.f, zb = 0.f;
@@ -363,9 +379,9 @@ template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(
     return tile_dots(t);
 }
 
-template <bool CONTIG, int NT> __device__ __forceinline__ float2 int4_part(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) {
-    if (d.zero) return run_tile<Int4Tile<CONTIG, NT, true>>(d, ra, rb, trow, xq, sums);
-    return run_tile<Int4Tile<CONTIG, NT, false>>(d, ra, rb, trow, xq, sums);
+template <int GPC, int NT> __device__ __forceinline__ float2 int4_part(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) {
+    if (d.zero) return run_tile<Int4Tile<GPC, NT, true>>(d, ra, rb, trow, xq, sums);
+    return run_tile<Int4Tile<GPC, NT, false>>(d, ra, rb, trow, xq, sums);
 }
 
 // This tile's share for lane (g, c); INT4 takes two B tiles when slots 2 and 3 are used.
@@ -373,8 +389,9 @@ template <int FMT> __device__ __forceinline__ float2 tile_part(const WDesc& d, i
     if (FMT == FMT_FP8) return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
     const u8* xq = (const u8*)xs;
     bool two = trow[2] >= 0 || trow[3] >= 0;
-    if (d.group >= 128) return two ? int4_part<true, 2>(d, ra, rb, trow, xq, sums) : int4_part<true, 1>(d, ra, rb, trow, xq, sums);
-    return two ? int4_part<false, 2>(d, ra, rb, trow, xq, sums) : int4_part<false, 1>(d, ra, rb, trow, xq, sums);
+    if (d.group >= 128) return two ? int4_part<1, 2>(d, ra, rb, trow, xq, sums) : int4_part<1, 1>(d, ra, rb, trow, xq, sums);
+    if (d.group == 64) return two ? int4_part<2, 2>(d, ra, rb, trow, xq, sums) : int4_part<2, 1>(d, ra, rb, trow, xq, sums);
+    return two ? int4_part<4, 2>(d, ra, rb, trow, xq, sums) : int4_part<4, 1>(d, ra, rb, trow, xq, sums);
 }
 
 // Sums the warps' shares: res[r·4 + t] = row r of the tile (0..15) with token t. Every thread

@@ -66,7 +66,7 @@ fn random_weight(module: &str, rows: usize, cols: usize, fmt: &str, rng: &mut Rn
             )
         }
         _ => {
-            // int4: "int4" is group 128 asymmetric (AWQ-style), "int4-g32" group 32 symmetric.
+            // int4 (int4_layout).
             let (group, asym) = int4_layout(fmt);
             let words = rows * cols / 8;
             let groups = cols / group;
@@ -123,7 +123,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     let r = Report { peak };
 
     // Dense GEMV at decode (one token).
-    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g32")] } else { &[] };
+    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g64"), (6144, 16384, "int4-g32")] } else { &[] };
     for &(rows, cols, fmt) in gemvs {
         // Rotate over several copies so the weight is not served from L2.
         let copies = (2usize << 30) / (rows * cols * 2) + 1;
@@ -150,7 +150,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
 
     // Eight routed experts per token, gate/up 6144->2x2048 and down 2048->6144.
     let (h, inter, n_exp) = (6144usize, 2048usize, 32usize);
-    let expert_fmts: &[&str] = if want("experts") { &["fp8", "int4", "int4-g32"] } else { &[] };
+    let expert_fmts: &[&str] = if want("experts") { &["fp8", "int4", "int4-g64", "int4-g32"] } else { &[] };
     for &fmt in expert_fmts {
         let experts: Vec<ExpertWeights> = (0..n_exp)
             .map(|e| ExpertWeights {
@@ -272,12 +272,12 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Group size and asymmetry of the bench's INT4 formats.
+/// Group size and asymmetry of the bench's INT4 formats: "int4" group 128 asymmetric
+/// (AWQ-style), "int4-gN" group N symmetric (group 64 as in the real GLM INT4 checkpoints).
 fn int4_layout(fmt: &str) -> (usize, bool) {
-    if fmt == "int4-g32" {
-        (32, false)
-    } else {
-        (128, true)
+    match fmt.strip_prefix("int4-g").and_then(|g| g.parse().ok()) {
+        Some(group) => (group, false),
+        None => (128, true),
     }
 }
 
