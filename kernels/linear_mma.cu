@@ -297,10 +297,11 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                 for (int s = 0; s < GPC; s++) {
                     // A group's sums: the chunk's 128-column sum, or its 32-column ones added.
                     int2 v = make_int2(0, 0);
-                    if (ok && sm[n]) {
-                        if (CONTIG) v = *(const int2*)(sm[n] + (n32 + q) * PLANES);
+                    if (ok && sm[n] && CONTIG) {
+                        v = *(const int2*)(sm[n] + (n32 + q) * PLANES);
+                    } else if (ok && sm[n]) {
 #pragma unroll
-                        for (int i = 0; i < 4 / GPC && !CONTIG; i++) {
+                        for (int i = 0; i < 4 / GPC; i++) {
                             int2 p = *(const int2*)(sm[n] + (4 * q + s * (4 / GPC) + i) * PLANES);
                             v.x += p.x;
                             v.y += p.y;
@@ -328,14 +329,14 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                     mma_s8(C[n], ae, be, ao, bo, word(x, 2 * (i % 2)), word(x, 2 * (i % 2) + 1));
                 }
             }
-            const int j = s;  // the group within the chunk
-            float sa = j == 0 ? ch.sa.x : j == 1 ? ch.sa.y : j == 2 ? ch.sa.z : ch.sa.w;
-            float sb = j == 0 ? ch.sb.x : j == 1 ? ch.sb.y : j == 2 ? ch.sb.z : ch.sb.w;
+            // Group s of the chunk: its scales, and its zero points below.
+            float sa = s == 0 ? ch.sa.x : s == 1 ? ch.sa.y : s == 2 ? ch.sa.z : ch.sa.w;
+            float sb = s == 0 ? ch.sb.x : s == 1 ? ch.sb.y : s == 2 ? ch.sb.z : ch.sb.w;
             float za = 0.f, zb = 0.f;
             if (ASYM) {
                 // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
-                za = -16.f * (float)(signed char)(ch.za >> (8 * (((ga + g0) & 3) + j)));
-                zb = -16.f * (float)(signed char)(ch.zb >> (8 * (((gb + g0) & 3) + j)));
+                za = -16.f * (float)(signed char)(ch.za >> (8 * (((ga + g0) & 3) + s)));
+                zb = -16.f * (float)(signed char)(ch.zb >> (8 * (((gb + g0) & 3) + s)));
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {
