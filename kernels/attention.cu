@@ -144,6 +144,21 @@ __device__ __forceinline__ float4 mla_query4(const float* q_lat, const float* q_
     return col < L ? *(const float4*)(q_lat + th * L + col) : *(const float4*)(q_pe + th * R + (col - L));
 }
 
+// Where split `split` of row t starts: its key range [k0, k1) (ks keys per split, over the DSA
+// selection or over positions 0 .. pos), and the running max and sum of its `heads` heads reset
+// for softmax_step (made visible by the block barrier that follows).
+struct SplitKeys {
+    int pos, seq, k0, k1;
+};
+__device__ __forceinline__ SplitKeys split_start(const StepMeta& m, int t, const int* sel, int topk, int split, int ks, float* mrun, float* lrun, int heads) {
+    if (threadIdx.x < heads) {
+        mrun[threadIdx.x] = NEG_INF;
+        lrun[threadIdx.x] = 0.f;
+    }
+    int pos = m.pos[t], nk = sel ? topk : pos + 1, k0 = split * ks;
+    return SplitKeys{pos, m.row_seq[t], k0, min(nk, k0 + ks)};
+}
+
 // One head's online-softmax step over a tile of 32 keys, a lane per key (the whole warp): the
 // lane's scaled score (NEG_INF for none) joins the head's running max and sum; returns the
 // lane's unnormalized probability, and lane 0 leaves the new max, sum, and the factor that
@@ -202,13 +217,8 @@ extern "C" __global__ void mla_attend_split(const float* __restrict__ q_lat, con
             if (hh < nh) v = mla_query(q_lat, q_pe, (size_t)t * H + hb + hh, L, R, c);
             qs[c * MLA_HB + hh] = v;
         }
-    if (threadIdx.x < MLA_HB) {
-        mrun[threadIdx.x] = NEG_INF;
-        lrun[threadIdx.x] = 0.f;
-    }
-    int pos = m.pos[t], seq = m.row_seq[t];
-    int nk = sel ? topk : pos + 1;
-    int k0 = split * ks, k1 = min(nk, k0 + ks);
+    const SplitKeys sk = split_start(m, t, sel, topk, split, ks, mrun, lrun, MLA_HB);
+    const int pos = sk.pos, seq = sk.seq, k0 = sk.k0, k1 = sk.k1;
     float o[MLA_HB][MLA_DPT];
 #pragma unroll
     for (int hh = 0; hh < MLA_HB; hh++)
@@ -380,13 +390,8 @@ extern "C" __global__ void mla_attend_tc(const float* __restrict__ q_lat, const 
         int i = threadIdx.x + u * blockDim.x;
         if (i < TC_HB * W4) *(float4*)(qs + (i / W4) * WS + 4 * (i % W4)) = v[u];
     }
-    if (threadIdx.x < TC_HB) {
-        mrun[threadIdx.x] = NEG_INF;
-        lrun[threadIdx.x] = 0.f;
-    }
-    int pos = m.pos[t], seq = m.row_seq[t];
-    int nk = sel ? topk : pos + 1;
-    int k0 = split * ks, k1 = min(nk, k0 + ks);
+    const SplitKeys sk = split_start(m, t, sel, topk, split, ks, mrun, lrun, TC_HB);
+    const int pos = sk.pos, seq = sk.seq, k0 = sk.k0, k1 = sk.k1;
     for (int j = threadIdx.x; j < nrow; j += blockDim.x) {
         int kk = k0 + j;
         int p = j < ks && kk < k1 ? (sel ? sel[(size_t)t * topk + kk] : kk) : -1;
