@@ -8,6 +8,10 @@
 
 // L2 fetch size of the weight loads (ld_weight16): none, measured best here on H200 (bf16
 // 16384->6144 at 94% of copy bandwidth with 256-byte fetches against 101% without).
+// Units per thread in flight in block_dots (the unroll of its column loop).
+#ifndef GEMV_UNR
+#define GEMV_UNR 2
+#endif
 #ifndef LINEAR_L2_FETCH
 #define LINEAR_L2_FETCH 0
 #endif
@@ -139,7 +143,7 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
     constexpr int U = F::U;
     if (d.vec) {
         int units = d.cols / U;
-#pragma unroll 2
+#pragma unroll GEMV_UNR
         for (int u = threadIdx.x; u < units; u += blockDim.x) {
             uint4 raw[ROWS];
             float s[ROWS], b[ROWS];
