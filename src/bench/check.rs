@@ -378,8 +378,8 @@ fn replayed(gpu: &CudaBackend, f: impl Fn() -> Result<<CudaBackend as Backend>::
     drop(probe);
     gpu.synchronize()?;
     let stream = gpu.stream();
-    let graph = crate::backend::cuda::graphs::record(stream, || f().and_then(|y| stream.memcpy_dtod(&y.buf, &mut out.buf).map_err(cuda)))?;
-    graph.launch().map_err(cuda)?;
+    let graph = crate::backend::cuda::graphs::record(gpu, || f().and_then(|y| stream.memcpy_dtod(&y.buf, &mut out.buf).map_err(cuda)))?;
+    graph.launch()?;
     gpu.to_host(&out)
 }
 

@@ -36,12 +36,12 @@ fn time_ms(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, warmup: usize, reps
 
 /// Times `f` as the GPU runs it, without host launch overhead: `inner` calls are captured in a
 /// CUDA graph, the graph is replayed `reps` times between events; returns ms per call.
-fn time_graph(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, inner: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_graph(gpu: &CudaBackend, inner: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?; // warm-up outside the graph (module load, first allocations)
-    stream.synchronize().map_err(|e| anyhow!("{e:?}"))?;
-    let graph = crate::backend::cuda::graphs::record(stream, || (0..inner).try_for_each(|_| f()))?;
-    graph.upload().map_err(|e| anyhow!("{e:?}"))?;
-    let ms = time_ms(ctx, stream, 2, reps, || graph.launch().map_err(|e| anyhow!("graph launch: {e:?}")))?;
+    gpu.synchronize()?;
+    let graph = crate::backend::cuda::graphs::record(gpu, || (0..inner).try_for_each(|_| f()))?;
+    graph.upload()?;
+    let ms = time_ms(gpu.context(), gpu.stream(), 2, reps, || graph.launch())?;
     Ok(ms / inner as f64)
 }
 
@@ -130,7 +130,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
         let ws: Vec<_> = (0..copies.min(8)).map(|i| gpu.weight(&random_weight(&format!("w{i}"), rows, cols, fmt, &mut rng))).collect::<Result<_>>()?;
         let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
         let mut i = 0;
-        let ms = time_graph(&ctx, &stream, ws.len() * 4, reps, || {
+        let ms = time_graph(&gpu, ws.len() * 4, reps, || {
             i += 1;
             gpu.linear(&x, &ws[i % ws.len()]).map(|_| ())
         })?;
@@ -143,7 +143,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     for cols in if want("gemv") { vec![6144usize, 16384] } else { vec![] } {
         let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
         for (fmt, what, bytes) in [(Fmt::Fp8, "f16 hi/lo", 8), (Fmt::Int4, "4 int8 planes", 8)] {
-            let ms = time_graph(&ctx, &stream, 8, reps, || gpu.split_activation(&x, fmt))?;
+            let ms = time_graph(&gpu, 8, reps, || gpu.split_activation(&x, fmt))?;
             r.row(&format!("activation split 1x{cols} (f32 -> {what})"), (cols * bytes) as f64, ms);
         }
     }
@@ -181,14 +181,14 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             // The block's input norm makes a fresh activation per call, as in a decode step, so
             // its split for the tensor cores is timed too.
             let ones = gpu.vector(&vec![1.0; h])?;
-            let ms = time_graph(&ctx, &stream, 8, reps, || layer.forward(&gpu, &gpu.rms_norm(&x, &ones, 1e-6)?).map(|_| ()))?;
+            let ms = time_graph(&gpu, 8, reps, || layer.forward(&gpu, &gpu.rms_norm(&x, &ones, 1e-6)?).map(|_| ()))?;
             let bytes = (n_exp * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
             r.row(&format!("moe layer {fmt} x{batch} (norm, router, {} routed, shared)", idx.len()), bytes, ms);
             // Where the block's time goes: its norm, then the norm and router (gate GEMV, route
             // and plan) alone; the rest is the experts with their splits and the combine (at
             // decode the shared expert runs beside the router, so the rest is what it did not hide).
-            let norm = time_graph(&ctx, &stream, 8, reps, || gpu.rms_norm(&x, &ones, 1e-6).map(|_| ()))?;
-            let router = time_graph(&ctx, &stream, 8, reps, || gpu.route(&gpu.rms_norm(&x, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
+            let norm = time_graph(&gpu, 8, reps, || gpu.rms_norm(&x, &ones, 1e-6).map(|_| ()))?;
+            let router = time_graph(&gpu, 8, reps, || gpu.route(&gpu.rms_norm(&x, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
             r.part(&format!("  norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
         }
         for batch in [1usize, 2, 4] {
@@ -213,11 +213,11 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             };
             let routing = CudaRouting {
                 top_k: 8,
-                idx: stream.clone_htod(&idx).map_err(|e| anyhow!("{e:?}"))?,
-                weights: stream.clone_htod(&vec![0.125f32; batch * 8]).map_err(|e| anyhow!("{e:?}"))?,
+                idx: stream.clone_htod(&idx).map_err(|e| anyhow!("{e:?}"))?.into(),
+                weights: stream.clone_htod(&vec![0.125f32; batch * 8]).map_err(|e| anyhow!("{e:?}"))?.into(),
                 plan: None,
             };
-            let ms = time_graph(&ctx, &stream, 8, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
+            let ms = time_graph(&gpu, 8, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
             r.row(&format!("experts {fmt} 8/token x{batch} ({distinct} distinct)"), distinct as f64 * expert_bytes, ms);
         }
     }
@@ -252,11 +252,11 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
         let iw = gpu.tensor(1, 32, &vec![1.0; 32])?;
         let sel = gpu.index_select(&iq, &iw, &cache, 0, &step, &idims)?;
         let (ql, qp) = gpu.mla_queries(&q, &heads[0], &step)?;
-        let ms = time_graph(&ctx, &stream, 8, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
+        let ms = time_graph(&gpu, 8, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
         let keys = 2048.min(ctx_len);
         r.row(&format!("mla attend top-{keys} of {}K ctx (f32 cache)", ctx_len / 1024), (keys * 576 * 4) as f64, ms);
         for (fmt, heads) in kv_fmts.iter().zip(&heads) {
-            let ms = time_graph(&ctx, &stream, 8, reps, || {
+            let ms = time_graph(&gpu, 8, reps, || {
                 let (ql, qp) = gpu.mla_queries(&q, heads, &step)?;
                 let o = gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims)?;
                 gpu.mla_values(&o, heads).map(|_| ())
@@ -265,7 +265,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             r.row(&format!("mla decode (absorb + attend + values) {}K ctx, {fmt} kv_b", ctx_len / 1024), absorb + (keys * 576 * 4) as f64, ms);
         }
         if ctx_len == 131072 {
-            let ms = time_graph(&ctx, &stream, 8, reps, || gpu.index_select(&iq, &iw, &cache, 0, &step, &idims).map(|_| ()))?;
+            let ms = time_graph(&gpu, 8, reps, || gpu.index_select(&iq, &iw, &cache, 0, &step, &idims).map(|_| ()))?;
             r.row("indexer scores + top-2048 at 128K ctx (f32 keys)", (ctx_len * 128 * 4) as f64, ms);
         }
     }

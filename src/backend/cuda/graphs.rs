@@ -9,12 +9,12 @@
 //! they must not outlive it or serve another one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaStream};
+use cudarc::driver::CudaGraph;
 
+use super::buffer::Keeper;
 use super::cache::CudaCache;
 use super::{CudaBackend, CudaTensor};
 use crate::backend::Backend;
@@ -47,7 +47,7 @@ struct Captured {
 
 /// A CUDA graph handle may move between threads: CUDA asks only that calls on one graph be
 /// serialized, and a graph is only touched through `&mut` of the cache that owns it.
-struct Graph(CudaGraph);
+struct Graph(Recorded);
 
 // Safety: see above.
 unsafe impl Send for Graph {}
@@ -93,7 +93,7 @@ impl StepGraphs {
             }
             Some(State::Ready(c)) if (c.input.rows, c.input.cols) == shape => {
                 gpu.stream.memcpy_dtod(&input.buf, &mut c.input.buf).map_err(|e| anyhow!("CUDA copy: {e:?}"))?;
-                c.graph.0.launch().map_err(|e| anyhow!("CUDA graph launch: {e:?}"))?;
+                c.graph.0.launch()?;
                 self.replays += 1;
                 gpu.copy(&c.output)
             }
@@ -103,30 +103,67 @@ impl StepGraphs {
     }
 }
 
-/// Records `body` on a copy of `input` into a graph whose allocations all end inside it, and
-/// launches it once (capturing records work without running it).
+/// Records `body` on a copy of `input` into a graph whose allocations all end inside it (or are
+/// kept with it: `record`), and launches it once (capturing records work without running it).
 fn capture(gpu: &CudaBackend, cache: &mut CudaCache, input: &CudaTensor, output: (usize, usize), body: Body<'_>) -> Result<Captured> {
     let graph_input = gpu.copy(input)?;
     let mut graph_output = gpu.tensor_of(output.0, output.1)?;
     let stream = &gpu.stream;
-    let graph = record(stream, || {
+    let graph = record(gpu, || {
         let y = body(cache, &graph_input)?;
         if (y.rows, y.cols) != output {
             bail!("the step's output is [{}, {}], its first run's was {output:?}", y.rows, y.cols);
         }
         stream.memcpy_dtod(&y.buf, &mut graph_output.buf).map_err(|e| anyhow!("CUDA copy: {e:?}"))
     })?;
-    graph.launch().map_err(|e| anyhow!("CUDA graph launch: {e:?}"))?;
+    graph.launch()?;
     Ok(Captured { graph: Graph(graph), input: graph_input, output: graph_output })
 }
 
-/// The work `f` issues on `stream`, captured into a CUDA graph whose allocations are freed when
-/// it is launched again, and instantiated. The capture ends whatever `f` returned, so the stream
-/// leaves capture mode.
-pub fn record(stream: &Arc<CudaStream>, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| anyhow!("begin capture: {e:?}"))?;
-    let recorded = f();
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-    recorded?;
-    graph.map_err(|e| anyhow!("end capture: {e:?}"))?.ok_or_else(|| anyhow!("the capture recorded no work"))
+/// A recorded graph with the buffers its kernels use (made while it was captured; see
+/// `buffer`). The graph goes first when dropped, then the buffers, after the main stream.
+pub struct Recorded {
+    graph: CudaGraph,
+    _buffers: Option<Keeper>,
+}
+
+impl Recorded {
+    pub fn launch(&self) -> Result<()> {
+        self.graph.launch().map_err(|e| anyhow!("CUDA graph launch: {e:?}"))
+    }
+
+    pub fn upload(&self) -> Result<()> {
+        self.graph.upload().map_err(|e| anyhow!("CUDA graph upload: {e:?}"))
+    }
+}
+
+/// The work `f` issues on the main stream, captured into a CUDA graph and instantiated. The
+/// buffers `f` makes become graph memory nodes, freed when the graph is launched again; with
+/// `DUET_GRAPH_KEEP_BUFFERS=1` they are kept with the graph instead (`buffer`), so no memory
+/// node stands between two kernels and each may launch while the one before it finishes
+/// (programmatic dependent launch; not yet the default: see docs/cuda-backend.md). The capture
+/// ends whatever `f` returned, so the stream leaves capture mode.
+pub fn record(gpu: &CudaBackend, f: impl FnOnce() -> Result<()>) -> Result<Recorded> {
+    let stream = &gpu.stream;
+    let capture = |mode| {
+        stream.begin_capture(mode).map_err(|e| anyhow!("begin capture: {e:?}"))?;
+        let recorded = f();
+        let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        recorded?;
+        graph.map_err(|e| anyhow!("end capture: {e:?}"))?.ok_or_else(|| anyhow!("the capture recorded no work"))
+    };
+    if !keep_buffers() {
+        let graph = capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        return Ok(Recorded { graph, _buffers: None });
+    }
+    // Relaxed: the buffers are allocated on the uncaptured allocation stream meanwhile, which
+    // the stricter modes forbid the capturing thread.
+    let (graph, buffers) = gpu.keeping_buffers(|| capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED))?;
+    Ok(Recorded { graph, _buffers: Some(buffers) })
+}
+
+/// Whether captured graphs keep their buffers outside the graph (`DUET_GRAPH_KEEP_BUFFERS=1`).
+pub fn keep_buffers() -> bool {
+    static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEP.get_or_init(|| super::kernels::env_switch("DUET_GRAPH_KEEP_BUFFERS", false))
 }

@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::CudaSlice;
 
+use super::buffer::DevBuf;
 use super::weights::{CudaWeight, Fmt};
 use super::{kernels, Arg, CudaBackend, CudaTensor, Kernel};
 
@@ -222,9 +222,9 @@ const PLANES: usize = 4;
 /// and lo halves (split_act, FP8), or int8 planes with their sums per 32 and 128 columns
 /// (split_planes, INT4).
 pub(super) struct Split {
-    pub(super) data: CudaSlice<u8>,
-    sums: Option<CudaSlice<i32>>,
-    pub(super) exps: CudaSlice<i32>,
+    pub(super) data: DevBuf<u8>,
+    sums: Option<DevBuf<i32>>,
+    pub(super) exps: DevBuf<i32>,
 }
 
 impl Split {

@@ -7,6 +7,7 @@
 //! layers, the MoE block and attention live in `linear`, `moe` and `attention`.
 
 mod attention;
+pub mod buffer;
 pub mod cache;
 pub mod graphs;
 pub mod kernels;
@@ -16,11 +17,12 @@ pub mod weights;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
+use self::buffer::{DevBuf, Keeper};
 use self::cache::{CudaCache, CudaStep, StepMeta};
 use self::linear::Split;
 use self::weights::{upload_experts, upload_stacked, CudaExperts, CudaWeight, Fmt, WDesc};
@@ -30,14 +32,14 @@ use crate::checkpoint::LinearWeight;
 pub struct CudaTensor {
     pub rows: usize,
     pub cols: usize,
-    pub buf: CudaSlice<f32>,
+    pub buf: DevBuf<f32>,
     /// The tensor split for the tensor-core kernels (FP8: f16 halves; INT4: int8 planes), made
     /// once for all the linear layers that read it; cleared when the tensor changes.
     splits: [OnceLock<Split>; 2],
 }
 
 impl CudaTensor {
-    fn new(rows: usize, cols: usize, buf: CudaSlice<f32>) -> CudaTensor {
+    fn new(rows: usize, cols: usize, buf: DevBuf<f32>) -> CudaTensor {
         CudaTensor { rows, cols, buf, splits: Default::default() }
     }
 }
@@ -65,16 +67,16 @@ struct MlaScales {
 
 pub struct CudaSelection {
     pub topk: usize,
-    pub idx: CudaSlice<i32>,
+    pub idx: DevBuf<i32>,
 }
 
 pub struct CudaRouting {
     pub top_k: usize,
-    pub idx: CudaSlice<i32>,
-    pub weights: CudaSlice<f32>,
+    pub idx: DevBuf<i32>,
+    pub weights: DevBuf<f32>,
     /// The pairs grouped by expert (moe_plan's layout), when the router built it (decode
     /// steps), with the number of experts it counts.
-    pub plan: Option<(CudaSlice<i32>, usize)>,
+    pub plan: Option<(DevBuf<i32>, usize)>,
 }
 
 /// A kernel argument, passed by value.
@@ -109,6 +111,10 @@ pub struct CudaBackend {
     join_event: CudaEvent,
     /// Set while `concurrently` runs its side closure: launches go to `side`.
     on_side: AtomicBool,
+    /// Set while a graph is captured: buffers come from `alloc_stream`, never captured, and the
+    /// keeper holds them for the graph (see `buffer`).
+    capture: Mutex<Option<Keeper>>,
+    alloc_stream: Arc<CudaStream>,
     /// The tensor-core formats among the uploaded weights (MMA_FP8 | MMA_INT4 in `linear`): the
     /// splits a decode step's norms make for their readers.
     mma_fmts: AtomicU8,
@@ -163,6 +169,7 @@ impl CudaBackend {
             .map_err(|e| anyhow!("{e:?}"))? as usize;
         let route_done = stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))?;
         let side = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
+        let alloc_stream = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let (fork_event, join_event) = (ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?, ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?);
         Ok(CudaBackend {
             ctx,
@@ -171,6 +178,8 @@ impl CudaBackend {
             fork_event,
             join_event,
             on_side: AtomicBool::new(false),
+            capture: Mutex::new(None),
+            alloc_stream,
             mma_fmts: AtomicU8::new(0),
             modules,
             functions: RwLock::new(HashMap::new()),
@@ -289,20 +298,37 @@ impl CudaBackend {
     /// `n` uninitialized values on the main stream, for a kernel that writes every one before
     /// anything reads it (so buffers are not cleared: `duet bench check` compares every
     /// element with the CPU oracle).
-    fn uninit<T: AnyBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+    /// While a graph is captured they come from the allocation stream and live as long as the
+    /// graph (see `buffer`).
+    fn uninit<T: AnyBits>(&self, n: usize) -> Result<DevBuf<T>> {
         if self.on_side.load(Ordering::Relaxed) {
             bail!("internal: a buffer allocated inside a side-stream closure (allocate it before `concurrently`)");
         }
+        let keeper = self.capture.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stream = if keeper.is_some() { &self.alloc_stream } else { &self.stream };
         // Safety: every bit pattern of T is a value (AnyBits).
-        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} x {}: {e:?}", std::any::type_name::<T>()))
+        let slice = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} x {}: {e:?}", std::any::type_name::<T>()))?;
+        Ok(DevBuf::new(slice, keeper))
     }
 
-    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+    fn alloc(&self, n: usize) -> Result<DevBuf<f32>> {
         self.uninit(n)
     }
 
-    fn alloc_indices(&self, n: usize) -> Result<CudaSlice<i32>> {
+    fn alloc_indices(&self, n: usize) -> Result<DevBuf<i32>> {
         self.uninit(n)
+    }
+
+    /// Runs `f` (which captures a graph on the main stream) with the buffers it makes kept for
+    /// the graph; returns its result and their keeper, every allocation complete.
+    pub(crate) fn keeping_buffers<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<(R, Keeper)> {
+        let keeper = Keeper::new(&self.stream);
+        *self.capture.lock().unwrap_or_else(|e| e.into_inner()) = Some(keeper.clone());
+        let r = f();
+        *self.capture.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let r = r?;
+        self.alloc_stream.synchronize().map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        Ok((r, keeper))
     }
 
     fn tensor_of(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -411,7 +437,7 @@ impl Backend for CudaBackend {
         if data.len() != rows * cols {
             bail!("tensor: {} values for [{rows}, {cols}]", data.len());
         }
-        let buf = if data.is_empty() { self.alloc(0)? } else { self.stream.clone_htod(data).map_err(|e| anyhow!("{e:?}"))? };
+        let buf = if data.is_empty() { self.alloc(0)? } else { self.stream.clone_htod(data).map_err(|e| anyhow!("{e:?}"))?.into() };
         Ok(CudaTensor::new(rows, cols, buf))
     }
 
@@ -426,7 +452,7 @@ impl Backend for CudaBackend {
         if data.len() != rows * topk {
             bail!("selection of {} values for [{rows}, {topk}]", data.len());
         }
-        let idx = if data.is_empty() { self.stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))? } else { self.ints(data)? };
+        let idx = if data.is_empty() { self.stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))? } else { self.ints(data)? }.into();
         Ok(CudaSelection { topk, idx })
     }
 

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
+use super::buffer::DevBuf;
 use super::linear::{threads_for, Split, MMA_MAX_TOKENS};
 use super::weights::{CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
@@ -175,7 +176,7 @@ fn plan_args(gpu: &CudaBackend, table: &CudaSlice<WDesc>, plan: &CudaSlice<i32>,
 struct MmaPass {
     act: CudaTensor,
     acts: Split,
-    part: CudaSlice<f32>,
+    part: DevBuf<f32>,
 }
 
 impl MmaPass {
