@@ -291,9 +291,10 @@ pub(super) fn index_select(gpu: &CudaBackend, q: &CudaTensor, w: &CudaTensor, ca
     )?;
     // Top-k across many blocks: histogram, threshold bin, collect, finish.
     let chunks = (ld as u32).div_ceil(1024); // TOPK_CHUNK in attention.cu
-    let hist = gpu.stream.alloc_zeros::<u32>(t * 4096).map_err(|e| anyhow!("{e:?}"))?;
-    let meta = gpu.stream.alloc_zeros::<i32>(t * 4).map_err(|e| anyhow!("{e:?}"))?;
-    let cand = unsafe { gpu.stream.alloc::<i32>(t * ld) }.map_err(|e| anyhow!("{e:?}"))?;
+    // (Through the backend's allocator, so a graph capture keeps them like its other buffers.)
+    let (mut hist, mut meta, cand) = (gpu.uninit::<u32>(t * 4096)?, gpu.uninit::<i32>(t * 4)?, gpu.uninit::<i32>(t * ld)?);
+    gpu.stream.memset_zeros(&mut hist).map_err(|e| anyhow!("{e:?}"))?;
+    gpu.stream.memset_zeros(&mut meta).map_err(|e| anyhow!("{e:?}"))?;
     let base = [Arg::Ptr(gpu.ptr(&scores)), Arg::Meta(step.meta), Arg::I32(ld as i32), Arg::I32(topk as i32)];
     let with = |extra: &[Arg]| base.iter().cloned().chain(extra.iter().cloned()).collect::<Vec<Arg>>();
     gpu.launch("topk_hist", (t as u32, chunks, 1), 256, 0, &with(&[Arg::Ptr(gpu.ptr(&hist))]))?;

@@ -350,6 +350,7 @@ trait AnyBits: DeviceRepr {}
 impl AnyBits for f32 {}
 impl AnyBits for i32 {}
 impl AnyBits for u8 {}
+impl AnyBits for u32 {}
 
 fn check_rows(op: &str, t: &CudaTensor, rows: usize, cols: usize) -> Result<()> {
     if t.rows != rows || t.cols != cols {
