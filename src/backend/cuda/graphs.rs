@@ -39,18 +39,11 @@ enum State {
 }
 
 struct Captured {
-    graph: Graph,
+    graph: Recorded,
     /// The graph reads its input from here and leaves its output there.
     input: CudaTensor,
     output: CudaTensor,
 }
-
-/// A CUDA graph handle may move between threads: CUDA asks only that calls on one graph be
-/// serialized, and a graph is only touched through `&mut` of the cache that owns it.
-struct Graph(Recorded);
-
-// Safety: see above.
-unsafe impl Send for Graph {}
 
 type Body<'a> = &'a mut dyn FnMut(&mut CudaCache, &CudaTensor) -> Result<CudaTensor>;
 
@@ -93,7 +86,7 @@ impl StepGraphs {
             }
             Some(State::Ready(c)) if (c.input.rows, c.input.cols) == shape => {
                 gpu.stream.memcpy_dtod(&input.buf, &mut c.input.buf).map_err(|e| anyhow!("CUDA copy: {e:?}"))?;
-                c.graph.0.launch()?;
+                c.graph.launch()?;
                 self.replays += 1;
                 gpu.copy(&c.output)
             }
@@ -117,7 +110,7 @@ fn capture(gpu: &CudaBackend, cache: &mut CudaCache, input: &CudaTensor, output:
         stream.memcpy_dtod(&y.buf, &mut graph_output.buf).map_err(|e| anyhow!("CUDA copy: {e:?}"))
     })?;
     graph.launch()?;
-    Ok(Captured { graph: Graph(graph), input: graph_input, output: graph_output })
+    Ok(Captured { graph, input: graph_input, output: graph_output })
 }
 
 /// A recorded graph with the buffers its kernels use (made while it was captured; see
@@ -126,6 +119,10 @@ pub struct Recorded {
     graph: CudaGraph,
     _buffers: Option<Keeper>,
 }
+
+// Safety: a CUDA graph may move between threads; CUDA asks only that calls on one graph be
+// serialized, which holding it without `Sync` ensures.
+unsafe impl Send for Recorded {}
 
 impl Recorded {
     pub fn launch(&self) -> Result<()> {

@@ -304,7 +304,8 @@ impl CudaBackend {
         if self.on_side.load(Ordering::Relaxed) {
             bail!("internal: a buffer allocated inside a side-stream closure (allocate it before `concurrently`)");
         }
-        let keeper = self.capture.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // (The lock only when captures may keep buffers: this is every operation's allocation.)
+        let keeper = if graphs::keep_buffers() { self.capture.lock().unwrap_or_else(|e| e.into_inner()).clone() } else { None };
         let stream = if keeper.is_some() { &self.alloc_stream } else { &self.stream };
         // Safety: every bit pattern of T is a value (AnyBits).
         let slice = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(|e| anyhow!("CUDA allocation of {n} x {}: {e:?}", std::any::type_name::<T>()))?;
