@@ -226,7 +226,22 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
 // ---- programmatic dependent launch -----------------------------------------------------------
 // Every kernel is launched so that it may start while the kernel before it on the stream is
 // still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act is to
-// wait until that kernel has completed and its writes are visible, then to let the next kernel
-// launch: launches and block start-up overlap the previous kernel's tail, and no kernel reads
-// an input before it is complete. (Both are no-ops for a kernel launched without the attribute.)
-__device__ __forceinline__ void pdl_entry() { asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory"); }
+// wait until that kernel has completed and its writes are visible, so no kernel reads an input
+// before it is complete. When a kernel lets the next one launch is the PDL_TRIGGER knob:
+//   0: at entry, right after the wait;
+//   1: only at exit (the implicit trigger);
+//   2: after the main loop of the linear kernels (pdl_late), at exit elsewhere.
+// At entry, the next kernel's blocks fill the SM slots beside this one's and then those of its
+// earliest-finishing blocks, so a one-wave GEMV lands unevenly on the SMs (docs/cuda-backend.md).
+// (All are no-ops for a kernel launched without the attribute.)
+#ifndef PDL_TRIGGER
+#define PDL_TRIGGER 2
+#endif
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_entry() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (PDL_TRIGGER == 0) pdl_trigger();
+}
+__device__ __forceinline__ void pdl_late() {
+    if (PDL_TRIGGER == 2) pdl_trigger();
+}

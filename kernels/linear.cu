@@ -236,6 +236,7 @@ __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restri
 #pragma unroll
     for (int t = 0; t < NT; t++) xr[t] = x + (size_t)(t0 + min(t, nt - 1)) * d.cols;
     block_dots<FMT, GEMV_ROWS, NT>(d, rows, xr, nt, res);
+    pdl_late();
     for (int i = threadIdx.x; i < GEMV_ROWS * NT; i += blockDim.x) {
         int rr = i / NT, t = i % NT;
         if (rows[rr] >= 0 && t < nt) y[(size_t)(t0 + t) * ldy + yoff + rows[rr]] = res[i];
@@ -273,6 +274,7 @@ __device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict_
 #pragma unroll
         for (int t = 0; t < MOE_NT; t++) xr[t] = x + (size_t)(pairs[p0 + min(t, nt - 1)] / K) * d.cols;
         block_dots<FMT, 4, MOE_NT>(d, rows, xr, nt, res);
+        pdl_late();
         for (int i = threadIdx.x; i < 2 * nt; i += blockDim.x) {
             int j = i / nt, t = i % nt;
             if (rows[j] < 0) continue;
@@ -303,6 +305,7 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
 #pragma unroll
         for (int t = 0; t < MOE_NT; t++) xr[t] = act + (size_t)pairs[p0 + min(t, nt - 1)] * d.cols;
         block_dots<FMT, 4, MOE_NT>(d, rows, xr, nt, res);
+        pdl_late();
         for (int i = threadIdx.x; i < 4 * nt; i += blockDim.x) {
             int rr = i / nt, t = i % nt;
             if (rows[rr] >= 0) part[(size_t)pairs[p0 + t] * H + rows[rr]] = res[rr * MOE_NT + t];

@@ -569,6 +569,7 @@ template <int FMT> __device__ void gemv_mma(const WDesc d, const void* xs, const
 #pragma unroll
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
     float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
+    pdl_late();
     tile_reduce(v, res);
     int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
     if (i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
@@ -589,6 +590,7 @@ template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, K);
         float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
+        pdl_late();
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         if (i < 8 * MMA_TOKENS && t < nt && r0 + r < I) {
@@ -613,6 +615,7 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
         float2 v = tile_part<FMT>(d, ra, rb, trow, acts, sums);
+        pdl_late();
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         if (i < 16 * MMA_TOKENS && t < nt && r0 + r < H) {

@@ -1,10 +1,10 @@
 //! Device buffers made by the backend's operations, and how a CUDA graph keeps them.
 //!
 //! A buffer is a stream-ordered allocation on the main stream, freed when dropped; captured
-//! into a graph, that allocation and free become graph memory nodes. With
-//! `DUET_GRAPH_KEEP_BUFFERS=1` (`graphs::record`), buffers made during a capture come instead
-//! from a stream that is never captured and are kept alive, dropped or not, until the graph is
-//! gone: a memory node between two kernels stops the second from launching while the first
+//! into a graph, that allocation and free would become graph memory nodes. So (`graphs::record`;
+//! `DUET_GRAPH_KEEP_BUFFERS=0` turns it off) buffers made during a capture come instead from a
+//! stream that is never captured and are kept alive, dropped or not, until the graph is gone:
+//! a memory node between two kernels stops the second from launching while the first
 //! finishes (programmatic dependent launch needs a kernel-to-kernel edge; benches/pdl_probe.cu
 //! measures both). The graph then holds every buffer of the step at its own address, with no
 //! reuse inside it.

@@ -135,11 +135,11 @@ impl Recorded {
 }
 
 /// The work `f` issues on the main stream, captured into a CUDA graph and instantiated. The
-/// buffers `f` makes become graph memory nodes, freed when the graph is launched again; with
-/// `DUET_GRAPH_KEEP_BUFFERS=1` they are kept with the graph instead (`buffer`), so no memory
-/// node stands between two kernels and each may launch while the one before it finishes
-/// (programmatic dependent launch; not yet the default: see docs/cuda-backend.md). The capture
-/// ends whatever `f` returned, so the stream leaves capture mode.
+/// buffers `f` makes are kept with the graph (`buffer`), so no memory node stands between two
+/// kernels and each may launch while the one before it finishes (programmatic dependent
+/// launch, docs/cuda-backend.md). With `DUET_GRAPH_KEEP_BUFFERS=0` they become graph memory
+/// nodes instead, freed when the graph is launched again. The capture ends whatever `f`
+/// returned, so the stream leaves capture mode.
 pub fn record(gpu: &CudaBackend, f: impl FnOnce() -> Result<()>) -> Result<Recorded> {
     let stream = &gpu.stream;
     let capture = |mode| {
@@ -159,8 +159,9 @@ pub fn record(gpu: &CudaBackend, f: impl FnOnce() -> Result<()>) -> Result<Recor
     Ok(Recorded { graph, _buffers: Some(buffers) })
 }
 
-/// Whether captured graphs keep their buffers outside the graph (`DUET_GRAPH_KEEP_BUFFERS=1`).
+/// Whether captured graphs keep their buffers outside the graph (on unless
+/// `DUET_GRAPH_KEEP_BUFFERS=0`).
 pub fn keep_buffers() -> bool {
     static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *KEEP.get_or_init(|| super::kernels::env_switch("DUET_GRAPH_KEEP_BUFFERS", false))
+    *KEEP.get_or_init(|| super::kernels::env_switch("DUET_GRAPH_KEEP_BUFFERS", true))
 }
