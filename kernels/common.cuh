@@ -206,7 +206,15 @@ struct WDesc {
     int sc;                   // scale columns
     int vec;                  // 1 when rows can be read in whole 16-byte units
     int mma;                  // 1 when the tensor-core kernels of linear_mma.cu can read it
+    int interleaved;          // INT4, 1 when each 64-byte piece of a row holds its 4x4 words
+                              // transposed, for linear_mma.cu (int4_word gives a word's place)
 };
+
+// Where word w of an INT4 row is stored: in place, or with the 16 words of each 64-byte piece
+// transposed as a 4x4 matrix (word 4i + c at 4c + i; the transpose is its own inverse).
+__device__ __forceinline__ int int4_word(const WDesc& d, int w) {
+    return d.interleaved ? (w & ~15) | ((w & 3) << 2) | ((w >> 2) & 3) : w;
+}
 
 // Word j of a 16-byte load.
 __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }

@@ -197,11 +197,13 @@ __device__ __forceinline__ void int4_s8(u32 w, u32& even, u32& odd) {
 __device__ __forceinline__ int plane_pos(int col) { return (col & ~7) | ((col & 1) << 2) | ((col >> 1) & 3); }
 
 // INT4, columns in chunks of 128 holding GPC scale groups (1 for groups of 128 or more, 2 for
-// 64, 4 for 32). With one group (CONTIG) lane c reads bytes [16c, 16c + 16) of a chunk's row and
-// mma i takes word i of every lane, all in the chunk's group; with smaller groups lane c reads
-// word c of each 16-byte piece, so mma i covers columns [32i, 32i + 32), and the 4 / GPC mmas of
-// a group sum into one int32 result before its scale is applied (one epilogue per group, not per
-// 32 columns). NT 8-column B tiles, two token slots each. xq: planes
+// 64, 4 for 32). Lane c reads bytes [16c, 16c + 16) of a chunk's row and mma i takes word i of
+// every lane. With one group (CONTIG) those are the row's words 4c + i, all in the chunk's
+// group. Smaller groups are stored interleaved (weights.rs: each 64-byte piece's words
+// transposed), so lane c's word i is the row's word 4i + c and mma i covers columns [32i, 32i +
+// 32), inside one group; the 4 / GPC mmas of a group sum into one int32 result before its scale
+// is applied (one epilogue per group, not per 32 columns). (Reading the words in place, 4 bytes
+// at a time, measured g64 experts at 43-46% of bandwidth.) NT 8-column B tiles, two token slots each. xq: planes
 // [row][PLANES][cols] in plane_pos order; sums: per activation row, each plane's sum over every
 // 32 columns, then over every 128 ([row][cols/32 + cols/128][PLANES]), read for zero points
 // only. The result is times 16·2^k (split_planes folds the 16 into the row's exponent).
@@ -252,14 +254,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         int c = threadIdx.x & 3;
         bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
         const uint4 z = make_uint4(0, 0, 0, 0);
-        if (CONTIG) {
-            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(wa + 16 * q + 4 * c) : z;
-            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(wb + 16 * q + 4 * c) : z;
-        } else {
-            const u32 *pa = wa + 16 * q + c, *pb = wb + 16 * q + c;
-            ch.a = oa ? make_uint4(__ldg(pa), __ldg(pa + 4), __ldg(pa + 8), __ldg(pa + 12)) : z;
-            ch.b = ob ? make_uint4(__ldg(pb), __ldg(pb + 4), __ldg(pb + 8), __ldg(pb + 12)) : z;
-        }
+        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(wa + 16 * q + 4 * c) : z;
+        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(wb + 16 * q + 4 * c) : z;
         load_x(q, ch);
     }
     // Everything but the weights: x pieces, scales, zero points and plane sums.

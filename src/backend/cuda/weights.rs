@@ -57,6 +57,7 @@ pub struct WDesc {
     pub sc: i32,
     pub vec: i32,
     pub mma: i32,
+    pub interleaved: i32,
 }
 
 unsafe impl DeviceRepr for WDesc {}
@@ -204,8 +205,18 @@ impl HostLinear {
         Ok(out)
     }
 
-    fn upload(self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
+    /// Whether the rows are stored interleaved for the tensor-core kernels: INT4 with groups
+    /// under 128 (kernels/linear_mma.cu), so each lane reads its four words in one 16-byte load.
+    fn interleave_ok(&self) -> bool {
+        self.fmt == Fmt::Int4 && self.group < 128 && self.mma_ok()
+    }
+
+    fn upload(mut self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
         let vec = self.vec_ok();
+        let interleave = self.interleave_ok();
+        if interleave {
+            transpose_int4_pieces(&mut self.data);
+        }
         let w = stream.clone_htod(&self.data)?;
         let scale = if self.scale.is_empty() { None } else { Some(stream.clone_htod(&self.scale)?) };
         let zero = match &self.zero {
@@ -224,8 +235,21 @@ impl HostLinear {
             sc: self.sc as i32,
             vec: vec as i32,
             mma: self.mma_ok() as i32,
+            interleaved: interleave as i32,
         };
         Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _zero: zero, desc })
+    }
+}
+
+/// Transposes the 16 words of every 64-byte piece as a 4x4 matrix (word 4i + c to 4c + i), the
+/// interleaved INT4 layout (`int4_word` in kernels/common.cuh). Rows are whole pieces
+/// (`mma_ok`: 128 columns per 64 bytes), so the pieces of the buffer are those of its rows.
+fn transpose_int4_pieces(data: &mut [u8]) {
+    for piece in data.chunks_exact_mut(64) {
+        let src: [u8; 64] = piece.try_into().expect("64-byte piece");
+        for (i, c) in (0..4).flat_map(|i| (0..4).map(move |c| (i, c))) {
+            piece[16 * c + 4 * i..16 * c + 4 * i + 4].copy_from_slice(&src[16 * i + 4 * c..16 * i + 4 * c + 4]);
+        }
     }
 }
 
@@ -279,4 +303,23 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
     let mma = weights.iter().all(|(g, d)| g.desc.mma != 0 && d.desc.mma != 0);
     Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose_int4_pieces;
+
+    #[test]
+    fn int4_pieces_transpose_words_and_back() {
+        // Two pieces whose words are numbered 0..32 (each byte holds its word's number).
+        let words: Vec<u8> = (0..32u8).flat_map(|w| [w; 4]).collect();
+        let mut data = words.clone();
+        transpose_int4_pieces(&mut data);
+        for (p, i, c) in (0..2).flat_map(|p| (0..4).flat_map(move |i| (0..4).map(move |c| (p, i, c)))) {
+            // Word 4i + c of piece p is stored at 4c + i (int4_word in kernels/common.cuh).
+            assert_eq!(data[64 * p + 16 * c + 4 * i], (16 * p + 4 * i + c) as u8);
+        }
+        transpose_int4_pieces(&mut data);
+        assert_eq!(data, words);
+    }
 }
