@@ -51,13 +51,6 @@
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
 #endif
-// INT4 activations staged in shared memory (DUET_INT4_X_SMEM=1 sets it; the launch then gives
-// the block room for its tile's token rows): a chunk in flight holds only its weights and
-// scales in registers, so more chunks fit, and its x pieces are read from shared memory at the
-// multiply. Without the room (too many columns or tokens) they are read from global memory then.
-#ifndef X_SMEM
-#define X_SMEM 0
-#endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -99,17 +92,13 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
 // (A warp taking a contiguous run of chunks instead of every nw-th measured no better on
 // H200: INT4 16384->6144 60% against 62%, group-32 experts 45% against 42%.)
-// Every warp, even one without chunks, issues a first round of loads (zeros past the last chunk)
-// and then waits for the inputs its tile stages for the whole block (tile.ready()), so that
-// wait overlaps the first weight loads.
 template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
-    for (int q0 = warp, first = 1; first || q0 < nq; q0 += UNR * nw, first = 0) {
+    for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
         typename Tile::Chunk ch[UNR];
 #pragma unroll
         for (int u = 0; u < UNR; u++) tile.load(q0 + u * nw, ch[u]);
-        if (first) tile.ready();
 #pragma unroll
         for (int u = 0; u < UNR; u++)
             if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
@@ -170,7 +159,6 @@ struct Fp8Tile {
         acc.y = fmaf(ch.sb, t[2] + t[3], acc.y);
     }
     __device__ float2 result() const { return acc; }
-    __device__ void ready() const {}
 };
 
 // ---- INT4 on the integer tensor cores ------------------------------------------------------
@@ -235,10 +223,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
     float acc[NT][4];
-    bool staged;        // X_SMEM: the tile's x rows are in shared memory (xb points there)
     __device__ Int4Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums)
         : d(d), ra(ra), rb(rb), lg(__ffs(d.group) - 1), n32(d.cols >> 5) {
-        staged = X_SMEM && stage(trow, xq);
         wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
         wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
         ga = (size_t)max(ra, 0) * d.sc;
@@ -247,46 +233,12 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             int tb = trow[2 * n + g / 4], tc = trow[2 * n + c / 2];
-            xb[n] = tb < 0 ? nullptr
-                    : staged ? x_stage() + (size_t)((2 * n + g / 4) * PLANES + g % 4) * d.cols
-                             : xq + ((size_t)tb * PLANES + g % 4) * d.cols;
+            xb[n] = tb >= 0 ? xq + ((size_t)tb * PLANES + g % 4) * d.cols : nullptr;
             sm[n] = tc >= 0 && ASYM ? sums + (size_t)tc * spans * PLANES + 2 * (c & 1) : nullptr;
             acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
     }
     __device__ int chunks() const { return d.cols >> 7; }
-    __device__ static u8* x_stage() {
-        extern __shared__ uint4 dyn_smem[];
-        return (u8*)dyn_smem;
-    }
-    // X_SMEM: the block's copy of its token slots' planes (slot s at s·PLANES·cols bytes), when
-    // the launch gave room for them; asynchronous, awaited by ready(). Token slots are the
-    // same for the whole block, so is the answer.
-    __device__ bool stage(const int* trow, const u8* xq) const {
-        int used = 0;
-#pragma unroll
-        for (int s = 0; s < MMA_TOKENS; s++)
-            if (trow[s] >= 0) used = s + 1;
-        u32 room;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(room));
-        size_t row = (size_t)PLANES * d.cols;
-        if (used * row > room) return false;
-        for (int s = 0; s < used; s++) {
-            if (trow[s] < 0) continue;
-            const u8* src = xq + (size_t)trow[s] * row;
-            u8* dst = x_stage() + s * row;
-            for (size_t i = 16 * threadIdx.x; i < row; i += 16 * blockDim.x) {
-                unsigned da = (unsigned)__cvta_generic_to_shared(dst + i);
-                asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(da), "l"(src + i) : "memory");
-            }
-        }
-        return true;
-    }
-    __device__ void ready() const {
-        if (!staged) return;
-        copy_async_wait();
-        __syncthreads();
-    }
     // The scale groups of chunk q start at group q·GPC (CONTIG: the one group holding it).
     __device__ int group0(int q) const { return (128 * q) >> lg; }
     // GPC scales from p (aligned to their count).
@@ -306,30 +258,27 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(wb + 16 * q + 4 * c) : z;
         load_x(q, ch);
     }
-    // Chunk q's x pieces of B tile n (zeros past the last chunk or for an empty slot): word i's
-    // plane bytes are x words 2i, 2i + 1.
-    __device__ void x_pieces(int q, int n, uint4 x[2]) const {
-        int c = threadIdx.x & 3;
-        const u8* xp = xb[n] + 128 * q;
-        if (q >= chunks() || !xb[n]) {
-            x[0] = x[1] = make_uint4(0, 0, 0, 0);
-        } else if (CONTIG) {
-            x[0] = *(const uint4*)(xp + 32 * c);
-            x[1] = *(const uint4*)(xp + 32 * c + 16);
-        } else {
-            uint2 x0 = *(const uint2*)(xp + 8 * c), x1 = *(const uint2*)(xp + 32 + 8 * c);
-            uint2 x2 = *(const uint2*)(xp + 64 + 8 * c), x3 = *(const uint2*)(xp + 96 + 8 * c);
-            x[0] = make_uint4(x0.x, x0.y, x1.x, x1.y);
-            x[1] = make_uint4(x2.x, x2.y, x3.x, x3.y);
-        }
-    }
-    // Everything but the weights: x pieces (X_SMEM: at the multiply instead), scales, zero
-    // points and plane sums.
+    // Everything but the weights: x pieces, scales, zero points and plane sums.
     __device__ void load_x(int q, Chunk& ch) const {
+        int c = threadIdx.x & 3;
         bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
-        if (!X_SMEM)
+        const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
-            for (int n = 0; n < NT; n++) x_pieces(q, n, ch.x[n]);
+        for (int n = 0; n < NT; n++) {
+            // Word i's plane bytes are x words 2i, 2i + 1.
+            const u8* xp = xb[n] + 128 * q;
+            if (!ok || !xb[n]) {
+                ch.x[n][0] = ch.x[n][1] = z;
+            } else if (CONTIG) {
+                ch.x[n][0] = *(const uint4*)(xp + 32 * c);
+                ch.x[n][1] = *(const uint4*)(xp + 32 * c + 16);
+            } else {
+                uint2 x0 = *(const uint2*)(xp + 8 * c), x1 = *(const uint2*)(xp + 32 + 8 * c);
+                uint2 x2 = *(const uint2*)(xp + 64 + 8 * c), x3 = *(const uint2*)(xp + 96 + 8 * c);
+                ch.x[n][0] = make_uint4(x0.x, x0.y, x1.x, x1.y);
+                ch.x[n][1] = make_uint4(x2.x, x2.y, x3.x, x3.y);
+            }
+        }
         int g0 = group0(q);
         const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
         ch.sa = oa ? scales(d.scale + ga + g0) : zf;
@@ -360,16 +309,6 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
     __device__ void dot(int q, const Chunk& ch) {
         int g0 = group0(q);
-        uint4 xs[NT][2];
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            if (X_SMEM) {
-                x_pieces(q, n, xs[n]);
-            } else {
-                xs[n][0] = ch.x[n][0];
-                xs[n][1] = ch.x[n][1];
-            }
-        }
 #pragma unroll
         for (int s = 0; s < GPC; s++) {
             int C[NT][4];
@@ -382,7 +321,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                 int4_s8(word(ch.b, i), be, bo);
 #pragma unroll
                 for (int n = 0; n < NT; n++) {
-                    const uint4& x = xs[n][i / 2];
+                    const uint4& x = ch.x[n][i / 2];
                     mma_s8(C[n], ae, be, ao, bo, word(x, 2 * (i % 2)), word(x, 2 * (i % 2) + 1));
                 }
             }

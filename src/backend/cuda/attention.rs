@@ -147,7 +147,7 @@ pub(super) fn mla_attend(gpu: &CudaBackend, q_lat: &CudaTensor, q_rope: &CudaTen
     let w = latent + rope;
     // The tensor-core experiment (DUET_MLA_TC=1) where its shapes and shared memory allow (the
     // bound keeps rows within the kernel's TC_QV query float4s per thread).
-    let tc = mla_tc() && w % 8 == 0 && latent % 8 == 0 && latent <= 512 && mla_attend_tc_smem(w, ks) <= super::MAX_DYNAMIC_SMEM;
+    let tc = mla_tc() && w % 8 == 0 && latent % 8 == 0 && latent <= 512 && mla_attend_tc_smem(w, ks) <= 200 * 1024;
     // Shared memory of mla_attend_split (its comment has the layout): 8 heads, 32-key tiles, 8 warps.
     let (kernel, heads_per_block, smem) = if tc {
         ("mla_attend_tc", 16, mla_attend_tc_smem(w, ks))

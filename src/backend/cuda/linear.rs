@@ -25,7 +25,6 @@ impl CudaBackend {
                     p.fmt,
                     ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1),
                     p.cols,
-                    x.rows,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -43,14 +42,11 @@ impl CudaBackend {
     }
 
     /// Launches tensor-core kernel `family` for weights of format `fmt` with `cols` columns over
-    /// `grid` tiles of up to `tokens` token rows each, with the block size from `mma_threads`.
-    /// INT4 with `DUET_INT4_X_SMEM=1`: each block gets room for its tile's activation planes.
-    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, tokens: usize, args: &[Arg]) -> Result<()> {
+    /// `grid` tiles, with the block size from `mma_threads`.
+    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let kernel = (family, Some(fmt));
-        let staged = tokens.min(MMA_TOKENS as usize) * PLANES * cols;
-        let smem = if fmt == Fmt::Int4 && kernels::int4_x_smem() && staged <= super::MAX_DYNAMIC_SMEM { staged } else { 0 };
-        let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize, smem)?;
-        self.launch_kernel(kernel, grid, threads, smem, args)
+        let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;
+        self.launch_kernel(kernel, grid, threads, 0, args)
     }
 
     /// Threads of a tensor-core block (`tiles` of them): its warps split the row tile's chunks
@@ -60,7 +56,7 @@ impl CudaBackend {
     /// a tile), whose small blocks balance over the waves. At most MMA_WARPS (16). A launch on
     /// the side stream fits in 1/`side_share()` of each SM, so that the main stream's
     /// latency-bound kernels (the router beside the shared expert) find room to start.
-    fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, smem: usize) -> Result<u32> {
+    fn mma_threads(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<u32> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
@@ -68,7 +64,7 @@ impl CudaBackend {
         }
         let share = if self.on_side.load(Ordering::Relaxed) { side_share() } else { 1 };
         // Decided once per launch shape: the occupancy calculator is not free.
-        let key = (kernel, most, tiles, share, smem);
+        let key = (kernel, most, tiles, share);
         if let Some(&threads) = self.mma_block.read().unwrap().get(&key) {
             return Ok(threads);
         }
@@ -76,7 +72,7 @@ impl CudaBackend {
         let mut threads = 64;
         for warps in (2..=most).rev() {
             let t = 32 * warps as u32;
-            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, smem, None).map_err(|e| anyhow!("{e:?}"))? as usize;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
             if per_sm / share * self.sms >= tiles {
                 threads = t;
                 break;

@@ -120,17 +120,14 @@ pub struct CudaBackend {
     mma_fmts: AtomicU8,
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
-    /// Threads of a tensor-core launch, by (kernel, most warps, blocks, SM share, dynamic shared memory): see
+    /// Threads of a tensor-core launch, by (kernel, most warps, blocks, SM share): see
     /// `mma_threads`.
-    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize, usize), u32>>,
+    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize), u32>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
     sms: usize,
     device_name: String,
 }
-
-/// The most dynamic shared memory a launch may ask for (every function is allowed it).
-pub(super) const MAX_DYNAMIC_SMEM: usize = 200 * 1024;
 
 impl CudaBackend {
     /// Why no GPU can be used, or None when one can.
@@ -219,7 +216,7 @@ impl CudaBackend {
                 // Allow large dynamic shared memory (attention keeps scores per key there).
                 let _ = f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    MAX_DYNAMIC_SMEM as i32,
+                    200 * 1024,
                 );
                 self.functions.write().unwrap().insert(kernel, f.clone());
                 return Ok(f);

@@ -195,7 +195,6 @@ impl MmaPass {
             experts.fmt_gate_up,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            pairs / k,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )?;
         gpu.split_into(&self.act, &self.acts)?;
@@ -205,7 +204,6 @@ impl MmaPass {
             experts.fmt_down,
             ((h as u32).div_ceil(16), groups, 1),
             i,
-            pairs / k,
             &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
     }
