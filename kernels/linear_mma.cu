@@ -92,27 +92,18 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
 // (A warp taking a contiguous run of chunks instead of every nw-th measured no better on
 // H200: INT4 16384->6144 60% against 62%, group-32 experts 45% against 42%.)
-//
-// A block may take several row tiles against the same token slots (DUET_MMA_ROW_TILES: fewer,
-// longer-lived blocks). tile_walk points the tile at each in turn (rows_of(i) gives the lane's
-// rows) and hands each result to finish(i, share), which reduces across the block's warps.
-// (Issuing the next tile's first loads before that spilled 1.3 KB of INT4 registers.)
-template <class Tile, class RowsOf, class Finish> __device__ void tile_walk(Tile& tile, int n, RowsOf rows_of, Finish finish) {
+template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
-    for (int i = 0; i < n; i++) {
-        int2 r = rows_of(i);
-        tile.rows(r.x, r.y);
-        for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
-            typename Tile::Chunk ch[UNR];
+    for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
+        typename Tile::Chunk ch[UNR];
 #pragma unroll
-            for (int u = 0; u < UNR; u++) tile.load(q0 + u * nw, ch[u]);
+        for (int u = 0; u < UNR; u++) tile.load(q0 + u * nw, ch[u]);
 #pragma unroll
-            for (int u = 0; u < UNR; u++)
-                if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
-        }
-        finish(i, tile.result());
+        for (int u = 0; u < UNR; u++)
+            if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
     }
+    return tile.result();
 }
 
 // FP8, block scales with bc a power-of-two multiple of 64. A chunk is 64 columns: lane c holds
@@ -129,17 +120,12 @@ struct Fp8Tile {
     const float *sa, *sb;  // scale rows of ra and rb
     const uint4* xp;       // this lane's B column in 16-byte pieces, or null
     float2 acc;
-    __device__ Fp8Tile(const WDesc& d, const int* trow, const void* xs) : d(d), lq(__ffs(d.bc >> 6) - 1) {
-        int g = (threadIdx.x & 31) >> 2, t = trow[g / 2];
-        xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
-    }
-    // Points the tile at rows ra and rb (−1 for none), its sums cleared.
-    __device__ void rows(int a, int b) {
-        ra = a;
-        rb = b;
+    __device__ Fp8Tile(const WDesc& d, int ra, int rb, const int* trow, const void* xs)
+        : d(d), ra(ra), rb(rb), lq(__ffs(d.bc >> 6) - 1), acc(make_float2(0.f, 0.f)) {
         sa = d.scale + (size_t)(max(ra, 0) / d.br) * d.sc;
         sb = d.scale + (size_t)(max(rb, 0) / d.br) * d.sc;
-        acc = make_float2(0.f, 0.f);
+        int g = (threadIdx.x & 31) >> 2, t = trow[g / 2];
+        xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
     }
     __device__ int chunks() const { return d.cols >> 6; }
     __device__ void load(int q, Chunk& ch) const {
@@ -237,26 +223,20 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
     float acc[NT][4];
-    __device__ Int4Tile(const WDesc& d, const int* trow, const u8* xq, const int* sums)
-        : d(d), lg(__ffs(d.group) - 1), n32(d.cols >> 5) {
+    __device__ Int4Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums)
+        : d(d), ra(ra), rb(rb), lg(__ffs(d.group) - 1), n32(d.cols >> 5) {
+        wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
+        wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
+        ga = (size_t)max(ra, 0) * d.sc;
+        gb = (size_t)max(rb, 0) * d.sc;
         int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             int tb = trow[2 * n + g / 4], tc = trow[2 * n + c / 2];
             xb[n] = tb >= 0 ? xq + ((size_t)tb * PLANES + g % 4) * d.cols : nullptr;
             sm[n] = tc >= 0 && ASYM ? sums + (size_t)tc * spans * PLANES + 2 * (c & 1) : nullptr;
+            acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
-    }
-    // Points the tile at rows a and b (−1 for none), its sums cleared.
-    __device__ void rows(int a, int b) {
-        ra = a;
-        rb = b;
-        wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
-        wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
-        ga = (size_t)max(ra, 0) * d.sc;
-        gb = (size_t)max(rb, 0) * d.sc;
-#pragma unroll
-        for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     }
     __device__ int chunks() const { return d.cols >> 7; }
     // The scale groups of chunk q start at group q·GPC (CONTIG: the one group holding it).
@@ -391,36 +371,24 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
 };
 
-template <class Tile, class RowsOf, class Finish, class... Args>
-__device__ __forceinline__ void walk(int n, RowsOf rows_of, Finish finish, const Args&... args) {
+template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
     Tile t(args...);
-    tile_walk(t, n, rows_of, finish);
+    return tile_dots(t);
 }
 
-template <int GPC, int NT, class RowsOf, class Finish>
-__device__ __forceinline__ void int4_walk(const WDesc& d, int n, RowsOf rows_of, Finish finish, const int* trow, const u8* xq, const int* sums) {
-    if (d.zero) return walk<Int4Tile<GPC, NT, true>>(n, rows_of, finish, d, trow, xq, sums);
-    return walk<Int4Tile<GPC, NT, false>>(n, rows_of, finish, d, trow, xq, sums);
+template <int GPC, int NT> __device__ __forceinline__ float2 int4_part(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) {
+    if (d.zero) return run_tile<Int4Tile<GPC, NT, true>>(d, ra, rb, trow, xq, sums);
+    return run_tile<Int4Tile<GPC, NT, false>>(d, ra, rb, trow, xq, sums);
 }
 
-// The block's n row tiles of d against token slots trow (see tile_walk); INT4 takes two B
-// tiles when slots 2 and 3 are used.
-template <int FMT, class RowsOf, class Finish>
-__device__ __forceinline__ void walk_tiles(const WDesc& d, int n, RowsOf rows_of, Finish finish, const int* trow, const void* xs, const int* sums) {
-    if (FMT == FMT_FP8) return walk<Fp8Tile>(n, rows_of, finish, d, trow, xs);
+// This tile's share for lane (g, c); INT4 takes two B tiles when slots 2 and 3 are used.
+template <int FMT> __device__ __forceinline__ float2 tile_part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
+    if (FMT == FMT_FP8) return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
     const u8* xq = (const u8*)xs;
     bool two = trow[2] >= 0 || trow[3] >= 0;
-    if (d.group >= 128) return two ? int4_walk<1, 2>(d, n, rows_of, finish, trow, xq, sums) : int4_walk<1, 1>(d, n, rows_of, finish, trow, xq, sums);
-    if (d.group == 64) return two ? int4_walk<2, 2>(d, n, rows_of, finish, trow, xq, sums) : int4_walk<2, 1>(d, n, rows_of, finish, trow, xq, sums);
-    return two ? int4_walk<4, 2>(d, n, rows_of, finish, trow, xq, sums) : int4_walk<4, 1>(d, n, rows_of, finish, trow, xq, sums);
-}
-
-// This block's row tiles of `tiles`: the grid's x dimension divides them into runs of
-// ceil(tiles / gridDim.x); first and count of this block's run (count 0: none).
-__device__ __forceinline__ void block_row_tiles(int tiles, int& first, int& n) {
-    int per = (tiles + gridDim.x - 1) / gridDim.x;
-    first = blockIdx.x * per;
-    n = max(0, min(per, tiles - first));
+    if (d.group >= 128) return two ? int4_part<1, 2>(d, ra, rb, trow, xq, sums) : int4_part<1, 1>(d, ra, rb, trow, xq, sums);
+    if (d.group == 64) return two ? int4_part<2, 2>(d, ra, rb, trow, xq, sums) : int4_part<2, 1>(d, ra, rb, trow, xq, sums);
+    return two ? int4_part<4, 2>(d, ra, rb, trow, xq, sums) : int4_part<4, 1>(d, ra, rb, trow, xq, sums);
 }
 
 // Sums the warps' shares: res[r·4 + t] = row r of the tile (0..15) with token t. Every thread
@@ -587,90 +555,69 @@ __device__ __forceinline__ void slot_rows(int* trow, const int* base, int n, int
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < n ? base[j] / div : -1;
 }
 
-// y[t, yoff + r] = x[t] · W[r]; grid (row tiles of 16 / DUET_MMA_ROW_TILES, ceil(T / 4)).
+// y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / 4)).
 template <int FMT> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
     __shared__ float res[16 * MMA_TOKENS];
-    int first, n;
-    block_row_tiles((d.rows + 15) / 16, first, n);
-    if (n == 0) return;
-    int t0 = blockIdx.y * MMA_TOKENS, nt = min(MMA_TOKENS, T - t0), g = (threadIdx.x & 31) >> 2;
+    int r0 = blockIdx.x * 16, t0 = blockIdx.y * MMA_TOKENS, nt = min(MMA_TOKENS, T - t0);
+    int g = (threadIdx.x & 31) >> 2;
+    int ra = r0 + g < d.rows ? r0 + g : -1, rb = r0 + 8 + g < d.rows ? r0 + 8 + g : -1;
     int trow[MMA_TOKENS];
 #pragma unroll
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
-    auto rows_of = [&](int i) {
-        int r0 = (first + i) * 16;
-        return make_int2(r0 + g < d.rows ? r0 + g : -1, r0 + 8 + g < d.rows ? r0 + 8 + g : -1);
-    };
-    auto finish = [&](int k, float2 v) {
-        if (k == n - 1) pdl_late();
-        tile_reduce(v, res);
-        int r0 = (first + k) * 16, i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
-        if (i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
-    };
-    walk_tiles<FMT>(d, n, rows_of, finish, trow, xs, sums);
+    float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
+    pdl_late();
+    tile_reduce(v, res);
+    int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
+    if (i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
 }
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
-// matching up rows; grid (row tiles of 8 / DUET_MMA_ROW_TILES, groups); x split for the format
-// (T rows).
+// matching up rows; grid (ceil(I / 8), groups); x split for the format (T rows).
 template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
-    int grp = blockIdx.y, first, n;
-    block_row_tiles((I + 7) / 8, first, n);
-    if (grp >= plan[0] || n == 0) return;
+    int grp = blockIdx.y;
+    if (grp >= plan[0]) return;
     const WDesc d = gu[experts[grp]];
-    int g = (threadIdx.x & 31) >> 2;
-    auto rows_of = [&](int i) {
-        int ra = (first + i) * 8 + g < I ? (first + i) * 8 + g : -1;
-        return make_int2(ra, ra >= 0 ? I + ra : -1);
-    };
+    int r0 = blockIdx.x * 8, g = (threadIdx.x & 31) >> 2;
+    int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
         int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, K);
-        auto finish = [&](int k, float2 v) {
-            if (k == n - 1) pdl_late();
-            tile_reduce(v, res);
-            int r0 = (first + k) * 8, i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
-            if (i < 8 * MMA_TOKENS && t < nt && r0 + r < I) {
-                int p = pairs[p0 + t];
-                float s = pow2(-exps[p / K]), gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
-                act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
-            }
-        };
-        walk_tiles<FMT>(d, n, rows_of, finish, trow, xs, sums);
+        float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
+        pdl_late();
+        tile_reduce(v, res);
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
+        if (i < 8 * MMA_TOKENS && t < nt && r0 + r < I) {
+            int p = pairs[p0 + t];
+            float s = pow2(-exps[p / K]), gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
+            act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
+        }
     }
 }
 
-// part[p, r] = down_e[r] · act[p]; grid (row tiles of 16 / DUET_MMA_ROW_TILES, groups); act
-// split for the format (P rows).
+// part[p, r] = down_e[r] · act[p]; grid (ceil(H / 16), groups); act split for the format (P rows).
 template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
-    int grp = blockIdx.y, first, n;
-    block_row_tiles((H + 15) / 16, first, n);
-    if (grp >= plan[0] || n == 0) return;
+    int grp = blockIdx.y;
+    if (grp >= plan[0]) return;
     const WDesc d = dn[experts[grp]];
-    int g = (threadIdx.x & 31) >> 2;
-    auto rows_of = [&](int i) {
-        int r0 = (first + i) * 16;
-        return make_int2(r0 + g < H ? r0 + g : -1, r0 + 8 + g < H ? r0 + 8 + g : -1);
-    };
+    int r0 = blockIdx.x * 16, g = (threadIdx.x & 31) >> 2;
+    int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
         int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
-        auto finish = [&](int k, float2 v) {
-            if (k == n - 1) pdl_late();
-            tile_reduce(v, res);
-            int r0 = (first + k) * 16, i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
-            if (i < 16 * MMA_TOKENS && t < nt && r0 + r < H) {
-                int p = pairs[p0 + t];
-                part[(size_t)p * H + r0 + r] = res[i] * pow2(-exps[p]);
-            }
-        };
-        walk_tiles<FMT>(d, n, rows_of, finish, trow, acts, sums);
+        float2 v = tile_part<FMT>(d, ra, rb, trow, acts, sums);
+        pdl_late();
+        tile_reduce(v, res);
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
+        if (i < 16 * MMA_TOKENS && t < nt && r0 + r < H) {
+            int p = pairs[p0 + t];
+            part[(size_t)p * H + r0 + r] = res[i] * pow2(-exps[p]);
+        }
     }
 }
 

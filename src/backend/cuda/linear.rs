@@ -43,11 +43,8 @@ impl CudaBackend {
 
     /// Launches tensor-core kernel `family` for weights of format `fmt` with `cols` columns over
     /// `grid` tiles, with the block size from `mma_threads`.
-    /// With `DUET_MMA_ROW_TILES=n` each block takes n consecutive row tiles of the grid's x
-    /// dimension (tile_walk in kernels/linear_mma.cu).
-    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, mut grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
+    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let kernel = (family, Some(fmt));
-        grid.0 = grid.0.div_ceil(mma_row_tiles());
         let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;
         self.launch_kernel(kernel, grid, threads, 0, args)
     }
@@ -236,9 +233,3 @@ impl Split {
     }
 }
 
-
-/// Row tiles per tensor-core block (`DUET_MMA_ROW_TILES`, default 1).
-fn mma_row_tiles() -> u32 {
-    static N: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *N.get_or_init(|| kernels::env_usize("DUET_MMA_ROW_TILES", "a row tile count from 1 to 64", |n| (1..=64).contains(&n)).unwrap_or(1) as u32)
-}
