@@ -85,11 +85,17 @@ fn random_weight(module: &str, rows: usize, cols: usize, fmt: &str, rng: &mut Rn
     LinearWeight { module: module.to_string(), rows, cols, data, format }
 }
 
-struct Report {
+struct Report<'a> {
     peak: f64,
+    /// Only rows whose label contains this are timed (`--case`).
+    case: Option<&'a str>,
 }
 
-impl Report {
+impl Report<'_> {
+    fn wants(&self, label: &str) -> bool {
+        self.case.is_none_or(|c| label.contains(c))
+    }
+
     fn row(&self, what: &str, bytes: f64, ms: f64) {
         let gbs = bytes / ms / 1e6;
         println!("{what:<58} {:>9.1} µs {:>9.1} GB/s {:>6.1}%", ms * 1e3, gbs, 100.0 * gbs / self.peak);
@@ -101,7 +107,7 @@ impl Report {
     }
 }
 
-pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
+pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
     let want = |part: &str| only.is_none_or(|o| o.split(',').any(|x| x == part));
     let gpu = CudaBackend::new(0)?;
     let (ctx, stream) = (gpu.context().clone(), gpu.stream().clone());
@@ -120,11 +126,15 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     let peak = 2.0 * (n * 4) as f64 / ms / 1e6;
     drop((src, dst));
     println!("{:<58} {:>9.1} µs {:>9.1} GB/s (read + write)", "device copy 2 GiB", ms * 1e3, peak);
-    let r = Report { peak };
+    let r = Report { peak, case };
 
     // Dense GEMV at decode (one token).
     let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g64"), (6144, 16384, "int4-g32")] } else { &[] };
     for &(rows, cols, fmt) in gemvs {
+        let label = format!("gemv {fmt} {cols}->{rows} x1");
+        if !r.wants(&label) {
+            continue;
+        }
         // Rotate over several copies so the weight is not served from L2.
         let copies = (2usize << 30) / (rows * cols * 2) + 1;
         let ws: Vec<_> = (0..copies.min(8)).map(|i| gpu.weight(&random_weight(&format!("w{i}"), rows, cols, fmt, &mut rng))).collect::<Result<_>>()?;
@@ -135,7 +145,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             gpu.linear(&x, &ws[i % ws.len()]).map(|_| ())
         })?;
         let bytes = ws[0].parts.iter().map(|p| p.rows * p.cols).sum::<usize>() as f64 * bytes_per_weight(fmt);
-        r.row(&format!("gemv {fmt} {cols}->{rows} x1"), bytes, ms);
+        r.row(&label, bytes, ms);
     }
     // The activation split of the FP8/INT4 tensor-core kernels: once per activation, shared by
     // every linear layer that reads it (the gemv rows above reuse one split x; the MoE layer rows
@@ -143,8 +153,12 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
     for cols in if want("gemv") { vec![6144usize, 16384] } else { vec![] } {
         let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
         for (fmt, what, bytes) in [(Fmt::Fp8, "f16 hi/lo", 8), (Fmt::Int4, "4 int8 planes", 8)] {
+            let label = format!("activation split 1x{cols} (f32 -> {what})");
+            if !r.wants(&label) {
+                continue;
+            }
             let ms = time_graph(&gpu, 8, reps, || gpu.split_activation(&x, fmt))?;
-            r.row(&format!("activation split 1x{cols} (f32 -> {what})"), (cols * bytes) as f64, ms);
+            r.row(&label, (cols * bytes) as f64, ms);
         }
     }
 
@@ -178,12 +192,16 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
             idx.retain(|&e| Some(e as usize) != layer.router.shared);
             idx.sort_unstable();
             idx.dedup();
+            let label = format!("moe layer {fmt} x{batch} (norm, router, {} routed, shared)", idx.len());
+            if !r.wants(&label) {
+                continue;
+            }
             // The block's input norm makes a fresh activation per call, as in a decode step, so
             // its split for the tensor cores is timed too.
             let ones = gpu.vector(&vec![1.0; h])?;
             let ms = time_graph(&gpu, 8, reps, || layer.forward(&gpu, &gpu.rms_norm(&x, &ones, 1e-6)?).map(|_| ()))?;
             let bytes = (n_exp * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
-            r.row(&format!("moe layer {fmt} x{batch} (norm, router, {} routed, shared)", idx.len()), bytes, ms);
+            r.row(&label, bytes, ms);
             // Where the block's time goes: its norm, then the norm and router (gate GEMV, route
             // and plan) alone; the rest is the experts with their splits and the combine (at
             // decode the shared expert runs beside the router, so the rest is what it did not hide).
@@ -211,6 +229,10 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
                 d.dedup();
                 d.len()
             };
+            let label = format!("experts {fmt} 8/token x{batch} ({distinct} distinct)");
+            if !r.wants(&label) {
+                continue;
+            }
             let routing = CudaRouting {
                 top_k: 8,
                 idx: stream.clone_htod(&idx).map_err(|e| anyhow!("{e:?}"))?.into(),
@@ -218,7 +240,7 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
                 plan: None,
             };
             let ms = time_graph(&gpu, 8, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
-            r.row(&format!("experts {fmt} 8/token x{batch} ({distinct} distinct)"), distinct as f64 * expert_bytes, ms);
+            r.row(&label, distinct as f64 * expert_bytes, ms);
         }
     }
 
@@ -252,21 +274,29 @@ pub fn run(reps: usize, only: Option<&str>) -> Result<()> {
         let iw = gpu.tensor(1, 32, &vec![1.0; 32])?;
         let sel = gpu.index_select(&iq, &iw, &cache, 0, &step, &idims)?;
         let (ql, qp) = gpu.mla_queries(&q, &heads[0], &step)?;
-        let ms = time_graph(&gpu, 8, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
         let keys = 2048.min(ctx_len);
-        r.row(&format!("mla attend top-{keys} of {}K ctx (f32 cache)", ctx_len / 1024), (keys * 576 * 4) as f64, ms);
+        let label = format!("mla attend top-{keys} of {}K ctx (f32 cache)", ctx_len / 1024);
+        if r.wants(&label) {
+            let ms = time_graph(&gpu, 8, reps, || gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims).map(|_| ()))?;
+            r.row(&label, (keys * 576 * 4) as f64, ms);
+        }
         for (fmt, heads) in kv_fmts.iter().zip(&heads) {
+            let label = format!("mla decode (absorb + attend + values) {}K ctx, {fmt} kv_b", ctx_len / 1024);
+            if !r.wants(&label) {
+                continue;
+            }
             let ms = time_graph(&gpu, 8, reps, || {
                 let (ql, qp) = gpu.mla_queries(&q, heads, &step)?;
                 let o = gpu.mla_attend(&ql, &qp, &cache, 0, &step, Some(&sel), &dims)?;
                 gpu.mla_values(&o, heads).map(|_| ())
             })?;
             let absorb = (64 * (192 + 256) * 512) as f64 * bytes_per_weight(fmt);
-            r.row(&format!("mla decode (absorb + attend + values) {}K ctx, {fmt} kv_b", ctx_len / 1024), absorb + (keys * 576 * 4) as f64, ms);
+            r.row(&label, absorb + (keys * 576 * 4) as f64, ms);
         }
-        if ctx_len == 131072 {
+        let label = "indexer scores + top-2048 at 128K ctx (f32 keys)";
+        if ctx_len == 131072 && r.wants(label) {
             let ms = time_graph(&gpu, 8, reps, || gpu.index_select(&iq, &iw, &cache, 0, &step, &idims).map(|_| ()))?;
-            r.row("indexer scores + top-2048 at 128K ctx (f32 keys)", (ctx_len * 128 * 4) as f64, ms);
+            r.row(label, (ctx_len * 128 * 4) as f64, ms);
         }
     }
     Ok(())

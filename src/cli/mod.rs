@@ -168,6 +168,10 @@ enum BenchCommand {
         /// Only these parts: gemv, experts, mla (comma-separated).
         #[arg(long)]
         only: Option<String>,
+        /// Only the rows whose label contains this text, e.g. "experts int4 8/token x1" (so a
+        /// profiler's first launch of a kernel is that row's).
+        #[arg(long)]
+        case: Option<String>,
     },
 }
 
@@ -194,7 +198,7 @@ fn run(cmd: Command) -> Result<()> {
         Command::Prompt(args) => prompt::run(args),
         Command::Inspect { model, ranks } => inspect::inspect(&tiny::resolve_model(&model)?, ranks),
         Command::Bench { what: BenchCommand::Check { fixtures, seed } } => crate::bench::check::run(&fixtures, seed),
-        Command::Bench { what: BenchCommand::Kernels { reps, only } } => crate::bench::kernels::run(reps, only.as_deref()),
+        Command::Bench { what: BenchCommand::Kernels { reps, only, case } } => crate::bench::kernels::run(reps, only.as_deref(), case.as_deref()),
         Command::Tiny { out, quant, seed } => {
             tiny::write(&out, &TinySpec::new(quant, seed))?;
             println!("wrote a tiny {quant:?} GLM-5.2-layout checkpoint to {}", out.display());
