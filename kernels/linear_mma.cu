@@ -51,6 +51,13 @@
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
 #endif
+// Chunk order (tile_dots): 0, every nw-th chunk per warp; 1, runs of UNR consecutive chunks, so
+// a run's loads are its first chunk's addresses plus constants and only the last run checks
+// bounds (the strided order spends about 60 of INT4's 110-143 instructions per chunk on 64-bit
+// address arithmetic and predicates: SASS of the group-128 loops).
+#ifndef MMA_RUNS
+#define MMA_RUNS 0
+#endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -95,10 +102,32 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
+    if (MMA_RUNS) {
+        // Warp w takes runs w·UNR, then every nw·UNR chunks further; only the last run is partial.
+        int qb = warp * UNR;
+        for (; qb + UNR <= nq; qb += nw * UNR) {
+            typename Tile::Chunk ch[UNR];
+            tile.seek(qb);
+#pragma unroll
+            for (int u = 0; u < UNR; u++) tile.template load<false>(qb + u, ch[u]);
+#pragma unroll
+            for (int u = 0; u < UNR; u++) tile.dot(qb + u, ch[u]);
+        }
+        if (qb < nq) {
+            typename Tile::Chunk ch[UNR];
+            tile.seek(qb);
+#pragma unroll
+            for (int u = 0; u < UNR; u++) tile.template load<true>(qb + u, ch[u]);
+#pragma unroll
+            for (int u = 0; u < UNR; u++)
+                if (qb + u < nq) tile.dot(qb + u, ch[u]);
+        }
+        return tile.result();
+    }
     for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
         typename Tile::Chunk ch[UNR];
 #pragma unroll
-        for (int u = 0; u < UNR; u++) tile.load(q0 + u * nw, ch[u]);
+        for (int u = 0; u < UNR; u++) tile.template load<true>(q0 + u * nw, ch[u]);
 #pragma unroll
         for (int u = 0; u < UNR; u++)
             if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
@@ -120,32 +149,62 @@ struct Fp8Tile {
     const float *sa, *sb;  // scale rows of ra and rb
     const uint4* xp;       // this lane's B column in 16-byte pieces, or null
     float2 acc;
+    // MMA_RUNS: cursors at chunk qc (seek) for the lane's weight bytes of both rows and its x
+    // pieces, so a run's loads are these plus constants.
+    int qc;
+    const u8 *la, *lb;
+    const uint4* xc;
     __device__ Fp8Tile(const WDesc& d, int ra, int rb, const int* trow, const void* xs)
         : d(d), ra(ra), rb(rb), lq(__ffs(d.bc >> 6) - 1), acc(make_float2(0.f, 0.f)) {
         sa = d.scale + (size_t)(max(ra, 0) / d.br) * d.sc;
         sb = d.scale + (size_t)(max(rb, 0) / d.br) * d.sc;
         int g = (threadIdx.x & 31) >> 2, t = trow[g / 2];
+        // MMA_RUNS: an empty slot reads slot 0's row (its results are not stored), so no load
+        // needs a null check.
+        if (MMA_RUNS && t < 0) t = trow[0];
         xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
+        qc = 0;
+        la = (const u8*)d.w + (size_t)max(ra, 0) * d.cols + 16 * (threadIdx.x & 3);
+        lb = (const u8*)d.w + (size_t)max(rb, 0) * d.cols + 16 * (threadIdx.x & 3);
+        xc = xp + 2 * (threadIdx.x & 3);
+    }
+    // Moves the MMA_RUNS cursors to chunk qb.
+    __device__ void seek(int qb) {
+        if (!MMA_RUNS) return;
+        int dq = qb - qc;
+        qc = qb;
+        la += 64 * dq;
+        lb += 64 * dq;
+        xc += 8 * dq;
     }
     __device__ int chunks() const { return d.cols >> 6; }
-    __device__ void load(int q, Chunk& ch) const {
+    // CHECK false (MMA_RUNS, a whole run): q is a chunk, and a missing row reads row 0 (rows are
+    // clamped; its results are not stored), so no load is predicated.
+    template <bool CHECK> __device__ void load(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
-        bool ok = q < chunks();
+        bool ok = !CHECK || q < chunks();
         const uint4 z = make_uint4(0, 0, 0, 0);
-        const u8* w = (const u8*)d.w + 64 * q + 16 * c;
-        ch.a = ok && ra >= 0 ? ld_weight16<MMA_L2_FETCH>(w + (size_t)ra * d.cols) : z;
-        ch.b = ok && rb >= 0 ? ld_weight16<MMA_L2_FETCH>(w + (size_t)rb * d.cols) : z;
-        load_x(q, ch);
+        bool oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
+        if (MMA_RUNS) {
+            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(la + 64 * (q - qc)) : z;
+            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(lb + 64 * (q - qc)) : z;
+        } else {
+            const u8* w = (const u8*)d.w + 64 * q + 16 * c;
+            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(w + (size_t)ra * d.cols) : z;
+            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(w + (size_t)rb * d.cols) : z;
+        }
+        load_x<CHECK>(q, ch);
     }
     // Everything but the weights: the x pieces and the rows' scales.
-    __device__ void load_x(int q, Chunk& ch) const {
+    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
-        bool ok = q < chunks();
+        bool ok = !CHECK || q < chunks(), ox = ok && (MMA_RUNS || xp);
         const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.x[0] = ok && xp ? xp[8 * q + 2 * c] : z;
-        ch.x[1] = ok && xp ? xp[8 * q + 2 * c + 1] : z;
-        ch.sa = ok && ra >= 0 ? __ldg(sa + (q >> lq)) : 0.f;
-        ch.sb = ok && rb >= 0 ? __ldg(sb + (q >> lq)) : 0.f;
+        const uint4* x = MMA_RUNS ? xc + 8 * (q - qc) : xp + 8 * q + 2 * c;
+        ch.x[0] = ox ? x[0] : z;
+        ch.x[1] = ox ? x[1] : z;
+        ch.sa = ok && (!CHECK || ra >= 0) ? __ldg(sa + (q >> lq)) : 0.f;
+        ch.sb = ok && (!CHECK || rb >= 0) ? __ldg(sb + (q >> lq)) : 0.f;
     }
     __device__ void dot(int, const Chunk& ch) {
         float t[4] = {0.f, 0.f, 0.f, 0.f};
@@ -220,6 +279,12 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     int ra, rb, lg, n32;
     const u32 *wa, *wb;
     size_t ga, gb;
+    // MMA_RUNS: cursors at chunk qc (seek) for the lane's weight bytes, the rows' scales and
+    // zero points, and (moved too) xb and sm, so a run's loads are these plus constants.
+    int qc;
+    const u8 *la, *lb;
+    const float *sra, *srb;
+    const signed char *zra, *zrb;
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
     float acc[NT][4];
@@ -229,10 +294,20 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
         ga = (size_t)max(ra, 0) * d.sc;
         gb = (size_t)max(rb, 0) * d.sc;
+        la = (const u8*)wa + 16 * (threadIdx.x & 3);
+        lb = (const u8*)wb + 16 * (threadIdx.x & 3);
+        sra = d.scale + ga;
+        srb = d.scale + gb;
+        zra = d.zero + ga;
+        zrb = d.zero + gb;
+        qc = 0;
         int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             int tb = trow[2 * n + g / 4], tc = trow[2 * n + c / 2];
+            // MMA_RUNS: an empty slot reads slot 0's row (not stored), so no load needs a null check.
+            if (MMA_RUNS && tb < 0) tb = trow[0];
+            if (MMA_RUNS && tc < 0) tc = trow[0];
             xb[n] = tb >= 0 ? xq + ((size_t)tb * PLANES + g % 4) * d.cols : nullptr;
             sm[n] = tc >= 0 && ASYM ? sums + (size_t)tc * spans * PLANES + 2 * (c & 1) : nullptr;
             acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
@@ -240,7 +315,31 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
     __device__ int chunks() const { return d.cols >> 7; }
     // The scale groups of chunk q start at group q·GPC (CONTIG: the one group holding it).
-    __device__ int group0(int q) const { return (128 * q) >> lg; }
+    // Moves the MMA_RUNS cursors to chunk qb.
+    __device__ void seek(int qb) {
+        if (!MMA_RUNS) return;
+        int dq = qb - qc;
+        qc = qb;
+        la += 64 * dq;
+        lb += 64 * dq;
+        sra += GPC * dq;
+        srb += GPC * dq;
+        zra += GPC * dq;
+        zrb += GPC * dq;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            xb[n] += 128 * dq;
+            if (ASYM) sm[n] += (CONTIG ? 1 : 4) * PLANES * dq;
+        }
+    }
+    // (MMA_RUNS: the upload keeps groups of INT4 weights for these kernels to at most 128.)
+    __device__ int group0(int q) const { return MMA_RUNS ? q * GPC : (128 * q) >> lg; }
+    // GPC zero points from p (aligned to their count), byte s of the result holding the s-th.
+    __device__ u32 zeros(const signed char* p) const {
+        if (GPC == 4) return __ldg((const u32*)p);
+        if (GPC == 2) return __ldg((const unsigned short*)p);
+        return (u32)(u8)__ldg(p);
+    }
     // GPC scales from p (aligned to their count).
     __device__ float4 scales(const float* p) const {
         if (GPC == 4) return __ldg((const float4*)p);
@@ -250,24 +349,31 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         }
         return make_float4(__ldg(p), 0.f, 0.f, 0.f);
     }
-    __device__ void load(int q, Chunk& ch) const {
+    // CHECK false (MMA_RUNS, a whole run): as for Fp8Tile, no load is predicated (the row
+    // pointers are clamped to row 0).
+    template <bool CHECK> __device__ void load(int q, Chunk& ch) const {
         int c = threadIdx.x & 3;
-        bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
+        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(wa + 16 * q + 4 * c) : z;
-        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(wb + 16 * q + 4 * c) : z;
-        load_x(q, ch);
+        if (MMA_RUNS) {
+            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(la + 64 * (q - qc)) : z;
+            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(lb + 64 * (q - qc)) : z;
+        } else {
+            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(wa + 16 * q + 4 * c) : z;
+            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(wb + 16 * q + 4 * c) : z;
+        }
+        load_x<CHECK>(q, ch);
     }
     // Everything but the weights: x pieces, scales, zero points and plane sums.
-    __device__ void load_x(int q, Chunk& ch) const {
-        int c = threadIdx.x & 3;
-        bool ok = q < chunks(), oa = ok && ra >= 0, ob = ok && rb >= 0;
+    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
+        int c = threadIdx.x & 3, r = MMA_RUNS ? q - qc : q;  // r: chunk q from the cursors
+        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             // Word i's plane bytes are x words 2i, 2i + 1.
-            const u8* xp = xb[n] + 128 * q;
-            if (!ok || !xb[n]) {
+            const u8* xp = xb[n] + 128 * r;
+            if (!ok || (!MMA_RUNS && !xb[n])) {
                 ch.x[n][0] = ch.x[n][1] = z;
             } else if (CONTIG) {
                 ch.x[n][0] = *(const uint4*)(xp + 32 * c);
@@ -281,24 +387,26 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         }
         int g0 = group0(q);
         const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = oa ? scales(d.scale + ga + g0) : zf;
-        ch.sb = ob ? scales(d.scale + gb + g0) : zf;
+        ch.sa = oa ? scales(MMA_RUNS ? sra + GPC * r : d.scale + ga + g0) : zf;
+        ch.sb = ob ? scales(MMA_RUNS ? srb + GPC * r : d.scale + gb + g0) : zf;
         if (ASYM) {
-            // The aligned word holding the chunk's zero points (GPC of them, never straddling).
-            ch.za = oa ? __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3)) : 0;
-            ch.zb = ob ? __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3)) : 0;
+            // MMA_RUNS: the chunk's GPC zero points in their own load (aligned to their size),
+            // from byte 0; else the aligned word holding them (never straddling).
+            ch.za = !oa ? 0 : MMA_RUNS ? zeros(zra + GPC * r) : __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3));
+            ch.zb = !ob ? 0 : MMA_RUNS ? zeros(zrb + GPC * r) : __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3));
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
                 for (int s = 0; s < GPC; s++) {
                     // A group's sums: the chunk's 128-column sum, or its 32-column ones added.
                     int2 v = make_int2(0, 0);
-                    if (ok && sm[n] && CONTIG) {
-                        v = *(const int2*)(sm[n] + (n32 + q) * PLANES);
-                    } else if (ok && sm[n]) {
+                    bool os = ok && (MMA_RUNS || sm[n]);
+                    if (os && CONTIG) {
+                        v = *(const int2*)(sm[n] + (n32 + r) * PLANES);
+                    } else if (os) {
 #pragma unroll
                         for (int i = 0; i < 4 / GPC; i++) {
-                            int2 p = *(const int2*)(sm[n] + (4 * q + s * (4 / GPC) + i) * PLANES);
+                            int2 p = *(const int2*)(sm[n] + (4 * r + s * (4 / GPC) + i) * PLANES);
                             v.x += p.x;
                             v.y += p.y;
                         }
@@ -331,8 +439,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             float za = 0.f, zb = 0.f;
             if (ASYM) {
                 // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
-                za = -16.f * (float)(signed char)(ch.za >> (8 * (((ga + g0) & 3) + s)));
-                zb = -16.f * (float)(signed char)(ch.zb >> (8 * (((gb + g0) & 3) + s)));
+                za = -16.f * (float)(signed char)(ch.za >> (8 * ((MMA_RUNS ? 0 : (ga + g0) & 3) + s)));
+                zb = -16.f * (float)(signed char)(ch.zb >> (8 * ((MMA_RUNS ? 0 : (gb + g0) & 3) + s)));
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {

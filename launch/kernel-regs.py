@@ -7,6 +7,7 @@ bytes: a quick check that a tuning setting (chunks in flight, row tiles) fits it
 before spending device time on it.
 
     python3 launch/kernel-regs.py linear_mma -DINT4_UNR_ASYM=4 --filter int4
+    python3 launch/kernel-regs.py linear_mma --cubin /tmp/mma.cubin && cuobjdump -sass /tmp/mma.cubin
 
 libnvrtc comes from LD_LIBRARY_PATH or the nvidia-cuda-nvrtc wheel (as in .ci/run).
 """
@@ -44,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("module", help="kernels/MODULE.cu, e.g. linear_mma; -DNAME=VALUE defines may follow")
     ap.add_argument("--filter", default="", help="only entry points matching this regex")
+    ap.add_argument("--cubin", help="also write the cubin here (for cuobjdump -sass, from the nvidia-cuda-cuobjdump wheel)")
     args, rest = ap.parse_known_args()
     args.defines = [d for d in rest if d.startswith("-D")]
     if len(args.defines) != len(rest):
@@ -63,6 +65,13 @@ def main():
     log = buf.value.decode()
     if rc != 0:
         sys.exit(log)
+    if args.cubin:
+        size = ctypes.c_size_t()
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, cubin)
+        with open(args.cubin, "wb") as f:
+            f.write(cubin.raw)
     entry, spills = None, {}
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)

@@ -120,6 +120,14 @@ impl HostLinear {
             group,
             sc,
         };
+        if h.fmt == Fmt::Int4 && h.group > 128 && h.mma_ok() {
+            // The tensor-core kernels take one scale group per 128-column chunk at most
+            // (group0 in kernels/linear_mma.cu): larger groups are spelled out per 128 columns.
+            let (sc, per) = (h.cols / 128, h.group / 128);
+            h.scale = regroup(&h.scale, h.sc, sc, per);
+            h.zero = h.zero.map(|z| regroup(&z, h.sc, sc, per));
+            (h.group, h.sc) = (128, sc);
+        }
         if fmt == Fmt::Fp8 && h.scale.len() == 1 {
             // A per-tensor scale, spelled out as one block row of 128-column blocks.
             h.br = h.rows;
@@ -241,6 +249,12 @@ impl HostLinear {
     }
 }
 
+/// Rows of `from` group values each spelled out as `to` values, group j of the new row taking
+/// group j / `per` of the old one (groups split into `per` equal smaller groups).
+fn regroup<T: Copy>(values: &[T], from: usize, to: usize, per: usize) -> Vec<T> {
+    values.chunks_exact(from).flat_map(|row| (0..to).map(move |j| row[j / per])).collect()
+}
+
 /// Transposes the 16 words of every 64-byte piece as a 4x4 matrix (word 4i + c to 4c + i), the
 /// interleaved INT4 layout (`int4_word` in kernels/common.cuh). Rows are whole pieces
 /// (`mma_ok`: 128 columns per 64 bytes), so the pieces of the buffer are those of its rows.
@@ -307,7 +321,15 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
 
 #[cfg(test)]
 mod tests {
-    use super::transpose_int4_pieces;
+    use super::{regroup, transpose_int4_pieces};
+
+    #[test]
+    fn large_groups_are_spelled_out_per_128_columns() {
+        // Two rows of 512 columns in groups of 256 (2 per row) become groups of 128 (4 per row).
+        assert_eq!(regroup(&[1, 2, 3, 4], 2, 4, 2), vec![1, 1, 2, 2, 3, 3, 4, 4]);
+        // One group wider than the row: every new group takes it.
+        assert_eq!(regroup(&[7.5f32, 9.0], 1, 2, 4), vec![7.5, 7.5, 9.0, 9.0]);
+    }
 
     #[test]
     fn int4_pieces_transpose_words_and_back() {
