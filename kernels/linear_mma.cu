@@ -314,7 +314,6 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         }
     }
     __device__ int chunks() const { return d.cols >> 7; }
-    // The scale groups of chunk q start at group q·GPC (CONTIG: the one group holding it).
     // Moves the MMA_RUNS cursors to chunk qb.
     __device__ void seek(int qb) {
         if (!MMA_RUNS) return;
@@ -332,7 +331,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             if (ASYM) sm[n] += (CONTIG ? 1 : 4) * PLANES * dq;
         }
     }
-    // (MMA_RUNS: the upload keeps groups of INT4 weights for these kernels to at most 128.)
+    // The scale groups of chunk q start at group q·GPC (CONTIG: the one group holding it; with
+    // MMA_RUNS that group is the chunk's own, as the upload keeps INT4 groups to at most 128).
     __device__ int group0(int q) const { return MMA_RUNS ? q * GPC : (128 * q) >> lg; }
     // GPC zero points from p (aligned to their count), byte s of the result holding the s-th.
     __device__ u32 zeros(const signed char* p) const {
