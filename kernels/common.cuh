@@ -253,3 +253,17 @@ __device__ __forceinline__ void pdl_entry() {
 __device__ __forceinline__ void pdl_late() {
     if (PDL_TRIGGER == 2) pdl_trigger();
 }
+// Bytes of each of its weight rows a dense linear kernel asks L2 for before its wait (weights
+// are never written by the kernel before, so they may be read early): 0, off; a sweep knob.
+#ifndef PDL_PREFETCH
+#define PDL_PREFETCH 0
+#endif
+// Asks L2 for the first min(PDL_PREFETCH, row_bytes) bytes of `rows` consecutive weight rows
+// from `first` (one thread per row; whole 16-byte units).
+__device__ __forceinline__ void prefetch_rows(const void* w, size_t row_bytes, int first, int rows, int total) {
+    if (PDL_PREFETCH <= 0) return;
+    int r = first + (int)threadIdx.x;
+    if ((int)threadIdx.x >= rows || r >= total) return;
+    unsigned bytes = (unsigned)(min((size_t)PDL_PREFETCH, row_bytes) & ~(size_t)15);
+    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"((const char*)w + r * row_bytes), "r"(bytes) : "memory");
+}

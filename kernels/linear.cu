@@ -385,7 +385,9 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
     }
 
 #define INSTANTIATE(NAME, FMT)                                                                            \
-    extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { pdl_entry(); \
+    extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
+        if (d.vec) prefetch_rows(d.w, (size_t)(d.cols / Fmt<FMT>::U) * 16, blockIdx.x * GEMV_ROWS, GEMV_ROWS, d.rows); \
+        pdl_entry();                                                                                       \
         gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { pdl_entry(); \

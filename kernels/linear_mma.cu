@@ -730,7 +730,9 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
 }
 
 #define INSTANTIATE_MMA(NAME, FMT, REGS)                                                                                      \
-    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { pdl_entry(); \
+    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
+        prefetch_rows(d.w, FMT == FMT_FP8 ? (size_t)d.cols : (size_t)d.cols / 2, blockIdx.x * 16, 16, d.rows); \
+        pdl_entry();                                                                                    \
         gemv_mma<FMT>(d, xs, sums, exps, y, T, ldy, yoff);                                                              \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
