@@ -216,6 +216,14 @@ __device__ __forceinline__ int int4_word(const WDesc& d, int w) {
     return d.interleaved ? (w & ~15) | ((w & 3) << 2) | ((w >> 2) & 3) : w;
 }
 
+// INT4 nibbles stored with their top bit flipped (n ^ 8: the upload does it with
+// DUET_INT4_FLIP=1, which sets this), so the tensor-core kernels skip two XORs per word and the
+// CUDA-core readers undo it (int4_unflip).
+#ifndef INT4_FLIP
+#define INT4_FLIP 0
+#endif
+__device__ __forceinline__ u32 int4_unflip(u32 w) { return INT4_FLIP ? w ^ 0x88888888u : w; }
+
 // Word j of a 16-byte load.
 __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 

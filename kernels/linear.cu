@@ -91,10 +91,15 @@ template <> struct Fmt<FMT_INT4> {
     static constexpr int U = 32;
     static constexpr bool SCALED = true, BIASED = true;
     __device__ static uint4 load(const WDesc& d, int r, int u) {
-        if (!d.interleaved) return ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u);
-        // Unit u's words 4u .. 4u + 3 lie 4 words apart in the transposed piece.
-        const u32* p = (const u32*)d.w + (size_t)r * (d.cols / 8) + int4_word(d, 4 * u);
-        return make_uint4(__ldg(p), __ldg(p + 4), __ldg(p + 8), __ldg(p + 12));
+        uint4 v;
+        if (!d.interleaved) {
+            v = ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u);
+        } else {
+            // Unit u's words 4u .. 4u + 3 lie 4 words apart in the transposed piece.
+            const u32* p = (const u32*)d.w + (size_t)r * (d.cols / 8) + int4_word(d, 4 * u);
+            v = make_uint4(__ldg(p), __ldg(p + 4), __ldg(p + 8), __ldg(p + 12));
+        }
+        return make_uint4(int4_unflip(v.x), int4_unflip(v.y), int4_unflip(v.z), int4_unflip(v.w));
     }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 8.f, s, b); }
     __device__ static float4 chunk(const uint4& v, int i) {
@@ -103,7 +108,7 @@ template <> struct Fmt<FMT_INT4> {
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols * 4 + 31) / 32;
-        u32 w = ((const u32*)d.w)[(size_t)r * wpr + int4_word(d, c / 8)];
+        u32 w = int4_unflip(((const u32*)d.w)[(size_t)r * wpr + int4_word(d, c / 8)]);
         int g = c / d.group;
         float s = d.scale[(size_t)r * d.sc + g];
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;

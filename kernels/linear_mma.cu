@@ -246,9 +246,11 @@ __device__ __forceinline__ void mma_s8(int d[4], u32 a0, u32 a1, u32 a2, u32 a3,
 __device__ __forceinline__ float acc_float(int v) { return __int_as_float(v) - 12582912.f; }
 
 // The even nibbles (0, 2, 4, 6) and the odd ones (1, 3, 5, 7) of a word as four int8 16·q each.
+// (INT4_FLIP: the upload stored every nibble n as n ^ 8, so the XORs are done.)
 __device__ __forceinline__ void int4_s8(u32 w, u32& even, u32& odd) {
-    even = ((w << 4) & 0xf0f0f0f0u) ^ 0x80808080u;
-    odd = (w & 0xf0f0f0f0u) ^ 0x80808080u;
+    const u32 flip = INT4_FLIP ? 0u : 0x80808080u;
+    even = ((w << 4) & 0xf0f0f0f0u) ^ flip;
+    odd = (w & 0xf0f0f0f0u) ^ flip;
 }
 
 // Where split_planes puts column `col` of a plane: each 8 columns ordered 0 2 4 6 1 3 5 7, so
