@@ -8,6 +8,8 @@
 #   usage: launch/device-sweep.sh PART FILTER < configs
 # Prepared configuration lists are in launch/sweeps/, for example
 #   bash launch/device-sweep.sh gemv,experts 'gemv|experts|moe layer' < launch/sweeps/l2-fetch.txt
+# CHECK=1 also runs `duet bench check` under each configuration first and prints its verdict
+# (about 30 s each), for settings that change what the kernels compute.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source launch/cuda-env.sh
@@ -15,5 +17,8 @@ part=$1 filter=$2
 while IFS= read -r cfg; do
     [ -z "$cfg" ] && continue
     echo "== ${cfg}"
+    if [ -n "${CHECK:-}" ]; then
+        env -S "$cfg" timeout 150 ./target/release/duet bench check --fixtures tests/fixtures 2>&1 | tail -1 | sed 's/^/check: /'
+    fi
     env -S "$cfg" timeout 120 ./target/release/duet bench kernels --only "$part" 2>&1 | grep -E "$filter"
 done
