@@ -8,12 +8,12 @@
 
 // L2 fetch size of the weight loads (ld_weight16): none, measured best here on H200 (bf16
 // 16384->6144 at 94% of copy bandwidth with 256-byte fetches against 101% without).
+#ifndef LINEAR_L2_FETCH
+#define LINEAR_L2_FETCH 0
+#endif
 // Units per thread in flight in block_dots (the unroll of its column loop).
 #ifndef GEMV_UNR
 #define GEMV_UNR 2
-#endif
-#ifndef LINEAR_L2_FETCH
-#define LINEAR_L2_FETCH 0
 #endif
 
 template <int FMT> struct Fmt;

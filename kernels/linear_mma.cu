@@ -135,6 +135,28 @@ template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     return tile.result();
 }
 
+// MMA_RUNS: where a lane reads chunk q of a tile's rows a and b (64 bytes of each per chunk, from
+// its 16-byte piece), kept at chunk qc so a run's loads are these plus constants.
+struct RowCursor {
+    int qc;
+    const u8 *la, *lb;
+    __device__ void init(const void* w, size_t row_bytes, int ra, int rb) {
+        qc = 0;
+        la = (const u8*)w + (size_t)max(ra, 0) * row_bytes + 16 * (threadIdx.x & 3);
+        lb = (const u8*)w + (size_t)max(rb, 0) * row_bytes + 16 * (threadIdx.x & 3);
+    }
+    // Moves to chunk qb; returns by how many chunks, for the tile's other cursors.
+    __device__ int seek(int qb) {
+        int dq = qb - qc;
+        qc = qb;
+        la += 64 * dq;
+        lb += 64 * dq;
+        return dq;
+    }
+    __device__ const u8* a(int q) const { return la + 64 * (q - qc); }
+    __device__ const u8* b(int q) const { return lb + 64 * (q - qc); }
+};
+
 // FP8, block scales with bc a power-of-two multiple of 64. A chunk is 64 columns: lane c holds
 // bytes [16c, 16c + 16) of both rows; mma j takes its bytes 4j .. 4j + 3, and the x pieces of
 // the lane's B column (slot g / 2, half g % 2 of split_act).
@@ -149,11 +171,8 @@ struct Fp8Tile {
     const float *sa, *sb;  // scale rows of ra and rb
     const uint4* xp;       // this lane's B column in 16-byte pieces, or null
     float2 acc;
-    // MMA_RUNS: cursors at chunk qc (seek) for the lane's weight bytes of both rows and its x
-    // pieces, so a run's loads are these plus constants.
-    int qc;
-    const u8 *la, *lb;
-    const uint4* xc;
+    RowCursor rc;     // MMA_RUNS: the rows' weights at chunk rc.qc,
+    const uint4* xc;  // and the lane's x pieces there
     __device__ Fp8Tile(const WDesc& d, int ra, int rb, const int* trow, const void* xs)
         : d(d), ra(ra), rb(rb), lq(__ffs(d.bc >> 6) - 1), acc(make_float2(0.f, 0.f)) {
         sa = d.scale + (size_t)(max(ra, 0) / d.br) * d.sc;
@@ -163,19 +182,14 @@ struct Fp8Tile {
         // needs a null check.
         if (MMA_RUNS && t < 0) t = trow[0];
         xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
-        qc = 0;
-        la = (const u8*)d.w + (size_t)max(ra, 0) * d.cols + 16 * (threadIdx.x & 3);
-        lb = (const u8*)d.w + (size_t)max(rb, 0) * d.cols + 16 * (threadIdx.x & 3);
-        xc = xp + 2 * (threadIdx.x & 3);
+        if (MMA_RUNS) {
+            rc.init(d.w, d.cols, ra, rb);
+            xc = xp + 2 * (threadIdx.x & 3);
+        }
     }
     // Moves the MMA_RUNS cursors to chunk qb.
     __device__ void seek(int qb) {
-        if (!MMA_RUNS) return;
-        int dq = qb - qc;
-        qc = qb;
-        la += 64 * dq;
-        lb += 64 * dq;
-        xc += 8 * dq;
+        if (MMA_RUNS) xc += 8 * rc.seek(qb);
     }
     __device__ int chunks() const { return d.cols >> 6; }
     // CHECK false (MMA_RUNS, a whole run): q is a chunk, and a missing row reads row 0 (rows are
@@ -186,8 +200,8 @@ struct Fp8Tile {
         const uint4 z = make_uint4(0, 0, 0, 0);
         bool oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         if (MMA_RUNS) {
-            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(la + 64 * (q - qc)) : z;
-            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(lb + 64 * (q - qc)) : z;
+            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
+            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
         } else {
             const u8* w = (const u8*)d.w + 64 * q + 16 * c;
             ch.a = oa ? ld_weight16<MMA_L2_FETCH>(w + (size_t)ra * d.cols) : z;
@@ -200,7 +214,7 @@ struct Fp8Tile {
         int c = threadIdx.x & 3;
         bool ok = !CHECK || q < chunks(), ox = ok && (MMA_RUNS || xp);
         const uint4 z = make_uint4(0, 0, 0, 0);
-        const uint4* x = MMA_RUNS ? xc + 8 * (q - qc) : xp + 8 * q + 2 * c;
+        const uint4* x = MMA_RUNS ? xc + 8 * (q - rc.qc) : xp + 8 * q + 2 * c;
         ch.x[0] = ox ? x[0] : z;
         ch.x[1] = ox ? x[1] : z;
         ch.sa = ok && (!CHECK || ra >= 0) ? __ldg(sa + (q >> lq)) : 0.f;
@@ -274,17 +288,16 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     struct Chunk {
         uint4 a, b, x[NT][2];
         float4 sa, sb;           // the chunk's GPC group scales of ra and rb
-        u32 za, zb;              // ASYM: the aligned words holding their zero points,
+        u32 za, zb;              // ASYM: the words holding their zero points (MMA_RUNS: from byte 0),
         int2 sums[NT][GPC];      // and the plane sums of the lane's C columns per group
     };
     const WDesc& d;
     int ra, rb, lg, n32;
     const u32 *wa, *wb;
     size_t ga, gb;
-    // MMA_RUNS: cursors at chunk qc (seek) for the lane's weight bytes, the rows' scales and
-    // zero points, and (moved too) xb and sm, so a run's loads are these plus constants.
-    int qc;
-    const u8 *la, *lb;
+    // MMA_RUNS: cursors at chunk rc.qc (seek) for the rows' weights, scales and zero points,
+    // and (moved too) xb and sm, so a run's loads are these plus constants.
+    RowCursor rc;
     const float *sra, *srb;
     const signed char *zra, *zrb;
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
@@ -296,13 +309,13 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
         ga = (size_t)max(ra, 0) * d.sc;
         gb = (size_t)max(rb, 0) * d.sc;
-        la = (const u8*)wa + 16 * (threadIdx.x & 3);
-        lb = (const u8*)wb + 16 * (threadIdx.x & 3);
-        sra = d.scale + ga;
-        srb = d.scale + gb;
-        zra = d.zero + ga;
-        zrb = d.zero + gb;
-        qc = 0;
+        if (MMA_RUNS) {
+            rc.init(d.w, d.cols / 2, ra, rb);
+            sra = d.scale + ga;
+            srb = d.scale + gb;
+            zra = d.zero + ga;
+            zrb = d.zero + gb;
+        }
         int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
@@ -319,10 +332,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     // Moves the MMA_RUNS cursors to chunk qb.
     __device__ void seek(int qb) {
         if (!MMA_RUNS) return;
-        int dq = qb - qc;
-        qc = qb;
-        la += 64 * dq;
-        lb += 64 * dq;
+        int dq = rc.seek(qb);
         sra += GPC * dq;
         srb += GPC * dq;
         zra += GPC * dq;
@@ -358,8 +368,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
         if (MMA_RUNS) {
-            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(la + 64 * (q - qc)) : z;
-            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(lb + 64 * (q - qc)) : z;
+            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
+            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
         } else {
             ch.a = oa ? ld_weight16<MMA_L2_FETCH>(wa + 16 * q + 4 * c) : z;
             ch.b = ob ? ld_weight16<MMA_L2_FETCH>(wb + 16 * q + 4 * c) : z;
@@ -368,7 +378,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
     // Everything but the weights: x pieces, scales, zero points and plane sums.
     template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
-        int c = threadIdx.x & 3, r = MMA_RUNS ? q - qc : q;  // r: chunk q from the cursors
+        int c = threadIdx.x & 3, r = MMA_RUNS ? q - rc.qc : q;  // r: chunk q from the cursors
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
