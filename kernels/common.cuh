@@ -216,13 +216,10 @@ __device__ __forceinline__ int int4_word(const WDesc& d, int w) {
     return d.interleaved ? (w & ~15) | ((w & 3) << 2) | ((w >> 2) & 3) : w;
 }
 
-// INT4 nibbles stored with their top bit flipped (n ^ 8: the upload does it with
-// DUET_INT4_FLIP=1, which sets this), so the tensor-core kernels skip two XORs per word and the
-// CUDA-core readers undo it (int4_unflip).
-#ifndef INT4_FLIP
-#define INT4_FLIP 0
-#endif
-__device__ __forceinline__ u32 int4_unflip(u32 w) { return INT4_FLIP ? w ^ 0x88888888u : w; }
+// The upload stores every INT4 nibble n as n ^ 8, the signed q = n − 8 in two's complement,
+// which the tensor-core kernels read as int8 without an XOR (int4_s8); the CUDA-core readers
+// take words back to the checkpoint's unsigned nibbles with this.
+__device__ __forceinline__ u32 int4_unsigned(u32 w) { return w ^ 0x88888888u; }
 
 // Word j of a 16-byte load.
 __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
@@ -260,18 +257,4 @@ __device__ __forceinline__ void pdl_entry() {
 }
 __device__ __forceinline__ void pdl_late() {
     if (PDL_TRIGGER == 2) pdl_trigger();
-}
-// Bytes of each of its weight rows a dense linear kernel asks L2 for before its wait (weights
-// are never written by the kernel before, so they may be read early): 0, off; a sweep knob.
-#ifndef PDL_PREFETCH
-#define PDL_PREFETCH 0
-#endif
-// Asks L2 for the first min(PDL_PREFETCH, row_bytes) bytes of `rows` consecutive weight rows
-// from `first` (one thread per row; whole 16-byte units).
-__device__ __forceinline__ void prefetch_rows(const void* w, size_t row_bytes, int first, int rows, int total) {
-    if (PDL_PREFETCH <= 0) return;
-    int r = first + (int)threadIdx.x;
-    if ((int)threadIdx.x >= rows || r >= total) return;
-    unsigned bytes = (unsigned)(min((size_t)PDL_PREFETCH, row_bytes) & ~(size_t)15);
-    if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"((const char*)w + r * row_bytes), "r"(bytes) : "memory");
 }

@@ -99,7 +99,7 @@ template <> struct Fmt<FMT_INT4> {
             const u32* p = (const u32*)d.w + (size_t)r * (d.cols / 8) + int4_word(d, 4 * u);
             v = make_uint4(__ldg(p), __ldg(p + 4), __ldg(p + 8), __ldg(p + 12));
         }
-        return make_uint4(int4_unflip(v.x), int4_unflip(v.y), int4_unflip(v.z), int4_unflip(v.w));
+        return make_uint4(int4_unsigned(v.x), int4_unsigned(v.y), int4_unsigned(v.z), int4_unsigned(v.w));
     }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 8.f, s, b); }
     __device__ static float4 chunk(const uint4& v, int i) {
@@ -108,7 +108,7 @@ template <> struct Fmt<FMT_INT4> {
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols * 4 + 31) / 32;
-        u32 w = int4_unflip(((const u32*)d.w)[(size_t)r * wpr + int4_word(d, c / 8)]);
+        u32 w = int4_unsigned(((const u32*)d.w)[(size_t)r * wpr + int4_word(d, c / 8)]);
         int g = c / d.group;
         float s = d.scale[(size_t)r * d.sc + g];
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
@@ -390,9 +390,7 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
     }
 
 #define INSTANTIATE(NAME, FMT)                                                                            \
-    extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
-        if (d.vec) prefetch_rows(d.w, (size_t)(d.cols / Fmt<FMT>::U) * 16, blockIdx.x * GEMV_ROWS, GEMV_ROWS, d.rows); \
-        pdl_entry();                                                                                       \
+    extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { pdl_entry(); \
         gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { pdl_entry(); \

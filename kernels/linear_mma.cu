@@ -24,7 +24,8 @@
 // Tuning constants (DUET_KERNEL_DEFINES overrides them for sweeps). Registers per thread
 // (__maxnreg__): at most 128 so 16-warp blocks fit (FP8 measured slower capped at 80: 62-74%
 // of bandwidth against 75-82%). Chunks in flight per warp: as many as fit the registers
-// without spilling.
+// without spilling. (With runs, more measured no faster: INT4 group-64 experts 62% at 2, 3 or
+// 4; group 128 with zero points 69% at 3, 65% at 4; 168 registers slower still.)
 #ifndef FP8_REGS
 #define FP8_REGS 128
 #endif
@@ -50,13 +51,6 @@
 // slower (FP8 experts 68-71%).
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
-#endif
-// Chunk order (tile_dots): 0, every nw-th chunk per warp; 1, runs of UNR consecutive chunks, so
-// a run's loads are its first chunk's addresses plus constants and only the last run checks
-// bounds (the strided order spends about 60 of INT4's 110-143 instructions per chunk on 64-bit
-// address arithmetic and predicates: SASS of the group-128 loops).
-#ifndef MMA_RUNS
-#define MMA_RUNS 0
 #endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {
@@ -84,8 +78,8 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 
 // ---- one warp's share of a tile ------------------------------------------------------------
 // Rows ra (A rows g = lane / 4) and rb (A rows g + 8), −1 for none, times the tile's token slots
-// (trow: activation row of each, −1 for none). Warp w of a block takes chunks w, w + nw, ... of
-// the columns, UNR at a time: everything a chunk needs (weight pieces, activation pieces, the
+// (trow: activation row of each, −1 for none). Each warp of a block takes runs of UNR chunks of
+// the columns (tile_dots): everything a chunk needs (weight pieces, activation pieces, the
 // chunk's scales and zero points) is loaded into registers for all UNR chunks before the first
 // multiply, so each warp keeps a few kilobytes in flight and no multiply waits on a second
 // load. (A per-lane cp.async pipeline through shared memory measured slower on H200: FP8
@@ -93,50 +87,42 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // functions return, for lane (g, c = lane % 4), the scaled dot products of ra and rb with token
 // slot c over the warp's chunks.
 
-// A Tile loads chunk q into a Chunk (zeros past the last chunk or for missing rows), folds a
-// chunk into its accumulators (dot) and them into the lane's result (result). (Issuing the next
-// UNR chunks' loads before multiplying the current ones, in two register sets, measured slower
-// on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
-// (A warp taking a contiguous run of chunks instead of every nw-th measured no better on
-// H200: INT4 16384->6144 60% against 62%, group-32 experts 45% against 42%.)
+// Chunk order: warp w takes the runs of UNR consecutive chunks w·UNR, then every nw·UNR chunks
+// further, so a run's loads are its first chunk's addresses (the tile's cursors, moved by seek)
+// plus constants, and only the last run checks bounds. (Taking every nw-th chunk instead spent
+// about 60 of INT4's 110-143 instructions per chunk on 64-bit address arithmetic and
+// predicates; runs measured INT4 experts 62% -> 69% of bandwidth, FP8 16384->6144 82% -> 94%.)
+// A Tile loads chunk q into a Chunk (load<CHECK>: zeros past the last chunk or for missing
+// rows), folds a chunk into its accumulators (dot) and them into the lane's result (result).
+// (Issuing the next UNR chunks' loads before multiplying the current ones, in two register
+// sets, measured slower on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
 template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
-    if (MMA_RUNS) {
-        // Warp w takes runs w·UNR, then every nw·UNR chunks further; only the last run is partial.
-        int qb = warp * UNR;
-        for (; qb + UNR <= nq; qb += nw * UNR) {
-            typename Tile::Chunk ch[UNR];
-            tile.seek(qb);
-#pragma unroll
-            for (int u = 0; u < UNR; u++) tile.template load<false>(qb + u, ch[u]);
-#pragma unroll
-            for (int u = 0; u < UNR; u++) tile.dot(qb + u, ch[u]);
-        }
-        if (qb < nq) {
-            typename Tile::Chunk ch[UNR];
-            tile.seek(qb);
-#pragma unroll
-            for (int u = 0; u < UNR; u++) tile.template load<true>(qb + u, ch[u]);
-#pragma unroll
-            for (int u = 0; u < UNR; u++)
-                if (qb + u < nq) tile.dot(qb + u, ch[u]);
-        }
-        return tile.result();
-    }
-    for (int q0 = warp; q0 < nq; q0 += UNR * nw) {
+    int qb = warp * UNR;
+    for (; qb + UNR <= nq; qb += nw * UNR) {
         typename Tile::Chunk ch[UNR];
+        tile.seek(qb);
 #pragma unroll
-        for (int u = 0; u < UNR; u++) tile.template load<true>(q0 + u * nw, ch[u]);
+        for (int u = 0; u < UNR; u++) tile.template load<false>(qb + u, ch[u]);
+#pragma unroll
+        for (int u = 0; u < UNR; u++) tile.dot(qb + u, ch[u]);
+    }
+    if (qb < nq) {
+        typename Tile::Chunk ch[UNR];
+        tile.seek(qb);
+#pragma unroll
+        for (int u = 0; u < UNR; u++) tile.template load<true>(qb + u, ch[u]);
 #pragma unroll
         for (int u = 0; u < UNR; u++)
-            if (q0 + u * nw < nq) tile.dot(q0 + u * nw, ch[u]);
+            if (qb + u < nq) tile.dot(qb + u, ch[u]);
     }
     return tile.result();
 }
 
-// MMA_RUNS: where a lane reads chunk q of a tile's rows a and b (64 bytes of each per chunk, from
-// its 16-byte piece), kept at chunk qc so a run's loads are these plus constants.
+// Where a lane reads chunk q of a tile's rows a and b (64 bytes of each per chunk, from its
+// 16-byte piece), kept at chunk qc so a run's loads are these plus constants. A missing row
+// (−1) reads row 0: its results are never stored, and no load needs a predicate.
 struct RowCursor {
     int qc;
     const u8 *la, *lb;
@@ -157,6 +143,14 @@ struct RowCursor {
     __device__ const u8* b(int q) const { return lb + 64 * (q - qc); }
 };
 
+// The activation row of token slot t, or of slot 0 for an empty slot (its results are not
+// stored), so no activation load needs a null check. Selects, not an indexed array, so trow
+// stays in registers.
+__device__ __forceinline__ int slot_row(const int* trow, int t) {
+    int r = t == 0 ? trow[0] : t == 1 ? trow[1] : t == 2 ? trow[2] : trow[3];
+    return r >= 0 ? r : trow[0];
+}
+
 // FP8, block scales with bc a power-of-two multiple of 64. A chunk is 64 columns: lane c holds
 // bytes [16c, 16c + 16) of both rows; mma j takes its bytes 4j .. 4j + 3, and the x pieces of
 // the lane's B column (slot g / 2, half g % 2 of split_act).
@@ -169,56 +163,31 @@ struct Fp8Tile {
     const WDesc& d;
     int ra, rb, lq;        // lq: log2(chunks per scale column)
     const float *sa, *sb;  // scale rows of ra and rb
-    const uint4* xp;       // this lane's B column in 16-byte pieces, or null
+    RowCursor rc;          // the rows' weights at chunk rc.qc,
+    const uint4* xc;       // and the lane's x pieces there (its B column, in 16-byte pieces)
     float2 acc;
-    RowCursor rc;     // MMA_RUNS: the rows' weights at chunk rc.qc,
-    const uint4* xc;  // and the lane's x pieces there
     __device__ Fp8Tile(const WDesc& d, int ra, int rb, const int* trow, const void* xs)
         : d(d), ra(ra), rb(rb), lq(__ffs(d.bc >> 6) - 1), acc(make_float2(0.f, 0.f)) {
         sa = d.scale + (size_t)(max(ra, 0) / d.br) * d.sc;
         sb = d.scale + (size_t)(max(rb, 0) / d.br) * d.sc;
-        int g = (threadIdx.x & 31) >> 2, t = trow[g / 2];
-        // MMA_RUNS: an empty slot reads slot 0's row (its results are not stored), so no load
-        // needs a null check.
-        if (MMA_RUNS && t < 0) t = trow[0];
-        xp = t >= 0 ? (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) : nullptr;
-        if (MMA_RUNS) {
-            rc.init(d.w, d.cols, ra, rb);
-            xc = xp + 2 * (threadIdx.x & 3);
-        }
+        int g = (threadIdx.x & 31) >> 2, t = slot_row(trow, g / 2);
+        rc.init(d.w, d.cols, ra, rb);
+        xc = (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) + 2 * (threadIdx.x & 3);
     }
-    // Moves the MMA_RUNS cursors to chunk qb.
-    __device__ void seek(int qb) {
-        if (MMA_RUNS) xc += 8 * rc.seek(qb);
-    }
+    // Moves the cursors to chunk qb.
+    __device__ void seek(int qb) { xc += 8 * rc.seek(qb); }
     __device__ int chunks() const { return d.cols >> 6; }
-    // CHECK false (MMA_RUNS, a whole run): q is a chunk, and a missing row reads row 0 (rows are
-    // clamped; its results are not stored), so no load is predicated.
+    // CHECK: chunk q may be past the last, and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load(int q, Chunk& ch) const {
-        int c = threadIdx.x & 3;
-        bool ok = !CHECK || q < chunks();
+        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
-        bool oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
-        if (MMA_RUNS) {
-            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
-            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        } else {
-            const u8* w = (const u8*)d.w + 64 * q + 16 * c;
-            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(w + (size_t)ra * d.cols) : z;
-            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(w + (size_t)rb * d.cols) : z;
-        }
-        load_x<CHECK>(q, ch);
-    }
-    // Everything but the weights: the x pieces and the rows' scales.
-    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
-        int c = threadIdx.x & 3;
-        bool ok = !CHECK || q < chunks(), ox = ok && (MMA_RUNS || xp);
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        const uint4* x = MMA_RUNS ? xc + 8 * (q - rc.qc) : xp + 8 * q + 2 * c;
-        ch.x[0] = ox ? x[0] : z;
-        ch.x[1] = ox ? x[1] : z;
-        ch.sa = ok && (!CHECK || ra >= 0) ? __ldg(sa + (q >> lq)) : 0.f;
-        ch.sb = ok && (!CHECK || rb >= 0) ? __ldg(sb + (q >> lq)) : 0.f;
+        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
+        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
+        const uint4* x = xc + 8 * (q - rc.qc);
+        ch.x[0] = ok ? x[0] : z;
+        ch.x[1] = ok ? x[1] : z;
+        ch.sa = oa ? __ldg(sa + (q >> lq)) : 0.f;
+        ch.sb = ob ? __ldg(sb + (q >> lq)) : 0.f;
     }
     __device__ void dot(int, const Chunk& ch) {
         float t[4] = {0.f, 0.f, 0.f, 0.f};
@@ -259,12 +228,12 @@ __device__ __forceinline__ void mma_s8(int d[4], u32 a0, u32 a1, u32 a2, u32 a3,
 #define ACC_BASE 0x4B400000
 __device__ __forceinline__ float acc_float(int v) { return __int_as_float(v) - 12582912.f; }
 
-// The even nibbles (0, 2, 4, 6) and the odd ones (1, 3, 5, 7) of a word as four int8 16·q each.
-// (INT4_FLIP: the upload stored every nibble n as n ^ 8, so the XORs are done.)
+// The even nibbles (0, 2, 4, 6) and the odd ones (1, 3, 5, 7) of a word as four int8 16·q each:
+// the upload stores every nibble as q = n − 8 in two's complement (n ^ 8, int4_unsigned), so
+// in a byte's high half it reads as 16·q.
 __device__ __forceinline__ void int4_s8(u32 w, u32& even, u32& odd) {
-    const u32 flip = INT4_FLIP ? 0u : 0x80808080u;
-    even = ((w << 4) & 0xf0f0f0f0u) ^ flip;
-    odd = (w & 0xf0f0f0f0u) ^ flip;
+    even = (w << 4) & 0xf0f0f0f0u;
+    odd = w & 0xf0f0f0f0u;
 }
 
 // Where split_planes puts column `col` of a plane: each 8 columns ordered 0 2 4 6 1 3 5 7, so
@@ -287,51 +256,39 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : 2) : (NT == 1 ? INT4_UNR_SMALL : 1);
     struct Chunk {
         uint4 a, b, x[NT][2];
-        float4 sa, sb;           // the chunk's GPC group scales of ra and rb
-        u32 za, zb;              // ASYM: the words holding their zero points (MMA_RUNS: from byte 0),
+        float4 sa, sb;           // the chunk's GPC group scales of ra and rb,
+        u32 za, zb;              // ASYM: their zero points (byte s: group s),
         int2 sums[NT][GPC];      // and the plane sums of the lane's C columns per group
     };
     const WDesc& d;
-    int ra, rb, lg, n32;
-    const u32 *wa, *wb;
-    size_t ga, gb;
-    // MMA_RUNS: cursors at chunk rc.qc (seek) for the rows' weights, scales and zero points,
-    // and (moved too) xb and sm, so a run's loads are these plus constants.
+    int ra, rb;
+    // Cursors at chunk rc.qc (seek) for the rows' weights, scales and zero points, and the
+    // lane's activations and plane sums, so a run's loads are these plus constants.
     RowCursor rc;
     const float *sra, *srb;
     const signed char *zra, *zrb;
-    const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4), or null
+    const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4)
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
     float acc[NT][4];
-    __device__ Int4Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums)
-        : d(d), ra(ra), rb(rb), lg(__ffs(d.group) - 1), n32(d.cols >> 5) {
-        wa = (const u32*)d.w + (size_t)max(ra, 0) * (d.cols >> 3);
-        wb = (const u32*)d.w + (size_t)max(rb, 0) * (d.cols >> 3);
-        ga = (size_t)max(ra, 0) * d.sc;
-        gb = (size_t)max(rb, 0) * d.sc;
-        if (MMA_RUNS) {
-            rc.init(d.w, d.cols / 2, ra, rb);
-            sra = d.scale + ga;
-            srb = d.scale + gb;
-            zra = d.zero + ga;
-            zrb = d.zero + gb;
-        }
-        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = n32 + (d.cols >> 7);
+    __device__ Int4Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) : d(d), ra(ra), rb(rb) {
+        // The upload keeps groups to at most 128 columns (weights.rs), so chunk q's groups are
+        // q·GPC onwards.
+        rc.init(d.w, d.cols / 2, ra, rb);
+        sra = d.scale + (size_t)max(ra, 0) * d.sc;
+        srb = d.scale + (size_t)max(rb, 0) * d.sc;
+        zra = d.zero + (size_t)max(ra, 0) * d.sc;
+        zrb = d.zero + (size_t)max(rb, 0) * d.sc;
+        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = (d.cols >> 5) + (d.cols >> 7);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
-            int tb = trow[2 * n + g / 4], tc = trow[2 * n + c / 2];
-            // MMA_RUNS: an empty slot reads slot 0's row (not stored), so no load needs a null check.
-            if (MMA_RUNS && tb < 0) tb = trow[0];
-            if (MMA_RUNS && tc < 0) tc = trow[0];
-            xb[n] = tb >= 0 ? xq + ((size_t)tb * PLANES + g % 4) * d.cols : nullptr;
-            sm[n] = tc >= 0 && ASYM ? sums + (size_t)tc * spans * PLANES + 2 * (c & 1) : nullptr;
+            xb[n] = xq + ((size_t)slot_row(trow, 2 * n + g / 4) * PLANES + g % 4) * d.cols;
+            sm[n] = sums + (size_t)slot_row(trow, 2 * n + c / 2) * spans * PLANES + 2 * (c & 1) + (CONTIG ? (d.cols >> 5) * PLANES : 0);
             acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
     }
     __device__ int chunks() const { return d.cols >> 7; }
-    // Moves the MMA_RUNS cursors to chunk qb.
+    // Moves the cursors to chunk qb.
     __device__ void seek(int qb) {
-        if (!MMA_RUNS) return;
         int dq = rc.seek(qb);
         sra += GPC * dq;
         srb += GPC * dq;
@@ -343,9 +300,6 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             if (ASYM) sm[n] += (CONTIG ? 1 : 4) * PLANES * dq;
         }
     }
-    // The scale groups of chunk q start at group q·GPC (CONTIG: the one group holding it; with
-    // MMA_RUNS that group is the chunk's own, as the upload keeps INT4 groups to at most 128).
-    __device__ int group0(int q) const { return MMA_RUNS ? q * GPC : (128 * q) >> lg; }
     // GPC zero points from p (aligned to their count), byte s of the result holding the s-th.
     __device__ u32 zeros(const signed char* p) const {
         if (GPC == 4) return __ldg((const u32*)p);
@@ -361,31 +315,18 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         }
         return make_float4(__ldg(p), 0.f, 0.f, 0.f);
     }
-    // CHECK false (MMA_RUNS, a whole run): as for Fp8Tile, no load is predicated (the row
-    // pointers are clamped to row 0).
+    // CHECK: chunk q may be past the last, and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load(int q, Chunk& ch) const {
-        int c = threadIdx.x & 3;
+        int c = threadIdx.x & 3, r = q - rc.qc;  // r: chunk q from the cursors
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
-        if (MMA_RUNS) {
-            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
-            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        } else {
-            ch.a = oa ? ld_weight16<MMA_L2_FETCH>(wa + 16 * q + 4 * c) : z;
-            ch.b = ob ? ld_weight16<MMA_L2_FETCH>(wb + 16 * q + 4 * c) : z;
-        }
-        load_x<CHECK>(q, ch);
-    }
-    // Everything but the weights: x pieces, scales, zero points and plane sums.
-    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
-        int c = threadIdx.x & 3, r = MMA_RUNS ? q - rc.qc : q;  // r: chunk q from the cursors
-        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
-        const uint4 z = make_uint4(0, 0, 0, 0);
+        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
+        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             // Word i's plane bytes are x words 2i, 2i + 1.
             const u8* xp = xb[n] + 128 * r;
-            if (!ok || (!MMA_RUNS && !xb[n])) {
+            if (!ok) {
                 ch.x[n][0] = ch.x[n][1] = z;
             } else if (CONTIG) {
                 ch.x[n][0] = *(const uint4*)(xp + 32 * c);
@@ -397,25 +338,21 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                 ch.x[n][1] = make_uint4(x2.x, x2.y, x3.x, x3.y);
             }
         }
-        int g0 = group0(q);
         const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = oa ? scales(MMA_RUNS ? sra + GPC * r : d.scale + ga + g0) : zf;
-        ch.sb = ob ? scales(MMA_RUNS ? srb + GPC * r : d.scale + gb + g0) : zf;
+        ch.sa = oa ? scales(sra + GPC * r) : zf;
+        ch.sb = ob ? scales(srb + GPC * r) : zf;
         if (ASYM) {
-            // MMA_RUNS: the chunk's GPC zero points in their own load (aligned to their size),
-            // from byte 0; else the aligned word holding them (never straddling).
-            ch.za = !oa ? 0 : MMA_RUNS ? zeros(zra + GPC * r) : __ldg((const u32*)((size_t)(d.zero + ga + g0) & ~(size_t)3));
-            ch.zb = !ob ? 0 : MMA_RUNS ? zeros(zrb + GPC * r) : __ldg((const u32*)((size_t)(d.zero + gb + g0) & ~(size_t)3));
+            ch.za = oa ? zeros(zra + GPC * r) : 0;
+            ch.zb = ob ? zeros(zrb + GPC * r) : 0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
                 for (int s = 0; s < GPC; s++) {
                     // A group's sums: the chunk's 128-column sum, or its 32-column ones added.
                     int2 v = make_int2(0, 0);
-                    bool os = ok && (MMA_RUNS || sm[n]);
-                    if (os && CONTIG) {
-                        v = *(const int2*)(sm[n] + (n32 + r) * PLANES);
-                    } else if (os) {
+                    if (ok && CONTIG) {
+                        v = *(const int2*)(sm[n] + r * PLANES);
+                    } else if (ok) {
 #pragma unroll
                         for (int i = 0; i < 4 / GPC; i++) {
                             int2 p = *(const int2*)(sm[n] + (4 * r + s * (4 / GPC) + i) * PLANES);
@@ -427,8 +364,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                 }
         }
     }
-    __device__ void dot(int q, const Chunk& ch) {
-        int g0 = group0(q);
+    __device__ void dot(int, const Chunk& ch) {
 #pragma unroll
         for (int s = 0; s < GPC; s++) {
             int C[NT][4];
@@ -451,8 +387,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             float za = 0.f, zb = 0.f;
             if (ASYM) {
                 // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
-                za = -16.f * (float)(signed char)(ch.za >> (8 * ((MMA_RUNS ? 0 : (ga + g0) & 3) + s)));
-                zb = -16.f * (float)(signed char)(ch.zb >> (8 * ((MMA_RUNS ? 0 : (gb + g0) & 3) + s)));
+                za = -16.f * (float)(signed char)(ch.za >> (8 * s));
+                zb = -16.f * (float)(signed char)(ch.zb >> (8 * s));
             }
 #pragma unroll
             for (int n = 0; n < NT; n++) {
@@ -742,9 +678,7 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
 }
 
 #define INSTANTIATE_MMA(NAME, FMT, REGS)                                                                                      \
-    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
-        prefetch_rows(d.w, FMT == FMT_FP8 ? (size_t)d.cols : (size_t)d.cols / 2, blockIdx.x * 16, 16, d.rows); \
-        pdl_entry();                                                                                    \
+    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { pdl_entry(); \
         gemv_mma<FMT>(d, xs, sums, exps, y, T, ldy, yoff);                                                              \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \

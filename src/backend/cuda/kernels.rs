@@ -29,13 +29,6 @@ pub fn pdl() -> bool {
     *ON.get_or_init(|| env_switch("DUET_PDL", true))
 }
 
-/// Whether INT4 weights are uploaded with every nibble's top bit flipped (`DUET_INT4_FLIP=1`,
-/// off by default; INT4_FLIP in kernels/common.cuh, which it sets to match).
-pub fn int4_flip() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("DUET_INT4_FLIP", false))
-}
-
 /// An on/off variable: `0` is off, any other value on, unset `default`.
 pub fn env_switch(name: &str, default: bool) -> bool {
     std::env::var(name).map_or(default, |v| v != "0")
@@ -58,7 +51,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS", "DUET_INT4_FLIP"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }
@@ -71,9 +64,6 @@ pub fn settings() -> String {
 /// (chunks in flight, register caps) for sweeps on the device without a rebuild.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
-    if int4_flip() {
-        opts.push("-DINT4_FLIP=1".into());
-    }
     opts.extend(extra_defines().iter().cloned());
     opts
 }

@@ -225,8 +225,9 @@ impl HostLinear {
         if interleave {
             transpose_int4_pieces(&mut self.data);
         }
-        if self.fmt == Fmt::Int4 && super::kernels::int4_flip() {
-            // Every nibble n stored as n ^ 8 (INT4_FLIP in kernels/common.cuh).
+        if self.fmt == Fmt::Int4 {
+            // Every nibble n stored as n ^ 8, the signed n − 8 the tensor cores read
+            // (int4_unsigned in kernels/common.cuh).
             self.data.iter_mut().for_each(|b| *b ^= 0x88);
         }
         let w = stream.clone_htod(&self.data)?;
