@@ -432,20 +432,29 @@ template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(
     return tile_dots(t);
 }
 
-template <int GPC, int NT> __device__ __forceinline__ float2 int4_part(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) {
-    if (d.zero) return run_tile<Int4Tile<GPC, NT, true>>(d, ra, rb, trow, xq, sums);
-    return run_tile<Int4Tile<GPC, NT, false>>(d, ra, rb, trow, xq, sums);
-}
-
-// This tile's share for lane (g, c); INT4 takes two B tiles when slots 2 and 3 are used.
-template <int FMT> __device__ __forceinline__ float2 tile_part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
-    if (FMT == FMT_FP8) return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
-    const u8* xq = (const u8*)xs;
-    bool two = trow[2] >= 0 || trow[3] >= 0;
-    if (d.group >= 128) return two ? int4_part<1, 2>(d, ra, rb, trow, xq, sums) : int4_part<1, 1>(d, ra, rb, trow, xq, sums);
-    if (d.group == 64) return two ? int4_part<2, 2>(d, ra, rb, trow, xq, sums) : int4_part<2, 1>(d, ra, rb, trow, xq, sums);
-    return two ? int4_part<4, 2>(d, ra, rb, trow, xq, sums) : int4_part<4, 1>(d, ra, rb, trow, xq, sums);
-}
+// What a kernel instantiation multiplies: SLOTS token slots per tile (4, or 2 for the INT4
+// kernels of one or two tokens), and part(), the tile's share for lane (g, c). Each INT4
+// variant (group size, zero points, slots) is its own kernel, compiled for just its loop (one
+// kernel branching to all twelve measured 2-5 points slower: INT4 experts x1 70.6% against
+// 72.5%, group-64 GEMV 68% against 74%). (Capping the group-64 and -32 kernels at the 80 or 96
+// registers they fit without spilling, for more warps per SM, measured slower at one token:
+// group-64 experts 57% against 65%.)
+struct Fp8Mma {
+    static constexpr int SLOTS = MMA_TOKENS;
+    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*) {
+        return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
+    }
+};
+// INT4 with GPC groups per 128-column chunk, zero points or not; with SLOTS 4 a tile takes a
+// second B tile when its slots 2 and 3 are used.
+template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
+    static constexpr int SLOTS = SLOTS_;
+    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
+        const u8* xq = (const u8*)xs;
+        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>>(d, ra, rb, trow, xq, sums);
+        return run_tile<Int4Tile<GPC, 1, ASYM>>(d, ra, rb, trow, xq, sums);
+    }
+};
 
 // Sums the warps' shares: res[r·4 + t] = row r of the tile (0..15) with token t. Every thread
 // of the block calls it; res is valid for all after it returns.
@@ -611,16 +620,16 @@ __device__ __forceinline__ void slot_rows(int* trow, const int* base, int n, int
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < n ? base[j] / div : -1;
 }
 
-// y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / 4)).
-template <int FMT> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
+// y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / V::SLOTS)).
+template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
     __shared__ float res[16 * MMA_TOKENS];
-    int r0 = blockIdx.x * 16, t0 = blockIdx.y * MMA_TOKENS, nt = min(MMA_TOKENS, T - t0);
+    int r0 = blockIdx.x * 16, t0 = blockIdx.y * V::SLOTS, nt = min(V::SLOTS, T - t0);
     int g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < d.rows ? r0 + g : -1, rb = r0 + 8 + g < d.rows ? r0 + 8 + g : -1;
     int trow[MMA_TOKENS];
 #pragma unroll
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
-    float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
+    float2 v = V::part(d, ra, rb, trow, xs, sums);
     pdl_late();
     tile_reduce(v, res);
     int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
@@ -629,7 +638,7 @@ template <int FMT> __device__ void gemv_mma(const WDesc d, const void* xs, const
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
 // matching up rows; grid (ceil(I / 8), groups); x split for the format (T rows).
-template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
@@ -638,10 +647,10 @@ template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     const WDesc d = gu[experts[grp]];
     int r0 = blockIdx.x * 8, g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
-    for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
-        int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
+    for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
+        int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, K);
-        float2 v = tile_part<FMT>(d, ra, rb, trow, xs, sums);
+        float2 v = V::part(d, ra, rb, trow, xs, sums);
         pdl_late();
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
@@ -654,7 +663,7 @@ template <int FMT> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
 }
 
 // part[p, r] = down_e[r] · act[p]; grid (ceil(H / 16), groups); act split for the format (P rows).
-template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
+template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
@@ -663,10 +672,10 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     const WDesc d = dn[experts[grp]];
     int r0 = blockIdx.x * 16, g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
-    for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += MMA_TOKENS) {
-        int nt = min(MMA_TOKENS, offs[grp + 1] - p0), trow[MMA_TOKENS];
+    for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
+        int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
-        float2 v = tile_part<FMT>(d, ra, rb, trow, acts, sums);
+        float2 v = V::part(d, ra, rb, trow, acts, sums);
         pdl_late();
         tile_reduce(v, res);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
@@ -677,16 +686,29 @@ template <int FMT> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     }
 }
 
-#define INSTANTIATE_MMA(NAME, FMT, REGS)                                                                                      \
+#define INSTANTIATE_MMA(NAME, V, REGS)                                                                                        \
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { pdl_entry(); \
-        gemv_mma<FMT>(d, xs, sums, exps, y, T, ldy, yoff);                                                              \
+        gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
-        moe_gate_up_mma<FMT>(gu, plan, P, xs, sums, exps, act, K, I);                                                   \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { pdl_entry(); \
-        moe_down_mma<FMT>(dn, plan, P, acts, sums, exps, part, H);                                                      \
+        moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
     }
 
-INSTANTIATE_MMA(fp8, FMT_FP8, FP8_REGS)
-INSTANTIATE_MMA(int4, FMT_INT4, INT4_REGS)
+// The INT4 variants' names: g<group><a: zero points | s: none><slots>_int4 (linear.rs builds
+// them the same way).
+#define INSTANTIATE_INT4(G, GPC, SLOTS)                                           \
+    typedef Int4Mma<GPC, true, SLOTS> Int4_g##G##a##SLOTS;                        \
+    typedef Int4Mma<GPC, false, SLOTS> Int4_g##G##s##SLOTS;                       \
+    INSTANTIATE_MMA(g##G##a##SLOTS##_int4, Int4_g##G##a##SLOTS, INT4_REGS)        \
+    INSTANTIATE_MMA(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS)
+
+INSTANTIATE_MMA(fp8, Fp8Mma, FP8_REGS)
+INSTANTIATE_INT4(128, 1, 2)
+INSTANTIATE_INT4(128, 1, 4)
+INSTANTIATE_INT4(64, 2, 2)
+INSTANTIATE_INT4(64, 2, 4)
+INSTANTIATE_INT4(32, 4, 2)
+INSTANTIATE_INT4(32, 4, 4)

@@ -8,7 +8,7 @@
 # the first launch is that row's. SOURCE=1 collects the full set with source correlation and
 # prints the instructions with the most stall samples and each kernel's stall reasons
 # (launch/ncu-hot-sass.py), for example
-#   CASE='experts int4 8/token x1' SOURCE=1 bash launch/device-profile.sh 'moe_gate_up_mma_int4:experts'
+#   CASE='experts int4 8/token x1' SOURCE=1 bash launch/device-profile.sh 'moe_gate_up_mma_g128a2_int4:experts'
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source launch/cuda-env.sh

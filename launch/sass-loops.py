@@ -7,7 +7,7 @@ branch over at most 2000 instructions) that holds MMA instructions: its size and
 MMA, weight loads (LDG.E.NA), all loads, compares, integer address arithmetic and register
 zeroing (CS2R), the things that separate a lean loop from a busy one.
     python3 launch/kernel-regs.py linear_mma -DMMA_RUNS=1 --cubin /tmp/mma.cubin
-    cuobjdump -sass -fun moe_gate_up_mma_int4 /tmp/mma.cubin | python3 launch/sass-loops.py
+    cuobjdump -sass -fun moe_gate_up_mma_g128a2_int4 /tmp/mma.cubin | python3 launch/sass-loops.py
 (cuobjdump and nvdisasm: the nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels.)
 """
 import re

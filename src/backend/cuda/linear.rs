@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Result};
 
 use super::buffer::DevBuf;
-use super::weights::{CudaWeight, Fmt};
+use super::weights::{CudaWeight, Fmt, WDesc};
 use super::{kernels, Arg, CudaBackend, CudaTensor, Kernel};
 
 impl CudaBackend {
@@ -18,12 +18,13 @@ impl CudaBackend {
         let (nt, kernel) = if x.rows == 1 { (1, "gemv1") } else { (8, "gemv8") };
         for p in &w.parts {
             let (t, ldy, off) = (Arg::I32(x.rows as i32), Arg::I32(y.cols as i32), Arg::I32(yoff as i32));
-            if p.desc.mma != 0 && x.rows <= MMA_MAX_TOKENS {
+            if let Some(v) = MmaVariant::of(p.fmt, &p.desc).filter(|_| x.rows <= MMA_MAX_TOKENS) {
                 let s = self.split(x, p.fmt)?;
                 self.launch_mma(
                     "gemv_mma",
-                    p.fmt,
-                    ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(MMA_TOKENS), 1),
+                    v,
+                    x.rows,
+                    ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(v.slots(x.rows)), 1),
                     p.cols,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
@@ -41,10 +42,11 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Launches tensor-core kernel `family` for weights of format `fmt` with `cols` columns over
-    /// `grid` tiles, with the block size from `mma_threads`.
-    pub(super) fn launch_mma(&self, family: &'static str, fmt: Fmt, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
-        let kernel = (family, Some(fmt));
+    /// Launches tensor-core kernel `family` in variant `v` for `tokens` token rows (or pairs of
+    /// one expert: at most the step's tokens) and weights with `cols` columns, over `grid` tiles,
+    /// with the block size from `mma_threads`.
+    pub(super) fn launch_mma(&self, family: &'static str, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
+        let (kernel, fmt) = (v.kernel(family, tokens), v.fmt());
         let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;
         self.launch_kernel(kernel, grid, threads, 0, args)
     }
@@ -201,8 +203,71 @@ pub(super) fn threads_for(cols: usize, fmt: Fmt) -> u32 {
 /// Token rows up to which linear layers take the tensor-core kernels (decode, MTP verify);
 /// beyond, the CUDA-core kernels serve prefill chunks.
 pub(super) const MMA_MAX_TOKENS: usize = 8;
-/// Tokens per tensor-core tile (MMA_TOKENS in kernels/linear_mma.cu).
-pub(super) const MMA_TOKENS: u32 = 4;
+/// Token slots per tensor-core tile (MMA_TOKENS in kernels/linear_mma.cu); the INT4 kernels
+/// for one or two tokens take two.
+const MMA_TOKENS: u32 = 4;
+
+/// Which member of a tensor-core kernel family a weight takes: FP8's one, or the INT4 kernel
+/// for its group size and zero points (kernels/linear_mma.cu instantiates each, so each gets
+/// the registers it needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum MmaVariant {
+    Fp8,
+    Int4 { group: u32, zeros: bool },
+}
+
+impl MmaVariant {
+    /// The variant for an uploaded weight of format `fmt`, if the tensor-core kernels can read
+    /// it (INT4 groups are then 32, 64 or 128 columns: the upload splits larger ones).
+    pub(super) fn of(fmt: Fmt, desc: &WDesc) -> Option<MmaVariant> {
+        match fmt {
+            _ if desc.mma == 0 => None,
+            Fmt::Fp8 => Some(MmaVariant::Fp8),
+            Fmt::Int4 => Some(MmaVariant::Int4 { group: desc.group.min(128) as u32, zeros: desc.zero != 0 }),
+            _ => None,
+        }
+    }
+
+    fn fmt(self) -> Fmt {
+        match self {
+            MmaVariant::Fp8 => Fmt::Fp8,
+            MmaVariant::Int4 { .. } => Fmt::Int4,
+        }
+    }
+
+    /// Token slots per tile at `tokens` tokens.
+    pub(super) fn slots(self, tokens: usize) -> u32 {
+        match self {
+            MmaVariant::Int4 { .. } if tokens <= 2 => 2,
+            _ => MMA_TOKENS,
+        }
+    }
+
+    /// The kernel of `family` (`gemv_mma`, `moe_gate_up_mma`, `moe_down_mma`) at `tokens`
+    /// tokens: `gemv_mma_fp8`, or `gemv_mma_g64s2_int4` (group 64, no zero points, 2 slots).
+    fn kernel(self, family: &'static str, tokens: usize) -> Kernel {
+        match self {
+            MmaVariant::Fp8 => (family, Some(Fmt::Fp8)),
+            MmaVariant::Int4 { group, zeros } => {
+                let name = format!("{family}_g{group}{}{}", if zeros { 'a' } else { 's' }, self.slots(tokens));
+                (interned(name), Some(Fmt::Int4))
+            }
+        }
+    }
+}
+
+/// `name` as a `&'static str`, each distinct name leaked once (the INT4 kernel names: a few
+/// dozen at most).
+fn interned(name: String) -> &'static str {
+    static NAMES: OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock().unwrap();
+    if let Some(&n) = names.get(name.as_str()) {
+        return n;
+    }
+    let n: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(n);
+    n
+}
 
 /// Bits of `CudaBackend::mma_fmts`.
 const MMA_FP8: u8 = 1;

@@ -395,7 +395,7 @@ impl Backend for CudaBackend {
 
     fn experts(&self, experts: &[ExpertWeights]) -> Result<CudaExperts> {
         let e = upload_experts(&self.stream, experts)?;
-        if e.mma {
+        if e.mma.is_some() {
             self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
         }
         Ok(e)

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
-use super::linear::{threads_for, Split, MMA_MAX_TOKENS};
+use super::linear::{threads_for, MmaVariant, Split, MMA_MAX_TOKENS};
 use super::weights::{CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, RouterParams};
@@ -93,10 +93,10 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
             &built
         }
     };
-    if experts.mma && t <= MMA_MAX_TOKENS {
+    if let Some(variants) = experts.mma.filter(|_| t <= MMA_MAX_TOKENS) {
         let xs = gpu.split(x, experts.fmt_gate_up)?;
         let pass = MmaPass::new(gpu, pairs, experts)?;
-        pass.run(gpu, experts, xs, plan, k, groups)?;
+        pass.run(gpu, experts, variants, xs, plan, k, groups)?;
         return combine(gpu, &pass.part, &routing.weights, None, t, k, h);
     }
     // Decode batches take a group's tokens one per pass (the second read of a tile hits L1/L2,
@@ -131,8 +131,8 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
 /// (prefill, CUDA-core experts, no shared expert) route and then run `moe`.
 pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
     let t = x.rows;
-    let overlap = p.shared.filter(|&s| s < experts.count && experts.mma && (1..=MMA_MAX_TOKENS).contains(&t));
-    let Some(shared) = overlap else {
+    let overlap = p.shared.filter(|&s| s < experts.count && (1..=MMA_MAX_TOKENS).contains(&t));
+    let (Some(shared), Some(variants)) = (overlap, experts.mma) else {
         return moe(gpu, x, experts, &route(gpu, x, gate, bias, p)?);
     };
     if x.cols != experts.hidden {
@@ -146,14 +146,14 @@ pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bi
     let (routing, pass) = gpu.concurrently(
         || {
             gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(shared as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(&shared_plan))])?;
-            shared_pass.run(gpu, experts, xs, &shared_plan, 1, 1)
+            shared_pass.run(gpu, experts, variants, xs, &shared_plan, 1, 1)
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count)?;
             let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
             let pairs = t * routing.top_k;
             let pass = MmaPass::new(gpu, pairs, experts)?;
-            pass.run(gpu, experts, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
+            pass.run(gpu, experts, variants, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
             Ok((routing, pass))
         },
     )?;
@@ -186,13 +186,17 @@ impl MmaPass {
 
     /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
     /// activations, then down (16 rows per tile), for the pairs of `plan` (at most `groups`
-    /// experts), `k` pairs per token of `xs`.
-    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+    /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        // An expert's group has at most one pair per token.
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
+        let tokens = pairs / k;
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
         gpu.launch_mma(
             "moe_gate_up_mma",
-            experts.fmt_gate_up,
+            gate_up,
+            tokens,
             ((i as u32).div_ceil(8), groups, 1),
             h,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
@@ -201,7 +205,8 @@ impl MmaPass {
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
             "moe_down_mma",
-            experts.fmt_down,
+            down,
+            tokens,
             ((h as u32).div_ceil(16), groups, 1),
             i,
             &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],

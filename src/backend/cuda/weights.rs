@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
+use super::linear::MmaVariant;
 use crate::checkpoint::safetensors::DType;
 use crate::checkpoint::{Format, LinearWeight};
 
@@ -298,8 +299,8 @@ pub struct CudaExperts {
     pub inter: usize,
     pub hidden: usize,
     pub count: usize,
-    /// Every expert can take the tensor-core kernels.
-    pub mma: bool,
+    /// Every expert can take the tensor-core kernels, all in the same variant: these.
+    pub(super) mma: Option<(MmaVariant, MmaVariant)>,
     _weights: Vec<(CudaLinear, CudaLinear)>,
     pub gate_up_table: CudaSlice<WDesc>,
     pub down_table: CudaSlice<WDesc>,
@@ -320,7 +321,9 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
     let (inter, hidden) = (gu0.rows / 2, gu0.cols);
     let gate_up_table = stream.clone_htod(&weights.iter().map(|(g, _)| g.desc).collect::<Vec<_>>())?;
     let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
-    let mma = weights.iter().all(|(g, d)| g.desc.mma != 0 && d.desc.mma != 0);
+    let variants = |(g, d): &(CudaLinear, CudaLinear)| Some((MmaVariant::of(g.fmt, &g.desc)?, MmaVariant::of(d.fmt, &d.desc)?));
+    let first = variants(&weights[0]);
+    let mma = first.filter(|_| weights.iter().all(|w| variants(w) == first));
     Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
 }
 
