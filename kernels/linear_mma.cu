@@ -52,6 +52,18 @@
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
 #endif
+// Start-up and wind-down of the short-lived expert blocks (sweep knobs, off by default until
+// measured): MOE_DOWN_EARLY, the down kernel reads its plan, descriptor and first round of
+// weights before waiting on the kernel before it (the act split, which lets it launch at once;
+// the plan and weights were written before that split), and only its activations after;
+// EPI_EARLY, the epilogue's exponent and pair loads issued before the main loop (down: before
+// the warps' reduction), not after the reduction.
+#ifndef MOE_DOWN_EARLY
+#define MOE_DOWN_EARLY 0
+#endif
+#ifndef EPI_EARLY
+#define EPI_EARLY 0
+#endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -92,31 +104,49 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // plus constants, and only the last run checks bounds. (Taking every nw-th chunk instead spent
 // about 60 of INT4's 110-143 instructions per chunk on 64-bit address arithmetic and
 // predicates; runs measured INT4 experts 62% -> 69% of bandwidth, FP8 16384->6144 82% -> 94%.)
-// A Tile loads chunk q into a Chunk (load<CHECK>: zeros past the last chunk or for missing
-// rows), folds a chunk into its accumulators (dot) and them into the lane's result (result).
+// A Tile loads chunk q into a Chunk (load_w<CHECK> its weights, load_x<CHECK> its activations:
+// zeros past the last chunk or for missing rows), folds a chunk into its accumulators (dot) and them into the lane's result (result).
 // (Issuing the next UNR chunks' loads before multiplying the current ones, in two register
 // sets, measured slower on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
-template <class Tile> __device__ float2 tile_dots(Tile& tile) {
+// One run of UNR chunks from qb: weights, then activations, then the multiplies. CHECK: the run
+// may pass the last chunk. EARLY: all the run's weight loads go out before the wait on the
+// kernel before (pdl_entry), its activation loads after.
+template <bool CHECK, bool EARLY, class Tile> __device__ __forceinline__ void tile_run(Tile& tile, int qb, int nq) {
+    constexpr int UNR = Tile::UNR;
+    typename Tile::Chunk ch[UNR];
+    tile.seek(qb);
+    if (EARLY) {
+#pragma unroll
+        for (int u = 0; u < UNR; u++) tile.template load_w<CHECK>(qb + u, ch[u]);
+        pdl_entry();
+#pragma unroll
+        for (int u = 0; u < UNR; u++) tile.template load_x<CHECK>(qb + u, ch[u]);
+    } else {
+#pragma unroll
+        for (int u = 0; u < UNR; u++) {
+            tile.template load_w<CHECK>(qb + u, ch[u]);
+            tile.template load_x<CHECK>(qb + u, ch[u]);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < UNR; u++)
+        if (!CHECK || qb + u < nq) tile.dot(qb + u, ch[u]);
+}
+
+// EARLY: the kernel has not yet waited on the one before; the warp's first run does (and a warp
+// without chunks waits at the end), so everything after reads that kernel's outputs safely.
+template <bool EARLY = false, class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
     int qb = warp * UNR;
-    for (; qb + UNR <= nq; qb += nw * UNR) {
-        typename Tile::Chunk ch[UNR];
-        tile.seek(qb);
-#pragma unroll
-        for (int u = 0; u < UNR; u++) tile.template load<false>(qb + u, ch[u]);
-#pragma unroll
-        for (int u = 0; u < UNR; u++) tile.dot(qb + u, ch[u]);
+    if (EARLY) {
+        if (qb + UNR <= nq) tile_run<false, true>(tile, qb, nq);
+        else if (qb < nq) tile_run<true, true>(tile, qb, nq);
+        pdl_entry();
+        qb += nw * UNR;
     }
-    if (qb < nq) {
-        typename Tile::Chunk ch[UNR];
-        tile.seek(qb);
-#pragma unroll
-        for (int u = 0; u < UNR; u++) tile.template load<true>(qb + u, ch[u]);
-#pragma unroll
-        for (int u = 0; u < UNR; u++)
-            if (qb + u < nq) tile.dot(qb + u, ch[u]);
-    }
+    for (; qb + UNR <= nq; qb += nw * UNR) tile_run<false, false>(tile, qb, nq);
+    if (qb < nq) tile_run<true, false>(tile, qb, nq);
     return tile.result();
 }
 
@@ -177,17 +207,21 @@ struct Fp8Tile {
     // Moves the cursors to chunk qb.
     __device__ void seek(int qb) { xc += 8 * rc.seek(qb); }
     __device__ int chunks() const { return d.cols >> 6; }
-    // CHECK: chunk q may be past the last, and rows may be missing (zeros then).
-    template <bool CHECK> __device__ void load(int q, Chunk& ch) const {
+    // Chunk q's weights and scales (load_w) and activation pieces (load_x). CHECK: q may be past
+    // the last chunk, and rows may be missing (zeros then).
+    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
         ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        const uint4* x = xc + 8 * (q - rc.qc);
-        ch.x[0] = ok ? x[0] : z;
-        ch.x[1] = ok ? x[1] : z;
         ch.sa = oa ? __ldg(sa + (q >> lq)) : 0.f;
         ch.sb = ob ? __ldg(sb + (q >> lq)) : 0.f;
+    }
+    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
+        bool ok = !CHECK || q < chunks();
+        const uint4 z = make_uint4(0, 0, 0, 0), *x = xc + 8 * (q - rc.qc);
+        ch.x[0] = ok ? x[0] : z;
+        ch.x[1] = ok ? x[1] : z;
     }
     __device__ void dot(int, const Chunk& ch) {
         float t[4] = {0.f, 0.f, 0.f, 0.f};
@@ -315,13 +349,26 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         }
         return make_float4(__ldg(p), 0.f, 0.f, 0.f);
     }
-    // CHECK: chunk q may be past the last, and rows may be missing (zeros then).
-    template <bool CHECK> __device__ void load(int q, Chunk& ch) const {
-        int c = threadIdx.x & 3, r = q - rc.qc;  // r: chunk q from the cursors
+    // Chunk q's weights, scales and zero points (load_w) and activation planes and plane sums
+    // (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros then).
+    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
+        int r = q - rc.qc;  // chunk q from the cursors
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
+        const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
         ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
+        ch.sa = oa ? scales(sra + GPC * r) : zf;
+        ch.sb = ob ? scales(srb + GPC * r) : zf;
+        if (ASYM) {
+            ch.za = oa ? zeros(zra + GPC * r) : 0;
+            ch.zb = ob ? zeros(zrb + GPC * r) : 0;
+        }
+    }
+    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
+        int c = threadIdx.x & 3, r = q - rc.qc;
+        bool ok = !CHECK || q < chunks();
+        const uint4 z = make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             // Word i's plane bytes are x words 2i, 2i + 1.
@@ -338,12 +385,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                 ch.x[n][1] = make_uint4(x2.x, x2.y, x3.x, x3.y);
             }
         }
-        const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
-        ch.sa = oa ? scales(sra + GPC * r) : zf;
-        ch.sb = ob ? scales(srb + GPC * r) : zf;
         if (ASYM) {
-            ch.za = oa ? zeros(zra + GPC * r) : 0;
-            ch.zb = ob ? zeros(zrb + GPC * r) : 0;
 #pragma unroll
             for (int n = 0; n < NT; n++)
 #pragma unroll
@@ -427,9 +469,9 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
 };
 
-template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
+template <class Tile, bool EARLY = false, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
     Tile t(args...);
-    return tile_dots(t);
+    return tile_dots<EARLY>(t);
 }
 
 // What a kernel instantiation multiplies: SLOTS token slots per tile (4, or 2 for the INT4
@@ -439,20 +481,23 @@ template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(
 // 72.5%, group-64 GEMV 68% against 74%). (Capping the group-64 and -32 kernels at the 80 or 96
 // registers they fit without spilling, for more warps per SM, measured slower at one token:
 // group-64 experts 57% against 65%.)
+// (EARLY: see tile_dots.)
 struct Fp8Mma {
     static constexpr int SLOTS = MMA_TOKENS;
+    template <bool EARLY = false>
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*) {
-        return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
+        return run_tile<Fp8Tile, EARLY>(d, ra, rb, trow, xs);
     }
 };
 // INT4 with GPC groups per 128-column chunk, zero points or not; with SLOTS 4 a tile takes a
 // second B tile when its slots 2 and 3 are used.
 template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
     static constexpr int SLOTS = SLOTS_;
+    template <bool EARLY = false>
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
-        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>>(d, ra, rb, trow, xq, sums);
-        return run_tile<Int4Tile<GPC, 1, ASYM>>(d, ra, rb, trow, xq, sums);
+        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>, EARLY>(d, ra, rb, trow, xq, sums);
+        return run_tile<Int4Tile<GPC, 1, ASYM>, EARLY>(d, ra, rb, trow, xq, sums);
     }
 };
 
@@ -549,7 +594,10 @@ __device__ __forceinline__ int planes_exponent(float m) { return row_exponent(m,
 // segments of SPLIT_SEG columns), 256 threads: every block finds its row's max and converts its
 // segment, 4 columns per thread. cols is a multiple of 64.
 #define SPLIT_SEG 1024
-extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) { pdl_entry();
+// early: the next kernel is an expert down projection, which may launch at once (MOE_DOWN_EARLY).
+extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps, int early) {
+    pdl_entry();
+    if (MOE_DOWN_EARLY && early) pdl_trigger();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -565,7 +613,9 @@ extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16*
 // (the 16 of the weights' 16·q folded in), and each plane's sums over every 32 and every 128
 // columns (see int4_dots). Same grid as split_act; cols is a multiple of 128, so each warp
 // covers whole 128-column chunks.
-extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) { pdl_entry();
+extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps, int early) {
+    pdl_entry();
+    if (MOE_DOWN_EARLY && early) pdl_trigger();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -629,11 +679,13 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
     int trow[MMA_TOKENS];
 #pragma unroll
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
+    int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
+    bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows;
+    float s = EPI_EARLY && mine ? pow2(-exps[t0 + t]) : 0.f;
     float2 v = V::part(d, ra, rb, trow, xs, sums);
     pdl_late();
     tile_reduce(v, res);
-    int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
-    if (i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
+    if (mine) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * (EPI_EARLY ? s : pow2(-exps[t0 + t]));
 }
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
@@ -650,19 +702,31 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, K);
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS, p = 0;
+        bool mine = i < 8 * MMA_TOKENS && t < nt && r0 + r < I;
+        float s = 0.f;
+        if (EPI_EARLY && mine) {
+            p = pairs[p0 + t];
+            s = pow2(-exps[p / K]);
+        }
         float2 v = V::part(d, ra, rb, trow, xs, sums);
         pdl_late();
         tile_reduce(v, res);
-        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
-        if (i < 8 * MMA_TOKENS && t < nt && r0 + r < I) {
-            int p = pairs[p0 + t];
-            float s = pow2(-exps[p / K]), gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
+        if (mine) {
+            if (!EPI_EARLY) {
+                p = pairs[p0 + t];
+                s = pow2(-exps[p / K]);
+            }
+            float gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
             act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
         }
     }
 }
 
 // part[p, r] = down_e[r] · act[p]; grid (ceil(H / 16), groups); act split for the format (P rows).
+// MOE_DOWN_EARLY: it reads the plan, the weight table and its first weights before waiting on
+// the act split before it; the plan was made before the gate/up kernel that the split waited
+// on, and neither the table nor the weights are written by any kernel.
 template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
@@ -675,13 +739,23 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
-        float2 v = V::part(d, ra, rb, trow, acts, sums);
+        float2 v = V::template part<MOE_DOWN_EARLY>(d, ra, rb, trow, acts, sums);
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS, p = 0;
+        bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
+        float s = 0.f;
+        // (EPI_EARLY: before the reduction; exps come from the kernel before, waited on by now.)
+        if (EPI_EARLY && mine) {
+            p = pairs[p0 + t];
+            s = pow2(-exps[p]);
+        }
         pdl_late();
         tile_reduce(v, res);
-        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
-        if (i < 16 * MMA_TOKENS && t < nt && r0 + r < H) {
-            int p = pairs[p0 + t];
-            part[(size_t)p * H + r0 + r] = res[i] * pow2(-exps[p]);
+        if (mine) {
+            if (!EPI_EARLY) {
+                p = pairs[p0 + t];
+                s = pow2(-exps[p]);
+            }
+            part[(size_t)p * H + r0 + r] = res[i] * s;
         }
     }
 }
@@ -693,7 +767,8 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
         moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { pdl_entry(); \
+    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
+        if (!MOE_DOWN_EARLY) pdl_entry();                                                                               \
         moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
     }
 

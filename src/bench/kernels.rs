@@ -241,6 +241,15 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             };
             let ms = time_graph(&gpu, 8, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
             r.row(&label, distinct as f64 * expert_bytes, ms);
+            // The row above runs the plan, both splits and the combine too; each grouped GEMV
+            // kernel alone, on inputs made once:
+            if ex.tensor_cores() {
+                let gemvs = gpu.expert_gemvs(&x, &ex, &routing)?;
+                let ms = time_graph(&gpu, 8, reps, || gemvs.gate_up())?;
+                r.row(&format!("  gate/up GEMV alone, 6144->2x2048 x{batch}"), distinct as f64 * expert_bytes * 2.0 / 3.0, ms);
+                let ms = time_graph(&gpu, 8, reps, || gemvs.down())?;
+                r.row(&format!("  down GEMV alone, 2048->6144 x{batch}"), distinct as f64 * expert_bytes / 3.0, ms);
+            }
         }
     }
 

@@ -149,7 +149,7 @@ impl CudaBackend {
 
     pub(super) fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
         let split = self.split_alloc(x.rows, x.cols, fmt)?;
-        self.split_into(x, &split)?;
+        self.split_into(x, &split, false)?;
         Ok(split)
     }
 
@@ -169,12 +169,14 @@ impl CudaBackend {
 
     /// Splits `x` into `s` (from `split_alloc` for its shape): split_planes for INT4 writes
     /// every plane byte and sum, split_act both f16 halves of every element.
-    pub(super) fn split_into(&self, x: &CudaTensor, s: &Split) -> Result<()> {
+    /// `then_down`: the next launch is an expert down projection (moe_down_mma), which may
+    /// start its weight reads at once.
+    pub(super) fn split_into(&self, x: &CudaTensor, s: &Split, then_down: bool) -> Result<()> {
         let grid = (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1);
-        let (data, exps) = (Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(self.ptr(&s.exps)));
+        let (data, exps, early) = (Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(self.ptr(&s.exps)), Arg::I32(then_down as i32));
         match &s.sums {
-            Some(sums) => self.launch("split_planes", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, Arg::Ptr(self.ptr(sums)), exps]),
-            None => self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, exps]),
+            Some(sums) => self.launch("split_planes", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, Arg::Ptr(self.ptr(sums)), exps, early]),
+            None => self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, exps, early]),
         }
     }
 }

@@ -74,22 +74,11 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     }
     let pairs = t * k;
     let groups = pairs.min(experts.count) as u32;
-    // Pairs grouped by expert: [groups | expert per group | offsets | pairs], from the
-    // router when it made one for these experts.
     let built;
     let plan = match &routing.plan {
         Some((plan, n)) if *n == experts.count => plan,
         _ => {
-            built = gpu.alloc_indices(plan_len(pairs))?;
-            // The routes are staged in shared memory when they fit in 64 KB with the counts.
-            let staged = (experts.count + pairs) * 4 <= 64 * 1024;
-            gpu.launch(
-                "moe_plan",
-                (1, 1, 1),
-                256,
-                (experts.count + if staged { pairs } else { 0 }) * 4,
-                &[Arg::Ptr(gpu.ptr(&routing.idx)), Arg::I32(pairs as i32), Arg::I32(experts.count as i32), Arg::I32(staged as i32), Arg::Ptr(gpu.ptr(&built))],
-            )?;
+            built = make_plan(gpu, routing, pairs, experts.count)?;
             &built
         }
     };
@@ -160,6 +149,22 @@ pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bi
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
 }
 
+/// The step's `pairs` routes grouped by expert over `count` experts: [groups | expert per
+/// group | offsets | pairs] (moe_plan's layout), for when the router made none for them.
+fn make_plan(gpu: &CudaBackend, routing: &CudaRouting, pairs: usize, count: usize) -> Result<DevBuf<i32>> {
+    let plan = gpu.alloc_indices(plan_len(pairs))?;
+    // The routes are staged in shared memory when they fit in 64 KB with the counts.
+    let staged = (count + pairs) * 4 <= 64 * 1024;
+    gpu.launch(
+        "moe_plan",
+        (1, 1, 1),
+        256,
+        (count + if staged { pairs } else { 0 }) * 4,
+        &[Arg::Ptr(gpu.ptr(&routing.idx)), Arg::I32(pairs as i32), Arg::I32(count as i32), Arg::I32(staged as i32), Arg::Ptr(gpu.ptr(&plan))],
+    )?;
+    Ok(plan)
+}
+
 /// Ints in a plan of `pairs` pairs (moe_plan's layout).
 fn plan_len(pairs: usize) -> usize {
     2 + 3 * pairs
@@ -189,28 +194,81 @@ impl MmaPass {
     /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
     #[allow(clippy::too_many_arguments)]
     fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
-        // An expert's group has at most one pair per token.
+        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
+        gpu.split_into(&self.act, &self.acts, true)?;
+        self.down(gpu, experts, down, plan, k, groups)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
-        let tokens = pairs / k;
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
+        // An expert's group has at most one pair per token.
         gpu.launch_mma(
             "moe_gate_up_mma",
-            gate_up,
-            tokens,
+            v,
+            pairs / k,
             ((i as u32).div_ceil(8), groups, 1),
             h,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
-        )?;
-        gpu.split_into(&self.act, &self.acts)?;
+        )
+    }
+
+    fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
             "moe_down_mma",
-            down,
-            tokens,
+            v,
+            pairs / k,
             ((h as u32).div_ceil(16), groups, 1),
             i,
             &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
+    }
+}
+
+/// The two grouped expert GEMVs of a decode step on the tensor cores, their inputs (plan,
+/// splits, activations) made once, so that a benchmark times each kernel alone.
+pub struct ExpertGemvs<'a> {
+    gpu: &'a CudaBackend,
+    experts: &'a CudaExperts,
+    variants: (MmaVariant, MmaVariant),
+    xs: &'a Split,
+    plan: DevBuf<i32>,
+    pass: MmaPass,
+    k: usize,
+    groups: u32,
+}
+
+impl ExpertGemvs<'_> {
+    /// Gate/up with SiLU·up over the step's pairs.
+    pub fn gate_up(&self) -> Result<()> {
+        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.k, self.groups)
+    }
+
+    /// Down over the step's pairs.
+    pub fn down(&self) -> Result<()> {
+        self.pass.down(self.gpu, self.experts, self.variants.1, &self.plan, self.k, self.groups)
+    }
+}
+
+impl CudaBackend {
+    /// The grouped expert GEMVs of `x` routed by `routing`, ready to launch one at a time (the
+    /// experts take the tensor-core kernels and `x` is a decode batch).
+    pub fn expert_gemvs<'a>(&'a self, x: &'a CudaTensor, experts: &'a CudaExperts, routing: &CudaRouting) -> Result<ExpertGemvs<'a>> {
+        let Some(variants) = experts.mma.filter(|_| (1..=MMA_MAX_TOKENS).contains(&x.rows)) else {
+            bail!("expert_gemvs: {} token rows on experts without tensor-core kernels at that size", x.rows)
+        };
+        let (k, pairs) = (routing.top_k, x.rows * routing.top_k);
+        let plan = make_plan(self, routing, pairs, experts.count)?;
+        let xs = self.split(x, experts.fmt_gate_up)?;
+        let pass = MmaPass::new(self, pairs, experts)?;
+        let g = ExpertGemvs { gpu: self, experts, variants, xs, plan, pass, k, groups: pairs.min(experts.count) as u32 };
+        // Down reads real activations.
+        g.gate_up()?;
+        self.split_into(&g.pass.act, &g.pass.acts, true)?;
+        Ok(g)
     }
 }
 

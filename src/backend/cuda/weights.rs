@@ -306,6 +306,13 @@ pub struct CudaExperts {
     pub down_table: CudaSlice<WDesc>,
 }
 
+impl CudaExperts {
+    /// Whether decode steps run these experts on the tensor-core kernels.
+    pub fn tensor_cores(&self) -> bool {
+        self.mma.is_some()
+    }
+}
+
 pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::backend::ExpertWeights]) -> Result<CudaExperts> {
     let mut weights = Vec::with_capacity(experts.len());
     for e in experts {
