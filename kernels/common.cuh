@@ -258,3 +258,9 @@ __device__ __forceinline__ void pdl_entry() {
 __device__ __forceinline__ void pdl_late() {
     if (PDL_TRIGGER == 2) pdl_trigger();
 }
+// Dense decode GEMVs (gemv1 / gemv8 and gemv_mma) load their first weights before waiting on
+// the kernel before them (weights are never written by a kernel), and their activations only
+// after: a sweep knob, off by default until measured.
+#ifndef GEMV_EARLY
+#define GEMV_EARLY 0
+#endif

@@ -681,8 +681,10 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
     int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
     bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows;
-    float s = EPI_EARLY && mine ? pow2(-exps[t0 + t]) : 0.f;
-    float2 v = V::part(d, ra, rb, trow, xs, sums);
+    // (EPI_EARLY: the exponent before the main loop, or with GEMV_EARLY after it, once waited.)
+    float s = EPI_EARLY && !GEMV_EARLY && mine ? pow2(-exps[t0 + t]) : 0.f;
+    float2 v = V::template part<GEMV_EARLY>(d, ra, rb, trow, xs, sums);
+    if (EPI_EARLY && GEMV_EARLY && mine) s = pow2(-exps[t0 + t]);
     pdl_late();
     tile_reduce(v, res);
     if (mine) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * (EPI_EARLY ? s : pow2(-exps[t0 + t]));
@@ -761,7 +763,8 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
 }
 
 #define INSTANTIATE_MMA(NAME, V, REGS)                                                                                        \
-    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { pdl_entry(); \
+    extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
+        if (!GEMV_EARLY) pdl_entry();                                                                                   \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
