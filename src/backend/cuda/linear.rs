@@ -42,9 +42,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Launches tensor-core kernel `family` in variant `v` for `tokens` token rows (or pairs of
-    /// one expert: at most the step's tokens) and weights with `cols` columns, over `grid` tiles,
-    /// with the block size from `mma_threads`.
+    /// Launches tensor-core kernel `family` in variant `v`, its tile width chosen for `tokens`
+    /// token rows (the step's tokens, for the grouped expert kernels), for weights with `cols`
+    /// columns over `grid` tiles, with the block size from `mma_threads`.
     pub(super) fn launch_mma(&self, family: &'static str, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let (kernel, fmt) = (v.kernel(family, tokens), v.fmt());
         let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;

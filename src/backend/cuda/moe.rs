@@ -74,6 +74,7 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     }
     let pairs = t * k;
     let groups = pairs.min(experts.count) as u32;
+    // The router's plan when it made one for these experts.
     let built;
     let plan = match &routing.plan {
         Some((plan, n)) if *n == experts.count => plan,
@@ -203,7 +204,8 @@ impl MmaPass {
     fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
-        // An expert's group has at most one pair per token.
+        // The tile width follows the tokens (pairs / k), as an expert's group has at most one
+        // pair per token (the kernels loop over a group's pairs, so any count is still right).
         gpu.launch_mma(
             "moe_gate_up_mma",
             v,
