@@ -95,6 +95,7 @@ fn formats() -> Vec<SynthFormat> {
         SynthFormat::F16,
         SynthFormat::Fp8([128, 128]),
         SynthFormat::Int { bits: 4, group: 32, symmetric: false },
+        SynthFormat::Int { bits: 4, group: 64, symmetric: true },
         SynthFormat::Int { bits: 4, group: 128, symmetric: true },
         SynthFormat::Int { bits: 8, group: 32, symmetric: true },
         SynthFormat::Int { bits: 8, group: 64, symmetric: false },
@@ -107,7 +108,9 @@ fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
         for (rows, cols) in [(320, 256), (72, 200)] {
             let w = synthetic_linear("w", rows, cols, fmt, rng);
             let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
-            for tokens in [1, 4, 5, 13] {
+            // 1 and 2 tokens take the INT4 kernels of two token slots, 3 to 8 those of four
+            // (3 and 5: a tile with empty slots), 13 the CUDA-core kernels.
+            for tokens in [1, 2, 3, 4, 5, 13] {
                 let x = random(rng, tokens * cols);
                 let (xc, xg) = pair(cpu, gpu, tokens, cols, &x)?;
                 let err = rel_err(&gpu.to_host(&gpu.linear(&xg, &wg)?)?, &cpu.to_host(&cpu.linear(&xc, &wc)?)?);
@@ -326,6 +329,7 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
         SynthFormat::Bf16,
         SynthFormat::Fp8([128, 128]),
         SynthFormat::Int { bits: 4, group: 32, symmetric: false },
+        SynthFormat::Int { bits: 4, group: 64, symmetric: true },
         SynthFormat::Int { bits: 4, group: 128, symmetric: true },
     ];
     // Each format's experts, uploaded once to both backends; expert `e` is the shared one.
@@ -340,9 +344,10 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
             .collect();
         experts.push((fmt, cpu.experts(&ws)?, gpu.experts(&ws)?));
     }
-    // 1 and 8 tokens take the tensor-core kernels for FP8 and INT4 (8 tokens: experts chosen by
-    // more than four tokens take two passes); 13 the CUDA-core prefill kernels.
-    for tokens in [1, 8, 13] {
+    // 1, 2 and 8 tokens take the tensor-core kernels for FP8 and INT4 (INT4 at 1 and 2 those of
+    // two token slots; 8 tokens: experts chosen by more than four tokens take two passes); 13
+    // the CUDA-core prefill kernels.
+    for tokens in [1, 2, 8, 13] {
         let x = random(rng, tokens * h);
         let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
         // With an always-on shared expert appended too (the folded shared expert of a real block).
