@@ -28,12 +28,12 @@ for t in $targets; do
         ncu "${filter[@]}" --set full --import-source yes -f -o "$OUT/ncu-$n" "${bench[@]}" > "$OUT/ncu-$n.log" 2>&1
         ncu -i "$OUT/ncu-$n.ncu-rep" --page details --print-details all > "$OUT/ncu-$n.txt" 2>&1
         ncu -i "$OUT/ncu-$n.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu-$n-sass.csv" 2>&1
-        grep -E "Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|Grid Size|Block Size|Issue Slots Busy|L1/TEX Hit|Stall" "$OUT/ncu-$n.txt" | sed 's/  */ /g' | head -40
+        grep -E "Duration|DRAM Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Mem Pipes Busy|Registers Per Thread|Achieved Occupancy|Grid Size|Block Size|Issue Slots Busy|L1/TEX Hit|Stall" "$OUT/ncu-$n.txt" | sed 's/  */ /g' | head -40
         python3 launch/ncu-hot-sass.py "$OUT/ncu-$n-sass.csv" 30
     else
         ncu "${filter[@]}" \
             --section SpeedOfLight --section LaunchStats --section Occupancy --section MemoryWorkloadAnalysis --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
             "${bench[@]}" > "$OUT/ncu-$n.txt" 2>&1
-        grep -E "^  [a-z_0-9]+ |Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Grid Size|Block Size|Local Memory Spilling|Stall|Issue Slots Busy|Executed Ipc A" "$OUT/ncu-$n.txt" | sed 's/  */ /g'
+        grep -E "^  [a-z_0-9]+ |Duration|DRAM Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Mem Pipes Busy|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Grid Size|Block Size|Local Memory Spilling|Stall|Issue Slots Busy|Executed Ipc A" "$OUT/ncu-$n.txt" | sed 's/  */ /g'
     fi
 done
