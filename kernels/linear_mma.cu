@@ -64,6 +64,12 @@
 #ifndef EPI_EARLY
 #define EPI_EARLY 0
 #endif
+// X_PIPE (sweep knob, off by default until measured): a run loads its chunks' weights first and
+// each chunk's activation pieces one multiply ahead, so only two chunks' pieces hold registers
+// and the registers freed can carry more chunks of weights per round (INT4_UNR_*, FP8_UNR).
+#ifndef X_PIPE
+#define X_PIPE 0
+#endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -121,6 +127,17 @@ template <bool CHECK, bool EARLY, class Tile> __device__ __forceinline__ void ti
         pdl_entry();
 #pragma unroll
         for (int u = 0; u < UNR; u++) tile.template load_x<CHECK>(qb + u, ch[u]);
+    } else if (X_PIPE) {
+        // The run's weights first; each chunk's activation pieces (L1 hits) one multiply ahead.
+#pragma unroll
+        for (int u = 0; u < UNR; u++) tile.template load_w<CHECK>(qb + u, ch[u]);
+        tile.template load_x<CHECK>(qb, ch[0]);
+#pragma unroll
+        for (int u = 0; u < UNR; u++) {
+            if (u + 1 < UNR) tile.template load_x<CHECK>(qb + u + 1, ch[u + 1]);
+            if (!CHECK || qb + u < nq) tile.dot(qb + u, ch[u]);
+        }
+        return;
     } else {
 #pragma unroll
         for (int u = 0; u < UNR; u++) {
