@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::Device;
@@ -141,7 +141,8 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
-    /// Write a small random checkpoint in the GLM-5.2 on-disk layout.
+    /// Write a small random checkpoint in the GLM-5.2 on-disk layout (or, with `--shape glm52`,
+    /// a slice of GLM-5.2 at full width, for benchmarks).
     Tiny {
         #[arg(long)]
         out: PathBuf,
@@ -149,7 +150,24 @@ enum Command {
         quant: TinyQuant,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[arg(long, value_enum, default_value_t = TinyShape::Tiny)]
+        shape: TinyShape,
+        /// Decoder layers of the `glm52` slice (the first dense, the rest MoE; default 4).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(2..=78))]
+        layers: Option<u64>,
+        /// Routed experts per MoE layer of the `glm52` slice (default 32).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(8..=256))]
+        experts: Option<u64>,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TinyShape {
+    /// The built-in tiny shape (hidden 128, 4 layers, 16 experts).
+    Tiny,
+    /// GLM-5.2's full width (hidden 6144, 64 heads, experts of width 2048, 8 routed per token,
+    /// vocabulary 154880) with `--layers` layers of `--experts` experts.
+    Glm52,
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,9 +217,14 @@ fn run(cmd: Command) -> Result<()> {
         Command::Inspect { model, ranks } => inspect::inspect(&tiny::resolve_model(&model)?, ranks),
         Command::Bench { what: BenchCommand::Check { fixtures, seed } } => crate::bench::check::run(&fixtures, seed),
         Command::Bench { what: BenchCommand::Kernels { reps, only, case } } => crate::bench::kernels::run(reps, only.as_deref(), case.as_deref()),
-        Command::Tiny { out, quant, seed } => {
-            tiny::write(&out, &TinySpec::new(quant, seed))?;
-            println!("wrote a tiny {quant:?} GLM-5.2-layout checkpoint to {}", out.display());
+        Command::Tiny { out, quant, seed, shape, layers, experts } => {
+            let spec = match shape {
+                TinyShape::Tiny if layers.is_some() || experts.is_some() => bail!("--layers and --experts shape the glm52 slice (--shape glm52); the tiny shape is fixed"),
+                TinyShape::Tiny => TinySpec::new(quant, seed),
+                TinyShape::Glm52 => TinySpec::glm52(quant, seed, layers.unwrap_or(4) as usize, experts.unwrap_or(32) as usize),
+            };
+            tiny::write(&out, &spec)?;
+            println!("wrote a {shape:?}-shaped {quant:?} GLM-5.2-layout checkpoint to {}", out.display());
             Ok(())
         }
     }

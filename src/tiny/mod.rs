@@ -55,6 +55,17 @@ pub struct TinySpec {
     pub index_dim: usize,
     pub index_topk: usize,
     pub merges: usize,
+    /// Embedding rows; None: the tokenizer's size rounded up to 64.
+    pub vocab: Option<usize>,
+    pub max_positions: usize,
+    /// INT4 experts' group and symmetry, and INT8 modules' group (`int4-fp8mtp`).
+    pub int4_group: usize,
+    pub int4_symmetric: bool,
+    pub int8_group: usize,
+    /// Values drawn per tensor from its own stream, uniform with the same variance, on every
+    /// core: for real-width shapes, whose billions of weights one Box–Muller stream would take
+    /// minutes to draw. (The tiny shape keeps its one normal stream, which its fixtures match.)
+    pub fast_init: bool,
 }
 
 impl TinySpec {
@@ -81,6 +92,45 @@ impl TinySpec {
             index_dim: 32,
             index_topk: 16,
             merges: 200,
+            vocab: None,
+            max_positions: 4096,
+            int4_group: 32,
+            int4_symmetric: false,
+            int8_group: 32,
+            fast_init: false,
+        }
+    }
+
+    /// A slice of GLM-5.2 at full width (hidden 6144, 64 heads, MLA + DSA, experts of width
+    /// 2048, 8 routed per token, the real vocabulary) with `layers` decoder layers (the first
+    /// dense) and `experts` routed experts per MoE layer, for benchmarks at real shapes; INT4 as
+    /// the real GLM INT4 checkpoints store it (experts group 64 symmetric, INT8 group 64).
+    pub fn glm52(quant: TinyQuant, seed: u64, layers: usize, experts: usize) -> TinySpec {
+        TinySpec {
+            hidden: 6144,
+            intermediate: 12288,
+            moe_intermediate: 2048,
+            layers,
+            heads: 64,
+            q_lora: 2048,
+            kv_lora: 512,
+            nope: 192,
+            rope: 64,
+            v: 256,
+            experts,
+            top_k: 8.min(experts),
+            n_group: 1,
+            topk_group: 1,
+            index_heads: 32,
+            index_dim: 128,
+            index_topk: 2048,
+            vocab: Some(154880),
+            max_positions: 202752,
+            int4_group: 64,
+            int4_symmetric: true,
+            int8_group: 64,
+            fast_init: true,
+            ..TinySpec::new(quant, seed)
         }
     }
 }
@@ -143,7 +193,7 @@ enum Store {
     Int { bits: usize, group: usize, symmetric: bool },
 }
 
-fn store_for(quant: TinyQuant, module: &str, mtp_prefix: &str) -> Store {
+fn store_for(s: &TinySpec, module: &str, mtp_prefix: &str) -> Store {
     let plain = module == "lm_head"
         || module == "model.embed_tokens"
         || module.ends_with("mlp.gate")
@@ -151,16 +201,16 @@ fn store_for(quant: TinyQuant, module: &str, mtp_prefix: &str) -> Store {
     if plain {
         return Store::Bf16;
     }
-    match quant {
+    match s.quant {
         TinyQuant::Bf16 => Store::Bf16,
         TinyQuant::Fp8 => Store::Fp8,
         TinyQuant::Int4Fp8mtp => {
             if module.starts_with(mtp_prefix) {
                 Store::Fp8
             } else if module.contains(".mlp.experts.") {
-                Store::Int { bits: 4, group: 32, symmetric: false }
+                Store::Int { bits: 4, group: s.int4_group, symmetric: s.int4_symmetric }
             } else if module.contains(".shared_experts.") || (module.contains(".self_attn.") && !module.contains(".indexer.")) {
-                Store::Int { bits: 8, group: 32, symmetric: true }
+                Store::Int { bits: 8, group: s.int8_group, symmetric: true }
             } else {
                 Store::Bf16
             }
@@ -194,7 +244,7 @@ fn config_json(s: &TinySpec, vocab: usize, special: &std::collections::HashMap<&
         "initializer_range": 0.02,
         "intermediate_size": s.intermediate,
         "kv_lora_rank": s.kv_lora,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": s.max_positions,
         "moe_intermediate_size": s.moe_intermediate,
         "moe_layer_freq": 1,
         "moe_router_dtype": "float32",
@@ -232,16 +282,16 @@ fn config_json(s: &TinySpec, vocab: usize, special: &std::collections::HashMap<&
             c["quantization_config"] = fp8(vec!["lm_head".into(), "model.embed_tokens".into(), "mlp.gate".into(), "indexer.weights_proj".into()]);
         }
         TinyQuant::Int4Fp8mtp => {
-            let weights = |bits: usize, symmetric: bool| {
-                json!({"num_bits": bits, "type": "int", "strategy": "group", "group_size": 32, "symmetric": symmetric, "dynamic": false, "actorder": null, "observer": "minmax"})
+            let weights = |bits: usize, group: usize, symmetric: bool| {
+                json!({"num_bits": bits, "type": "int", "strategy": "group", "group_size": group, "symmetric": symmetric, "dynamic": false, "actorder": null, "observer": "minmax"})
             };
             c["quantization_config"] = json!({
                 "quant_method": "compressed-tensors",
                 "format": "pack-quantized",
                 "quantization_status": "compressed",
                 "config_groups": {
-                    "group_0": {"targets": ["re:.*mlp\\.experts\\.[0-9]+\\.(gate|up|down)_proj$"], "weights": weights(4, false), "input_activations": null, "output_activations": null, "format": "pack-quantized"},
-                    "group_1": {"targets": ["re:.*self_attn\\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$", "re:.*shared_experts\\.(gate|up|down)_proj$"], "weights": weights(8, true), "input_activations": null, "output_activations": null, "format": "pack-quantized"}
+                    "group_0": {"targets": ["re:.*mlp\\.experts\\.[0-9]+\\.(gate|up|down)_proj$"], "weights": weights(4, s.int4_group, s.int4_symmetric), "input_activations": null, "output_activations": null, "format": "pack-quantized"},
+                    "group_1": {"targets": ["re:.*self_attn\\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$", "re:.*shared_experts\\.(gate|up|down)_proj$"], "weights": weights(8, s.int8_group, true), "input_activations": null, "output_activations": null, "format": "pack-quantized"}
                 },
                 "ignore": ["lm_head", "model.embed_tokens", "re:.*mlp\\.gate$", "re:.*indexer\\..*", format!("re:model\\.layers\\.{}\\..*", s.layers)],
                 "kv_cache_scheme": null
@@ -256,7 +306,10 @@ fn config_json(s: &TinySpec, vocab: usize, special: &std::collections::HashMap<&
 pub fn write(dir: &Path, s: &TinySpec) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tok = tokenizer::build(s.merges);
-    let vocab = tok.len.div_ceil(64) * 64;
+    let vocab = s.vocab.unwrap_or(tok.len.div_ceil(64) * 64);
+    if vocab < tok.len {
+        bail!("a vocabulary of {vocab} rows cannot hold the tokenizer's {} tokens", tok.len);
+    }
     let config = config_json(s, vocab, &tok.special_ids);
     let mtp_prefix = format!("model.layers.{}.", s.layers);
 
@@ -274,45 +327,10 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<()> {
     list.push(("model.norm.weight".into(), vec![s.hidden], Init::Norm));
     list.push(("lm_head.weight".into(), vec![vocab, s.hidden], Init::Linear));
 
-    let mut rng = Rng::new(s.seed);
-    let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
-    for (name, shape, init) in list {
-        let n: usize = shape.iter().product();
-        let std = match init {
-            Init::Linear => (1.0 / shape[1] as f64).sqrt(),
-            Init::Norm | Init::Small => 0.1,
-        };
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                let z = rng.normal() * std;
-                (if matches!(init, Init::Norm) { 1.0 + z } else { z }) as f32
-            })
-            .collect();
-        if name.ends_with("e_score_correction_bias") {
-            tensors.push((name, OwnedTensor::f32(&shape, &values)));
-            continue;
-        }
-        let Some(module) = name.strip_suffix(".weight").filter(|_| shape.len() == 2).map(str::to_string) else {
-            tensors.push((name, OwnedTensor::bf16(&shape, &values)));
-            continue;
-        };
-        let module = module.as_str();
-        let (rows, cols) = (shape[0], shape[1]);
-        match store_for(s.quant, module, &mtp_prefix) {
-            Store::Bf16 => tensors.push((name, OwnedTensor::bf16(&shape, &values))),
-            Store::Fp8 => {
-                let (w, scale) = fp8_block(&values, rows, cols, [128, 128]);
-                tensors.push((name, w));
-                tensors.push((format!("{module}.weight_scale_inv"), scale));
-            }
-            Store::Int { bits, group, symmetric } => {
-                for (suffix, t) in pack_quantized(&values, rows, cols, bits, group, symmetric) {
-                    tensors.push((format!("{module}.{suffix}"), t));
-                }
-            }
-        }
-    }
-    write_shards(dir, tensors, 3)?;
+    let tensors = if s.fast_init { draw_parallel(s, list, &mtp_prefix) } else { draw_sequential(s, list, &mtp_prefix) };
+    // Real-width checkpoints in shards under 5 GB, as published ones are.
+    let total: usize = tensors.iter().map(|(_, t)| t.data.len()).sum();
+    write_shards(dir, tensors, total.div_ceil(4 << 30).max(3))?;
 
     let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
         let path = dir.join(name);
@@ -330,6 +348,78 @@ pub fn write(dir: &Path, s: &TinySpec) -> Result<()> {
     )?;
     std::fs::write(dir.join("chat_template.jinja"), tokenizer::CHAT_TEMPLATE).context("cannot write chat_template.jinja")?;
     Ok(())
+}
+
+/// Every tensor's values from the one normal stream of `s.seed`, in list order.
+fn draw_sequential(s: &TinySpec, list: Vec<(String, Vec<usize>, Init)>, mtp_prefix: &str) -> Vec<(String, OwnedTensor)> {
+    let mut rng = Rng::new(s.seed);
+    let mut tensors = Vec::new();
+    for (name, shape, init) in list {
+        let n: usize = shape.iter().product();
+        let std = init_std(&init, &shape);
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                let z = rng.normal() * std;
+                (if matches!(init, Init::Norm) { 1.0 + z } else { z }) as f32
+            })
+            .collect();
+        tensors.extend(stored(s, name, &shape, &values, mtp_prefix));
+    }
+    tensors
+}
+
+/// Every tensor's values from its own stream (the seed and its name), uniform with the same
+/// variance, the tensors spread over the machine's cores; the result in list order.
+fn draw_parallel(s: &TinySpec, list: Vec<(String, Vec<usize>, Init)>, mtp_prefix: &str) -> Vec<(String, OwnedTensor)> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: Vec<std::sync::Mutex<Vec<(String, OwnedTensor)>>> = list.iter().map(|_| Default::default()).collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((name, shape, init)) = list.get(i) else { break };
+                let seed = name.bytes().fold(s.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                let mut rng = Rng::new(seed);
+                // Uniform on [−a, a] has variance a²/3.
+                let a = init_std(init, shape) * 3f64.sqrt();
+                let offset = if matches!(init, Init::Norm) { 1.0 } else { 0.0 };
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n).map(|_| (offset + a * (2.0 * rng.uniform() - 1.0)) as f32).collect();
+                *done[i].lock().unwrap() = stored(s, name.clone(), shape, &values, mtp_prefix);
+            });
+        }
+    });
+    done.into_iter().flat_map(|m| m.into_inner().unwrap()).collect()
+}
+
+fn init_std(init: &Init, shape: &[usize]) -> f64 {
+    match init {
+        Init::Linear => (1.0 / shape[1] as f64).sqrt(),
+        Init::Norm | Init::Small => 0.1,
+    }
+}
+
+/// Tensor `name` with `values` as the variant stores it: plain, FP8 with its block scales, or
+/// pack-quantized with its scales (and zero points).
+fn stored(s: &TinySpec, name: String, shape: &[usize], values: &[f32], mtp_prefix: &str) -> Vec<(String, OwnedTensor)> {
+    if name.ends_with("e_score_correction_bias") {
+        return vec![(name, OwnedTensor::f32(shape, values))];
+    }
+    let Some(module) = name.strip_suffix(".weight").filter(|_| shape.len() == 2).map(str::to_string) else {
+        return vec![(name, OwnedTensor::bf16(shape, values))];
+    };
+    let (rows, cols) = (shape[0], shape[1]);
+    match store_for(s, &module, mtp_prefix) {
+        Store::Bf16 => vec![(name, OwnedTensor::bf16(shape, values))],
+        Store::Fp8 => {
+            let (w, scale) = fp8_block(values, rows, cols, [128, 128]);
+            vec![(name, w), (format!("{module}.weight_scale_inv"), scale)]
+        }
+        Store::Int { bits, group, symmetric } => {
+            pack_quantized(values, rows, cols, bits, group, symmetric).into_iter().map(|(suffix, t)| (format!("{module}.{suffix}"), t)).collect()
+        }
+    }
 }
 
 /// Splits tensors (in order) into `n` shards of similar size and writes them with the index.
@@ -402,5 +492,24 @@ pub fn resolve_model(arg: &Path) -> Result<PathBuf> {
         builtin()
     } else {
         Ok(arg.to_path_buf())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{config_json, tokenizer, TinyQuant, TinySpec};
+    use crate::checkpoint::config::ModelConfig;
+
+    #[test]
+    fn the_glm52_slice_has_glm52_widths() {
+        // Its config only (the weights are gigabytes): what the model reads from it.
+        let s = TinySpec::glm52(TinyQuant::Int4Fp8mtp, 0, 4, 32);
+        let tok = tokenizer::build(s.merges);
+        let c = ModelConfig::from_json(&config_json(&s, s.vocab.unwrap(), &tok.special_ids)).unwrap();
+        let dims = [c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim];
+        assert_eq!(dims, [6144, 64, 2048, 512, 192, 64, 256]);
+        assert_eq!((c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok, c.vocab_size), (2048, 32, 8, 154880));
+        assert_eq!((c.num_hidden_layers, c.index_topk, c.index_n_heads, c.index_head_dim), (4, 2048, 32, 128));
+        assert!(c.quantization.is_some() && c.mtp_quantization.is_some());
     }
 }
