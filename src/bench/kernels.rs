@@ -66,19 +66,19 @@ fn random_weight(module: &str, rows: usize, cols: usize, fmt: &str, rng: &mut Rn
             )
         }
         _ => {
-            // int4 (int4_layout).
-            let (group, asym) = int4_layout(fmt);
-            let words = rows * cols / 8;
+            // int4 / int8 (packed_layout).
+            let (bits, group, asym) = packed_layout(fmt);
+            let per_word = 32 / bits;
             let groups = cols / group;
-            let data = bytes(words * 4, rng);
+            let data = bytes(rows * cols / per_word * 4, rng);
             let scales = vec![1e-3f32; rows * groups];
             let zero = asym.then(|| {
-                let zeros = bytes(rows.div_ceil(8) * groups * 4, rng);
-                view("weight_zero_point", OwnedTensor { dtype: DType::I32, shape: vec![rows.div_ceil(8), groups], data: zeros })
+                let zeros = bytes(rows.div_ceil(per_word) * groups * 4, rng);
+                view("weight_zero_point", OwnedTensor { dtype: DType::I32, shape: vec![rows.div_ceil(per_word), groups], data: zeros })
             });
             (
-                view("weight_packed", OwnedTensor { dtype: DType::I32, shape: vec![rows, cols / 8], data }),
-                Format::Packed { bits: 4, group, scale: view("weight_scale", OwnedTensor::bf16(&[rows, groups], &scales)), zero },
+                view("weight_packed", OwnedTensor { dtype: DType::I32, shape: vec![rows, cols / per_word], data }),
+                Format::Packed { bits: bits as u32, group, scale: view("weight_scale", OwnedTensor::bf16(&[rows, groups], &scales)), zero },
             )
         }
     };
@@ -129,7 +129,7 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
     let r = Report { peak, case };
 
     // Dense GEMV at decode (one token).
-    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g64"), (6144, 16384, "int4-g32")] } else { &[] };
+    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g64"), (6144, 16384, "int4-g32"), (2048, 6144, "int8-g64"), (6144, 16384, "int8-g64")] } else { &[] };
     for &(rows, cols, fmt) in gemvs {
         let label = format!("gemv {fmt} {cols}->{rows} x1");
         if !r.wants(&label) {
@@ -311,12 +311,15 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// Group size and asymmetry of the bench's INT4 formats: "int4" group 128 asymmetric
-/// (AWQ-style), "int4-gN" group N symmetric (group 64 as in the real GLM INT4 checkpoints).
-fn int4_layout(fmt: &str) -> (usize, bool) {
-    match fmt.strip_prefix("int4-g").and_then(|g| g.parse().ok()) {
-        Some(group) => (group, false),
-        None => (128, true),
+/// Bits, group size and asymmetry of the bench's integer formats: "int4" 4 bits, group 128
+/// asymmetric (AWQ-style); "int4-gN" and "int8-gN" group N symmetric (the real GLM INT4
+/// checkpoints: experts int4 group 64, attention and shared experts int8 group 64).
+fn packed_layout(fmt: &str) -> (usize, usize, bool) {
+    let group = |rest: &str| rest.strip_prefix("-g").and_then(|g| g.parse().ok());
+    match (fmt.strip_prefix("int4").and_then(group), fmt.strip_prefix("int8").and_then(group)) {
+        (Some(g), _) => (4, g, false),
+        (_, Some(g)) => (8, g, false),
+        _ => (4, 128, true),
     }
 }
 
@@ -326,9 +329,9 @@ fn bytes_per_weight(fmt: &str) -> f64 {
         "bf16" => 2.0,
         "fp8" => 1.0 + 4.0 / (128.0 * 128.0),
         _ => {
-            // Half a byte, a bf16 scale and (asymmetric) a packed zero point per group.
-            let (group, asym) = int4_layout(fmt);
-            0.5 + (2.0 + if asym { 0.5 } else { 0.0 }) / group as f64
+            // The packed value, a bf16 scale and (asymmetric) a packed zero point per group.
+            let (bits, group, asym) = packed_layout(fmt);
+            bits as f64 / 8.0 + (2.0 + if asym { bits as f64 / 8.0 } else { 0.0 }) / group as f64
         }
     }
 }
