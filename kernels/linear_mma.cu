@@ -110,8 +110,9 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // plus constants, and only the last run checks bounds. (Taking every nw-th chunk instead spent
 // about 60 of INT4's 110-143 instructions per chunk on 64-bit address arithmetic and
 // predicates; runs measured INT4 experts 62% -> 69% of bandwidth, FP8 16384->6144 82% -> 94%.)
-// A Tile loads chunk q into a Chunk (load_w<CHECK> its weights, load_x<CHECK> its activations:
-// zeros past the last chunk or for missing rows), folds a chunk into its accumulators (dot) and them into the lane's result (result).
+// A Tile loads chunk q into a Chunk (load_w<CHECK> its weights, load_x<CHECK> its
+// activations: zeros past the last chunk or for missing rows), folds a chunk into its
+// accumulators (dot) and them into the lane's result (result).
 // (Issuing the next UNR chunks' loads before multiplying the current ones, in two register
 // sets, measured slower on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
 // One run of UNR chunks from qb: weights, then activations, then the multiplies. CHECK: the run
