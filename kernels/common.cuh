@@ -216,6 +216,13 @@ __device__ __forceinline__ int int4_word(const WDesc& d, int w) {
     return d.interleaved ? (w & ~15) | ((w & 3) << 2) | ((w >> 2) & 3) : w;
 }
 
+// Where column c of an INT8 row is stored: in place, or (interleaved, for linear_mma.cu's INT8
+// tile) with each 8 columns in the order 0 2 4 6 1 3 5 7 (plane_pos there) and as two's
+// complement (the checkpoint's offset-binary byte ^ 0x80).
+__device__ __forceinline__ int int8_pos(const WDesc& d, int c) {
+    return d.interleaved ? (c & ~7) | ((c & 1) << 2) | ((c >> 1) & 3) : c;
+}
+
 // The upload stores every INT4 nibble n as n ^ 8, the signed q = n − 8 in two's complement,
 // which the tensor-core kernels read as int8 without an XOR (int4_s8); the CUDA-core readers
 // take words back to the checkpoint's unsigned nibbles with this.

@@ -119,19 +119,27 @@ template <> struct Fmt<FMT_INT4> {
 template <> struct Fmt<FMT_INT8> {
     static constexpr int U = 16;
     static constexpr bool SCALED = true, BIASED = true;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u); }
+    __device__ static uint4 load(const WDesc& d, int r, int u) {
+        uint4 v = ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u);
+        if (!d.interleaved) return v;
+        // Each 8 columns back in order (int8_pos), and back to offset binary.
+        const u32 f = 0x80808080u;
+        return make_uint4(__byte_perm(v.x, v.y, 0x5140) ^ f, __byte_perm(v.x, v.y, 0x7362) ^ f, __byte_perm(v.z, v.w, 0x5140) ^ f,
+                          __byte_perm(v.z, v.w, 0x7362) ^ f);
+    }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) { int_param(d, r, u, U, 128.f, s, b); }
     __device__ static float4 chunk(const uint4& v, int i) {
         u32 a = word(v, i);
         return make_float4(small_int(a & 255u), small_int((a >> 8) & 255u), small_int((a >> 16) & 255u), small_int(a >> 24));
     }
     __device__ static float at(const WDesc& d, int r, int c) {
-        int wpr = (d.cols + 3) / 4;
-        u32 w = ((const u32*)d.w)[(size_t)r * wpr + c / 4];
+        int wpr = (d.cols + 3) / 4, p = int8_pos(d, c);
+        u32 w = ((const u32*)d.w)[(size_t)r * wpr + p / 4];
         int g = c / d.group;
         float s = d.scale[(size_t)r * d.sc + g];
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
-        return fmaf(small_int((w >> (8 * (c % 4))) & 255u), s, -(128.f + z) * s);
+        u32 b = ((w >> (8 * (p % 4))) & 255u) ^ (d.interleaved ? 128u : 0u);
+        return fmaf(small_int(b), s, -(128.f + z) * s);
     }
 };
 

@@ -44,6 +44,12 @@
 #ifndef INT4_UNR_SMALL
 #define INT4_UNR_SMALL 2  // groups of 32 or 64, up to two token slots
 #endif
+#ifndef INT8_REGS
+#define INT8_REGS 128
+#endif
+#ifndef INT8_UNR
+#define INT8_UNR 4  // INT8 chunks (64 columns) a round
+#endif
 // L2 fetch size of the weight loads (ld_weight16): a chunk reads 64 bytes of each of 16 rows,
 // half an L2 line each; fetching whole lines measured FP8 16384->6144 87% of copy bandwidth
 // against 77%, FP8 experts 83% against 80%, INT4 63% against 60% (256 bytes: the same).
@@ -292,6 +298,26 @@ __device__ __forceinline__ void int4_s8(u32 w, u32& even, u32& odd) {
 // the bytes of one word's even nibbles and then its odd ones are adjacent.
 __device__ __forceinline__ int plane_pos(int col) { return (col & ~7) | ((col & 1) << 2) | ((col >> 1) & 3); }
 
+// An integer tile's result from its accumulators (acc[n]: B tile n's C fragment, the planes of
+// two token slots): lane c holds planes 2(c % 2), 2(c % 2) + 1 of slot 2n + c/2, its partner
+// c ^ 1 the other two; then lane c takes slot c's value from lane (g, 2(c % 2)) of tile c/2.
+template <int NT> __device__ __forceinline__ float2 planes_result(const float (&acc)[NT][4]) {
+    const float step = 1.f / (1 << PLANE_BITS), far = step * step;
+    int lane = threadIdx.x & 31, c = lane & 3, src = (lane & ~3) | (2 * (c & 1));
+    float2 res = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        float va = fmaf(step, acc[n][1], acc[n][0]), vb = fmaf(step, acc[n][3], acc[n][2]);
+        float oa = __shfl_xor_sync(0xffffffffu, va, 1), ob = __shfl_xor_sync(0xffffffffu, vb, 1);
+        float ta = (c & 1) ? fmaf(far, va, oa) : fmaf(far, oa, va);
+        float tb = (c & 1) ? fmaf(far, vb, ob) : fmaf(far, ob, vb);
+        ta = __shfl_sync(0xffffffffu, ta, src);
+        tb = __shfl_sync(0xffffffffu, tb, src);
+        if (c / 2 == n) res = make_float2(ta, tb);
+    }
+    return res;
+}
+
 // INT4, columns in chunks of 128 holding GPC scale groups (1 for groups of 128 or more, 2 for
 // 64, 4 for 32). Lane c reads bytes [16c, 16c + 16) of a chunk's row and mma i takes word i of
 // every lane. With one group (CONTIG) those are the row's words 4c + i, all in the chunk's
@@ -467,24 +493,79 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             }
         }
     }
-    // Planes to values: lane c holds planes 2(c % 2), 2(c % 2) + 1 of slot 2n + c/2, its partner
-    // c ^ 1 the other two; then lane c takes slot c's value from lane (g, 2(c % 2)) of tile c/2.
-    __device__ float2 result() const {
-        const float step = 1.f / (1 << PLANE_BITS), far = step * step;
-        int lane = threadIdx.x & 31, c = lane & 3, src = (lane & ~3) | (2 * (c & 1));
-        float2 res = make_float2(0.f, 0.f);
+    __device__ float2 result() const { return planes_result<NT>(acc); }
+};
+
+// INT8, symmetric, one scale group per 64-column chunk (the upload spells larger groups out per
+// 64 columns). Lane c holds bytes [16c, 16c + 16) of a chunk's rows, uploaded with every 8
+// columns in plane_pos order and as two's complement (weights.rs), so its words 2j and 2j + 1
+// are mma j's A registers (columns 0 2 4 6, then 1 3 5 7, of an 8-column group) for the x words
+// 2j, 2j + 1 of the INT4 planes split, which it reads as is. The split's exponent includes
+// INT4's 16 (16·q), so the scales are applied times 16.
+template <int NT> struct Int8Tile {
+    static constexpr int UNR = INT8_UNR;
+    struct Chunk {
+        uint4 a, b, x[NT];
+        float sa, sb;
+    };
+    const WDesc& d;
+    int ra, rb;
+    RowCursor rc;          // the rows' weights at chunk rc.qc,
+    const float *sra, *srb;  // their scales there,
+    const u8* xb[NT];      // and this lane's 16 plane bytes per B tile (slot 2n + g/4, plane g % 4)
+    float acc[NT][4];
+    __device__ Int8Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int*) : d(d), ra(ra), rb(rb) {
+        rc.init(d.w, d.cols, ra, rb);
+        sra = d.scale + (size_t)max(ra, 0) * d.sc;
+        srb = d.scale + (size_t)max(rb, 0) * d.sc;
+        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
 #pragma unroll
         for (int n = 0; n < NT; n++) {
-            float va = fmaf(step, acc[n][1], acc[n][0]), vb = fmaf(step, acc[n][3], acc[n][2]);
-            float oa = __shfl_xor_sync(0xffffffffu, va, 1), ob = __shfl_xor_sync(0xffffffffu, vb, 1);
-            float ta = (c & 1) ? fmaf(far, va, oa) : fmaf(far, oa, va);
-            float tb = (c & 1) ? fmaf(far, vb, ob) : fmaf(far, ob, vb);
-            ta = __shfl_sync(0xffffffffu, ta, src);
-            tb = __shfl_sync(0xffffffffu, tb, src);
-            if (c / 2 == n) res = make_float2(ta, tb);
+            xb[n] = xq + ((size_t)slot_row(trow, 2 * n + g / 4) * PLANES + g % 4) * d.cols + 16 * c;
+            acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
-        return res;
     }
+    __device__ int chunks() const { return d.cols >> 6; }
+    // Moves the cursors to chunk qb.
+    __device__ void seek(int qb) {
+        int dq = rc.seek(qb);
+        sra += dq;
+        srb += dq;
+#pragma unroll
+        for (int n = 0; n < NT; n++) xb[n] += 64 * dq;
+    }
+    // Chunk q's weights and scales (load_w) and plane bytes (load_x). CHECK: q may be past the
+    // last chunk, and rows may be missing (zeros then).
+    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
+        int r = q - rc.qc;
+        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
+        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
+        ch.sa = oa ? __ldg(sra + r) : 0.f;
+        ch.sb = ob ? __ldg(srb + r) : 0.f;
+    }
+    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
+        int r = q - rc.qc;
+        bool ok = !CHECK || q < chunks();
+#pragma unroll
+        for (int n = 0; n < NT; n++) ch.x[n] = ok ? *(const uint4*)(xb[n] + 64 * r) : make_uint4(0, 0, 0, 0);
+    }
+    __device__ void dot(int, const Chunk& ch) {
+        float sa = 16.f * ch.sa, sb = 16.f * ch.sb;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            int C[4] = {ACC_BASE, ACC_BASE, ACC_BASE, ACC_BASE};
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+                mma_s8(C, word(ch.a, 2 * j), word(ch.b, 2 * j), word(ch.a, 2 * j + 1), word(ch.b, 2 * j + 1), word(ch.x[n], 2 * j), word(ch.x[n], 2 * j + 1));
+            acc[n][0] = fmaf(sa, acc_float(C[0]), acc[n][0]);
+            acc[n][1] = fmaf(sa, acc_float(C[1]), acc[n][1]);
+            acc[n][2] = fmaf(sb, acc_float(C[2]), acc[n][2]);
+            acc[n][3] = fmaf(sb, acc_float(C[3]), acc[n][3]);
+        }
+    }
+    __device__ float2 result() const { return planes_result<NT>(acc); }
 };
 
 template <class Tile, bool EARLY = false, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
@@ -516,6 +597,16 @@ template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
         const u8* xq = (const u8*)xs;
         if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>, EARLY>(d, ra, rb, trow, xq, sums);
         return run_tile<Int4Tile<GPC, 1, ASYM>, EARLY>(d, ra, rb, trow, xq, sums);
+    }
+};
+// INT8 (symmetric, groups of 64), as INT4.
+template <int SLOTS_> struct Int8Mma {
+    static constexpr int SLOTS = SLOTS_;
+    template <bool EARLY = false>
+    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
+        const u8* xq = (const u8*)xs;
+        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int8Tile<2>, EARLY>(d, ra, rb, trow, xq, sums);
+        return run_tile<Int8Tile<1>, EARLY>(d, ra, rb, trow, xq, sums);
     }
 };
 
@@ -808,3 +899,7 @@ INSTANTIATE_INT4(64, 2, 2)
 INSTANTIATE_INT4(64, 2, 4)
 INSTANTIATE_INT4(32, 4, 2)
 INSTANTIATE_INT4(32, 4, 4)
+typedef Int8Mma<2> Int8_g64s2;
+typedef Int8Mma<4> Int8_g64s4;
+INSTANTIATE_MMA(g64s2_int8, Int8_g64s2, INT8_REGS)
+INSTANTIATE_MMA(g64s4_int8, Int8_g64s4, INT8_REGS)

@@ -29,6 +29,13 @@ pub fn pdl() -> bool {
     *ON.get_or_init(|| env_switch("DUET_PDL", true))
 }
 
+/// Whether INT8 weights take the tensor-core kernels (`DUET_INT8_MMA=1`; off until measured on
+/// the device: the INT8 tile of kernels/linear_mma.cu).
+pub fn int8_mma() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("DUET_INT8_MMA", false))
+}
+
 /// An on/off variable: `0` is off, any other value on, unset `default`.
 pub fn env_switch(name: &str, default: bool) -> bool {
     std::env::var(name).map_or(default, |v| v != "0")
@@ -51,7 +58,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS", "DUET_INT8_MMA"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }

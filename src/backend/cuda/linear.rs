@@ -93,7 +93,7 @@ impl CudaBackend {
     /// `x` split for the tensor-core kernels (split_act in kernels/linear_mma.cu), laid out
     /// for weights of format `fmt`; made on first use and kept with the tensor.
     pub(super) fn split<'a>(&self, x: &'a CudaTensor, fmt: Fmt) -> Result<&'a Split> {
-        let cell = &x.splits[(fmt == Fmt::Int4) as usize];
+        let cell = &x.splits[planes(fmt) as usize];
         if let Some(s) = cell.get() {
             return Ok(s);
         }
@@ -104,7 +104,7 @@ impl CudaBackend {
     /// Notes that weights of formats `fmts` take the tensor-core kernels.
     pub(super) fn note_mma_fmts(&self, fmts: impl IntoIterator<Item = Fmt>) {
         for f in fmts {
-            self.mma_fmts.fetch_or(if f == Fmt::Int4 { MMA_INT4 } else { MMA_FP8 }, Ordering::Relaxed);
+            self.mma_fmts.fetch_or(if planes(f) { MMA_INT4 } else { MMA_FP8 }, Ordering::Relaxed);
         }
     }
 
@@ -157,7 +157,7 @@ impl CudaBackend {
     /// `fmt` (filled by `split_into`).
     pub(super) fn split_alloc(&self, rows: usize, cols: usize, fmt: Fmt) -> Result<Split> {
         let exps = self.alloc_indices(rows)?;
-        if fmt == Fmt::Int4 {
+        if planes(fmt) {
             if cols % 128 != 0 {
                 bail!("split_planes: {cols} columns are not a multiple of 128");
             }
@@ -216,6 +216,8 @@ const MMA_TOKENS: u32 = 4;
 pub(super) enum MmaVariant {
     Fp8,
     Int4 { group: u32, zeros: bool },
+    /// Symmetric, groups of 64 (the upload splits larger ones).
+    Int8,
 }
 
 impl MmaVariant {
@@ -226,6 +228,7 @@ impl MmaVariant {
             _ if desc.mma == 0 => None,
             Fmt::Fp8 => Some(MmaVariant::Fp8),
             Fmt::Int4 => Some(MmaVariant::Int4 { group: desc.group.min(128) as u32, zeros: desc.zero != 0 }),
+            Fmt::Int8 => Some(MmaVariant::Int8),
             _ => None,
         }
     }
@@ -234,13 +237,14 @@ impl MmaVariant {
         match self {
             MmaVariant::Fp8 => Fmt::Fp8,
             MmaVariant::Int4 { .. } => Fmt::Int4,
+            MmaVariant::Int8 => Fmt::Int8,
         }
     }
 
     /// Token slots per tile at `tokens` tokens.
     pub(super) fn slots(self, tokens: usize) -> u32 {
         match self {
-            MmaVariant::Int4 { .. } if tokens <= 2 => 2,
+            MmaVariant::Int4 { .. } | MmaVariant::Int8 if tokens <= 2 => 2,
             _ => MMA_TOKENS,
         }
     }
@@ -248,13 +252,13 @@ impl MmaVariant {
     /// The kernel of `family` (`gemv_mma`, `moe_gate_up_mma`, `moe_down_mma`) at `tokens`
     /// tokens: `gemv_mma_fp8`, or `gemv_mma_g64s2_int4` (group 64, no zero points, 2 slots).
     fn kernel(self, family: &'static str, tokens: usize) -> Kernel {
-        match self {
-            MmaVariant::Fp8 => (family, Some(Fmt::Fp8)),
-            MmaVariant::Int4 { group, zeros } => {
-                let name = format!("{family}_g{group}{}{}", if zeros { 'a' } else { 's' }, self.slots(tokens));
-                (interned(name), Some(Fmt::Int4))
-            }
-        }
+        let (group, zeros) = match self {
+            MmaVariant::Fp8 => return (family, Some(Fmt::Fp8)),
+            MmaVariant::Int4 { group, zeros } => (group, zeros),
+            MmaVariant::Int8 => (64, false),
+        };
+        let name = format!("{family}_g{group}{}{}", if zeros { 'a' } else { 's' }, self.slots(tokens));
+        (interned(name), Some(self.fmt()))
     }
 }
 
@@ -271,7 +275,13 @@ fn interned(name: String) -> &'static str {
     n
 }
 
-/// Bits of `CudaBackend::mma_fmts`.
+/// Whether the tensor-core kernels of weights of format `fmt` read the activation as int8
+/// planes (INT4, INT8), else as f16 halves (FP8).
+fn planes(fmt: Fmt) -> bool {
+    matches!(fmt, Fmt::Int4 | Fmt::Int8)
+}
+
+/// Bits of `CudaBackend::mma_fmts` (MMA_INT4: the planes, for INT4 and INT8).
 const MMA_FP8: u8 = 1;
 const MMA_INT4: u8 = 2;
 

@@ -121,13 +121,18 @@ impl HostLinear {
             group,
             sc,
         };
-        if h.fmt == Fmt::Int4 && h.group > 128 && h.mma_ok() {
-            // The tensor-core kernels take one scale group per 128-column chunk at most
-            // (group0 in kernels/linear_mma.cu): larger groups are spelled out per 128 columns.
-            let (sc, per) = (h.cols / 128, h.group / 128);
+        // The tensor-core kernels take at most one scale group per chunk (128 INT4 columns, 64
+        // INT8 ones; kernels/linear_mma.cu): larger groups are spelled out per chunk.
+        let chunk = match h.fmt {
+            Fmt::Int4 => 128,
+            Fmt::Int8 => 64,
+            _ => usize::MAX,
+        };
+        if h.group > chunk && h.mma_ok() {
+            let (sc, per) = (h.cols / chunk, h.group / chunk);
             h.scale = regroup(&h.scale, h.sc, sc, per);
             h.zero = h.zero.map(|z| regroup(&z, h.sc, sc, per));
-            (h.group, h.sc) = (128, sc);
+            (h.group, h.sc) = (chunk, sc);
         }
         if fmt == Fmt::Fp8 && h.scale.len() == 1 {
             // A per-tensor scale, spelled out as one block row of 128-column blocks.
@@ -153,11 +158,16 @@ impl HostLinear {
 
     /// Whether the tensor-core kernels (kernels/linear_mma.cu) can read it: FP8 in 64-column
     /// chunks inside power-of-two scale blocks, INT4 in 128-column chunks with power-of-two
-    /// groups of at least 32.
+    /// groups of at least 32, and (with `DUET_INT8_MMA=1`, until measured on the device) INT8
+    /// symmetric with power-of-two groups of at least 64; both integer formats read the
+    /// activation planes, made per 128 columns.
     fn mma_ok(&self) -> bool {
         match self.fmt {
             Fmt::Fp8 => self.cols % 64 == 0 && self.bc % 64 == 0 && (self.bc / 64).is_power_of_two(),
             Fmt::Int4 => self.cols % 128 == 0 && self.group >= 32 && self.group.is_power_of_two(),
+            Fmt::Int8 => {
+                super::kernels::int8_mma() && self.cols % 128 == 0 && self.group >= 64 && self.group.is_power_of_two() && self.zero.is_none()
+            }
             _ => false,
         }
     }
@@ -214,17 +224,25 @@ impl HostLinear {
         Ok(out)
     }
 
-    /// Whether the rows are stored interleaved for the tensor-core kernels: INT4 with groups
-    /// under 128 (kernels/linear_mma.cu), so each lane reads its four words in one 16-byte load.
+    /// Whether the rows are stored interleaved for the tensor-core kernels
+    /// (kernels/linear_mma.cu): INT4 with groups under 128, so each lane reads its four words in
+    /// one 16-byte load; INT8, so its words are the planes' order (int8_pos in common.cuh).
     fn interleave_ok(&self) -> bool {
-        self.fmt == Fmt::Int4 && self.group < 128 && self.mma_ok()
+        match self.fmt {
+            Fmt::Int4 => self.group < 128 && self.mma_ok(),
+            Fmt::Int8 => self.mma_ok(),
+            _ => false,
+        }
     }
 
     fn upload(mut self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
         let vec = self.vec_ok();
         let interleave = self.interleave_ok();
-        if interleave {
+        if interleave && self.fmt == Fmt::Int4 {
             transpose_int4_pieces(&mut self.data);
+        }
+        if interleave && self.fmt == Fmt::Int8 {
+            interleave_int8(&mut self.data);
         }
         if self.fmt == Fmt::Int4 {
             // Every nibble n stored as n ^ 8, the signed n − 8 the tensor cores read
@@ -269,6 +287,18 @@ fn transpose_int4_pieces(data: &mut [u8]) {
         let src: [u8; 64] = piece.try_into().expect("64-byte piece");
         for (i, c) in (0..4).flat_map(|i| (0..4).map(move |c| (i, c))) {
             piece[16 * c + 4 * i..16 * c + 4 * i + 4].copy_from_slice(&src[16 * i + 4 * c..16 * i + 4 * c + 4]);
+        }
+    }
+}
+
+/// Every 8 INT8 bytes in the order of columns 0 2 4 6 1 3 5 7 and as two's complement (the
+/// checkpoint's offset-binary byte ^ 0x80): the interleaved INT8 layout (`int8_pos` in
+/// kernels/common.cuh). Rows are whole groups of 8 (`mma_ok`: 128 columns at a time).
+fn interleave_int8(data: &mut [u8]) {
+    for group in data.chunks_exact_mut(8) {
+        let src: [u8; 8] = group.try_into().expect("8-byte group");
+        for (k, b) in src.into_iter().enumerate() {
+            group[((k & 1) << 2) | ((k >> 1) & 3)] = b ^ 0x80;
         }
     }
 }
@@ -336,7 +366,7 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
 
 #[cfg(test)]
 mod tests {
-    use super::{regroup, transpose_int4_pieces};
+    use super::{interleave_int8, regroup, transpose_int4_pieces};
 
     #[test]
     fn large_groups_are_spelled_out_per_128_columns() {
@@ -344,6 +374,14 @@ mod tests {
         assert_eq!(regroup(&[1, 2, 3, 4], 2, 4, 2), vec![1, 1, 2, 2, 3, 3, 4, 4]);
         // One group wider than the row: every new group takes it.
         assert_eq!(regroup(&[7.5f32, 9.0], 1, 2, 4), vec![7.5, 7.5, 9.0, 9.0]);
+    }
+
+    #[test]
+    fn int8_groups_take_the_planes_order_as_twos_complement() {
+        let mut data: Vec<u8> = (0..16u8).map(|c| 0x80 + c).collect();
+        interleave_int8(&mut data);
+        // Columns 0 2 4 6 1 3 5 7 of each 8, as q = stored − 128.
+        assert_eq!(data, [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]);
     }
 
     #[test]
