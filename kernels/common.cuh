@@ -89,13 +89,21 @@ __device__ __forceinline__ float block_max(float v, float* scratch) { return blo
 // running sum waited a memory latency per step (21 µs for one 6144-wide row on H200, against
 // 2-3 µs). Shared by rms_norm and rms_norm_split, so both give the same bits.
 #define NORM_VEC 8
-__device__ __forceinline__ void norm_row(const float* xr, const float* w, int cols, float eps, float4 (&v)[NORM_VEC], float* scratch) {
+// With ar, the row normalized is xr + ar (the residual add fused), and the sum goes to sr: all
+// of it (seg < 0), or register seg's float4s of each thread (the block's segment).
+__device__ __forceinline__ void norm_row(const float* xr, const float* ar, float* sr, int seg, const float* w, int cols, float eps,
+                                         float4 (&v)[NORM_VEC], float* scratch) {
     int n4 = cols / 4;
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_VEC; j++) {
         int i = threadIdx.x + j * blockDim.x;
         v[j] = i < n4 ? ((const float4*)xr)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        if (ar && i < n4) {
+            float4 a = ((const float4*)ar)[i];
+            v[j] = make_float4(v[j].x + a.x, v[j].y + a.y, v[j].z + a.z, v[j].w + a.w);
+            if (seg < 0 || seg == j) ((float4*)sr)[i] = v[j];
+        }
     }
 #pragma unroll
     for (int j = 0; j < NORM_VEC; j++) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;

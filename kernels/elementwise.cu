@@ -2,15 +2,17 @@
 
 // y = w ⊙ x / sqrt(mean(x²) + eps), one block per row; rows of up to NORM_VEC float4s per
 // thread (norm_row in common.cuh) are held in registers, longer or unaligned ones take the loop.
+// With a non-null, the row is x + a (the residual add fused), written to s as well.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
-                                    float eps) { pdl_entry();
+                                    float eps, const float* __restrict__ a, float* __restrict__ s) { pdl_entry();
     __shared__ float scratch[32];
-    const float* xr = x + (size_t)blockIdx.x * cols;
-    float* yr = y + (size_t)blockIdx.x * cols;
+    size_t off = (size_t)blockIdx.x * cols;
+    const float *xr = x + off, *ar = a ? a + off : nullptr;
+    float *yr = y + off, *sr = s ? s + off : nullptr;
     int n4 = cols / 4;
     if (cols % 4 == 0 && n4 <= NORM_VEC * (int)blockDim.x) {
         float4 v[NORM_VEC];
-        norm_row(xr, w, cols, eps, v, scratch);
+        norm_row(xr, ar, sr, -1, w, cols, eps, v, scratch);
 #pragma unroll
         for (int j = 0; j < NORM_VEC; j++) {
             int i = threadIdx.x + j * blockDim.x;
@@ -20,10 +22,16 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     }
     float ss = 0.f;
 #pragma unroll 8
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) ss = fmaf(xr[c], xr[c], ss);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = ar ? xr[c] + ar[c] : xr[c];
+        if (ar) sr[c] = v;
+        ss = fmaf(v, v, ss);
+    }
     float r = 1.f / sqrtf(block_sum(ss, scratch) / cols + eps);
+    // (The sum is re-read from s, which this thread wrote.)
+    const float* vr = ar ? sr : xr;
 #pragma unroll 8
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (xr[c] * r);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (vr[c] * r);
 }
 
 extern "C" __global__ void add_assign(float* __restrict__ a, const float* __restrict__ b, size_t n) { pdl_entry();

@@ -744,13 +744,17 @@ extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u
 // stores spread over the SMs (one block per row took 8.5 µs for a 6144-wide row on H200, the
 // stores of one SM). cols a multiple of 128, at most NORM_VEC·1024. A decode step's norms feed
 // FP8/INT4 linears, so this saves each a split launch.
+// With a non-null, the row is x + a (the residual add fused), each block writing its segment
+// of the sum to s.
 extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
                                           float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
-                                          int* __restrict__ sums, int* __restrict__ q_exps) { pdl_entry();
+                                          int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
+                                          float* __restrict__ s) { pdl_entry();
     __shared__ float scratch[32];
     int r = blockIdx.x, seg = blockIdx.y, n4 = cols / 4;
+    size_t off = (size_t)r * cols;
     float4 v[NORM_VEC];
-    norm_row(x + (size_t)r * cols, w, cols, eps, v, scratch);
+    norm_row(x + off, a ? a + off : nullptr, s ? s + off : nullptr, seg, w, cols, eps, v, scratch);
     float m = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_VEC; j++)

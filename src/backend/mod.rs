@@ -292,6 +292,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
     /// `a += b`.
     fn add_assign(&self, a: &mut Self::Tensor, b: &Self::Tensor) -> Result<()>;
+    /// `x += a`, then the RMSNorm of the sum: a residual add and the next norm, which a backend
+    /// may do in one pass (the same values as the two steps).
+    fn add_rms_norm(&self, x: &mut Self::Tensor, a: &Self::Tensor, w: &Self::Vector, eps: f32) -> Result<Self::Tensor> {
+        self.add_assign(x, a)?;
+        self.rms_norm(x, w, eps)
+    }
     /// `silu(x[:, :n]) * x[:, n:]` for `x = [rows, 2n]`.
     fn swiglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// `[a | b]` along columns.

@@ -183,6 +183,22 @@ fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
         let apart = gpu.to_host(&gpu.linear(&gpu.copy(&normed)?, &wg)?)?;
         t.flag("rms_norm split", case, fused == apart, "= apart");
     }
+    // The residual add fused with the next norm: against the oracle, and bit for bit against
+    // the add and the norm apart. Decode rows (with the splits), 13 rows (the plain norm's
+    // register path) and 198 columns (its loop).
+    for (r, c) in [(rows, cols), (13, cols), (rows, 198)] {
+        let (a, b, w) = (random(rng, r * c), random(rng, r * c), random(rng, c));
+        let ((mut sc, mut sg), (bc, bg)) = (pair(cpu, gpu, r, c, &a)?, pair(cpu, gpu, r, c, &b)?);
+        let nc = cpu.add_rms_norm(&mut sc, &bc, &cpu.vector(&w)?, 1e-5)?;
+        let (ng, wg) = (gpu.add_rms_norm(&mut sg, &bg, &gpu.vector(&w)?, 1e-5)?, gpu.vector(&w)?);
+        let case = format!("[{r},{c}]");
+        t.push("add + rms_norm", case.clone(), rel_err(&gpu.to_host(&ng)?, &cpu.to_host(&nc)?));
+        let (_, mut apart) = pair(cpu, gpu, r, c, &a)?;
+        gpu.add_assign(&mut apart, &bg)?;
+        let apart_norm = gpu.rms_norm(&apart, &wg, 1e-5)?;
+        let same = gpu.to_host(&sg)? == gpu.to_host(&apart)? && gpu.to_host(&ng)? == gpu.to_host(&apart_norm)?;
+        t.flag("add + rms_norm", case, same, "= apart");
+    }
     let (mut ac, mut ag) = pair(cpu, gpu, rows, cols, &x)?;
     cpu.add_assign(&mut ac, &yc)?;
     gpu.add_assign(&mut ag, &yg)?;

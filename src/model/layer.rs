@@ -32,12 +32,24 @@ impl<B: Backend> DecoderLayer<B> {
         })
     }
 
-    pub fn forward(&self, cx: &mut Ctx<'_, B>, mut x: B::Tensor, slot: usize, sel: &mut Selected<B>) -> Result<B::Tensor> {
-        let b = cx.backend;
-        let a = self.attn.forward(cx, &b.rms_norm(&x, &self.input_norm, self.eps)?, slot, sel)?;
-        b.add_assign(&mut x, &a)?;
-        let f = self.ffn.forward(b, &b.rms_norm(&x, &self.post_norm, self.eps)?)?;
-        b.add_assign(&mut x, &f)?;
+    pub fn forward(&self, cx: &mut Ctx<'_, B>, x: B::Tensor, slot: usize, sel: &mut Selected<B>) -> Result<B::Tensor> {
+        let (mut x, f) = self.forward_pending(cx, x, None, slot, sel)?;
+        cx.backend.add_assign(&mut x, &f)?;
         Ok(x)
+    }
+
+    /// The layer over the residual stream `x` with the previous layer's FFN output `pending`
+    /// not yet added (it is added with this layer's input norm, in one pass where the backend
+    /// fuses them); returns the stream and this layer's FFN output, likewise not yet added.
+    pub fn forward_pending(&self, cx: &mut Ctx<'_, B>, mut x: B::Tensor, pending: Option<B::Tensor>, slot: usize, sel: &mut Selected<B>) -> Result<(B::Tensor, B::Tensor)> {
+        let b = cx.backend;
+        let h = match pending {
+            Some(f) => b.add_rms_norm(&mut x, &f, &self.input_norm, self.eps)?,
+            None => b.rms_norm(&x, &self.input_norm, self.eps)?,
+        };
+        let a = self.attn.forward(cx, &h, slot, sel)?;
+        let h = b.add_rms_norm(&mut x, &a, &self.post_norm, self.eps)?;
+        let f = self.ffn.forward(b, &h)?;
+        Ok((x, f))
     }
 }

@@ -163,9 +163,13 @@ impl<B: Backend> Model<B> {
     /// Runs the owned decoder layers over `x` (rows follow `batch`).
     pub fn forward_layers(&self, x: B::Tensor, batch: &Batch, step: &B::Step, cache: &mut B::Cache, sel: &mut Selected<B>) -> Result<B::Tensor> {
         let mut cx = Ctx { backend: &self.backend, step, cache, max_visible: batch.max_visible() };
-        let mut x = x;
+        // Each layer's FFN output joins the stream with the next layer's input norm.
+        let (mut x, mut pending) = (x, None);
         for (slot, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&mut cx, x, slot, sel).with_context(|| format!("layer {}", layer.index))?;
+            (x, pending) = layer.forward_pending(&mut cx, x, pending, slot, sel).map(|(x, f)| (x, Some(f))).with_context(|| format!("layer {}", layer.index))?;
+        }
+        if let Some(f) = pending {
+            self.backend.add_assign(&mut x, &f)?;
         }
         Ok(x)
     }

@@ -111,8 +111,9 @@ impl CudaBackend {
     /// RMSNorm of decode rows into `y` with, in the same launch, the splits that the tensor-core
     /// formats of the uploaded weights read (kept with `y`): a decode step's norms feed its FP8
     /// or INT4 linears, and each split is a launch saved. The same bits as `rms_norm` then
-    /// `split` (kernels/linear_mma.cu). False, launching nothing, where it does not apply.
-    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor) -> Result<bool> {
+    /// `split` (kernels/linear_mma.cu). With `add` (a, s), the row normalized is x + a, written
+    /// to s too. False, launching nothing, where it does not apply.
+    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>) -> Result<bool> {
         let fmts = self.mma_fmts.load(Ordering::Relaxed);
         if fmts == 0 || x.rows > MMA_MAX_TOKENS || x.cols % 128 != 0 || x.cols > NORM_MAX_COLS {
             return Ok(false);
@@ -137,6 +138,8 @@ impl CudaBackend {
                 Arg::Ptr(pd),
                 Arg::Ptr(ps),
                 Arg::Ptr(pe),
+                Arg::Ptr(add.map_or(0, |(a, _)| self.ptr(&a.buf))),
+                Arg::Ptr(add.map_or(0, |(_, s)| self.ptr(&s.buf))),
             ],
         )?;
         for (cell, split) in y.splits.iter().zip([halves, planes]) {

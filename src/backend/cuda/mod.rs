@@ -343,6 +343,29 @@ impl CudaBackend {
     fn elementwise_grid(n: usize) -> (u32, u32, u32) {
         ((n as u32).div_ceil(256).max(1), 1, 1)
     }
+
+    /// The RMSNorm of `x`, or with `add` (a, s) of x + a, the sum written to s in the same
+    /// launch (the residual add fused): with the tensor-core splits where they apply.
+    fn norm_of(&self, x: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, w: &CudaVector, eps: f32) -> Result<CudaTensor> {
+        if w.0.len() != x.cols {
+            bail!("rms_norm: weight of {} for rows of {}", w.0.len(), x.cols);
+        }
+        let y = self.tensor_of(x.rows, x.cols)?;
+        if x.rows == 0 {
+            return Ok(y);
+        }
+        if !self.rms_norm_split(x, w, eps, &y, add)? {
+            let (a, s) = add.map_or((0, 0), |(a, s)| (self.ptr(&a.buf), self.ptr(&s.buf)));
+            self.launch(
+                "rms_norm",
+                (x.rows as u32, 1, 1),
+                256,
+                0,
+                &[Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&w.0)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.cols as i32), Arg::F32(eps), Arg::Ptr(a), Arg::Ptr(s)],
+            )?;
+        }
+        Ok(y)
+    }
 }
 
 /// Device element types every bit pattern of which is a value, so a buffer of them may start
@@ -496,16 +519,15 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaVector, eps: f32) -> Result<CudaTensor> {
-        if w.0.len() != x.cols {
-            bail!("rms_norm: weight of {} for rows of {}", w.0.len(), x.cols);
-        }
-        let y = self.tensor_of(x.rows, x.cols)?;
-        if x.rows == 0 {
-            return Ok(y);
-        }
-        if !self.rms_norm_split(x, w, eps, &y)? {
-            self.launch("rms_norm", (x.rows as u32, 1, 1), 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&w.0)), Arg::Ptr(self.ptr(&y.buf)), Arg::I32(x.cols as i32), Arg::F32(eps)])?;
-        }
+        self.norm_of(x, None, w, eps)
+    }
+
+    fn add_rms_norm(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32) -> Result<CudaTensor> {
+        check_rows("add", a, x.rows, x.cols)?;
+        // The sum goes to a new tensor: the norm's blocks each read the whole row.
+        let sum = self.tensor_of(x.rows, x.cols)?;
+        let y = self.norm_of(x, Some((a, &sum)), w, eps)?;
+        *x = sum;
         Ok(y)
     }
 
