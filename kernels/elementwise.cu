@@ -34,6 +34,11 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (vr[c] * r);
 }
 
+extern "C" __global__ void fill(float* __restrict__ p, size_t n, float v) { pdl_entry();
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) p[i] = v;
+}
+
 extern "C" __global__ void add_assign(float* __restrict__ a, const float* __restrict__ b, size_t n) { pdl_entry();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] += b[i];

@@ -378,6 +378,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let routing = self.route(x, gate, bias, p)?;
         self.moe(x, experts, &routing)
     }
+    /// Expert 0 of `e` over every row of `x`, with weight 1 (a shared expert kept apart).
+    fn expert_all(&self, x: &Self::Tensor, e: &Self::Experts) -> Result<Self::Tensor>;
+    /// `moe_block`, plus `shared`: a one-expert set every row takes with weight 1, for a shared
+    /// expert stored unlike the routed ones (which cannot join them); backends may overlap it
+    /// with the router too, with the same result.
+    fn moe_block_shared(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, experts: &Self::Experts, shared: &Self::Experts, p: &RouterParams) -> Result<Self::Tensor> {
+        let mut y = self.moe_block(x, gate, bias, experts, p)?;
+        self.add_assign(&mut y, &self.expert_all(x, shared)?)?;
+        Ok(y)
+    }
 }
 
 #[cfg(test)]

@@ -364,6 +364,16 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
             .collect();
         experts.push((fmt, cpu.experts(&ws)?, gpu.experts(&ws)?));
     }
+    // Shared experts of other formats, each a one-expert set.
+    let mut apart = Vec::new();
+    for sfmt in [SynthFormat::Int { bits: 8, group: 64, symmetric: true }, SynthFormat::Fp8([128, 128])] {
+        let w = ExpertWeights {
+            gate: synthetic_linear("s.gate", i, h, sfmt, rng),
+            up: synthetic_linear("s.up", i, h, sfmt, rng),
+            down: synthetic_linear("s.down", h, i, sfmt, rng),
+        };
+        apart.push((sfmt, cpu.experts(std::slice::from_ref(&w))?, gpu.experts(std::slice::from_ref(&w))?));
+    }
     // 1, 2 and 8 tokens take the tensor-core kernels for FP8 and INT4 (INT4 at 1 and 2 those of
     // two token slots; 8 tokens: experts chosen by more than four tokens take two passes); 13
     // the CUDA-core prefill kernels.
@@ -390,6 +400,18 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
             // Decode steps replay as CUDA graphs, the side stream a parallel branch of them.
             let replay = replayed(gpu, || gpu.moe_block(&xg, &gate_g, &bias_g, ex_g, &with_shared))?;
             t.flag("moe block graph", case, replay == yg, "= eager");
+        }
+        // A shared expert stored unlike the routed ones, kept apart (INT8 or FP8 beside INT4
+        // experts, as in the real GLM INT4 checkpoints): against the oracle, and replayed.
+        for (fmt, ex_c, ex_g) in experts.iter().filter(|(f, ..)| matches!(f, SynthFormat::Int { bits: 4, group: 64, .. })) {
+            for (sfmt, sc, sg) in &apart {
+                let yc = cpu.to_host(&cpu.moe_block_shared(&xc, &gate_c, &bias_c, ex_c, sc, &p)?)?;
+                let yg = gpu.to_host(&gpu.moe_block_shared(&xg, &gate_g, &bias_g, ex_g, sg, &p)?)?;
+                let case = format!("{fmt} {e}x[{i},{h}] top-{} + {sfmt} shared x{tokens}", p.top_k);
+                t.push("moe block", case.clone(), rel_err(&yg, &yc));
+                let replay = replayed(gpu, || gpu.moe_block_shared(&xg, &gate_g, &bias_g, ex_g, sg, &p))?;
+                t.flag("moe block graph", case, replay == yg, "= eager");
+            }
         }
     }
     Ok(())

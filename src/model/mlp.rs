@@ -33,9 +33,9 @@ pub struct Moe<B: Backend> {
     pub gate: B::Weight,
     pub bias: B::Vector,
     experts: B::Experts,
-    /// The shared expert, when it could not join the routed experts (a different width or
-    /// precision); otherwise it is expert `router.shared` of `experts`.
-    shared: Option<SwiGlu<B>>,
+    /// The shared expert as a one-expert set, when it could not join the routed experts (a
+    /// different width or precision); otherwise it is expert `router.shared` of `experts`.
+    shared: Option<B::Experts>,
     pub router: RouterParams,
 }
 
@@ -76,17 +76,16 @@ impl<B: Backend> Moe<B> {
             experts.push(shared);
             None
         } else {
-            Some(SwiGlu::from_weights(b, &shared)?)
+            Some(b.experts(std::slice::from_ref(&shared))?)
         };
         Ok(Moe { gate: b.weight(gate)?, bias: b.vector(bias)?, experts: b.experts(&experts)?, shared, router })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let mut y = b.moe_block(x, &self.gate, &self.bias, &self.experts, &self.router)?;
-        if let Some(shared) = &self.shared {
-            b.add_assign(&mut y, &shared.forward(b, x)?)?;
+        match &self.shared {
+            Some(shared) => b.moe_block_shared(x, &self.gate, &self.bias, &self.experts, shared, &self.router),
+            None => b.moe_block(x, &self.gate, &self.bias, &self.experts, &self.router),
         }
-        Ok(y)
     }
 }
 

@@ -627,4 +627,12 @@ impl Backend for CudaBackend {
     fn moe_block(&self, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
         moe::moe_block(self, x, gate, bias, experts, p)
     }
+
+    fn expert_all(&self, x: &CudaTensor, e: &CudaExperts) -> Result<CudaTensor> {
+        moe::expert_all(self, x, e)
+    }
+
+    fn moe_block_shared(&self, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, shared: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
+        moe::moe_block_shared(self, x, gate, bias, experts, shared, p)
+    }
 }

@@ -120,23 +120,60 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
 /// expert sits in the routing (the same sum in the same order, so the same bits). Other steps
 /// (prefill, CUDA-core experts, no shared expert) route and then run `moe`.
 pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
+    match p.shared.filter(|&s| s < experts.count) {
+        Some(s) if overlaps(x, experts, experts) => overlapped(gpu, x, gate, bias, experts, p, (experts, s)),
+        _ => moe(gpu, x, experts, &route(gpu, x, gate, bias, p)?),
+    }
+}
+
+/// `moe_block` plus a shared expert kept apart from the routed ones (`shared`, a one-expert
+/// set stored unlike them: INT8 beside INT4 experts in the real GLM INT4 checkpoints),
+/// overlapped with the router the same way when both take the tensor-core kernels.
+pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, shared: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
+    if p.shared.is_none() && shared.hidden == experts.hidden && overlaps(x, experts, shared) {
+        return overlapped(gpu, x, gate, bias, experts, p, (shared, 0));
+    }
+    let mut y = moe_block(gpu, x, gate, bias, experts, p)?;
+    gpu.add_assign(&mut y, &expert_all(gpu, x, shared)?)?;
+    Ok(y)
+}
+
+/// Whether a decode step of `x` can overlap `shared` with the router of `experts`.
+fn overlaps(x: &CudaTensor, experts: &CudaExperts, shared: &CudaExperts) -> bool {
+    experts.mma.is_some() && shared.mma.is_some() && (1..=MMA_MAX_TOKENS).contains(&x.rows)
+}
+
+/// Expert 0 of `e` over every row of `x`, with weight 1.
+pub(super) fn expert_all(gpu: &CudaBackend, x: &CudaTensor, e: &CudaExperts) -> Result<CudaTensor> {
     let t = x.rows;
-    let overlap = p.shared.filter(|&s| s < experts.count && (1..=MMA_MAX_TOKENS).contains(&t));
-    let (Some(shared), Some(variants)) = (overlap, experts.mma) else {
-        return moe(gpu, x, experts, &route(gpu, x, gate, bias, p)?);
-    };
+    // Made on the device (a decode step may be captured into a graph: no host copies).
+    let (mut idx, weights) = (gpu.alloc_indices(t)?, gpu.alloc(t)?);
+    gpu.stream.memset_zeros(&mut idx).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    if t > 0 {
+        gpu.launch("fill", CudaBackend::elementwise_grid(t), 256, 0, &[Arg::Ptr(gpu.ptr(&weights)), Arg::Ptr(t as u64), Arg::F32(1.0)])?;
+    }
+    moe(gpu, x, e, &CudaRouting { top_k: 1, idx, weights, plan: None })
+}
+
+/// The overlapped block: expert `index` of `shared` (the routed set itself, when the shared
+/// expert is folded into it) on the side stream, the router and the routed experts (without
+/// the shared one) on the main stream.
+fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams, (shared, index): (&CudaExperts, usize)) -> Result<CudaTensor> {
+    let t = x.rows;
+    let (Some(variants), Some(shared_variants)) = (experts.mma, shared.mma) else { bail!("internal: an overlapped MoE block needs the tensor-core kernels") };
     if x.cols != experts.hidden {
         bail!("moe: input has {} columns, experts expect {}", x.cols, experts.hidden);
     }
     // Everything the side stream touches exists before it forks.
     let xs = gpu.split(x, experts.fmt_gate_up)?;
+    let shared_xs = gpu.split(x, shared.fmt_gate_up)?;
     let shared_plan = gpu.alloc_indices(plan_len(t))?;
-    let shared_pass = MmaPass::new(gpu, t, experts)?;
+    let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
     let (routing, pass) = gpu.concurrently(
         || {
-            gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(shared as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(&shared_plan))])?;
-            shared_pass.run(gpu, experts, variants, xs, &shared_plan, 1, 1)
+            gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(index as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(&shared_plan))])?;
+            shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count)?;
