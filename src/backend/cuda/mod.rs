@@ -523,6 +523,10 @@ impl Backend for CudaBackend {
     }
 
     fn add_rms_norm(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32) -> Result<CudaTensor> {
+        if !kernels::fuse_add_norm() {
+            self.add_assign(x, a)?;
+            return self.rms_norm(x, w, eps);
+        }
         check_rows("add", a, x.rows, x.cols)?;
         // The sum goes to a new tensor: the norm's blocks each read the whole row.
         let sum = self.tensor_of(x.rows, x.cols)?;
