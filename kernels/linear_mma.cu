@@ -820,18 +820,13 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS, p = 0;
         bool mine = i < 8 * MMA_TOKENS && t < nt && r0 + r < I;
         float s = 0.f;
-        if (EPI_EARLY && mine) {
-            p = pairs[p0 + t];
-            s = pow2(-exps[p / K]);
-        }
+        auto epilogue_loads = [&] { p = pairs[p0 + t], s = pow2(-exps[p / K]); };
+        if (EPI_EARLY && mine) epilogue_loads();
         float2 v = V::part(d, ra, rb, trow, xs, sums);
         pdl_late();
         tile_reduce(v, res);
         if (mine) {
-            if (!EPI_EARLY) {
-                p = pairs[p0 + t];
-                s = pow2(-exps[p / K]);
-            }
+            if (!EPI_EARLY) epilogue_loads();
             float gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
             act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
         }
@@ -858,18 +853,13 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS, p = 0;
         bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
         float s = 0.f;
+        auto epilogue_loads = [&] { p = pairs[p0 + t], s = pow2(-exps[p]); };
         // (EPI_EARLY: before the reduction; exps come from the kernel before, waited on by now.)
-        if (EPI_EARLY && mine) {
-            p = pairs[p0 + t];
-            s = pow2(-exps[p]);
-        }
+        if (EPI_EARLY && mine) epilogue_loads();
         pdl_late();
         tile_reduce(v, res);
         if (mine) {
-            if (!EPI_EARLY) {
-                p = pairs[p0 + t];
-                s = pow2(-exps[p]);
-            }
+            if (!EPI_EARLY) epilogue_loads();
             part[(size_t)p * H + r0 + r] = res[i] * s;
         }
     }

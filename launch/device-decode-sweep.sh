@@ -7,7 +7,7 @@
 #   usage: launch/device-decode-sweep.sh < configs
 #   for example: bash launch/device-decode-sweep.sh < launch/sweeps/graph-buffers.txt
 # SLICE=DIR takes another checkpoint, for example the INT4 slice as the real GLM INT4 checkpoints
-# store it (about 15 s to write on the GPU machine):
+# store it (2 layers of 8 experts took 51 s and 9 GB on the 2-core development machine; docs/performance.md):
 #   ./target/release/duet tiny --shape glm52 --layers 4 --experts 32 --quant int4-fp8mtp --out /tmp/glm52-int4
 #   SLICE=/tmp/glm52-int4 bash launch/device-decode-sweep.sh < launch/sweeps/early-starts.txt
 set -uo pipefail

@@ -21,7 +21,7 @@ impl CudaBackend {
             if let Some(v) = MmaVariant::of(p.fmt, &p.desc).filter(|_| x.rows <= MMA_MAX_TOKENS) {
                 let s = self.split(x, p.fmt)?;
                 self.launch_mma(
-                    "gemv_mma",
+                    MmaFamily::Gemv,
                     v,
                     x.rows,
                     ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(v.slots(x.rows)), 1),
@@ -45,7 +45,7 @@ impl CudaBackend {
     /// Launches tensor-core kernel `family` in variant `v`, its tile width chosen for `tokens`
     /// token rows (the step's tokens, for the grouped expert kernels), for weights with `cols`
     /// columns over `grid` tiles, with the block size from `mma_threads`.
-    pub(super) fn launch_mma(&self, family: &'static str, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
+    pub(super) fn launch_mma(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let (kernel, fmt) = (v.kernel(family, tokens), v.fmt());
         let threads = self.mma_threads(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;
         self.launch_kernel(kernel, grid, threads, 0, args)
@@ -252,30 +252,64 @@ impl MmaVariant {
         }
     }
 
-    /// The kernel of `family` (`gemv_mma`, `moe_gate_up_mma`, `moe_down_mma`) at `tokens`
-    /// tokens: `gemv_mma_fp8`, or `gemv_mma_g64s2_int4` (group 64, no zero points, 2 slots).
-    fn kernel(self, family: &'static str, tokens: usize) -> Kernel {
+    /// The kernel of `family` at `tokens` tokens: `gemv_mma_fp8`, or `gemv_mma_g64s2_int4`
+    /// (group 64, no zero points, 2 slots; INT8's are `..._g64s2_int8`).
+    fn kernel(self, family: MmaFamily, tokens: usize) -> Kernel {
         let (group, zeros) = match self {
-            MmaVariant::Fp8 => return (family, Some(Fmt::Fp8)),
+            MmaVariant::Fp8 => return (family.names()[0], Some(Fmt::Fp8)),
             MmaVariant::Int4 { group, zeros } => (group, zeros),
             MmaVariant::Int8 => (64, false),
         };
-        let name = format!("{family}_g{group}{}{}", if zeros { 'a' } else { 's' }, self.slots(tokens));
-        (interned(name), Some(self.fmt()))
+        let g = match group {
+            128 => 0,
+            64 => 1,
+            _ => 2,
+        };
+        (family.names()[1 + 4 * g + 2 * (!zeros as usize) + (self.slots(tokens) == MMA_TOKENS) as usize], Some(self.fmt()))
     }
 }
 
-/// `name` as a `&'static str`, each distinct name leaked once (the INT4 kernel names: a few
-/// dozen at most).
-fn interned(name: String) -> &'static str {
-    static NAMES: OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES.get_or_init(Default::default).lock().unwrap();
-    if let Some(&n) = names.get(name.as_str()) {
-        return n;
+/// The tensor-core kernel families of kernels/linear_mma.cu.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum MmaFamily {
+    Gemv,
+    GateUp,
+    Down,
+}
+
+/// A family's entry-point prefixes (the format's suffix completes them): FP8's, then the
+/// integer variants' by group (128, 64, 32), zero points (a, s) and token slots (2, 4).
+macro_rules! mma_names {
+    ($f:literal) => {
+        [
+            $f,
+            concat!($f, "_g128a2"),
+            concat!($f, "_g128a4"),
+            concat!($f, "_g128s2"),
+            concat!($f, "_g128s4"),
+            concat!($f, "_g64a2"),
+            concat!($f, "_g64a4"),
+            concat!($f, "_g64s2"),
+            concat!($f, "_g64s4"),
+            concat!($f, "_g32a2"),
+            concat!($f, "_g32a4"),
+            concat!($f, "_g32s2"),
+            concat!($f, "_g32s4"),
+        ]
+    };
+}
+
+impl MmaFamily {
+    fn names(self) -> &'static [&'static str; 13] {
+        const GEMV: [&str; 13] = mma_names!("gemv_mma");
+        const GATE_UP: [&str; 13] = mma_names!("moe_gate_up_mma");
+        const DOWN: [&str; 13] = mma_names!("moe_down_mma");
+        match self {
+            MmaFamily::Gemv => &GEMV,
+            MmaFamily::GateUp => &GATE_UP,
+            MmaFamily::Down => &DOWN,
+        }
     }
-    let n: &'static str = Box::leak(name.into_boxed_str());
-    names.insert(n);
-    n
 }
 
 /// Whether the tensor-core kernels of weights of format `fmt` read the activation as int8
@@ -313,3 +347,19 @@ impl Split {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernel_name;
+    use super::{MmaFamily, MmaVariant};
+
+    #[test]
+    fn variants_name_their_kernel_entry_points() {
+        let name = |f, v: MmaVariant, t| kernel_name(v.kernel(f, t));
+        assert_eq!(name(MmaFamily::Gemv, MmaVariant::Fp8, 1), "gemv_mma_fp8");
+        assert_eq!(name(MmaFamily::Gemv, MmaVariant::Int4 { group: 64, zeros: false }, 1), "gemv_mma_g64s2_int4");
+        assert_eq!(name(MmaFamily::GateUp, MmaVariant::Int4 { group: 128, zeros: true }, 3), "moe_gate_up_mma_g128a4_int4");
+        assert_eq!(name(MmaFamily::Down, MmaVariant::Int4 { group: 32, zeros: true }, 2), "moe_down_mma_g32a2_int4");
+        assert_eq!(name(MmaFamily::Down, MmaVariant::Int8, 8), "moe_down_mma_g64s4_int8");
+    }
+}

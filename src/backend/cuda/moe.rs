@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
-use super::linear::{threads_for, MmaVariant, Split, MMA_MAX_TOKENS};
+use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
 use super::weights::{CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, RouterParams};
@@ -244,7 +244,7 @@ impl MmaPass {
         // The tile width follows the tokens (pairs / k), as an expert's group has at most one
         // pair per token (the kernels loop over a group's pairs, so any count is still right).
         gpu.launch_mma(
-            "moe_gate_up_mma",
+            MmaFamily::GateUp,
             v,
             pairs / k,
             ((i as u32).div_ceil(8), groups, 1),
@@ -257,7 +257,7 @@ impl MmaPass {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
-            "moe_down_mma",
+            MmaFamily::Down,
             v,
             pairs / k,
             ((h as u32).div_ceil(16), groups, 1),

@@ -238,11 +238,10 @@ impl HostLinear {
     fn upload(mut self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
         let vec = self.vec_ok();
         let interleave = self.interleave_ok();
-        if interleave && self.fmt == Fmt::Int4 {
-            transpose_int4_pieces(&mut self.data);
-        }
-        if interleave && self.fmt == Fmt::Int8 {
-            interleave_int8(&mut self.data);
+        match self.fmt {
+            Fmt::Int4 if interleave => transpose_int4_pieces(&mut self.data),
+            Fmt::Int8 if interleave => interleave_int8(&mut self.data),
+            _ => {}
         }
         if self.fmt == Fmt::Int4 {
             // Every nibble n stored as n ^ 8, the signed n − 8 the tensor cores read
