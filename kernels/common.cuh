@@ -255,8 +255,8 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
 // Every kernel is launched so that it may start while the kernel before it on the stream is
 // still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act is to
 // wait until that kernel has completed and its writes are visible, so no kernel reads an input
-// before it is complete. (Under the GEMV_EARLY and MOE_DOWN_EARLY knobs, off by default, a
-// kernel first reads what no kernel writes, its weights, and a plan made before that kernel.) When a kernel lets the next one launch is the PDL_TRIGGER knob:
+// before it is complete.
+// When a kernel lets the next one launch is the PDL_TRIGGER knob:
 //   0: at entry, right after the wait;
 //   1: only at exit (the implicit trigger);
 //   2: after the main loop of the linear kernels (pdl_late), at exit elsewhere.
@@ -274,9 +274,3 @@ __device__ __forceinline__ void pdl_entry() {
 __device__ __forceinline__ void pdl_late() {
     if (PDL_TRIGGER == 2) pdl_trigger();
 }
-// Dense decode GEMVs (gemv1 / gemv8 and gemv_mma) load their first weights before waiting on
-// the kernel before them (weights are never written by a kernel), and their activations only
-// after: a sweep knob, off by default until measured.
-#ifndef GEMV_EARLY
-#define GEMV_EARLY 0
-#endif

@@ -149,9 +149,7 @@ template <> struct Fmt<FMT_INT8> {
 // NT rows of x (`xr[t]`). Threads split the columns in 16-byte units, so every lane keeps ROWS
 // independent loads in flight; the results land in `res[rr * NT + t]` (shared), valid after
 // the call for every thread.
-// EARLY: the kernel has not waited on the one before yet; each thread loads its first unit's
-// weights, then waits (pdl_entry), then reads x.
-template <int FMT, int ROWS, int NT, bool EARLY = false>
+template <int FMT, int ROWS, int NT>
 __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, const float* const* xr, int nt, float* res) {
     __shared__ float red[MAX_WARPS * ROWS * NT];
     float acc[ROWS][NT];
@@ -212,24 +210,14 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
                     acc[rr][t] += v;
                 }
         };
-        int u0 = threadIdx.x;
-        if (EARLY) {
-            uint4 raw[ROWS];
-            float s[ROWS], b[ROWS];
-            if (u0 < units) load(u0, raw, s, b);
-            pdl_entry();
-            if (u0 < units) dot(u0, raw, s, b);
-            u0 += blockDim.x;
-        }
 #pragma unroll GEMV_UNR
-        for (int u = u0; u < units; u += blockDim.x) {
+        for (int u = threadIdx.x; u < units; u += blockDim.x) {
             uint4 raw[ROWS];
             float s[ROWS], b[ROWS];
             load(u, raw, s, b);
             dot(u, raw, s, b);
         }
     } else {
-        if (EARLY) pdl_entry();
         for (int c = threadIdx.x; c < d.cols; c += blockDim.x) {
 #pragma unroll
             for (int rr = 0; rr < ROWS; rr++) {
@@ -261,15 +249,8 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
 #define GEMV_ROWS 4
 
 // y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / 4), ceil(T / NT)).
-// (GEMV_EARLY: x is read only after the wait, so it must not be __restrict__, which would let
-// the compiler read it early as invariant: the first version of this failed fixture checks.)
-#if GEMV_EARLY
-#define GEMV_X const float*
-#else
-#define GEMV_X const float* __restrict__
-#endif
 template <int FMT, int NT>
-__device__ void gemv(const WDesc d, GEMV_X x, float* __restrict__ y, int T, int ldy, int yoff) {
+__device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
     __shared__ float res[GEMV_ROWS * NT];
     int r0 = blockIdx.x * GEMV_ROWS;
     int t0 = blockIdx.y * NT;
@@ -280,7 +261,7 @@ __device__ void gemv(const WDesc d, GEMV_X x, float* __restrict__ y, int T, int 
     const float* xr[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) xr[t] = x + (size_t)(t0 + min(t, nt - 1)) * d.cols;
-    block_dots<FMT, GEMV_ROWS, NT, GEMV_EARLY>(d, rows, xr, nt, res);
+    block_dots<FMT, GEMV_ROWS, NT>(d, rows, xr, nt, res);
     pdl_late();
     for (int i = threadIdx.x; i < GEMV_ROWS * NT; i += blockDim.x) {
         int rr = i / NT, t = i % NT;
@@ -426,11 +407,11 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
 
 #define INSTANTIATE(NAME, FMT)                                                                            \
     extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
-        if (!GEMV_EARLY) pdl_entry();                                                                      \
+        pdl_entry();                                                                                       \
         gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
-        if (!GEMV_EARLY) pdl_entry();                                                                      \
+        pdl_entry();                                                                                       \
         gemv<FMT, 8>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { pdl_entry(); embed<FMT>(d, ids, out); } \

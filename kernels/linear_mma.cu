@@ -58,24 +58,6 @@
 #ifndef MMA_L2_FETCH
 #define MMA_L2_FETCH 128
 #endif
-// Start-up and wind-down of the short-lived expert blocks (sweep knobs, off by default until
-// measured): MOE_DOWN_EARLY, the down kernel reads its plan, descriptor and first round of
-// weights before waiting on the kernel before it (the act split, which lets it launch at once;
-// the plan and weights were written before that split), and only its activations after;
-// EPI_EARLY, the epilogue's exponent and pair loads issued before the main loop (down: before
-// the warps' reduction), not after the reduction.
-#ifndef MOE_DOWN_EARLY
-#define MOE_DOWN_EARLY 0
-#endif
-#ifndef EPI_EARLY
-#define EPI_EARLY 0
-#endif
-// X_PIPE (sweep knob, off by default until measured): a run loads its chunks' weights first and
-// each chunk's activation pieces one multiply ahead, so only two chunks' pieces hold registers
-// and the registers freed can carry more chunks of weights per round (INT4_UNR_*, FP8_UNR).
-#ifndef X_PIPE
-#define X_PIPE 0
-#endif
 
 __device__ __forceinline__ u32 f16_bits(float v) {
     unsigned short h;
@@ -121,56 +103,33 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // accumulators (dot) and them into the lane's result (result).
 // (Issuing the next UNR chunks' loads before multiplying the current ones, in two register
 // sets, measured slower on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
-// One run of UNR chunks from qb: weights, then activations, then the multiplies. CHECK: the run
-// may pass the last chunk. EARLY: all the run's weight loads go out before the wait on the
-// kernel before (pdl_entry), its activation loads after.
-template <bool CHECK, bool EARLY, class Tile> __device__ __forceinline__ void tile_run(Tile& tile, int qb, int nq) {
+// One run of UNR chunks from qb: all its weights first, then each chunk's activation pieces
+// (L1 hits) one multiply ahead, so only two chunks' pieces hold registers at a time (measured
+// 0.3-0.7 points of bandwidth above loading each chunk's weights and activations together, on
+// every FP8 and INT4 row). CHECK: the run may pass the last chunk.
+// (Measured and not kept: issuing a block's first weight loads before the wait on the kernel
+// before, in the GEMVs and in the expert down projection, and the epilogue's loads before the
+// main loop: within noise or up to 3 points slower.)
+template <bool CHECK, class Tile> __device__ __forceinline__ void tile_run(Tile& tile, int qb, int nq) {
     constexpr int UNR = Tile::UNR;
     typename Tile::Chunk ch[UNR];
     tile.seek(qb);
-    if (EARLY) {
 #pragma unroll
-        for (int u = 0; u < UNR; u++) tile.template load_w<CHECK>(qb + u, ch[u]);
-        pdl_entry();
+    for (int u = 0; u < UNR; u++) tile.template load_w<CHECK>(qb + u, ch[u]);
+    tile.template load_x<CHECK>(qb, ch[0]);
 #pragma unroll
-        for (int u = 0; u < UNR; u++) tile.template load_x<CHECK>(qb + u, ch[u]);
-    } else if (X_PIPE) {
-        // The run's weights first; each chunk's activation pieces (L1 hits) one multiply ahead.
-#pragma unroll
-        for (int u = 0; u < UNR; u++) tile.template load_w<CHECK>(qb + u, ch[u]);
-        tile.template load_x<CHECK>(qb, ch[0]);
-#pragma unroll
-        for (int u = 0; u < UNR; u++) {
-            if (u + 1 < UNR) tile.template load_x<CHECK>(qb + u + 1, ch[u + 1]);
-            if (!CHECK || qb + u < nq) tile.dot(qb + u, ch[u]);
-        }
-        return;
-    } else {
-#pragma unroll
-        for (int u = 0; u < UNR; u++) {
-            tile.template load_w<CHECK>(qb + u, ch[u]);
-            tile.template load_x<CHECK>(qb + u, ch[u]);
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < UNR; u++)
+    for (int u = 0; u < UNR; u++) {
+        if (u + 1 < UNR) tile.template load_x<CHECK>(qb + u + 1, ch[u + 1]);
         if (!CHECK || qb + u < nq) tile.dot(qb + u, ch[u]);
+    }
 }
 
-// EARLY: the kernel has not yet waited on the one before; the warp's first run does (and a warp
-// without chunks waits at the end), so everything after reads that kernel's outputs safely.
-template <bool EARLY = false, class Tile> __device__ float2 tile_dots(Tile& tile) {
+template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
     int qb = warp * UNR;
-    if (EARLY) {
-        if (qb + UNR <= nq) tile_run<false, true>(tile, qb, nq);
-        else if (qb < nq) tile_run<true, true>(tile, qb, nq);
-        pdl_entry();
-        qb += nw * UNR;
-    }
-    for (; qb + UNR <= nq; qb += nw * UNR) tile_run<false, false>(tile, qb, nq);
-    if (qb < nq) tile_run<true, false>(tile, qb, nq);
+    for (; qb + UNR <= nq; qb += nw * UNR) tile_run<false>(tile, qb, nq);
+    if (qb < nq) tile_run<true>(tile, qb, nq);
     return tile.result();
 }
 
@@ -568,9 +527,9 @@ template <int NT> struct Int8Tile {
     __device__ float2 result() const { return planes_result<NT>(acc); }
 };
 
-template <class Tile, bool EARLY = false, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
+template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
     Tile t(args...);
-    return tile_dots<EARLY>(t);
+    return tile_dots(t);
 }
 
 // What a kernel instantiation multiplies: SLOTS token slots per tile (4, or 2 for the INT4
@@ -580,33 +539,29 @@ template <class Tile, bool EARLY = false, class... Args> __device__ __forceinlin
 // 72.5%, group-64 GEMV 68% against 74%). (Capping the group-64 and -32 kernels at the 80 or 96
 // registers they fit without spilling, for more warps per SM, measured slower at one token:
 // group-64 experts 57% against 65%.)
-// (EARLY: see tile_dots.)
 struct Fp8Mma {
     static constexpr int SLOTS = MMA_TOKENS;
-    template <bool EARLY = false>
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*) {
-        return run_tile<Fp8Tile, EARLY>(d, ra, rb, trow, xs);
+        return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
     }
 };
 // INT4 with GPC groups per 128-column chunk, zero points or not; with SLOTS 4 a tile takes a
 // second B tile when its slots 2 and 3 are used.
 template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
     static constexpr int SLOTS = SLOTS_;
-    template <bool EARLY = false>
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
-        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>, EARLY>(d, ra, rb, trow, xq, sums);
-        return run_tile<Int4Tile<GPC, 1, ASYM>, EARLY>(d, ra, rb, trow, xq, sums);
+        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>>(d, ra, rb, trow, xq, sums);
+        return run_tile<Int4Tile<GPC, 1, ASYM>>(d, ra, rb, trow, xq, sums);
     }
 };
 // INT8 (symmetric, groups of 64), as INT4.
 template <int SLOTS_> struct Int8Mma {
     static constexpr int SLOTS = SLOTS_;
-    template <bool EARLY = false>
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
-        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int8Tile<2>, EARLY>(d, ra, rb, trow, xq, sums);
-        return run_tile<Int8Tile<1>, EARLY>(d, ra, rb, trow, xq, sums);
+        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int8Tile<2>>(d, ra, rb, trow, xq, sums);
+        return run_tile<Int8Tile<1>>(d, ra, rb, trow, xq, sums);
     }
 };
 
@@ -703,10 +658,8 @@ __device__ __forceinline__ int planes_exponent(float m) { return row_exponent(m,
 // segments of SPLIT_SEG columns), 256 threads: every block finds its row's max and converts its
 // segment, 4 columns per thread. cols is a multiple of 64.
 #define SPLIT_SEG 1024
-// early: the next kernel is an expert down projection, which may launch at once (MOE_DOWN_EARLY).
-extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps, int early) {
+extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) {
     pdl_entry();
-    if (MOE_DOWN_EARLY && early) pdl_trigger();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -722,9 +675,8 @@ extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16*
 // (the 16 of the weights' 16·q folded in), and each plane's sums over every 32 and every 128
 // columns (see int4_dots). Same grid as split_act; cols is a multiple of 128, so each warp
 // covers whole 128-column chunks.
-extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps, int early) {
+extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) {
     pdl_entry();
-    if (MOE_DOWN_EARLY && early) pdl_trigger();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -794,17 +746,18 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? t0 + j : -1;
     int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
     bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < d.rows;
-    // (EPI_EARLY: the exponent before the main loop, or with GEMV_EARLY after it, once waited.)
-    float s = EPI_EARLY && !GEMV_EARLY && mine ? pow2(-exps[t0 + t]) : 0.f;
-    float2 v = V::template part<GEMV_EARLY>(d, ra, rb, trow, xs, sums);
-    if (EPI_EARLY && GEMV_EARLY && mine) s = pow2(-exps[t0 + t]);
+    float2 v = V::part(d, ra, rb, trow, xs, sums);
     pdl_late();
     tile_reduce(v, res);
-    if (mine) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * (EPI_EARLY ? s : pow2(-exps[t0 + t]));
+    if (mine) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
 }
 
+// The expert kernels' blocks each take every gridDim.x-th row tile of their group's expert, so
+// a block reads its plan entry and weight descriptor (a chain of dependent loads) once for
+// several tiles when the host launches fewer blocks than tiles (mma_block in linear.rs).
+
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
-// matching up rows; grid (ceil(I / 8), groups); x split for the format (T rows).
+// matching up rows; grid (up to ceil(I / 8), groups); x split for the format (T rows).
 template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
@@ -812,31 +765,28 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     int grp = blockIdx.y;
     if (grp >= plan[0]) return;
     const WDesc d = gu[experts[grp]];
-    int r0 = blockIdx.x * 8, g = (threadIdx.x & 31) >> 2;
+    int g = (threadIdx.x & 31) >> 2;
+    for (int r0 = blockIdx.x * 8; r0 < I; r0 += gridDim.x * 8) {
     int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, K);
-        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS, p = 0;
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         bool mine = i < 8 * MMA_TOKENS && t < nt && r0 + r < I;
-        float s = 0.f;
-        auto epilogue_loads = [&] { p = pairs[p0 + t], s = pow2(-exps[p / K]); };
-        if (EPI_EARLY && mine) epilogue_loads();
         float2 v = V::part(d, ra, rb, trow, xs, sums);
         pdl_late();
         tile_reduce(v, res);
         if (mine) {
-            if (!EPI_EARLY) epilogue_loads();
-            float gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
+            int p = pairs[p0 + t];
+            float s = pow2(-exps[p / K]), gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
             act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
         }
     }
+    }
 }
 
-// part[p, r] = down_e[r] · act[p]; grid (ceil(H / 16), groups); act split for the format (P rows).
-// MOE_DOWN_EARLY: it reads the plan, the weight table and its first weights before waiting on
-// the act split before it; the plan was made before the gate/up kernel that the split waited
-// on, and neither the table nor the weights are written by any kernel.
+// part[p, r] = down_e[r] · act[p]; grid (up to ceil(H / 16), groups); act split for the format
+// (P rows).
 template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
@@ -844,37 +794,35 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     int grp = blockIdx.y;
     if (grp >= plan[0]) return;
     const WDesc d = dn[experts[grp]];
-    int r0 = blockIdx.x * 16, g = (threadIdx.x & 31) >> 2;
+    int g = (threadIdx.x & 31) >> 2;
+    for (int r0 = blockIdx.x * 16; r0 < H; r0 += gridDim.x * 16) {
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
-        float2 v = V::template part<MOE_DOWN_EARLY>(d, ra, rb, trow, acts, sums);
-        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS, p = 0;
+        float2 v = V::part(d, ra, rb, trow, acts, sums);
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
-        float s = 0.f;
-        auto epilogue_loads = [&] { p = pairs[p0 + t], s = pow2(-exps[p]); };
-        // (EPI_EARLY: before the reduction; exps come from the kernel before, waited on by now.)
-        if (EPI_EARLY && mine) epilogue_loads();
         pdl_late();
         tile_reduce(v, res);
         if (mine) {
-            if (!EPI_EARLY) epilogue_loads();
-            part[(size_t)p * H + r0 + r] = res[i] * s;
+            int p = pairs[p0 + t];
+            part[(size_t)p * H + r0 + r] = res[i] * pow2(-exps[p]);
         }
+    }
     }
 }
 
 #define INSTANTIATE_MMA(NAME, V, REGS)                                                                                        \
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
-        if (!GEMV_EARLY) pdl_entry();                                                                                   \
+        pdl_entry();                                                                                                    \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
         moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
-        if (!MOE_DOWN_EARLY) pdl_entry();                                                                               \
+        pdl_entry();                                                                                                    \
         moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
     }
 

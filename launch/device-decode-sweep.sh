@@ -9,7 +9,7 @@
 # SLICE=DIR takes another checkpoint, for example the INT4 slice as the real GLM INT4 checkpoints
 # store it (2 layers of 8 experts took 51 s and 9 GB on the 2-core development machine; docs/performance.md):
 #   ./target/release/duet tiny --shape glm52 --layers 4 --experts 32 --quant int4-fp8mtp --out /tmp/glm52-int4
-#   SLICE=/tmp/glm52-int4 bash launch/device-decode-sweep.sh < launch/sweeps/early-starts.txt
+#   SLICE=/tmp/glm52-int4 bash launch/device-decode-sweep.sh < launch/sweeps/graph-buffers.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source launch/cuda-env.sh

@@ -99,8 +99,8 @@ fn formats() -> Vec<SynthFormat> {
         SynthFormat::Int { bits: 4, group: 128, symmetric: true },
         SynthFormat::Int { bits: 8, group: 32, symmetric: true },
         SynthFormat::Int { bits: 8, group: 64, symmetric: false },
-        // The attention and shared experts of the real GLM INT4 checkpoints (with
-        // DUET_INT8_MMA=1, the tensor-core INT8 tile).
+        // The attention and shared experts of the real GLM INT4 checkpoints (the tensor-core
+        // INT8 tile).
         SynthFormat::Int { bits: 8, group: 64, symmetric: true },
         SynthFormat::Int { bits: 8, group: 128, symmetric: true },
     ]

@@ -120,9 +120,9 @@ pub struct CudaBackend {
     mma_fmts: AtomicU8,
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
-    /// Threads of a tensor-core launch, by (kernel, most warps, blocks, SM share): see
-    /// `mma_threads`.
-    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize), u32>>,
+    /// Threads and row tiles per block of a tensor-core launch, by (kernel, most warps, tiles,
+    /// SM share): see `mma_block`.
+    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize), (u32, u32)>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
     sms: usize,
@@ -523,10 +523,6 @@ impl Backend for CudaBackend {
     }
 
     fn add_rms_norm(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32) -> Result<CudaTensor> {
-        if !kernels::fuse_add_norm() {
-            self.add_assign(x, a)?;
-            return self.rms_norm(x, w, eps);
-        }
         check_rows("add", a, x.rows, x.cols)?;
         // The sum goes to a new tensor: the norm's blocks each read the whole row.
         let sum = self.tensor_of(x.rows, x.cols)?;

@@ -233,7 +233,7 @@ impl MmaPass {
     #[allow(clippy::too_many_arguments)]
     fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
-        gpu.split_into(&self.act, &self.acts, true)?;
+        gpu.split_into(&self.act, &self.acts)?;
         self.down(gpu, experts, down, plan, k, groups)
     }
 
@@ -306,7 +306,7 @@ impl CudaBackend {
         let g = ExpertGemvs { gpu: self, experts, variants, xs, plan, pass, k, groups: pairs.min(experts.count) as u32 };
         // Down reads real activations.
         g.gate_up()?;
-        self.split_into(&g.pass.act, &g.pass.acts, true)?;
+        self.split_into(&g.pass.act, &g.pass.acts)?;
         Ok(g)
     }
 }
