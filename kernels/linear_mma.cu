@@ -85,10 +85,9 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // ---- one warp's share of a tile ------------------------------------------------------------
 // Rows ra (A rows g = lane / 4) and rb (A rows g + 8), −1 for none, times the tile's token slots
 // (trow: activation row of each, −1 for none). Each warp of a block takes runs of UNR chunks of
-// the columns (tile_dots): everything a chunk needs (weight pieces, activation pieces, the
-// chunk's scales and zero points) is loaded into registers for all UNR chunks before the first
-// multiply, so each warp keeps a few kilobytes in flight and no multiply waits on a second
-// load. (A per-lane cp.async pipeline through shared memory measured slower on H200: FP8
+// the columns (tile_dots): the weight pieces, scales and zero points of all UNR chunks are
+// loaded into registers before the first multiply, so each warp keeps a few kilobytes in
+// flight (the activation pieces, L1 hits, follow one multiply ahead; tile_run). (A per-lane cp.async pipeline through shared memory measured slower on H200: FP8
 // 16384->6144 44% of bandwidth against 78%; so did loading x where it is used.) The tile
 // functions return, for lane (g, c = lane % 4), the scaled dot products of ra and rb with token
 // slot c over the warp's chunks.
@@ -103,6 +102,7 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // accumulators (dot) and them into the lane's result (result).
 // (Issuing the next UNR chunks' loads before multiplying the current ones, in two register
 // sets, measured slower on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
+
 // One run of UNR chunks from qb: all its weights first, then each chunk's activation pieces
 // (L1 hits) one multiply ahead, so only two chunks' pieces hold registers at a time (measured
 // 0.3-0.7 points of bandwidth above loading each chunk's weights and activations together, on
