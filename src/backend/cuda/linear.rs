@@ -59,19 +59,19 @@ impl CudaBackend {
         self.launch_kernel(kernel, (blocks, grid.1, grid.2), threads, 0, args)
     }
 
-    /// Threads of a tensor-core block (`tiles` of them): its warps split the row tile's chunks
-    /// (64 FP8 or 128 INT4 columns), at least two chunks each. The most warps per block with
-    /// which every block is resident at once, so all SMs stream to the end (a large block per SM
-    /// left a half-empty second wave); when no size fits, two warps (the 64 threads that finish
-    /// a tile). At most MMA_WARPS (16). A launch on
-    /// the side stream fits in 1/`side_share()` of each SM, so that the main stream's
-    /// latency-bound kernels (the router beside the shared expert) find room to start.
-    /// Also the row tiles per block for kernels that loop over them: 1 when every block is
-    /// resident at once, else as many as make the two-warp blocks one resident wave, so that
-    /// each block reads its plan entry and weight descriptor (a chain of dependent loads) once
-    /// for several tiles and no second wave starts late (expert down projections at one token,
-    /// H200: INT4 group 128 / 64 / 32 65 / 62 / 64% -> 68 / 65 / 68% of copy bandwidth, FP8
-    /// 82% -> 85%; gate/up 0.5-1.7 points).
+    /// Threads and row tiles per block of a tensor-core launch over `tiles` row tiles.
+    /// Threads: the block's warps split the row tile's chunks (64 FP8 or 128 INT4 columns), at
+    /// least two chunks each; the most warps per block with which every block is resident at
+    /// once, so all SMs stream to the end (a large block per SM left a half-empty second wave);
+    /// when no size fits, two warps (the 64 threads that finish a tile). At most MMA_WARPS (16).
+    /// A launch on the side stream fits in 1/`side_share()` of each SM, so that the main
+    /// stream's latency-bound kernels (the router beside the shared expert) find room to start.
+    /// Tiles per block, for the kernels that loop over them: 1 when every block is resident at
+    /// once, else as many as make the two-warp blocks one resident wave, so that each block
+    /// reads its plan entry and weight descriptor (a chain of dependent loads) once for several
+    /// tiles and no second wave starts late (expert down projections at one token, H200: INT4
+    /// group 128 / 64 / 32 65 / 62 / 64% -> 68 / 65 / 68% of copy bandwidth, FP8 82% -> 85%;
+    /// gate/up 0.5-1.7 points).
     fn mma_block(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<(u32, u32)> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
@@ -87,9 +87,9 @@ impl CudaBackend {
         let f = self.function(kernel)?;
         let resident = |t: u32| -> Result<usize> {
             let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
-            Ok((per_sm / share).max(1) * self.sms)
+            Ok(per_sm / share * self.sms)
         };
-        let mut block = (64, tiles.div_ceil(resident(64)?) as u32);
+        let mut block = (64, tiles.div_ceil(resident(64)?.max(1)) as u32);
         for warps in (2..=most).rev() {
             let t = 32 * warps as u32;
             if resident(t)? >= tiles {
