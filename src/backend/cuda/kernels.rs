@@ -29,7 +29,6 @@ pub fn pdl() -> bool {
     *ON.get_or_init(|| env_switch("DUET_PDL", true))
 }
 
-
 /// An on/off variable: `0` is off, any other value on, unset `default`.
 pub fn env_switch(name: &str, default: bool) -> bool {
     std::env::var(name).map_or(default, |v| v != "0")
