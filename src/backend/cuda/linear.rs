@@ -49,14 +49,13 @@ impl CudaBackend {
     /// `grid.0 / tiles per block` blocks per expert.
     pub(super) fn launch_mma(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let (kernel, fmt) = (v.kernel(family, tokens), v.fmt());
-        let (threads, per_block) = self.mma_block(kernel, cols, fmt, (grid.0 * grid.1) as usize)?;
         // Only at one token, where grid.1 (k experts) is exactly the groups the step has: with
         // more, a launch covers k·tokens groups of which fewer run (11 of 16 at two tokens of
         // 32 experts), the tiles spread over fewer blocks than the SMs hold, and the expert
         // GEMVs measured 68% -> 60% of copy bandwidth (four tokens: 65% -> 39%).
-        let looped = !matches!(family, MmaFamily::Gemv) && tokens == 1;
-        let blocks = if looped { grid.0.div_ceil(per_block) } else { grid.0 };
-        self.launch_kernel(kernel, (blocks, grid.1, grid.2), threads, 0, args)
+        let loops = !matches!(family, MmaFamily::Gemv) && tokens == 1;
+        let (threads, per_block) = self.mma_block(kernel, cols, fmt, (grid.0 * grid.1) as usize, loops)?;
+        self.launch_kernel(kernel, (grid.0.div_ceil(per_block), grid.1, grid.2), threads, 0, args)
     }
 
     /// Threads and row tiles per block of a tensor-core launch over `tiles` row tiles.
@@ -66,13 +65,13 @@ impl CudaBackend {
     /// when no size fits, two warps (the 64 threads that finish a tile). At most MMA_WARPS (16).
     /// A launch on the side stream fits in 1/`side_share()` of each SM, so that the main
     /// stream's latency-bound kernels (the router beside the shared expert) find room to start.
-    /// Tiles per block, for the kernels that loop over them: 1 when every block is resident at
-    /// once, else as many as make the two-warp blocks one resident wave, so that each block
+    /// Tiles per block, when the launch `loops` over them (else 1): 1 when every block is
+    /// resident at once, else as many as make the two-warp blocks one resident wave, so that each block
     /// reads its plan entry and weight descriptor (a chain of dependent loads) once for several
     /// tiles and no second wave starts late (expert down projections at one token, H200: INT4
     /// group 128 / 64 / 32 65 / 62 / 64% -> 68 / 65 / 68% of copy bandwidth, FP8 82% -> 85%;
     /// gate/up 0.5-1.7 points).
-    fn mma_block(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize) -> Result<(u32, u32)> {
+    fn mma_block(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, loops: bool) -> Result<(u32, u32)> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
@@ -80,7 +79,7 @@ impl CudaBackend {
         }
         let share = if self.on_side.load(Ordering::Relaxed) { side_share() } else { 1 };
         // Decided once per launch shape: the occupancy calculator is not free.
-        let key = (kernel, most, tiles, share);
+        let key = (kernel, most, tiles, share, loops);
         if let Some(&block) = self.mma_block.read().unwrap().get(&key) {
             return Ok(block);
         }
@@ -89,7 +88,7 @@ impl CudaBackend {
             let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
             Ok(per_sm / share * self.sms)
         };
-        let mut block = (64, tiles.div_ceil(resident(64)?.max(1)) as u32);
+        let mut block = (64, if loops { tiles.div_ceil(resident(64)?.max(1)) as u32 } else { 1 });
         for warps in (2..=most).rev() {
             let t = 32 * warps as u32;
             if resident(t)? >= tiles {

@@ -121,8 +121,8 @@ pub struct CudaBackend {
     modules: Vec<Arc<CudaModule>>,
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
     /// Threads and row tiles per block of a tensor-core launch, by (kernel, most warps, tiles,
-    /// SM share): see `mma_block`.
-    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize), (u32, u32)>>,
+    /// SM share, whether it loops over tiles): see `mma_block`.
+    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize, bool), (u32, u32)>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
     sms: usize,
