@@ -100,6 +100,10 @@ fn kernel_name((family, fmt): Kernel) -> String {
     }
 }
 
+/// What a tensor-core launch's block size depends on: (kernel, most warps, tiles, SM share,
+/// whether it loops over tiles).
+type MmaLaunchShape = (Kernel, usize, usize, usize, bool);
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -122,7 +126,7 @@ pub struct CudaBackend {
     functions: RwLock<HashMap<Kernel, CudaFunction>>,
     /// Threads and row tiles per block of a tensor-core launch, by (kernel, most warps, tiles,
     /// SM share, whether it loops over tiles): see `mma_block`.
-    mma_block: RwLock<HashMap<(Kernel, usize, usize, usize, bool), (u32, u32)>>,
+    mma_block: RwLock<HashMap<MmaLaunchShape, (u32, u32)>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
     sms: usize,
