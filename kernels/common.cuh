@@ -207,6 +207,10 @@ enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_F16 = 2, FMT_FP8 = 3, FMT_INT4 = 4, FMT_IN
 struct WDesc {
     const void* w;            // raw weight: f32/bf16/f16 elements, e4m3 bytes, or int32 words
     const float* scale;       // fp8: [ceil(rows/br), sc] block scales; int: [rows, sc] group scales
+                              // when scale16 is null
+    const u16* scale16;       // int: [rows, sc] group scales as f16 bits of scale·2^scale_exp, when
+                              // every one is exact so (the checkpoints' bf16 and f16 scales): half
+                              // the bytes of f32, as the checkpoint stores them
     const signed char* zero;  // int: [rows, sc] zero points, or null when symmetric
     int rows, cols;
     int br, bc;               // fp8 block shape
@@ -216,7 +220,16 @@ struct WDesc {
     int mma;                  // 1 when the tensor-core kernels of linear_mma.cu can read it
     int interleaved;          // INT4, 1 when each 64-byte piece of a row holds its 4x4 words
                               // transposed, for linear_mma.cu (int4_word gives a word's place)
+    int scale_exp;            // see scale16
 };
+
+// 2^k for |k| ≤ 126, exactly.
+__device__ __forceinline__ float pow2(int k) { return __int_as_float((127 + k) << 23); }
+
+// Group scale i of an integer weight (row-major [rows, sc]), from whichever table it has.
+__device__ __forceinline__ float int_scale(const WDesc& d, size_t i) {
+    return d.scale16 ? f16_to_f32(d.scale16[i]) * pow2(-d.scale_exp) : d.scale[i];
+}
 
 // Where word w of an INT4 row is stored: in place, or with the 16 words of each 64-byte piece
 // transposed as a 4x4 matrix (word 4i + c at 4c + i; the transpose is its own inverse).

@@ -82,7 +82,7 @@ template <> struct Fmt<FMT_FP8> {
 // (q − zp)·s with q = field − 2^(bits−1) equals field·s + b with b = −(2^(bits−1) + zp)·s.
 __device__ __forceinline__ void int_param(const WDesc& d, int r, int u, int U, float offset, float& s, float& b) {
     int g = (u * U) / d.group;
-    s = d.scale[(size_t)r * d.sc + g];
+    s = int_scale(d, (size_t)r * d.sc + g);
     float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
     b = -(offset + z) * s;
 }
@@ -110,7 +110,7 @@ template <> struct Fmt<FMT_INT4> {
         int wpr = (d.cols * 4 + 31) / 32;
         u32 w = int4_unsigned(((const u32*)d.w)[(size_t)r * wpr + int4_word(d, c / 8)]);
         int g = c / d.group;
-        float s = d.scale[(size_t)r * d.sc + g];
+        float s = int_scale(d, (size_t)r * d.sc + g);
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
         return fmaf(small_int((w >> (4 * (c % 8))) & 15u), s, -(8.f + z) * s);
     }
@@ -136,7 +136,7 @@ template <> struct Fmt<FMT_INT8> {
         int wpr = (d.cols + 3) / 4, p = int8_pos(d, c);
         u32 w = ((const u32*)d.w)[(size_t)r * wpr + p / 4];
         int g = c / d.group;
-        float s = d.scale[(size_t)r * d.sc + g];
+        float s = int_scale(d, (size_t)r * d.sc + g);
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
         u32 b = ((w >> (8 * (p % 4))) & 255u) ^ (d.interleaved ? 128u : 0u);
         return fmaf(small_int(b), s, -(128.f + z) * s);

@@ -11,7 +11,9 @@
 // - INT4: nibbles become int8 for mma.sync m16n8k32.s8 against int8 planes of the activations
 //   (see "INT4 on the integer tensor cores" below), summed exactly in int32 per group.
 // The checkpoint's scales are applied in f32 to each (row, scale block or group) sum, as the
-// format defines them.
+// format defines them. Integer group scales are read as the f16 bits of scale·2^scale_exp
+// (WDesc.scale16: the checkpoint's 16-bit scales exactly, at half the bytes of f32; 6% of the
+// bytes of group-64 INT4), and the results multiplied back by 2^-scale_exp.
 //
 // Fragments: a warp multiplies a 16-row tile of W by 8-column B tiles whose columns are token
 // slots' halves or planes. The order of k inside a fragment is free as long as A and B agree,
@@ -64,9 +66,6 @@ __device__ __forceinline__ u32 f16_bits(float v) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
 }
-
-// 2^k for |k| ≤ 126, exactly.
-__device__ __forceinline__ float pow2(int k) { return __int_as_float((127 + k) << 23); }
 
 // d += A·B for one m16n8k16 tile (A row-major f16, B column-major f16, f32 accumulators).
 __device__ __forceinline__ void mma_f16(float d[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -287,13 +286,13 @@ template <int NT> __device__ __forceinline__ float2 planes_result(const float (&
 // at a time, measured g64 experts at 43-46% of bandwidth.) NT 8-column B tiles, two token slots each. xq: planes
 // [row][PLANES][cols] in plane_pos order; sums: per activation row, each plane's sum over every
 // 32 columns, then over every 128 ([row][cols/32 + cols/128][PLANES]), read for zero points
-// only. The result is times 16·2^k (split_planes folds the 16 into the row's exponent).
+// only. The result is times 16·2^k·2^scale_exp (split_planes folds the 16 into the row's exponent).
 template <int GPC, int NT, bool ASYM> struct Int4Tile {
     static constexpr bool CONTIG = GPC == 1;
     static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : 2) : (NT == 1 ? INT4_UNR_SMALL : 1);
     struct Chunk {
         uint4 a, b, x[NT][2];
-        float4 sa, sb;           // the chunk's GPC group scales of ra and rb,
+        uint2 sa, sb;            // the chunk's GPC group scales of ra and rb (f16 bits),
         u32 za, zb;              // ASYM: their zero points (byte s: group s),
         int2 sums[NT][GPC];      // and the plane sums of the lane's C columns per group
     };
@@ -302,7 +301,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     // Cursors at chunk rc.qc (seek) for the rows' weights, scales and zero points, and the
     // lane's activations and plane sums, so a run's loads are these plus constants.
     RowCursor rc;
-    const float *sra, *srb;
+    const u16 *sra, *srb;
     const signed char *zra, *zrb;
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4)
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
@@ -311,8 +310,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         // The upload keeps groups to at most 128 columns (weights.rs), so chunk q's groups are
         // q·GPC onwards.
         rc.init(d.w, d.cols / 2, ra, rb);
-        sra = d.scale + (size_t)max(ra, 0) * d.sc;
-        srb = d.scale + (size_t)max(rb, 0) * d.sc;
+        sra = d.scale16 + (size_t)max(ra, 0) * d.sc;
+        srb = d.scale16 + (size_t)max(rb, 0) * d.sc;
         zra = d.zero + (size_t)max(ra, 0) * d.sc;
         zrb = d.zero + (size_t)max(rb, 0) * d.sc;
         int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = (d.cols >> 5) + (d.cols >> 7);
@@ -343,26 +342,25 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         if (GPC == 2) return __ldg((const unsigned short*)p);
         return (u32)(u8)__ldg(p);
     }
-    // GPC scales from p (aligned to their count).
-    __device__ float4 scales(const float* p) const {
-        if (GPC == 4) return __ldg((const float4*)p);
-        if (GPC == 2) {
-            float2 v = __ldg((const float2*)p);
-            return make_float4(v.x, v.y, 0.f, 0.f);
-        }
-        return make_float4(__ldg(p), 0.f, 0.f, 0.f);
+    // GPC scales from p (aligned to their count), the s-th in half s of the result.
+    __device__ uint2 scales(const u16* p) const {
+        if (GPC == 4) return __ldg((const uint2*)p);
+        if (GPC == 2) return make_uint2(__ldg((const u32*)p), 0);
+        return make_uint2(__ldg(p), 0);
     }
+    // Scale s of a chunk's scales.
+    static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
     // Chunk q's weights, scales and zero points (load_w) and activation planes and plane sums
     // (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         int r = q - rc.qc;  // chunk q from the cursors
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
-        const float4 zf = make_float4(0.f, 0.f, 0.f, 0.f);
+        const uint2 zs = make_uint2(0, 0);
         ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        ch.sa = oa ? scales(sra + GPC * r) : zf;
-        ch.sb = ob ? scales(srb + GPC * r) : zf;
+        ch.sa = oa ? scales(sra + GPC * r) : zs;
+        ch.sb = ob ? scales(srb + GPC * r) : zs;
         if (ASYM) {
             ch.za = oa ? zeros(zra + GPC * r) : 0;
             ch.zb = ob ? zeros(zrb + GPC * r) : 0;
@@ -427,8 +425,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                 }
             }
             // Group s of the chunk: its scales, and its zero points below.
-            float sa = s == 0 ? ch.sa.x : s == 1 ? ch.sa.y : s == 2 ? ch.sa.z : ch.sa.w;
-            float sb = s == 0 ? ch.sb.x : s == 1 ? ch.sb.y : s == 2 ? ch.sb.z : ch.sb.w;
+            float sa = scale(ch.sa, s), sb = scale(ch.sb, s);
             float za = 0.f, zb = 0.f;
             if (ASYM) {
                 // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
@@ -465,18 +462,18 @@ template <int NT> struct Int8Tile {
     static constexpr int UNR = INT8_UNR;
     struct Chunk {
         uint4 a, b, x[NT];
-        float sa, sb;
+        u16 sa, sb;  // f16 bits
     };
     const WDesc& d;
     int ra, rb;
     RowCursor rc;          // the rows' weights at chunk rc.qc,
-    const float *sra, *srb;  // their scales there,
+    const u16 *sra, *srb;  // their scales there,
     const u8* xb[NT];      // and this lane's 16 plane bytes per B tile (slot 2n + g/4, plane g % 4)
     float acc[NT][4];
     __device__ Int8Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int*) : d(d), ra(ra), rb(rb) {
         rc.init(d.w, d.cols, ra, rb);
-        sra = d.scale + (size_t)max(ra, 0) * d.sc;
-        srb = d.scale + (size_t)max(rb, 0) * d.sc;
+        sra = d.scale16 + (size_t)max(ra, 0) * d.sc;
+        srb = d.scale16 + (size_t)max(rb, 0) * d.sc;
         int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
 #pragma unroll
         for (int n = 0; n < NT; n++) {
@@ -501,8 +498,8 @@ template <int NT> struct Int8Tile {
         const uint4 z = make_uint4(0, 0, 0, 0);
         ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        ch.sa = oa ? __ldg(sra + r) : 0.f;
-        ch.sb = ob ? __ldg(srb + r) : 0.f;
+        ch.sa = oa ? __ldg(sra + r) : (u16)0;
+        ch.sb = ob ? __ldg(srb + r) : (u16)0;
     }
     template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
         int r = q - rc.qc;
@@ -511,7 +508,7 @@ template <int NT> struct Int8Tile {
         for (int n = 0; n < NT; n++) ch.x[n] = ok ? *(const uint4*)(xb[n] + 64 * r) : make_uint4(0, 0, 0, 0);
     }
     __device__ void dot(int, const Chunk& ch) {
-        float sa = 16.f * ch.sa, sb = 16.f * ch.sb;
+        float sa = 16.f * f16_to_f32(ch.sa), sb = 16.f * f16_to_f32(ch.sb);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             int C[4] = {ACC_BASE, ACC_BASE, ACC_BASE, ACC_BASE};
@@ -749,7 +746,7 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
     float2 v = V::part(d, ra, rb, trow, xs, sums);
     pdl_late();
     tile_reduce(v, res);
-    if (mine) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-exps[t0 + t]);
+    if (mine) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[t0 + t]);
 }
 
 // The expert kernels' blocks each take every gridDim.x-th row tile of their group's expert, so
@@ -778,7 +775,7 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         tile_reduce(v, res);
         if (mine) {
             int p = pairs[p0 + t];
-            float s = pow2(-exps[p / K]), gv = res[i] * s, uv = res[i + 8 * MMA_TOKENS] * s;
+            float u = pow2(-d.scale_exp), s = pow2(-exps[p / K]), gv = res[i] * u * s, uv = res[i + 8 * MMA_TOKENS] * u * s;
             act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
         }
     }
@@ -807,7 +804,7 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         tile_reduce(v, res);
         if (mine) {
             int p = pairs[p0 + t];
-            part[(size_t)p * H + r0 + r] = res[i] * pow2(-exps[p]);
+            part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[p]);
         }
     }
     }

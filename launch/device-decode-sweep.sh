@@ -2,7 +2,8 @@
 # Runs on the GPU machine: decode speed of the real-width GLM-5.2 slice of
 # benches/e2e_vs_transformers.py (written once, like that script does) under several settings,
 # so one device call compares decode-level switches (graphs, PDL, kept graph buffers, kernels).
-# Each configuration is a line of environment assignments, as for launch/device-sweep.sh; the
+# Each configuration is a line of environment assignments, as for launch/device-sweep.sh (DUET_BIN
+# runs another build); the
 # runs alternate between the configurations, ROUNDS times (default 2).
 #   usage: launch/device-decode-sweep.sh < configs
 #   for example: bash launch/device-decode-sweep.sh < launch/sweeps/graph-buffers.txt
@@ -21,7 +22,7 @@ mapfile -t cfgs < <(grep -v '^$')
 prompt=$(python3 -c "import random; r = random.Random(1); print(','.join(str(r.randrange(150000)) for _ in range(32)))")
 for round in $(seq "${ROUNDS:-2}"); do
     for cfg in "${cfgs[@]}"; do
-        out=$(env -S "$cfg" timeout 300 ./target/release/duet generate --model "$slice" --device cuda --prompt-ids "$prompt" \
+        out=$(env -S "$cfg" timeout 300 sh -c '"${DUET_BIN:-./target/release/duet}" "$@"' duet generate --model "$slice" --device cuda --prompt-ids "$prompt" \
             --max-new-tokens 64 --temperature 0 --ignore-eos --json 2>&1 | tail -1)
         echo "round $round | $cfg | $(python3 -c "import json, sys; j = json.loads(sys.argv[1]); print(f\"{1e3 / j['decode_tok_s']:.3f} ms/token ({j['decode_tok_s']:.1f} tok/s)\")" "$out" 2>/dev/null || echo "failed: $out")"
     done

@@ -4,7 +4,8 @@
 # A configuration is a line of environment assignments, for example
 #   DUET_MMA_WARPS=4
 #   DUET_KERNEL_DEFINES="-DINT4_UNR_ASYM=2 -DINT4_REGS=96"
-# (kernels/linear_mma.cu lists the tuning constants; DUET_MMA_WARPS forces the warps of its blocks.)
+# (kernels/linear_mma.cu lists the tuning constants; DUET_MMA_WARPS forces the warps of its blocks;
+# DUET_BIN=PATH runs another build, for example the previous commit's carried beside this one.)
 #   usage: launch/device-sweep.sh PART FILTER < configs
 # Prepared configuration lists are in launch/sweeps/, for example
 #   bash launch/device-sweep.sh gemv,experts 'gemv|experts|moe layer' < launch/sweeps/l2-fetch.txt
@@ -18,7 +19,7 @@ while IFS= read -r cfg; do
     [ -z "$cfg" ] && continue
     echo "== ${cfg}"
     if [ -n "${CHECK:-}" ]; then
-        env -S "$cfg" timeout 150 ./target/release/duet bench check --fixtures tests/fixtures 2>&1 | tail -1 | sed 's/^/check: /'
+        env -S "$cfg" timeout 150 sh -c '"${DUET_BIN:-./target/release/duet}" "$@"' duet bench check --fixtures tests/fixtures 2>&1 | tail -1 | sed 's/^/check: /'
     fi
-    env -S "$cfg" timeout 120 ./target/release/duet bench kernels --only "$part" 2>&1 | grep -E "$filter"
+    env -S "$cfg" timeout 120 sh -c '"${DUET_BIN:-./target/release/duet}" "$@"' duet bench kernels --only "$part" 2>&1 | grep -E "$filter"
 done

@@ -141,6 +141,18 @@ fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
             t.push("linear x range", format!("{fmt} [48,512] {what}"), rel_err(&yg[r * 48..(r + 1) * 48], &yc[r * 48..(r + 1) * 48]));
         }
     }
+    // Group scales that f16 cannot hold exactly (f32 ones of full precision) stay f32 on the GPU
+    // and take the CUDA-core kernels (weights.rs f16_scales).
+    for fmt in [SynthFormat::Int { bits: 4, group: 64, symmetric: true }, SynthFormat::Int { bits: 8, group: 64, symmetric: true }] {
+        let w = with_f32_scales(synthetic_linear("w", 64, 256, fmt, rng));
+        let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
+        for tokens in [1, 3] {
+            let x = random(rng, tokens * 256);
+            let (xc, xg) = pair(cpu, gpu, tokens, 256, &x)?;
+            let err = rel_err(&gpu.to_host(&gpu.linear(&xg, &wg)?)?, &cpu.to_host(&cpu.linear(&xc, &wc)?)?);
+            t.push("linear f32 scales", format!("{fmt} [64,256] x{tokens}"), err);
+        }
+    }
     // Stacked gate‖up: FP8 parts whose rows are not whole 128-row blocks, and INT4 parts.
     for fmt in [SynthFormat::Fp8([128, 128]), SynthFormat::Int { bits: 4, group: 32, symmetric: false }] {
         let parts = [synthetic_linear("gate", 100, 256, fmt, rng), synthetic_linear("up", 100, 256, fmt, rng)];
@@ -159,6 +171,19 @@ fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
         t.push("embed", format!("{fmt} [300,256] x9"), err);
     }
     Ok(())
+}
+
+/// An integer weight with its group scales made F32 of full precision (each nudged by 2^-20 of
+/// itself), which f16 cannot hold exactly.
+fn with_f32_scales(mut w: crate::checkpoint::LinearWeight) -> crate::checkpoint::LinearWeight {
+    use crate::checkpoint::linear::Format;
+    use crate::checkpoint::safetensors::{OwnedTensor, TensorView};
+    let values: Vec<f32> = w.scale_values().iter().map(|s| s * (1.0 + 2f32.powi(-20))).collect();
+    if let Format::Packed { scale, .. } = &mut w.format {
+        let shape = scale.shape.clone();
+        *scale = TensorView::in_memory(&scale.name, OwnedTensor::f32(&shape, &values));
+    }
+    w
 }
 
 fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {

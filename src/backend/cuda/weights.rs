@@ -1,5 +1,6 @@
-//! Weights on the GPU, in checkpoint precision: the raw weight bytes, f32 scales and int8 zero
-//! points, described to kernels by a [`WDesc`].
+//! Weights on the GPU, in checkpoint precision: the raw weight bytes, scales (integer group
+//! scales as f16 when exact, else f32) and int8 zero points, described to kernels by a
+//! [`WDesc`].
 
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
@@ -49,6 +50,7 @@ impl Fmt {
 pub struct WDesc {
     pub w: u64,
     pub scale: u64,
+    pub scale16: u64,
     pub zero: u64,
     pub rows: i32,
     pub cols: i32,
@@ -59,6 +61,7 @@ pub struct WDesc {
     pub vec: i32,
     pub mma: i32,
     pub interleaved: i32,
+    pub scale_exp: i32,
 }
 
 unsafe impl DeviceRepr for WDesc {}
@@ -71,6 +74,7 @@ pub struct CudaLinear {
     pub cols: usize,
     _w: CudaSlice<u8>,
     _scale: Option<CudaSlice<f32>>,
+    _scale16: Option<CudaSlice<u16>>,
     _zero: Option<CudaSlice<i8>>,
     pub desc: WDesc,
 }
@@ -247,7 +251,18 @@ impl HostLinear {
             self.data.iter_mut().for_each(|b| *b ^= 0x88);
         }
         let w = stream.clone_htod(&self.data)?;
-        let scale = if self.scale.is_empty() { None } else { Some(stream.clone_htod(&self.scale)?) };
+        // Integer group scales as f16 when every one is exact so (the checkpoints' bf16 and f16
+        // scales), else f32; the tensor-core kernels read only the f16 table.
+        let half = match self.fmt {
+            Fmt::Int4 | Fmt::Int8 => f16_scales(&self.scale),
+            _ => None,
+        };
+        let (scale, scale16, scale_exp) = match half {
+            Some((bits, exp)) => (None, Some(stream.clone_htod(&bits)?), exp),
+            None if self.scale.is_empty() => (None, None, 0),
+            None => (Some(stream.clone_htod(&self.scale)?), None, 0),
+        };
+        let mma = self.mma_ok() && (self.fmt == Fmt::Fp8 || scale16.is_some());
         let zero = match &self.zero {
             Some(z) => Some(stream.clone_htod(z)?),
             None => None,
@@ -255,6 +270,7 @@ impl HostLinear {
         let desc = WDesc {
             w: w.device_ptr(stream).0,
             scale: scale.as_ref().map_or(0, |s| s.device_ptr(stream).0),
+            scale16: scale16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             zero: zero.as_ref().map_or(0, |z| z.device_ptr(stream).0),
             rows: self.rows as i32,
             cols: self.cols as i32,
@@ -263,11 +279,31 @@ impl HostLinear {
             group: self.group as i32,
             sc: self.sc as i32,
             vec: vec as i32,
-            mma: self.mma_ok() as i32,
+            mma: mma as i32,
             interleaved: interleave as i32,
+            scale_exp,
         };
-        Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _zero: zero, desc })
+        Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, desc })
     }
+}
+
+/// The scales as f16 bits of scale·2^exp, with exp putting the largest |scale| in [2^14, 2^15),
+/// when every one converts exactly (16-bit checkpoint scales do unless their range spans more
+/// than about 2^29); None otherwise.
+fn f16_scales(scales: &[f32]) -> Option<(Vec<u16>, i32)> {
+    let max = scales.iter().fold(0f32, |m, s| m.max(s.abs()));
+    if !max.is_finite() {
+        return None;
+    }
+    // max = f·2^e with f in [0.5, 1): exp = 15 − e (0 for all-zero scales).
+    let exp = if max > 0.0 { 15 - (max.log2().floor() as i32 + 1) } else { 0 };
+    if exp.abs() > 126 {
+        return None;
+    }
+    let mul = 2f32.powi(exp);
+    let bits: Vec<u16> = scales.iter().map(|&s| half::f16::from_f32(s * mul).to_bits()).collect();
+    let exact = bits.iter().zip(scales).all(|(&b, &s)| half::f16::from_bits(b).to_f32() == s * mul);
+    exact.then_some((bits, exp))
 }
 
 /// Rows of `from` group values each spelled out as `to` values, group j of the new row taking
@@ -363,7 +399,23 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
 
 #[cfg(test)]
 mod tests {
-    use super::{interleave_int8, regroup, transpose_int4_pieces};
+    use super::{f16_scales, interleave_int8, regroup, transpose_int4_pieces};
+
+    #[test]
+    fn sixteen_bit_scales_become_exact_f16_with_an_exponent() {
+        // bf16 scales far below f16's normal range: exact after the shift, the largest in [2^14, 2^15).
+        let scales: Vec<f32> = [3.0e-6f32, 1.7e-5, 9.1e-6, 0.0, -2.2e-6].iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let (bits, exp) = f16_scales(&scales).expect("bf16 scales fit");
+        let back: Vec<f32> = bits.iter().map(|&b| half::f16::from_bits(b).to_f32() * 2f32.powi(-exp)).collect();
+        assert_eq!(back, scales);
+        let top = half::f16::from_bits(bits[1]).to_f32();
+        assert!((16384.0..32768.0).contains(&top), "largest scale at {top}");
+        // f32 scales with more than 11 significant bits stay f32.
+        assert!(f16_scales(&[0.1f32, 0.3]).is_none());
+        assert!(f16_scales(&[f32::NAN]).is_none());
+        // A range wider than f16's (2^-40 beside 1): not exact, so f32.
+        assert!(f16_scales(&[1.0, 1.0 + 2f32.powi(-7), 2f32.powi(-40) * 1.5]).is_none());
+    }
 
     #[test]
     fn large_groups_are_spelled_out_per_128_columns() {
