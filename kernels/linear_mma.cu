@@ -97,7 +97,8 @@ __device__ __forceinline__ u32 e4m3x2_f16x2(u32 pair) {
 // about 60 of INT4's 110-143 instructions per chunk on 64-bit address arithmetic and
 // predicates; runs measured INT4 experts 62% -> 69% of bandwidth, FP8 16384->6144 82% -> 94%.)
 // A Tile loads chunk q into a Chunk (load_w<CHECK> its weights, load_x<CHECK> its
-// activations: zeros past the last chunk or for missing rows), folds a chunk into its
+// activations: zeros past the last chunk or for missing rows; load_scales<CHECK> the scales of
+// a run's chunks at once), folds a chunk into its
 // accumulators (dot) and them into the lane's result (result).
 // (Issuing the next UNR chunks' loads before multiplying the current ones, in two register
 // sets, measured slower on H200: FP8 16384->6144 64% against 82%, INT4 experts 33% against 59%.)
@@ -115,6 +116,7 @@ template <bool CHECK, class Tile> __device__ __forceinline__ void tile_run(Tile&
     tile.seek(qb);
 #pragma unroll
     for (int u = 0; u < UNR; u++) tile.template load_w<CHECK>(qb + u, ch[u]);
+    tile.template load_scales<CHECK>(qb, ch);
     tile.template load_x<CHECK>(qb, ch[0]);
 #pragma unroll
     for (int u = 0; u < UNR; u++) {
@@ -163,6 +165,47 @@ __device__ __forceinline__ int slot_row(const int* trow, int t) {
     return r >= 0 ? r : trow[0];
 }
 
+// Whether token slot t holds a row. A lane whose B column is an empty slot's loads no
+// activations (zeros instead: its products are not stored), which at one token is half the
+// INT4 lanes' activation loads and three quarters of FP8's, as many L1 bytes as the weights'.
+__device__ __forceinline__ bool slot_used(const int* trow, int t) { return (t == 0 ? trow[0] : t == 1 ? trow[1] : t == 2 ? trow[2] : trow[3]) >= 0; }
+
+// A run of UNR chunks' 16-bit scales of one row from p (the run's first chunk's), PER to a
+// chunk (1, 2 or 4), as chunk u's halves in v[u] (half s: bits 16s of .x, then of .y). One
+// vector load when they fill 4, 8 or 16 bytes and `whole` (the rows hold whole runs, so p is
+// aligned to them), else one load per chunk; CHECK: chunks from qb + u ≥ nq, or all when !ok,
+// are zeros.
+template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_scales(const u16* p, bool whole, bool ok, int qb, int nq, uint2 (&v)[UNR]) {
+    constexpr int BYTES = 2 * PER * UNR;
+    if (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16) && whole) {
+        u32 w[4] = {0, 0, 0, 0};
+        if (BYTES == 16) {
+            uint4 t = __ldg((const uint4*)p);
+            w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
+        } else if (BYTES == 8) {
+            uint2 t = __ldg((const uint2*)p);
+            w[0] = t.x, w[1] = t.y;
+        } else {
+            w[0] = __ldg((const u32*)p);
+        }
+#pragma unroll
+        for (int u = 0; u < UNR; u++) {
+            int h = u * PER;  // the chunk's first half
+            v[u] = PER == 1 ? make_uint2(w[h / 2] >> (16 * (h & 1)), 0) : make_uint2(w[h / 2], PER == 4 ? w[h / 2 + 1] : 0);
+        }
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < UNR; u++) {
+        const u16* q = p + PER * u;
+        bool in = ok && (!CHECK || qb + u < nq);
+        v[u] = !in ? make_uint2(0, 0)
+             : PER == 4 ? __ldg((const uint2*)q)
+             : PER == 2 ? make_uint2(__ldg((const u32*)q), 0)
+                        : make_uint2(__ldg(q), 0);
+    }
+}
+
 // FP8, block scales with bc a power-of-two multiple of 64. A chunk is 64 columns: lane c holds
 // bytes [16c, 16c + 16) of both rows; mma j takes its bytes 4j .. 4j + 3, and the x pieces of
 // the lane's B column (slot g / 2, half g % 2 of split_act).
@@ -177,30 +220,39 @@ struct Fp8Tile {
     const float *sa, *sb;  // scale rows of ra and rb
     RowCursor rc;          // the rows' weights at chunk rc.qc,
     const uint4* xc;       // and the lane's x pieces there (its B column, in 16-byte pieces)
+    bool xv;               // whether that column's slot is used
     float2 acc;
     __device__ Fp8Tile(const WDesc& d, int ra, int rb, const int* trow, const void* xs)
         : d(d), ra(ra), rb(rb), lq(__ffs(d.bc >> 6) - 1), acc(make_float2(0.f, 0.f)) {
         sa = d.scale + (size_t)(max(ra, 0) / d.br) * d.sc;
         sb = d.scale + (size_t)(max(rb, 0) / d.br) * d.sc;
         int g = (threadIdx.x & 31) >> 2, t = slot_row(trow, g / 2);
+        xv = slot_used(trow, g / 2);
         rc.init(d.w, d.cols, ra, rb);
         xc = (const uint4*)((const u16*)xs + ((size_t)t * 2 + (g & 1)) * d.cols) + 2 * (threadIdx.x & 3);
     }
     // Moves the cursors to chunk qb.
     __device__ void seek(int qb) { xc += 8 * rc.seek(qb); }
     __device__ int chunks() const { return d.cols >> 6; }
-    // Chunk q's weights and scales (load_w) and activation pieces (load_x). CHECK: q may be past
-    // the last chunk, and rows may be missing (zeros then).
+    // Chunk q's weights (load_w), the run's scales from qb (load_scales) and chunk q's activation
+    // pieces (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
         ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        ch.sa = oa ? __ldg(sa + (q >> lq)) : 0.f;
-        ch.sb = ob ? __ldg(sb + (q >> lq)) : 0.f;
+    }
+    template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
+#pragma unroll
+        for (int u = 0; u < UNR; u++) {
+            int q = qb + u;
+            bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
+            ch[u].sa = oa ? __ldg(sa + (q >> lq)) : 0.f;
+            ch[u].sb = ob ? __ldg(sb + (q >> lq)) : 0.f;
+        }
     }
     template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
-        bool ok = !CHECK || q < chunks();
+        bool ok = (!CHECK || q < chunks()) && xv;
         const uint4 z = make_uint4(0, 0, 0, 0), *x = xc + 8 * (q - rc.qc);
         ch.x[0] = ok ? x[0] : z;
         ch.x[1] = ok ? x[1] : z;
@@ -305,6 +357,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     const signed char *zra, *zrb;
     const u8* xb[NT];   // this lane's B column per tile (slot 2n + g/4, plane g % 4)
     const int* sm[NT];  // plane sums of its C columns 2c, 2c + 1 (slot 2n + c/2, planes 2(c % 2), +1)
+    bool xv[NT], sv[NT];  // whether those slots are used
     float acc[NT][4];
     __device__ Int4Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int* sums) : d(d), ra(ra), rb(rb) {
         // The upload keeps groups to at most 128 columns (weights.rs), so chunk q's groups are
@@ -319,6 +372,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         for (int n = 0; n < NT; n++) {
             xb[n] = xq + ((size_t)slot_row(trow, 2 * n + g / 4) * PLANES + g % 4) * d.cols;
             sm[n] = sums + (size_t)slot_row(trow, 2 * n + c / 2) * spans * PLANES + 2 * (c & 1) + (CONTIG ? (d.cols >> 5) * PLANES : 0);
+            xv[n] = slot_used(trow, 2 * n + g / 4);
+            sv[n] = slot_used(trow, 2 * n + c / 2);
             acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
     }
@@ -342,25 +397,27 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         if (GPC == 2) return __ldg((const unsigned short*)p);
         return (u32)(u8)__ldg(p);
     }
-    // GPC scales from p (aligned to their count), the s-th in half s of the result.
-    __device__ uint2 scales(const u16* p) const {
-        if (GPC == 4) return __ldg((const uint2*)p);
-        if (GPC == 2) return make_uint2(__ldg((const u32*)p), 0);
-        return make_uint2(__ldg(p), 0);
+    // The run's scales (after seek(qb): the cursors are at qb).
+    template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
+        uint2 va[UNR], vb[UNR];
+        int nq = chunks();
+        bool whole = nq % UNR == 0;
+        run_scales<GPC, UNR, CHECK>(sra, whole, !CHECK || ra >= 0, qb, nq, va);
+        run_scales<GPC, UNR, CHECK>(srb, whole, !CHECK || rb >= 0, qb, nq, vb);
+#pragma unroll
+        for (int u = 0; u < UNR; u++) ch[u].sa = va[u], ch[u].sb = vb[u];
     }
     // Scale s of a chunk's scales.
     static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
-    // Chunk q's weights, scales and zero points (load_w) and activation planes and plane sums
-    // (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros then).
+    // Chunk q's weights and zero points (load_w), the run's scales from qb (load_scales) and
+    // chunk q's activation planes and plane sums (load_x). CHECK: q may be past the last chunk,
+    // and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         int r = q - rc.qc;  // chunk q from the cursors
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
-        const uint2 zs = make_uint2(0, 0);
         ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        ch.sa = oa ? scales(sra + GPC * r) : zs;
-        ch.sb = ob ? scales(srb + GPC * r) : zs;
         if (ASYM) {
             ch.za = oa ? zeros(zra + GPC * r) : 0;
             ch.zb = ob ? zeros(zrb + GPC * r) : 0;
@@ -374,7 +431,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         for (int n = 0; n < NT; n++) {
             // Word i's plane bytes are x words 2i, 2i + 1.
             const u8* xp = xb[n] + 128 * r;
-            if (!ok) {
+            if (!ok || !xv[n]) {
                 ch.x[n][0] = ch.x[n][1] = z;
             } else if (CONTIG) {
                 ch.x[n][0] = *(const uint4*)(xp + 32 * c);
@@ -393,9 +450,9 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
                 for (int s = 0; s < GPC; s++) {
                     // A group's sums: the chunk's 128-column sum, or its 32-column ones added.
                     int2 v = make_int2(0, 0);
-                    if (ok && CONTIG) {
+                    if (ok && sv[n] && CONTIG) {
                         v = *(const int2*)(sm[n] + r * PLANES);
-                    } else if (ok) {
+                    } else if (ok && sv[n]) {
 #pragma unroll
                         for (int i = 0; i < 4 / GPC; i++) {
                             int2 p = *(const int2*)(sm[n] + (4 * r + s * (4 / GPC) + i) * PLANES);
@@ -462,13 +519,14 @@ template <int NT> struct Int8Tile {
     static constexpr int UNR = INT8_UNR;
     struct Chunk {
         uint4 a, b, x[NT];
-        u16 sa, sb;  // f16 bits
+        uint2 sa, sb;  // f16 bits (low half of .x)
     };
     const WDesc& d;
     int ra, rb;
     RowCursor rc;          // the rows' weights at chunk rc.qc,
     const u16 *sra, *srb;  // their scales there,
     const u8* xb[NT];      // and this lane's 16 plane bytes per B tile (slot 2n + g/4, plane g % 4)
+    bool xv[NT];           // whether those slots are used
     float acc[NT][4];
     __device__ Int8Tile(const WDesc& d, int ra, int rb, const int* trow, const u8* xq, const int*) : d(d), ra(ra), rb(rb) {
         rc.init(d.w, d.cols, ra, rb);
@@ -478,6 +536,7 @@ template <int NT> struct Int8Tile {
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             xb[n] = xq + ((size_t)slot_row(trow, 2 * n + g / 4) * PLANES + g % 4) * d.cols + 16 * c;
+            xv[n] = slot_used(trow, 2 * n + g / 4);
             acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
     }
@@ -490,25 +549,31 @@ template <int NT> struct Int8Tile {
 #pragma unroll
         for (int n = 0; n < NT; n++) xb[n] += 64 * dq;
     }
-    // Chunk q's weights and scales (load_w) and plane bytes (load_x). CHECK: q may be past the
-    // last chunk, and rows may be missing (zeros then).
+    // Chunk q's weights (load_w), the run's scales from qb (load_scales) and chunk q's plane
+    // bytes (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
-        int r = q - rc.qc;
         bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
         const uint4 z = make_uint4(0, 0, 0, 0);
         ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
         ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-        ch.sa = oa ? __ldg(sra + r) : (u16)0;
-        ch.sb = ob ? __ldg(srb + r) : (u16)0;
+    }
+    template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
+        uint2 va[UNR], vb[UNR];
+        int nq = chunks();
+        bool whole = nq % UNR == 0;
+        run_scales<1, UNR, CHECK>(sra, whole, !CHECK || ra >= 0, qb, nq, va);
+        run_scales<1, UNR, CHECK>(srb, whole, !CHECK || rb >= 0, qb, nq, vb);
+#pragma unroll
+        for (int u = 0; u < UNR; u++) ch[u].sa = va[u], ch[u].sb = vb[u];
     }
     template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
         int r = q - rc.qc;
         bool ok = !CHECK || q < chunks();
 #pragma unroll
-        for (int n = 0; n < NT; n++) ch.x[n] = ok ? *(const uint4*)(xb[n] + 64 * r) : make_uint4(0, 0, 0, 0);
+        for (int n = 0; n < NT; n++) ch.x[n] = ok && xv[n] ? *(const uint4*)(xb[n] + 64 * r) : make_uint4(0, 0, 0, 0);
     }
     __device__ void dot(int, const Chunk& ch) {
-        float sa = 16.f * f16_to_f32(ch.sa), sb = 16.f * f16_to_f32(ch.sb);
+        float sa = 16.f * f16_to_f32((u16)ch.sa.x), sb = 16.f * f16_to_f32((u16)ch.sb.x);
 #pragma unroll
         for (int n = 0; n < NT; n++) {
             int C[4] = {ACC_BASE, ACC_BASE, ACC_BASE, ACC_BASE};
