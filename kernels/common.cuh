@@ -218,8 +218,9 @@ struct WDesc {
     int sc;                   // scale columns
     int vec;                  // 1 when rows can be read in whole 16-byte units
     int mma;                  // 1 when the tensor-core kernels of linear_mma.cu can read it
-    int interleaved;          // INT4, 1 when each 64-byte piece of a row holds its 4x4 words
-                              // transposed, for linear_mma.cu (int4_word gives a word's place)
+    int interleaved;          // INT4: G > 0 when each 64-byte piece of a row holds its words in
+                              // lane order for G groups per 128 columns (int4_word); INT8: 1
+                              // when stored in the planes' order (int8_pos); for linear_mma.cu
     int scale_exp;            // see scale16
 };
 
@@ -231,10 +232,15 @@ __device__ __forceinline__ float int_scale(const WDesc& d, size_t i) {
     return d.scale16 ? f16_to_f32(d.scale16[i]) * pow2(-d.scale_exp) : d.scale[i];
 }
 
-// Where word w of an INT4 row is stored: in place, or with the 16 words of each 64-byte piece
-// transposed as a 4x4 matrix (word 4i + c at 4c + i; the transpose is its own inverse).
+// Where word w of an INT4 row is stored: in place, or (interleaved, G groups of 128 / G columns
+// per 64-byte piece) as four lanes' words: lane c's word j, at 4c + j, is the piece's word
+// s·16/G + c·4/G + j % (4/G) with s = j / (4/G), so each lane's words of one group are
+// consecutive columns (G = 4: the piece's 4x4 words transposed). weights.rs permute_int4 makes it.
 __device__ __forceinline__ int int4_word(const WDesc& d, int w) {
-    return d.interleaved ? (w & ~15) | ((w & 3) << 2) | ((w >> 2) & 3) : w;
+    int G = d.interleaved;
+    if (!G) return w;
+    int wi = w & 15, per = 4 / G, span = 16 / G, s = wi / span, rem = wi % span;
+    return (w & ~15) | (4 * (rem / per) + s * per + rem % per);
 }
 
 // Where column c of an INT8 row is stored: in place, or (interleaved, for linear_mma.cu's INT8

@@ -95,9 +95,10 @@ template <> struct Fmt<FMT_INT4> {
         if (!d.interleaved) {
             v = ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u);
         } else {
-            // Unit u's words 4u .. 4u + 3 lie 4 words apart in the transposed piece.
-            const u32* p = (const u32*)d.w + (size_t)r * (d.cols / 8) + int4_word(d, 4 * u);
-            v = make_uint4(__ldg(p), __ldg(p + 4), __ldg(p + 8), __ldg(p + 12));
+            // Unit u's words 4u .. 4u + 3, wherever the interleaving put them.
+            const u32* p = (const u32*)d.w + (size_t)r * (d.cols / 8);
+            v = make_uint4(__ldg(p + int4_word(d, 4 * u)), __ldg(p + int4_word(d, 4 * u + 1)), __ldg(p + int4_word(d, 4 * u + 2)),
+                           __ldg(p + int4_word(d, 4 * u + 3)));
         }
         return make_uint4(int4_unsigned(v.x), int4_unsigned(v.y), int4_unsigned(v.z), int4_unsigned(v.w));
     }

@@ -25,9 +25,11 @@
 #define MMA_TOKENS 4  // token slots per tile
 // Tuning constants (DUET_KERNEL_DEFINES overrides them for sweeps). Registers per thread
 // (__maxnreg__): at most 128 so 16-warp blocks fit (FP8 measured slower capped at 80: 62-74%
-// of bandwidth against 75-82%). Chunks in flight per warp: as many as fit the registers
-// without spilling. (With runs, more measured no faster: INT4 group-64 experts 62% at 2, 3 or
-// 4; group 128 with zero points 69% at 3, 65% at 4; 168 registers slower still.)
+// of bandwidth against 75-82%). Chunks in flight per warp: measured per format. (Group 64 and
+// 32 at one token: 4 chunks a run, once lanes of empty slots stopped loading activations and a
+// run's scales came in one load, gate/up alone 81 -> 89%, experts x1 71 -> 74.5%, though the
+// group-64 gate/up kernel then spills 8 bytes; before those, 2, 3 and 4 measured alike. Group
+// 128 with zero points: 3 best for the experts, 4 better for the GEMV, 73 -> 79%.)
 #ifndef FP8_REGS
 #define FP8_REGS 128
 #endif
@@ -44,7 +46,7 @@
 #define INT4_UNR_ASYM 3  // the same with zero points
 #endif
 #ifndef INT4_UNR_SMALL
-#define INT4_UNR_SMALL 2  // groups of 32 or 64, up to two token slots
+#define INT4_UNR_SMALL 4  // groups of 32 or 64, up to two token slots
 #endif
 #ifndef INT8_REGS
 #define INT8_REGS 128
@@ -331,11 +333,13 @@ template <int NT> __device__ __forceinline__ float2 planes_result(const float (&
 // INT4, columns in chunks of 128 holding GPC scale groups (1 for groups of 128 or more, 2 for
 // 64, 4 for 32). Lane c reads bytes [16c, 16c + 16) of a chunk's row and mma i takes word i of
 // every lane. With one group (CONTIG) those are the row's words 4c + i, all in the chunk's
-// group. Smaller groups are stored interleaved (weights.rs: each 64-byte piece's words
-// transposed), so lane c's word i is the row's word 4i + c and mma i covers columns [32i, 32i +
-// 32), inside one group; the 4 / GPC mmas of a group sum into one int32 result before its scale
-// is applied (one epilogue per group, not per 32 columns). (Reading the words in place, 4 bytes
-// at a time, measured g64 experts at 43-46% of bandwidth.) NT 8-column B tiles, two token slots each. xq: planes
+// group. Smaller groups are stored interleaved (int4_word in common.cuh), so the 4 / GPC mmas
+// of group s take the lanes' words of its 128 / GPC columns, each lane's consecutive (group 64:
+// lane c's words 2c, 2c + 1, then 8 + 2c, 9 + 2c; group 32: word 4i + c), and sum into one
+// int32 result before the group's scale is applied (one epilogue per group, not per 32
+// columns). A lane's activations are then 32 / GPC consecutive bytes per group of each plane
+// (group 64: two 16-byte loads, as group 128's). (Reading the words in place, 4 bytes at a
+// time, measured g64 experts at 43-46% of bandwidth.) NT 8-column B tiles, two token slots each. xq: planes
 // [row][PLANES][cols] in plane_pos order; sums: per activation row, each plane's sum over every
 // 32 columns, then over every 128 ([row][cols/32 + cols/128][PLANES]), read for zero points
 // only. The result is times 16·2^k·2^scale_exp (split_planes folds the 16 into the row's exponent).
@@ -436,6 +440,9 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             } else if (CONTIG) {
                 ch.x[n][0] = *(const uint4*)(xp + 32 * c);
                 ch.x[n][1] = *(const uint4*)(xp + 32 * c + 16);
+            } else if (GPC == 2) {
+                ch.x[n][0] = *(const uint4*)(xp + 16 * c);
+                ch.x[n][1] = *(const uint4*)(xp + 64 + 16 * c);
             } else {
                 uint2 x0 = *(const uint2*)(xp + 8 * c), x1 = *(const uint2*)(xp + 32 + 8 * c);
                 uint2 x2 = *(const uint2*)(xp + 64 + 8 * c), x3 = *(const uint2*)(xp + 96 + 8 * c);

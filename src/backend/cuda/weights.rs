@@ -226,23 +226,24 @@ impl HostLinear {
         Ok(out)
     }
 
-    /// Whether the rows are stored interleaved for the tensor-core kernels
-    /// (kernels/linear_mma.cu): INT4 with groups under 128, so each lane reads its four words in
-    /// one 16-byte load; INT8, so its words are the planes' order (int8_pos in common.cuh).
-    fn interleave_ok(&self) -> bool {
+    /// How the rows are stored for the tensor-core kernels (kernels/linear_mma.cu; `interleaved`
+    /// of WDesc): INT4 with groups under 128 in lane order per group (the groups per 128 columns,
+    /// int4_word in common.cuh), so each lane reads its four words in one 16-byte load and each
+    /// group's activations in whole pieces; INT8 (1) in the planes' order (int8_pos). 0: as stored.
+    fn interleave(&self) -> usize {
         match self.fmt {
-            Fmt::Int4 => self.group < 128 && self.mma_ok(),
-            Fmt::Int8 => self.mma_ok(),
-            _ => false,
+            Fmt::Int4 if self.group < 128 && self.mma_ok() => 128 / self.group,
+            Fmt::Int8 if self.mma_ok() => 1,
+            _ => 0,
         }
     }
 
     fn upload(mut self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
         let vec = self.vec_ok();
-        let interleave = self.interleave_ok();
+        let interleave = self.interleave();
         match self.fmt {
-            Fmt::Int4 if interleave => transpose_int4_pieces(&mut self.data),
-            Fmt::Int8 if interleave => interleave_int8(&mut self.data),
+            Fmt::Int4 if interleave > 0 => permute_int4(&mut self.data, interleave),
+            Fmt::Int8 if interleave > 0 => interleave_int8(&mut self.data),
             _ => {}
         }
         if self.fmt == Fmt::Int4 {
@@ -312,14 +313,17 @@ fn regroup<T: Copy>(values: &[T], from: usize, to: usize, per: usize) -> Vec<T> 
     values.chunks_exact(from).flat_map(|row| (0..to).map(move |j| row[j / per])).collect()
 }
 
-/// Transposes the 16 words of every 64-byte piece as a 4x4 matrix (word 4i + c to 4c + i), the
-/// interleaved INT4 layout (`int4_word` in kernels/common.cuh). Rows are whole pieces
+/// The interleaved INT4 layout for `groups` (2 or 4) scale groups per 64-byte piece
+/// (`int4_word` in kernels/common.cuh): lane c's word j, stored at 4c + j, is the piece's word
+/// s·16/groups + c·4/groups + j % (4/groups) with s = j / (4/groups). Rows are whole pieces
 /// (`mma_ok`: 128 columns per 64 bytes), so the pieces of the buffer are those of its rows.
-fn transpose_int4_pieces(data: &mut [u8]) {
+fn permute_int4(data: &mut [u8], groups: usize) {
+    let (per, span) = (4 / groups, 16 / groups);
     for piece in data.chunks_exact_mut(64) {
         let src: [u8; 64] = piece.try_into().expect("64-byte piece");
-        for (i, c) in (0..4).flat_map(|i| (0..4).map(move |c| (i, c))) {
-            piece[16 * c + 4 * i..16 * c + 4 * i + 4].copy_from_slice(&src[16 * i + 4 * c..16 * i + 4 * c + 4]);
+        for (c, j) in (0..4).flat_map(|c| (0..4).map(move |j| (c, j))) {
+            let w = (j / per) * span + c * per + j % per;
+            piece[16 * c + 4 * j..16 * c + 4 * j + 4].copy_from_slice(&src[4 * w..4 * w + 4]);
         }
     }
 }
@@ -399,7 +403,7 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
 
 #[cfg(test)]
 mod tests {
-    use super::{f16_scales, interleave_int8, regroup, transpose_int4_pieces};
+    use super::{f16_scales, interleave_int8, permute_int4, regroup};
 
     #[test]
     fn sixteen_bit_scales_become_exact_f16_with_an_exponent() {
@@ -434,16 +438,21 @@ mod tests {
     }
 
     #[test]
-    fn int4_pieces_transpose_words_and_back() {
+    fn int4_pieces_take_each_lanes_words_of_a_group_in_order() {
         // Two pieces whose words are numbered 0..32 (each byte holds its word's number).
         let words: Vec<u8> = (0..32u8).flat_map(|w| [w; 4]).collect();
-        let mut data = words.clone();
-        transpose_int4_pieces(&mut data);
-        for (p, i, c) in (0..2).flat_map(|p| (0..4).flat_map(move |i| (0..4).map(move |c| (p, i, c)))) {
-            // Word 4i + c of piece p is stored at 4c + i (int4_word in kernels/common.cuh).
-            assert_eq!(data[64 * p + 16 * c + 4 * i], (16 * p + 4 * i + c) as u8);
+        let stored = |groups| {
+            let mut data = words.clone();
+            permute_int4(&mut data, groups);
+            move |p: usize, c: usize, j: usize| data[64 * p + 16 * c + 4 * j] as usize - 16 * p
+        };
+        // Groups of 32 (4 per piece): the 4x4 words transposed, lane c's word j is word 4j + c.
+        let g32 = stored(4);
+        // Groups of 64: lane c's words 2c, 2c + 1 of the first group, then 8 + 2c, 9 + 2c.
+        let g64 = stored(2);
+        for (p, c, j) in (0..2).flat_map(|p| (0..4).flat_map(move |c| (0..4).map(move |j| (p, c, j)))) {
+            assert_eq!(g32(p, c, j), 4 * j + c);
+            assert_eq!(g64(p, c, j), [2 * c, 2 * c + 1, 8 + 2 * c, 9 + 2 * c][j]);
         }
-        transpose_int4_pieces(&mut data);
-        assert_eq!(data, words);
     }
 }
