@@ -82,6 +82,15 @@ fn extra_defines() -> &'static [String] {
     })
 }
 
+/// Whether `DUET_KERNEL_DEFINES` sets `name` to something other than 0 (`-DNAME` or
+/// `-DNAME=1`), for host code that must follow a kernel define.
+pub fn defined(name: &str) -> bool {
+    extra_defines().iter().filter_map(|d| d.strip_prefix("-D")).any(|d| match d.split_once('=') {
+        Some((n, v)) => n == name && v.trim() != "0",
+        None => d == name,
+    })
+}
+
 /// Whether libnvrtc can be opened.
 pub fn nvrtc_available() -> bool {
     unsafe { nvrtc_sys::is_culib_present() }
