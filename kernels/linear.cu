@@ -247,9 +247,15 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
     __syncthreads();
 }
 
-#define GEMV_ROWS 4
+// Weight rows per block: 4, or GEMV1_ROWS for one token (a tuning define the host reads too,
+// linear.rs gemv_rows: more rows per block read each x unit from L2 for more weight bytes).
+#ifndef GEMV1_ROWS
+#define GEMV1_ROWS 4
+#endif
+#define GEMV_ROWS (NT == 1 ? GEMV1_ROWS : 4)
 
-// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / 4), ceil(T / NT)).
+// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / GEMV_ROWS),
+// ceil(T / NT)).
 template <int FMT, int NT>
 __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
     __shared__ float res[GEMV_ROWS * NT];

@@ -82,13 +82,18 @@ fn extra_defines() -> &'static [String] {
     })
 }
 
-/// Whether `DUET_KERNEL_DEFINES` sets `name` to something other than 0 (`-DNAME` or
-/// `-DNAME=1`), for host code that must follow a kernel define.
-pub fn defined(name: &str) -> bool {
-    extra_defines().iter().filter_map(|d| d.strip_prefix("-D")).any(|d| match d.split_once('=') {
-        Some((n, v)) => n == name && v.trim() != "0",
-        None => d == name,
+/// The value `DUET_KERNEL_DEFINES` gives `name` (`-DNAME=VALUE`; `-DNAME` alone is "1"), for
+/// host code that must follow a kernel define.
+pub fn define(name: &str) -> Option<&'static str> {
+    extra_defines().iter().filter_map(|d| d.strip_prefix("-D")).find_map(|d| match d.split_once('=') {
+        Some((n, v)) => (n == name).then_some(v.trim()),
+        None => (d == name).then_some("1"),
     })
+}
+
+/// Whether `DUET_KERNEL_DEFINES` sets `name` to something other than 0.
+pub fn defined(name: &str) -> bool {
+    define(name).is_some_and(|v| v != "0")
 }
 
 /// Whether libnvrtc can be opened.
