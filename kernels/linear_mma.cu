@@ -48,6 +48,12 @@
 #ifndef INT4_UNR_SMALL
 #define INT4_UNR_SMALL 4  // groups of 32 or 64, up to two token slots
 #endif
+#ifndef INT4_UNR_WIDE
+#define INT4_UNR_WIDE 2  // groups of 128+, three or four token slots (two B tiles)
+#endif
+#ifndef INT4_UNR_SMALL_WIDE
+#define INT4_UNR_SMALL_WIDE 1  // groups of 32 or 64, three or four token slots
+#endif
 #ifndef INT8_REGS
 #define INT8_REGS 128
 #endif
@@ -345,7 +351,7 @@ template <int NT> __device__ __forceinline__ float2 planes_result(const float (&
 // only. The result is times 16·2^k·2^scale_exp (split_planes folds the 16 into the row's exponent).
 template <int GPC, int NT, bool ASYM> struct Int4Tile {
     static constexpr bool CONTIG = GPC == 1;
-    static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : 2) : (NT == 1 ? INT4_UNR_SMALL : 1);
+    static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : INT4_UNR_WIDE) : (NT == 1 ? INT4_UNR_SMALL : INT4_UNR_SMALL_WIDE);
     struct Chunk {
         uint4 a, b, x[NT][2];
         uint2 sa, sb;            // the chunk's GPC group scales of ra and rb (f16 bits),
