@@ -85,7 +85,12 @@ fn extra_defines() -> &'static [String] {
 /// The value `DUET_KERNEL_DEFINES` gives `name` (`-DNAME=VALUE`; `-DNAME` alone is "1"), for
 /// host code that must follow a kernel define.
 pub fn define(name: &str) -> Option<&'static str> {
-    extra_defines().iter().filter_map(|d| d.strip_prefix("-D")).find_map(|d| match d.split_once('=') {
+    define_in(extra_defines(), name)
+}
+
+/// The value `defines` (`-DNAME=VALUE` or `-DNAME` strings) give `name`, the first that names it.
+fn define_in<'a>(defines: &'a [String], name: &str) -> Option<&'a str> {
+    defines.iter().filter_map(|d| d.strip_prefix("-D")).find_map(|d| match d.split_once('=') {
         Some((n, v)) => (n == name).then_some(v.trim()),
         None => (d == name).then_some("1"),
     })
@@ -202,6 +207,17 @@ pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn defines_give_their_values_by_name() {
+        let defs: Vec<String> = ["-DGEMV1_ROWS=8", "-DMOE_TAILS", "-DX_PIPE=0"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(super::define_in(&defs, "GEMV1_ROWS"), Some("8"));
+        assert_eq!(super::define_in(&defs, "MOE_TAILS"), Some("1"));
+        assert_eq!(super::define_in(&defs, "X_PIPE"), Some("0"));
+        // A name that only starts like another is not it.
+        assert_eq!(super::define_in(&defs, "GEMV1"), None);
+        assert_eq!(super::define_in(&defs, "MOE"), None);
+    }
+
     /// CI sets DUET_REQUIRE_NVRTC=1 with the nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH, so a
     /// kernel that does not compile fails CI without a GPU.
     #[test]

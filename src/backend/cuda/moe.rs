@@ -217,12 +217,12 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
 
 /// The work that the expert launches' last blocks take over from the launches after them when
 /// built with `DUET_KERNEL_DEFINES=-DMOE_TAILS=1` (kernels/linear_mma.cu, split_group_tail and
-/// combine_tile_tail, compiled out otherwise): the
-/// activation split after gate/up and the combine after down, two launches fewer per decode
-/// step's MoE block. Off by default until measured on the device. Their counters live in
-/// `moe_tails`: the main stream's gate/up groups, the side stream's, then one per row tile of
-/// each token for the combine, which the routed pairs' and the shared expert's down launches
-/// count together (the last to finish a tile combines it).
+/// combine_tile_tail, compiled out otherwise): the activation split after gate/up and the
+/// combine after down, two launches fewer per decode step's MoE block. Off by default until
+/// measured on the device. Their counters live in `moe_tails`: the main stream's gate/up
+/// groups, the side stream's, then one per row tile of each token for the combine, which the
+/// routed pairs' and the shared expert's down launches count together (the last to finish a
+/// tile combines it).
 struct Tails;
 
 /// Mirrors `struct CombineTail` in kernels/linear_mma.cu: all zeros is no combine.
