@@ -201,7 +201,7 @@ impl CudaBackend {
 
 /// Weight rows per block of the one-token CUDA-core GEMV: `GEMV1_ROWS` in kernels/linear.cu
 /// (4 unless `DUET_KERNEL_DEFINES` sets it, for sweeps).
-fn gemv_rows() -> u32 {
+pub(super) fn gemv_rows() -> u32 {
     static ROWS: OnceLock<u32> = OnceLock::new();
     *ROWS.get_or_init(|| kernels::define("GEMV1_ROWS").and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or(4))
 }

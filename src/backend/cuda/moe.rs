@@ -7,8 +7,8 @@ use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use super::buffer::DevBuf;
-use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
-use super::weights::{CudaExperts, CudaWeight, WDesc};
+use super::linear::{gemv_rows, threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
+use super::weights::{CudaExperts, CudaWeight, Fmt, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, RouterParams};
 
@@ -47,11 +47,39 @@ fn route_into(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     if p.top_k > e || p.n_group == 0 || e % p.n_group != 0 {
         bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
     }
-    let logits = gpu.linear(x, gate)?;
     let (k1, plan) = (routing.top_k, &routing.plan);
     let pairs = x.rows * k1;
+    let smem = (2 * e + p.n_group).max(plan.as_ref().map_or(0, |(_, n)| n + pairs)) * 4;
+    if let Some(g) = fused_router(gate).filter(|_| plan.is_some()) {
+        // The gate GEMV's last block routes (kernels/linear.cu, router_fused).
+        let logits = gpu.tensor_of(x.rows, e)?;
+        return gpu.launch_kernel(
+            ("moe_router", Some(g.fmt)),
+            ((e as u32).div_ceil(gemv_rows()), x.rows as u32, 1),
+            threads_for(g.cols, g.fmt),
+            smem,
+            &[
+                Arg::Desc(g.desc),
+                Arg::Ptr(gpu.ptr(&x.buf)),
+                Arg::Ptr(gpu.ptr(&logits.buf)),
+                Arg::I32(x.rows as i32),
+                Arg::Ptr(gpu.ptr(&bias.0)),
+                Arg::Ptr(gpu.ptr(&routing.idx)),
+                Arg::Ptr(gpu.ptr(&routing.weights)),
+                Arg::I32(p.n_group as i32),
+                Arg::I32(p.topk_group as i32),
+                Arg::I32(p.top_k as i32),
+                Arg::I32(p.norm_topk_prob as i32),
+                Arg::F32(p.scaling),
+                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
+                Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
+                Arg::Ptr(gpu.ptr(&gpu.route_done)),
+                Arg::I32(plan.as_ref().map_or(0, |(_, n)| *n) as i32),
+            ],
+        );
+    }
+    let logits = gpu.linear(x, gate)?;
     if x.rows > 0 {
-        let smem = (2 * e + p.n_group).max(plan.as_ref().map_or(0, |(_, n)| n + pairs)) * 4;
         gpu.launch(
             "moe_route",
             (x.rows as u32, 1, 1),
@@ -76,6 +104,18 @@ fn route_into(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         )?;
     }
     Ok(())
+}
+
+/// The gate of a decode step's router when its GEMV and route run as one launch: built with
+/// `DUET_KERNEL_DEFINES=-DROUTER_TAIL=1` (under measurement), for a gate of one part in f32,
+/// bf16 or f16 (the CUDA-core GEMV, as routers are stored).
+fn fused_router(gate: &CudaWeight) -> Option<&super::weights::CudaLinear> {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| super::kernels::defined("ROUTER_TAIL"));
+    match gate.parts.as_slice() {
+        [g] if on && g.desc.mma == 0 && matches!(g.fmt, Fmt::F32 | Fmt::Bf16 | Fmt::F16) => Some(g),
+        _ => None,
+    }
 }
 
 /// The routed (and folded shared) experts of a step, grouped by expert, and their weighted sum.
