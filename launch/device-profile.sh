@@ -37,3 +37,9 @@ for t in $targets; do
         grep -E "^  [a-z_0-9]+ |Duration|DRAM Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Mem Pipes Busy|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy|Grid Size|Block Size|Local Memory Spilling|Stall|Issue Slots Busy|Executed Ipc A" "$OUT/ncu-$n.txt" | sed 's/  */ /g'
     fi
 done
+# The device tool brings back at most 8 files: the reports (without the large .ncu-rep) go back
+# as one archive, ncu.tgz.
+rm -f "$OUT"/ncu-*.ncu-rep
+if ls "$OUT"/ncu-* >/dev/null 2>&1; then
+    (cd "$OUT" && tar czf ncu.tgz ncu-* && rm -f ncu-*)
+fi
