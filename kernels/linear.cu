@@ -61,7 +61,7 @@ template <> struct Fmt<FMT_F16> : PlainFmt<8> {
 template <> struct Fmt<FMT_FP8> {
     static constexpr int U = 16;
     static constexpr bool SCALED = true, BIASED = false;
-    __device__ static uint4 load(const WDesc& d, int r, int u) { return ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u); }
+    __device__ static uint4 load(const WDesc& d, int r, int u) { return ld_weight16<LINEAR_L2_FETCH>((const uint4*)((const u8*)d.w + wbyte(d, r, 16 * u, d.cols))); }
     __device__ static void param(const WDesc& d, int r, int u, float& s, float& b) {
         s = d.scale[(r / d.br) * d.sc + (u * U) / d.bc];
         b = 0.f;
@@ -74,7 +74,7 @@ template <> struct Fmt<FMT_FP8> {
         return make_float4(f0, f1, f2, f3);
     }
     __device__ static float at(const WDesc& d, int r, int c) {
-        u8 b = ((const u8*)d.w)[(size_t)r * d.cols + c];
+        u8 b = ((const u8*)d.w)[wbyte(d, r, c, d.cols)];
         return e4m3_to_f32(b) * d.scale[(r / d.br) * d.sc + c / d.bc];
     }
 };
@@ -93,12 +93,11 @@ template <> struct Fmt<FMT_INT4> {
     __device__ static uint4 load(const WDesc& d, int r, int u) {
         uint4 v;
         if (!d.interleaved) {
-            v = ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u);
+            v = ld_weight16<LINEAR_L2_FETCH>((const uint4*)((const u8*)d.w + wbyte(d, r, 16 * u, d.cols / 2)));
         } else {
             // Unit u's words 4u .. 4u + 3, wherever the interleaving put them.
-            const u32* p = (const u32*)d.w + (size_t)r * (d.cols / 8);
-            v = make_uint4(__ldg(p + int4_word(d, 4 * u)), __ldg(p + int4_word(d, 4 * u + 1)), __ldg(p + int4_word(d, 4 * u + 2)),
-                           __ldg(p + int4_word(d, 4 * u + 3)));
+            auto word_at = [&](int w) { return __ldg((const u32*)((const u8*)d.w + wbyte(d, r, 4 * int4_word(d, w), d.cols / 2))); };
+            v = make_uint4(word_at(4 * u), word_at(4 * u + 1), word_at(4 * u + 2), word_at(4 * u + 3));
         }
         return make_uint4(int4_unsigned(v.x), int4_unsigned(v.y), int4_unsigned(v.z), int4_unsigned(v.w));
     }
@@ -109,7 +108,7 @@ template <> struct Fmt<FMT_INT4> {
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols * 4 + 31) / 32;
-        u32 w = int4_unsigned(((const u32*)d.w)[(size_t)r * wpr + int4_word(d, c / 8)]);
+        u32 w = int4_unsigned(*(const u32*)((const u8*)d.w + wbyte(d, r, 4 * int4_word(d, c / 8), 4 * wpr)));
         int g = c / d.group;
         float s = int_scale(d, (size_t)r * d.sc + g);
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;
@@ -121,7 +120,7 @@ template <> struct Fmt<FMT_INT8> {
     static constexpr int U = 16;
     static constexpr bool SCALED = true, BIASED = true;
     __device__ static uint4 load(const WDesc& d, int r, int u) {
-        uint4 v = ld_weight16<LINEAR_L2_FETCH>((const uint4*)d.w + (size_t)r * (d.cols / U) + u);
+        uint4 v = ld_weight16<LINEAR_L2_FETCH>((const uint4*)((const u8*)d.w + wbyte(d, r, 16 * u, d.cols)));
         if (!d.interleaved) return v;
         // Each 8 columns back in order (int8_pos), and back to offset binary.
         const u32 f = 0x80808080u;
@@ -135,7 +134,7 @@ template <> struct Fmt<FMT_INT8> {
     }
     __device__ static float at(const WDesc& d, int r, int c) {
         int wpr = (d.cols + 3) / 4, p = int8_pos(d, c);
-        u32 w = ((const u32*)d.w)[(size_t)r * wpr + p / 4];
+        u32 w = *(const u32*)((const u8*)d.w + wbyte(d, r, 4 * (p / 4), 4 * wpr));
         int g = c / d.group;
         float s = int_scale(d, (size_t)r * d.sc + g);
         float z = d.zero ? (float)d.zero[(size_t)r * d.sc + g] : 0.f;

@@ -144,25 +144,36 @@ template <class Tile> __device__ float2 tile_dots(Tile& tile) {
 
 // Where a lane reads chunk q of a tile's rows a and b (64 bytes of each per chunk, from its
 // 16-byte piece), kept at chunk qc so a run's loads are these plus constants. A missing row
-// (−1) reads row 0: its results are never stored, and no load needs a predicate.
+// (−1) reads row 0: its results are never stored, and no load needs a predicate. With TILED_W
+// (`DUET_KERNEL_DEFINES=-DTILED_W=1`, under measurement; weights.rs uploads the tensor-core
+// weights tiled then, wbyte in common.cuh) a chunk's 8 rows of a warp's load are 512
+// contiguous bytes, not 8 pieces 64 bytes long a row apart: half the L1 lines a load touches.
+#ifndef TILED_W
+#define TILED_W 0
+#endif
+#define CHUNK_STRIDE (TILED_W ? 1024 : 64)  // from a row's chunk to its next
 struct RowCursor {
     int qc;
     const u8 *la, *lb;
     __device__ void init(const void* w, size_t row_bytes, int ra, int rb) {
         qc = 0;
-        la = (const u8*)w + (size_t)max(ra, 0) * row_bytes + 16 * (threadIdx.x & 3);
-        lb = (const u8*)w + (size_t)max(rb, 0) * row_bytes + 16 * (threadIdx.x & 3);
+        la = (const u8*)w + row_start(max(ra, 0), row_bytes) + 16 * (threadIdx.x & 3);
+        lb = (const u8*)w + row_start(max(rb, 0), row_bytes) + 16 * (threadIdx.x & 3);
+    }
+    // Where row r's first chunk is (wbyte's, for the layout TILED_W builds with).
+    static __device__ size_t row_start(int r, size_t row_bytes) {
+        return TILED_W ? (size_t)(r >> 4) * 16 * row_bytes + (size_t)(r & 15) * 64 : (size_t)r * row_bytes;
     }
     // Moves to chunk qb; returns by how many chunks, for the tile's other cursors.
     __device__ int seek(int qb) {
         int dq = qb - qc;
         qc = qb;
-        la += 64 * dq;
-        lb += 64 * dq;
+        la += CHUNK_STRIDE * dq;
+        lb += CHUNK_STRIDE * dq;
         return dq;
     }
-    __device__ const u8* a(int q) const { return la + 64 * (q - qc); }
-    __device__ const u8* b(int q) const { return lb + 64 * (q - qc); }
+    __device__ const u8* a(int q) const { return la + CHUNK_STRIDE * (q - qc); }
+    __device__ const u8* b(int q) const { return lb + CHUNK_STRIDE * (q - qc); }
 };
 
 // The activation row of token slot t, or of slot 0 for an empty slot (its results are not

@@ -62,6 +62,7 @@ pub struct WDesc {
     pub mma: i32,
     pub interleaved: i32,
     pub scale_exp: i32,
+    pub tiled: i32,
 }
 
 unsafe impl DeviceRepr for WDesc {}
@@ -251,7 +252,6 @@ impl HostLinear {
             // (int4_unsigned in kernels/common.cuh).
             self.data.iter_mut().for_each(|b| *b ^= 0x88);
         }
-        let w = stream.clone_htod(&self.data)?;
         // Integer group scales as f16 when every one is exact so (the checkpoints' bf16 and f16
         // scales), else f32; the tensor-core kernels read only the f16 table.
         let half = match self.fmt {
@@ -264,6 +264,12 @@ impl HostLinear {
             None => (Some(stream.clone_htod(&self.scale)?), None, 0),
         };
         let mma = self.mma_ok() && (self.fmt == Fmt::Fp8 || scale16.is_some());
+        // The tensor-core kernels' tiled layout, when built for it (TILED_W, under measurement).
+        let tiled = mma && super::kernels::defined("TILED_W");
+        if tiled {
+            self.data = tile_rows(&self.data, self.rows);
+        }
+        let w = stream.clone_htod(&self.data)?;
         let zero = match &self.zero {
             Some(z) => Some(stream.clone_htod(z)?),
             None => None,
@@ -283,6 +289,7 @@ impl HostLinear {
             mma: mma as i32,
             interleaved: interleave as i32,
             scale_exp,
+            tiled: tiled as i32,
         };
         Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, desc })
     }
@@ -305,6 +312,23 @@ fn f16_scales(scales: &[f32]) -> Option<(Vec<u16>, i32)> {
     let bits: Vec<u16> = scales.iter().map(|&s| half::f16::from_f32(s * mul).to_bits()).collect();
     let exact = bits.iter().zip(scales).all(|(&b, &s)| half::f16::from_bits(b).to_f32() == s * mul);
     exact.then_some((bits, exp))
+}
+
+/// The rows of `data` (`rows` of them, each a whole number of 64-byte pieces) in 16-row tiles
+/// (`wbyte` in kernels/common.cuh): piece q of tile t's 16 rows at t·16·row + q·1 KB, row j's
+/// at 64j within it; the last tile padded with zero rows.
+fn tile_rows(data: &[u8], rows: usize) -> Vec<u8> {
+    let row = data.len() / rows.max(1);
+    let tiles = rows.div_ceil(16);
+    let mut out = vec![0u8; tiles * 16 * row];
+    for r in 0..rows {
+        let (t, j) = (r / 16, r % 16);
+        for q in 0..row / 64 {
+            let dst = t * 16 * row + q * 1024 + j * 64;
+            out[dst..dst + 64].copy_from_slice(&data[r * row + 64 * q..r * row + 64 * q + 64]);
+        }
+    }
+    out
 }
 
 /// Rows of `from` group values each spelled out as `to` values, group j of the new row taking
@@ -403,7 +427,22 @@ pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::bac
 
 #[cfg(test)]
 mod tests {
-    use super::{f16_scales, interleave_int8, permute_int4, regroup};
+    use super::{f16_scales, interleave_int8, permute_int4, regroup, tile_rows};
+
+    #[test]
+    fn tiles_hold_each_pieces_sixteen_rows_together() {
+        // 20 rows of 128 bytes (two pieces), each byte its row number: two tiles, the second
+        // padded.
+        let data: Vec<u8> = (0..20u8).flat_map(|r| [r; 128]).collect();
+        let out = tile_rows(&data, 20);
+        assert_eq!(out.len(), 2 * 16 * 128);
+        for (r, q) in (0..20usize).flat_map(|r| (0..2).map(move |q| (r, q))) {
+            // wbyte(r, 64q) in kernels/common.cuh.
+            let at = (r / 16) * 16 * 128 + q * 1024 + (r % 16) * 64;
+            assert!(out[at..at + 64].iter().all(|&b| b as usize == r), "row {r} piece {q}");
+        }
+        assert!(out[16 * 128 + 4 * 64..16 * 128 + 1024].iter().all(|&b| b == 0), "padding rows are zeros");
+    }
 
     #[test]
     fn sixteen_bit_scales_become_exact_f16_with_an_exponent() {
