@@ -579,10 +579,10 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 #define ROUTER_TAIL 0
 #endif
 template <int FMT>
-__device__ void router_fused(const WDesc d, const float* x, float* logits, int T, const float* bias, int* idx, float* wout, int G, int TG,
-                             int K, int norm, float scaling, int shared, int* plan, int* done, int PE) {
+__device__ void router_fused(const WDesc d, const float* x, float* logits, int T, const float* bias, int* idx, float* wout, int E, int G,
+                             int TG, int K, int norm, float scaling, int shared, int* plan, int* done, int PE) {
     extern __shared__ float rsm[];  // (moe_route's `sm`: one name may have one linkage)
-    gemv<FMT, 1>(d, x, logits, T, d.rows, 0);
+    gemv<FMT, 1>(d, x, logits, T, E, 0);  // (E = d.rows)
     if (!ROUTER_TAIL) return;
     __shared__ int last;
     __threadfence();
@@ -592,7 +592,7 @@ __device__ void router_fused(const WDesc d, const float* x, float* logits, int T
     if (!last) return;
     __threadfence();
     for (int t = 0; t < T; t++) {
-        route_token(logits, bias, idx, wout, t, d.rows, G, TG, K, norm, scaling, shared, rsm);
+        route_token(logits, bias, idx, wout, t, E, G, TG, K, norm, scaling, shared, rsm);
         __syncthreads();
     }
     __threadfence();
@@ -602,10 +602,10 @@ __device__ void router_fused(const WDesc d, const float* x, float* logits, int T
 
 #define INSTANTIATE_ROUTER(NAME, FMT)                                                                                    \
     extern "C" __global__ void moe_router_##NAME(const WDesc d, const float* x, float* logits, int T, const float* bias, int* idx, \
-                                                 float* wout, int G, int TG, int K, int norm, float scaling, int shared, int* plan, \
-                                                 int* done, int PE) {                                                     \
+                                                 float* wout, int E, int G, int TG, int K, int norm, float scaling, int shared,  \
+                                                 int* plan, int* done, int PE) {                                          \
         pdl_entry();                                                                                                     \
-        router_fused<FMT>(d, x, logits, T, bias, idx, wout, G, TG, K, norm, scaling, shared, plan, done, PE);            \
+        router_fused<FMT>(d, x, logits, T, bias, idx, wout, E, G, TG, K, norm, scaling, shared, plan, done, PE);         \
     }
 INSTANTIATE_ROUTER(f32, FMT_F32)
 INSTANTIATE_ROUTER(bf16, FMT_BF16)

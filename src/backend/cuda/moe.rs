@@ -50,58 +50,35 @@ fn route_into(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let (k1, plan) = (routing.top_k, &routing.plan);
     let pairs = x.rows * k1;
     let smem = (2 * e + p.n_group).max(plan.as_ref().map_or(0, |(_, n)| n + pairs)) * 4;
+    // From the bias on, moe_route's and moe_router's arguments are the same.
+    let route_args = |logits: &CudaTensor| {
+        [
+            Arg::Ptr(gpu.ptr(&logits.buf)),
+            Arg::Ptr(gpu.ptr(&bias.0)),
+            Arg::Ptr(gpu.ptr(&routing.idx)),
+            Arg::Ptr(gpu.ptr(&routing.weights)),
+            Arg::I32(e as i32),
+            Arg::I32(p.n_group as i32),
+            Arg::I32(p.topk_group as i32),
+            Arg::I32(p.top_k as i32),
+            Arg::I32(p.norm_topk_prob as i32),
+            Arg::F32(p.scaling),
+            Arg::I32(p.shared.map_or(-1, |s| s as i32)),
+            Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
+            Arg::Ptr(gpu.ptr(&gpu.route_done)),
+            Arg::I32(plan.as_ref().map_or(0, |(_, n)| *n) as i32),
+        ]
+    };
     if let Some(g) = fused_router(gate).filter(|_| plan.is_some()) {
         // The gate GEMV's last block routes (kernels/linear.cu, router_fused).
         let logits = gpu.tensor_of(x.rows, e)?;
-        return gpu.launch_kernel(
-            ("moe_router", Some(g.fmt)),
-            ((e as u32).div_ceil(gemv_rows()), x.rows as u32, 1),
-            threads_for(g.cols, g.fmt),
-            smem,
-            &[
-                Arg::Desc(g.desc),
-                Arg::Ptr(gpu.ptr(&x.buf)),
-                Arg::Ptr(gpu.ptr(&logits.buf)),
-                Arg::I32(x.rows as i32),
-                Arg::Ptr(gpu.ptr(&bias.0)),
-                Arg::Ptr(gpu.ptr(&routing.idx)),
-                Arg::Ptr(gpu.ptr(&routing.weights)),
-                Arg::I32(p.n_group as i32),
-                Arg::I32(p.topk_group as i32),
-                Arg::I32(p.top_k as i32),
-                Arg::I32(p.norm_topk_prob as i32),
-                Arg::F32(p.scaling),
-                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
-                Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
-                Arg::Ptr(gpu.ptr(&gpu.route_done)),
-                Arg::I32(plan.as_ref().map_or(0, |(_, n)| *n) as i32),
-            ],
-        );
+        let [l, rest @ ..] = route_args(&logits);
+        let args: Vec<Arg> = [Arg::Desc(g.desc), Arg::Ptr(gpu.ptr(&x.buf)), l, Arg::I32(x.rows as i32)].into_iter().chain(rest).collect();
+        return gpu.launch_kernel(("moe_router", Some(g.fmt)), ((e as u32).div_ceil(gemv_rows()), x.rows as u32, 1), threads_for(g.cols, g.fmt), smem, &args);
     }
     let logits = gpu.linear(x, gate)?;
     if x.rows > 0 {
-        gpu.launch(
-            "moe_route",
-            (x.rows as u32, 1, 1),
-            256,
-            smem,
-            &[
-                Arg::Ptr(gpu.ptr(&logits.buf)),
-                Arg::Ptr(gpu.ptr(&bias.0)),
-                Arg::Ptr(gpu.ptr(&routing.idx)),
-                Arg::Ptr(gpu.ptr(&routing.weights)),
-                Arg::I32(e as i32),
-                Arg::I32(p.n_group as i32),
-                Arg::I32(p.topk_group as i32),
-                Arg::I32(p.top_k as i32),
-                Arg::I32(p.norm_topk_prob as i32),
-                Arg::F32(p.scaling),
-                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
-                Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
-                Arg::Ptr(gpu.ptr(&gpu.route_done)),
-                Arg::I32(plan.as_ref().map_or(0, |(_, n)| *n) as i32),
-            ],
-        )?;
+        gpu.launch("moe_route", (x.rows as u32, 1, 1), 256, smem, &route_args(&logits))?;
     }
     Ok(())
 }
