@@ -196,23 +196,25 @@ __device__ __forceinline__ bool slot_used(const int* trow, int t) { return (t ==
 // are zeros.
 template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_scales(const u16* p, bool whole, bool ok, int qb, int nq, uint2 (&v)[UNR]) {
     constexpr int BYTES = 2 * PER * UNR;
-    if (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16) && whole) {
-        u32 w[4] = {0, 0, 0, 0};
-        if (BYTES == 16) {
-            uint4 t = __ldg((const uint4*)p);
-            w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
-        } else if (BYTES == 8) {
-            uint2 t = __ldg((const uint2*)p);
-            w[0] = t.x, w[1] = t.y;
-        } else {
-            w[0] = __ldg((const u32*)p);
-        }
+    if constexpr (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16)) {
+        if (whole) {
+            u32 w[4] = {0, 0, 0, 0};
+            if (BYTES == 16) {
+                uint4 t = __ldg((const uint4*)p);
+                w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
+            } else if (BYTES == 8) {
+                uint2 t = __ldg((const uint2*)p);
+                w[0] = t.x, w[1] = t.y;
+            } else {
+                w[0] = __ldg((const u32*)p);
+            }
 #pragma unroll
-        for (int u = 0; u < UNR; u++) {
-            int h = u * PER;  // the chunk's first half
-            v[u] = PER == 1 ? make_uint2(w[h / 2] >> (16 * (h & 1)), 0) : make_uint2(w[h / 2], PER == 4 ? w[h / 2 + 1] : 0);
+            for (int u = 0; u < UNR; u++) {
+                int h = u * PER;  // the chunk's first half
+                v[u] = PER == 1 ? make_uint2(w[h / 2] >> (16 * (h & 1)), 0) : make_uint2(w[h / 2], PER == 4 ? w[h / 2 + 1] : 0);
+            }
+            return;
         }
-        return;
     }
 #pragma unroll
     for (int u = 0; u < UNR; u++) {
@@ -914,7 +916,7 @@ __device__ void combine_tile_tail(const CombineTail& c, int r0, int H, const int
         int tok = c.shared_pass ? tp[t] : tp[t] / c.K, r = r0 + (int)threadIdx.x;
         if (threadIdx.x < 16 && r < H) {
             float s = 0.f;
-            for (int k = 0; k < c.K; k++) s = fmaf(c.cw[tok * c.K + k], __ldcg(c.cpart + ((size_t)tok * c.K + k) * H + r), s);
+            for (int k = 0; k < c.K; k++) s = fmaf(__ldcg(c.cw + tok * c.K + k), __ldcg(c.cpart + ((size_t)tok * c.K + k) * H + r), s);
             if (c.cshared) s += __ldcg(c.cshared + (size_t)tok * H + r);
             c.cout[(size_t)tok * H + r] = s;
         }

@@ -88,9 +88,10 @@ pub fn define(name: &str) -> Option<&'static str> {
     define_in(extra_defines(), name)
 }
 
-/// The value `defines` (`-DNAME=VALUE` or `-DNAME` strings) give `name`, the first that names it.
+/// The value `defines` (`-DNAME=VALUE` or `-DNAME` strings) give `name`: the last that names
+/// it, as NVRTC keeps the last of repeated defines.
 fn define_in<'a>(defines: &'a [String], name: &str) -> Option<&'a str> {
-    defines.iter().filter_map(|d| d.strip_prefix("-D")).find_map(|d| match d.split_once('=') {
+    defines.iter().rev().filter_map(|d| d.strip_prefix("-D")).find_map(|d| match d.split_once('=') {
         Some((n, v)) => (n == name).then_some(v.trim()),
         None => (d == name).then_some("1"),
     })
@@ -209,10 +210,12 @@ pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
 mod tests {
     #[test]
     fn defines_give_their_values_by_name() {
-        let defs: Vec<String> = ["-DGEMV1_ROWS=8", "-DMOE_TAILS", "-DX_PIPE=0"].iter().map(|s| s.to_string()).collect();
+        let defs: Vec<String> = ["-DGEMV1_ROWS=8", "-DMOE_TAILS", "-DX_PIPE=0", "-DTILED_W=1", "-DTILED_W=0"].iter().map(|s| s.to_string()).collect();
         assert_eq!(super::define_in(&defs, "GEMV1_ROWS"), Some("8"));
         assert_eq!(super::define_in(&defs, "MOE_TAILS"), Some("1"));
         assert_eq!(super::define_in(&defs, "X_PIPE"), Some("0"));
+        // Repeated: the last, as the compiler takes it.
+        assert_eq!(super::define_in(&defs, "TILED_W"), Some("0"));
         // A name that only starts like another is not it.
         assert_eq!(super::define_in(&defs, "GEMV1"), None);
         assert_eq!(super::define_in(&defs, "MOE"), None);

@@ -35,8 +35,9 @@ fn routing_for(gpu: &CudaBackend, t: usize, p: &RouterParams, plan_experts: usiz
     Ok(CudaRouting { top_k: k1, idx: gpu.alloc_indices(pairs)?, weights: gpu.alloc(pairs)?, plan })
 }
 
-/// The router's launches into `routing` (from `routing_for` with the same parameters).
-fn route_into(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, routing: &CudaRouting) -> Result<()> {
+/// Whether the router can take `gate`, `bias` and `p`; checked before any of its launches (and
+/// before a step forks the side stream, whose launches count on the routed ones to follow).
+fn check_router(gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<()> {
     let e = gate.rows;
     if bias.0.len() != e {
         bail!("route: bias of {} for {e} experts", bias.0.len());
@@ -47,6 +48,13 @@ fn route_into(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     if p.top_k > e || p.n_group == 0 || e % p.n_group != 0 {
         bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
     }
+    Ok(())
+}
+
+/// The router's launches into `routing` (from `routing_for` with the same parameters).
+fn route_into(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, routing: &CudaRouting) -> Result<()> {
+    check_router(gate, bias, p)?;
+    let e = gate.rows;
     let (k1, plan) = (routing.top_k, &routing.plan);
     let pairs = x.rows * k1;
     let smem = (2 * e + p.n_group).max(plan.as_ref().map_or(0, |(_, n)| n + pairs)) * 4;
@@ -208,6 +216,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let shared_plan = gpu.alloc_indices(plan_len(t))?;
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
+    check_router(gate, bias, &routed)?;
     let routing = routing_for(gpu, t, &routed, experts.count)?;
     let (k, h) = (routing.top_k, experts.hidden);
     let pairs = t * k;

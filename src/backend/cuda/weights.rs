@@ -264,6 +264,9 @@ impl HostLinear {
             None => (Some(stream.clone_htod(&self.scale)?), None, 0),
         };
         let mma = self.mma_ok() && (self.fmt == Fmt::Fp8 || scale16.is_some());
+        if self.mma_ok() && !mma {
+            tracing::warn!("{}: group scales that f16 cannot hold exactly; this weight takes the slower CUDA-core kernels", self.module);
+        }
         // The tensor-core kernels' tiled layout, when built for it (TILED_W, under measurement).
         let tiled = mma && super::kernels::defined("TILED_W");
         if tiled {
