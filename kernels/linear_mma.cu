@@ -174,6 +174,14 @@ struct RowCursor {
     }
     __device__ const u8* a(int q) const { return la + CHUNK_STRIDE * (q - qc); }
     __device__ const u8* b(int q) const { return lb + CHUNK_STRIDE * (q - qc); }
+    // The lane's pieces of chunk q of rows ra and rb (each tile's load_w). CHECK: q may be past
+    // the last of nq chunks, and rows may be missing (−1): zeros then.
+    template <bool CHECK> __device__ void load_pair(int q, int nq, int ra, int rb, uint4& wa, uint4& wb) const {
+        bool ok = !CHECK || q < nq;
+        const uint4 z = make_uint4(0, 0, 0, 0);
+        wa = ok && (!CHECK || ra >= 0) ? ld_weight16<MMA_L2_FETCH>(a(q)) : z;
+        wb = ok && (!CHECK || rb >= 0) ? ld_weight16<MMA_L2_FETCH>(b(q)) : z;
+    }
 };
 
 // The activation row of token slot t, or of slot 0 for an empty slot (its results are not
@@ -227,6 +235,18 @@ template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_scal
     }
 }
 
+// The run's scales of rows ra and rb from their scale rows at the run's first chunk (the INT4
+// and INT8 tiles' load_scales), into each chunk's sa and sb.
+template <int PER, int UNR, bool CHECK, class Chunk>
+__device__ __forceinline__ void run_scale_pair(const u16* sra, const u16* srb, int ra, int rb, int qb, int nq, Chunk (&ch)[UNR]) {
+    uint2 va[UNR], vb[UNR];
+    bool whole = nq % UNR == 0;
+    run_scales<PER, UNR, CHECK>(sra, whole, !CHECK || ra >= 0, qb, nq, va);
+    run_scales<PER, UNR, CHECK>(srb, whole, !CHECK || rb >= 0, qb, nq, vb);
+#pragma unroll
+    for (int u = 0; u < UNR; u++) ch[u].sa = va[u], ch[u].sb = vb[u];
+}
+
 // FP8, block scales with bc a power-of-two multiple of 64. A chunk is 64 columns: lane c holds
 // bytes [16c, 16c + 16) of both rows; mma j takes its bytes 4j .. 4j + 3, and the x pieces of
 // the lane's B column (slot g / 2, half g % 2 of split_act).
@@ -257,12 +277,7 @@ struct Fp8Tile {
     __device__ int chunks() const { return d.cols >> 6; }
     // Chunk q's weights (load_w), the run's scales from qb (load_scales) and chunk q's activation
     // pieces (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros then).
-    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
-        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
-        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-    }
+    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const { rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b); }
     template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
 #pragma unroll
         for (int u = 0; u < UNR; u++) {
@@ -422,13 +437,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
     // The run's scales (after seek(qb): the cursors are at qb).
     template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
-        uint2 va[UNR], vb[UNR];
-        int nq = chunks();
-        bool whole = nq % UNR == 0;
-        run_scales<GPC, UNR, CHECK>(sra, whole, !CHECK || ra >= 0, qb, nq, va);
-        run_scales<GPC, UNR, CHECK>(srb, whole, !CHECK || rb >= 0, qb, nq, vb);
-#pragma unroll
-        for (int u = 0; u < UNR; u++) ch[u].sa = va[u], ch[u].sb = vb[u];
+        run_scale_pair<GPC, UNR, CHECK>(sra, srb, ra, rb, qb, chunks(), ch);
     }
     // Scale s of a chunk's scales.
     static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
@@ -436,12 +445,10 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     // chunk q's activation planes and plane sums (load_x). CHECK: q may be past the last chunk,
     // and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
-        int r = q - rc.qc;  // chunk q from the cursors
-        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
-        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
+        rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b);
         if (ASYM) {
+            int r = q - rc.qc;  // chunk q from the cursors
+            bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
             ch.za = oa ? zeros(zra + GPC * r) : 0;
             ch.zb = ob ? zeros(zrb + GPC * r) : 0;
         }
@@ -577,20 +584,9 @@ template <int NT> struct Int8Tile {
     }
     // Chunk q's weights (load_w), the run's scales from qb (load_scales) and chunk q's plane
     // bytes (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros then).
-    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
-        bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
-        const uint4 z = make_uint4(0, 0, 0, 0);
-        ch.a = oa ? ld_weight16<MMA_L2_FETCH>(rc.a(q)) : z;
-        ch.b = ob ? ld_weight16<MMA_L2_FETCH>(rc.b(q)) : z;
-    }
+    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const { rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b); }
     template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
-        uint2 va[UNR], vb[UNR];
-        int nq = chunks();
-        bool whole = nq % UNR == 0;
-        run_scales<1, UNR, CHECK>(sra, whole, !CHECK || ra >= 0, qb, nq, va);
-        run_scales<1, UNR, CHECK>(srb, whole, !CHECK || rb >= 0, qb, nq, vb);
-#pragma unroll
-        for (int u = 0; u < UNR; u++) ch[u].sa = va[u], ch[u].sb = vb[u];
+        run_scale_pair<1, UNR, CHECK>(sra, srb, ra, rb, qb, chunks(), ch);
     }
     template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
         int r = q - rc.qc;
