@@ -222,15 +222,14 @@ struct WDesc {
                               // lane order for G groups per 128 columns (int4_word); INT8: 1
                               // when stored in the planes' order (int8_pos); for linear_mma.cu
     int scale_exp;            // see scale16
-    int tiled;                // 1 when stored in 16-row tiles (wbyte), for linear_mma.cu
 };
 
-// Where byte b of row r of a weight with rb bytes a row is stored: in place, or (tiled, the
-// tensor-core kernels' layout under TILED_W: linear_mma.cu) with every 16 rows stored as their
+// Where byte b of row r of a weight with rb bytes a row is stored: in place, or (mma, the
+// tensor-core kernels' layout: linear_mma.cu, RowCursor) with every 16 rows stored as their
 // 64-byte pieces in piece order, piece q of the 16 rows at q·1 KB and row j's at 64j within it,
 // so a warp's loads of a chunk's 8 rows read 512 contiguous bytes.
 __device__ __forceinline__ size_t wbyte(const WDesc& d, int r, size_t b, size_t rb) {
-    if (!d.tiled) return (size_t)r * rb + b;
+    if (!d.mma) return (size_t)r * rb + b;
     return (size_t)(r >> 4) * 16 * rb + (b >> 6) * 1024 + (size_t)(r & 15) * 64 + (b & 63);
 }
 

@@ -246,15 +246,9 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
     __syncthreads();
 }
 
-// Weight rows per block: 4, or GEMV1_ROWS for one token (a tuning define the host reads too,
-// linear.rs gemv_rows: more rows per block read each x unit from L2 for more weight bytes).
-#ifndef GEMV1_ROWS
-#define GEMV1_ROWS 4
-#endif
-#define GEMV_ROWS (NT == 1 ? GEMV1_ROWS : 4)
+#define GEMV_ROWS 4
 
-// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / GEMV_ROWS),
-// ceil(T / NT)).
+// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / 4), ceil(T / NT)).
 template <int FMT, int NT>
 __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
     __shared__ float res[GEMV_ROWS * NT];
@@ -458,19 +452,23 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 }
 
 // Sigmoid router with the selection-only bias and group-limited top-k (ties go to the lower
-// index) of token t, by the whole block, from its E logits. With shared ≥ 0 that expert (the
-// shared expert folded into the routed ones) follows the token's K choices with weight 1, so
-// idx and wout hold K + 1 entries per token. sm: (2E + G) floats of shared memory. The first
-// warp writes the picks; the block may go on once it passes a __syncthreads.
-__device__ void route_token(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
-                            float* __restrict__ wout, int t, int E, int G, int TG, int K, int norm, float scaling, int shared, float* sm) {
+// index); one block per token. With shared ≥ 0 that expert (the shared expert folded into the
+// routed ones) follows every token's K choices with weight 1, so idx and wout hold K + 1
+// entries per token. With `plan` non-null, the last block to finish also builds the step's
+// plan over PE experts (moe_plan's work, without its launch): blocks count themselves done in
+// `done`, which the last one resets to zero for the next step. Dynamic shared memory: the
+// larger of (2E + G) floats and (PE + T·K1) ints.
+extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
+                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
+                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry();
+    extern __shared__ float sm[];
     float* s = sm;           // sigmoid scores
     float* c = sm + E;       // selection scores
     float* gs = sm + 2 * E;  // group scores
     __shared__ int chosen[64];
-    int K1 = K + (shared >= 0);
+    int t = blockIdx.x, K1 = K + (shared >= 0);
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        float z = __ldcg(logits + (size_t)t * E + e);  // (from L2: the fused router's other blocks wrote them)
+        float z = logits[(size_t)t * E + e];
         float v = 1.f / (1.f + expf(-z));
         s[e] = v;
         c[e] = v + bias[e];
@@ -520,27 +518,30 @@ __device__ void route_token(const float* __restrict__ logits, const float* __res
         if (rank < K) chosen[rank] = e;
     }
     __syncthreads();
-    if (threadIdx.x < 32) {
-        int lane = threadIdx.x;
-        float sum = 0.f;
-        for (int k = 0; k < K; k++) sum += s[chosen[k]];
-        float denom = norm ? sum + 1e-20f : 1.f;
-        for (int k = lane; k < K; k += 32) {
-            idx[t * K1 + k] = chosen[k];
-            wout[t * K1 + k] = s[chosen[k]] / denom * scaling;
-        }
-        if (lane == 0 && shared >= 0) {
+    if (threadIdx.x >= 32) return;
+    int lane = threadIdx.x;
+    float sum = 0.f;
+    for (int k = 0; k < K; k++) sum += s[chosen[k]];
+    float denom = norm ? sum + 1e-20f : 1.f;
+    for (int k = lane; k < K; k += 32) {
+        idx[t * K1 + k] = chosen[k];
+        wout[t * K1 + k] = s[chosen[k]] / denom * scaling;
+    }
+    if (lane == 0) {
+        if (shared >= 0) {
             idx[t * K1 + K] = shared;
             wout[t * K1 + K] = 1.f;
         }
     }
-}
-
-// The step's plan over PE experts from the picks of P pairs in idx (moe_plan's work), by the
-// first warp, in shared memory sm of (PE + P) ints; then resets the launch's count `done`.
-__device__ void route_plan(const int* __restrict__ idx, int P, int PE, int* __restrict__ plan, int* __restrict__ done, float* sm) {
-    if (threadIdx.x >= 32) return;
-    int lane = threadIdx.x;
+    if (!plan) return;
+    __shared__ int last;
+    __threadfence();  // every lane's picks are visible before the block counts itself done
+    __syncwarp();
+    if (lane == 0) last = atomicAdd(done, 1) == (int)gridDim.x - 1;
+    __syncwarp();
+    if (!last) return;
+    __threadfence();
+    int P = gridDim.x * K1;
     int* cnt = (int*)sm;
     int* ex = cnt + PE;
     for (int e = lane; e < PE; e += 32) cnt[e] = 0;
@@ -549,64 +550,3 @@ __device__ void route_plan(const int* __restrict__ idx, int P, int PE, int* __re
     plan_from(ex, P, PE, cnt, plan);
     if (lane == 0) *done = 0;
 }
-
-// The router: route_token for token blockIdx.x. With `plan` non-null, the last block to finish
-// also builds the step's plan over PE experts (moe_plan's work, without its launch): blocks
-// count themselves done in `done`, which the last one resets to zero for the next step.
-// Dynamic shared memory: the larger of (2E + G) floats and (PE + T·K1) ints.
-extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
-                                     float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
-                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry();
-    extern __shared__ float sm[];
-    route_token(logits, bias, idx, wout, blockIdx.x, E, G, TG, K, norm, scaling, shared, sm);
-    if (!plan) return;
-    __shared__ int last;
-    __threadfence();  // every lane's picks are visible before the block counts itself done
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    route_plan(idx, gridDim.x * (K + (shared >= 0)), PE, plan, done, sm);
-}
-
-// The router's gate GEMV and its route in one launch (with ROUTER_TAIL, under measurement: the
-// host takes it when built with -DROUTER_TAIL=1, moe.rs; compiled out otherwise): the one-token
-// GEMV over grid (ceil(E / rows), T) into logits, then the last block to finish (counted in
-// `done`, which it resets) routes every token and builds the plan, moe_route's work without its
-// launch. Dynamic shared memory as moe_route's.
-#ifndef ROUTER_TAIL
-#define ROUTER_TAIL 0
-#endif
-template <int FMT>
-__device__ void router_fused(const WDesc d, const float* x, float* logits, int T, const float* bias, int* idx, float* wout, int E, int G,
-                             int TG, int K, int norm, float scaling, int shared, int* plan, int* done, int PE) {
-    extern __shared__ float rsm[];  // (moe_route's `sm`: one name may have one linkage)
-    gemv<FMT, 1>(d, x, logits, T, E, 0);  // (E = d.rows)
-    if (!ROUTER_TAIL) return;
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done, 1) == (int)(gridDim.x * gridDim.y) - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int t = 0; t < T; t++) {
-        route_token(logits, bias, idx, wout, t, E, G, TG, K, norm, scaling, shared, rsm);
-        __syncthreads();
-    }
-    __threadfence();
-    if (plan) route_plan(idx, T * (K + (shared >= 0)), PE, plan, done, rsm);
-    else if (threadIdx.x == 0) *done = 0;
-}
-
-#define INSTANTIATE_ROUTER(NAME, FMT)                                                                                    \
-    extern "C" __global__ void moe_router_##NAME(const WDesc d, const float* x, float* logits, int T, const float* bias, int* idx, \
-                                                 float* wout, int E, int G, int TG, int K, int norm, float scaling, int shared,  \
-                                                 int* plan, int* done, int PE) {                                          \
-        pdl_entry();                                                                                                     \
-        router_fused<FMT>(d, x, logits, T, bias, idx, wout, E, G, TG, K, norm, scaling, shared, plan, done, PE);         \
-    }
-INSTANTIATE_ROUTER(f32, FMT_F32)
-INSTANTIATE_ROUTER(bf16, FMT_BF16)
-INSTANTIATE_ROUTER(f16, FMT_F16)

@@ -52,7 +52,7 @@
 #define INT4_UNR_WIDE 2  // groups of 128+, three or four token slots (two B tiles)
 #endif
 #ifndef INT4_UNR_SMALL_WIDE
-#define INT4_UNR_SMALL_WIDE 1  // groups of 32 or 64, three or four token slots
+#define INT4_UNR_SMALL_WIDE 2  // groups of 32 or 64, three or four token slots (1 -> 2: g64 experts x4 77 -> 83%)
 #endif
 #ifndef INT8_REGS
 #define INT8_REGS 128
@@ -144,14 +144,11 @@ template <class Tile> __device__ float2 tile_dots(Tile& tile) {
 
 // Where a lane reads chunk q of a tile's rows a and b (64 bytes of each per chunk, from its
 // 16-byte piece), kept at chunk qc so a run's loads are these plus constants. A missing row
-// (−1) reads row 0: its results are never stored, and no load needs a predicate. With TILED_W
-// (`DUET_KERNEL_DEFINES=-DTILED_W=1`, under measurement; weights.rs uploads the tensor-core
-// weights tiled then, wbyte in common.cuh) a chunk's 8 rows of a warp's load are 512
-// contiguous bytes, not 8 pieces 64 bytes long a row apart: half the L1 lines a load touches.
-#ifndef TILED_W
-#define TILED_W 0
-#endif
-#define CHUNK_STRIDE (TILED_W ? 1024 : 64)  // from a row's chunk to its next
+// (−1) reads row 0: its results are never stored, and no load needs a predicate. The weights
+// are stored in 16-row tiles (wbyte in common.cuh; weights.rs, tile_rows), so a chunk's 8 rows
+// of a warp's load are 512 contiguous bytes, not 8 pieces 64 bytes long a row apart: half the
+// L1 lines a load touches (3-8 points on every tensor-core GEMV, docs/performance.md).
+#define CHUNK_STRIDE 1024  // from a row's chunk to its next: a tile's 16 rows of 64 bytes
 struct RowCursor {
     int qc;
     const u8 *la, *lb;
@@ -160,10 +157,8 @@ struct RowCursor {
         la = (const u8*)w + row_start(max(ra, 0), row_bytes) + 16 * (threadIdx.x & 3);
         lb = (const u8*)w + row_start(max(rb, 0), row_bytes) + 16 * (threadIdx.x & 3);
     }
-    // Where row r's first chunk is (wbyte's, for the layout TILED_W builds with).
-    static __device__ size_t row_start(int r, size_t row_bytes) {
-        return TILED_W ? (size_t)(r >> 4) * 16 * row_bytes + (size_t)(r & 15) * 64 : (size_t)r * row_bytes;
-    }
+    // Where row r's first chunk is (wbyte's).
+    static __device__ size_t row_start(int r, size_t row_bytes) { return (size_t)(r >> 4) * 16 * row_bytes + (size_t)(r & 15) * 64; }
     // Moves to chunk qb; returns by how many chunks, for the tile's other cursors.
     __device__ int seek(int qb) {
         int dq = qb - qc;
@@ -836,98 +831,13 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
     if (mine) y[(size_t)(t0 + t) * ldy + yoff + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[t0 + t]);
 }
 
-// ---- the small kernels around the experts, done by the experts' last blocks ------------------
-// With MOE_TAILS (`DUET_KERNEL_DEFINES=-DMOE_TAILS=1`; moe.rs, `Tails`; under measurement, and
-// compiled out otherwise, so the expert kernels keep their registers) the activation split between the expert
-// GEMVs and the combine after them run in the GEMV launches instead of their own: the last
-// block to finish a piece of work (counted with atomics in `cnt`, which it resets to zero for
-// the next step, as moe_route's plan does) does what the launch after would have, so a decode
-// step's MoE block waits on two launches fewer. Each block's stores are fenced before it counts
-// itself; the last one reads the others' results from L2 (__ldcg: its L1 may hold stale lines).
-#ifndef MOE_TAILS
-#define MOE_TAILS 0
-#endif
-
-// The last of group grp's blocks splits the group's activation rows (pairs offs[grp] ..
-// offs[grp + 1] of act, I columns) as split_planes (ssums non-null) or split_act would, the
-// same bits: planes or f16 halves into sdata, the exponent into sexps.
-__device__ void split_group_tail(const float* act, int I, const int* offs, const int* pairs, int grp, void* sdata, int* ssums, int* sexps, int* cnt) {
-    __shared__ int last;
-    __shared__ float scratch[32];
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(cnt + grp, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    int n4 = I / 4;
-    for (int j = offs[grp]; j < offs[grp + 1]; j++) {
-        int p = pairs[j];
-        const float4* xr = (const float4*)(act + (size_t)p * I);
-        float m = 0.f;
-        for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-            float4 v = __ldcg(xr + i);
-            m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-        }
-        m = block_max(m, scratch);
-        if (ssums) {
-            int k = planes_exponent(m);
-            // Whole warps over whole 128-column chunks (I is a multiple of 128).
-            for (int i = threadIdx.x; i < n4; i += blockDim.x) store_planes(__ldcg(xr + i), pow2(k), i, p, I, (u8*)sdata, ssums);
-            if (threadIdx.x == 0) sexps[p] = k + 4;
-        } else {
-            int k = halves_exponent(m);
-            u16* hi = (u16*)sdata + (size_t)p * 2 * I;
-            for (int i = threadIdx.x; i < n4; i += blockDim.x) store_halves(__ldcg(xr + i), pow2(k), hi, hi + I, i);
-            if (threadIdx.x == 0) sexps[p] = k;
-        }
-    }
-    if (threadIdx.x == 0) cnt[grp] = 0;
-}
-
-// Where a down projection's tile (rows r0 .. r0 + 15) of token slots tp[0 .. nt) is combined:
-// the combine of moe_combine for those rows of each token, by the last of the token's
-// `expect` pairs (its routed ones and, run apart, its shared expert's) to finish the tile.
-// cpart / cw: the routed pairs' outputs and weights (K per token); cshared: the shared expert's
-// outputs or null; shared_pass: this launch is the shared expert's (its pair p is token p).
-struct CombineTail {
-    const float *cpart, *cw, *cshared;
-    float* cout;
-    int* cnt;
-    int K, expect, shared_pass;
-};
-__device__ void combine_tile_tail(const CombineTail& c, int r0, int H, const int* tp, int nt) {
-    __shared__ int last[MMA_TOKENS];
-    __threadfence();
-    __syncthreads();
-    int tiles = (H + 15) / 16, tile = r0 / 16;
-    if (threadIdx.x < MMA_TOKENS) {
-        int t = threadIdx.x;
-        last[t] = t < nt && atomicAdd(c.cnt + (c.shared_pass ? tp[t] : tp[t] / c.K) * tiles + tile, 1) == c.expect - 1;
-    }
-    __syncthreads();
-    for (int t = 0; t < nt; t++) {
-        if (!last[t]) continue;  // the same for the whole block
-        __threadfence();
-        int tok = c.shared_pass ? tp[t] : tp[t] / c.K, r = r0 + (int)threadIdx.x;
-        if (threadIdx.x < 16 && r < H) {
-            float s = 0.f;
-            for (int k = 0; k < c.K; k++) s = fmaf(__ldcg(c.cw + tok * c.K + k), __ldcg(c.cpart + ((size_t)tok * c.K + k) * H + r), s);
-            if (c.cshared) s += __ldcg(c.cshared + (size_t)tok * H + r);
-            c.cout[(size_t)tok * H + r] = s;
-        }
-        if (threadIdx.x == 0) c.cnt[tok * tiles + tile] = 0;
-    }
-}
-
 // The expert kernels' blocks each take every gridDim.x-th row tile of their group's expert, so
 // a block reads its plan entry and weight descriptor (a chain of dependent loads) once for
 // several tiles when the host launches fewer blocks than tiles (mma_block in linear.rs).
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
 // matching up rows; grid (up to ceil(I / 8), groups); x split for the format (T rows).
-template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I,
-                                                    void* sdata, int* ssums, int* sexps, int* scnt) {
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
@@ -952,13 +862,11 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         }
     }
     }
-    if (MOE_TAILS && scnt) split_group_tail(act, I, offs, pairs, grp, sdata, ssums, sexps, scnt);
 }
 
 // part[p, r] = down_e[r] · act[p]; grid (up to ceil(H / 16), groups); act split for the format
 // (P rows).
-template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H,
-                                                 const CombineTail& comb) {
+template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
@@ -980,7 +888,6 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
             int p = pairs[p0 + t];
             part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[p]);
         }
-        if (MOE_TAILS && comb.cnt) combine_tile_tail(comb, r0, H, pairs + p0, nt);
     }
     }
 }
@@ -990,14 +897,12 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         pdl_entry();                                                                                                    \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, \
-                                                                        void* sdata, int* ssums, int* sexps, int* scnt) { pdl_entry(); \
-        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, sdata, ssums, sexps, scnt);                          \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, \
-                                                                     const CombineTail comb) {                          \
+    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
         pdl_entry();                                                                                                    \
-        moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H, comb);                                                  \
+        moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
     }
 
 // The INT4 variants' names: g<group><a: zero points | s: none><slots>_int4 (linear.rs builds

@@ -82,26 +82,6 @@ fn extra_defines() -> &'static [String] {
     })
 }
 
-/// The value `DUET_KERNEL_DEFINES` gives `name` (`-DNAME=VALUE`; `-DNAME` alone is "1"), for
-/// host code that must follow a kernel define.
-pub fn define(name: &str) -> Option<&'static str> {
-    define_in(extra_defines(), name)
-}
-
-/// The value `defines` (`-DNAME=VALUE` or `-DNAME` strings) give `name`: the last that names
-/// it, as NVRTC keeps the last of repeated defines.
-fn define_in<'a>(defines: &'a [String], name: &str) -> Option<&'a str> {
-    defines.iter().rev().filter_map(|d| d.strip_prefix("-D")).find_map(|d| match d.split_once('=') {
-        Some((n, v)) => (n == name).then_some(v.trim()),
-        None => (d == name).then_some("1"),
-    })
-}
-
-/// Whether `DUET_KERNEL_DEFINES` sets `name` to something other than 0.
-pub fn defined(name: &str) -> bool {
-    define(name).is_some_and(|v| v != "0")
-}
-
 /// Whether libnvrtc can be opened.
 pub fn nvrtc_available() -> bool {
     unsafe { nvrtc_sys::is_culib_present() }
@@ -208,19 +188,6 @@ pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn defines_give_their_values_by_name() {
-        let defs: Vec<String> = ["-DGEMV1_ROWS=8", "-DMOE_TAILS", "-DX_PIPE=0", "-DTILED_W=1", "-DTILED_W=0"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(super::define_in(&defs, "GEMV1_ROWS"), Some("8"));
-        assert_eq!(super::define_in(&defs, "MOE_TAILS"), Some("1"));
-        assert_eq!(super::define_in(&defs, "X_PIPE"), Some("0"));
-        // Repeated: the last, as the compiler takes it.
-        assert_eq!(super::define_in(&defs, "TILED_W"), Some("0"));
-        // A name that only starts like another is not it.
-        assert_eq!(super::define_in(&defs, "GEMV1"), None);
-        assert_eq!(super::define_in(&defs, "MOE"), None);
-    }
-
     /// CI sets DUET_REQUIRE_NVRTC=1 with the nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH, so a
     /// kernel that does not compile fails CI without a GPU.
     #[test]

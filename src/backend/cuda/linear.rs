@@ -29,10 +29,9 @@ impl CudaBackend {
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
-                let rows = if nt == 1 { gemv_rows() } else { 4 };
                 self.launch_kernel(
                     (kernel, Some(p.fmt)),
-                    ((p.rows as u32).div_ceil(rows), (x.rows as u32).div_ceil(nt), 1),
+                    ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1),
                     threads_for(p.cols, p.fmt),
                     0,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
@@ -197,13 +196,6 @@ impl CudaBackend {
             None => self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, exps]),
         }
     }
-}
-
-/// Weight rows per block of the one-token CUDA-core GEMV: `GEMV1_ROWS` in kernels/linear.cu
-/// (4 unless `DUET_KERNEL_DEFINES` sets it, for sweeps).
-pub(super) fn gemv_rows() -> u32 {
-    static ROWS: OnceLock<u32> = OnceLock::new();
-    *ROWS.get_or_init(|| kernels::define("GEMV1_ROWS").and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or(4))
 }
 
 /// Warps per tensor-core block forced by `DUET_MMA_WARPS` (a tuning knob for sweeps on the

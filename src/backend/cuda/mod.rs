@@ -87,7 +87,6 @@ enum Arg {
     F32(f32),
     Desc(WDesc),
     Meta(StepMeta),
-    Combine(moe::CombineTail),
 }
 
 /// A kernel entry point: a name, or a family and the weight format whose suffix completes it
@@ -130,9 +129,6 @@ pub struct CudaBackend {
     mma_block: RwLock<HashMap<MmaLaunchShape, (u32, u32)>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
-    /// The counts of the expert launches whose last blocks do the next launch's work
-    /// (`-DMOE_TAILS=1`; moe.rs, `Tails`), zero between launches likewise.
-    moe_tails: CudaSlice<i32>,
     sms: usize,
     device_name: String,
 }
@@ -176,7 +172,6 @@ impl CudaBackend {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as usize;
         let route_done = stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))?;
-        let moe_tails = stream.alloc_zeros::<i32>(moe::TAILS_LEN).map_err(|e| anyhow!("{e:?}"))?;
         let side = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let alloc_stream = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let (fork_event, join_event) = (ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?, ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?);
@@ -194,7 +189,6 @@ impl CudaBackend {
             functions: RwLock::new(HashMap::new()),
             mma_block: RwLock::new(HashMap::new()),
             route_done,
-            moe_tails,
             sms,
             device_name,
         })
@@ -275,7 +269,6 @@ impl CudaBackend {
                 Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
                 Arg::Desc(v) => v as *const WDesc as *mut std::ffi::c_void,
                 Arg::Meta(v) => v as *const StepMeta as *mut std::ffi::c_void,
-                Arg::Combine(v) => v as *const moe::CombineTail as *mut std::ffi::c_void,
             })
             .collect();
         // Safety: a zeroed attribute is valid; id and value are set below.

@@ -1,14 +1,12 @@
 //! The MoE block on the GPU: router, expert plan, grouped expert GEMVs and the combine
 //! (kernels/linear.cu, kernels/linear_mma.cu).
 
-use std::sync::OnceLock;
-
 use anyhow::{bail, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
-use super::linear::{gemv_rows, threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
-use super::weights::{CudaExperts, CudaWeight, Fmt, WDesc};
+use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
+use super::weights::{CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, RouterParams};
 
@@ -20,24 +18,6 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
 
 /// `route`, with the decode plan made for a set of `plan_experts` experts.
 fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize) -> Result<CudaRouting> {
-    let routing = routing_for(gpu, x.rows, p, plan_experts)?;
-    route_into(gpu, x, gate, bias, p, &routing)?;
-    Ok(routing)
-}
-
-/// The buffers the router of `t` tokens fills (made apart from its launches so that a side
-/// stream's work forked before them can point at them).
-fn routing_for(gpu: &CudaBackend, t: usize, p: &RouterParams, plan_experts: usize) -> Result<CudaRouting> {
-    let k1 = p.top_k + p.shared.is_some() as usize;
-    let pairs = t * k1;
-    // Decode steps get their plan from the router's last block (one launch fewer).
-    let plan = if t > 0 && t <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
-    Ok(CudaRouting { top_k: k1, idx: gpu.alloc_indices(pairs)?, weights: gpu.alloc(pairs)?, plan })
-}
-
-/// Whether the router can take `gate`, `bias` and `p`; checked before any of its launches (and
-/// before a step forks the side stream, whose launches count on the routed ones to follow).
-fn check_router(gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<()> {
     let e = gate.rows;
     if bias.0.len() != e {
         bail!("route: bias of {} for {e} experts", bias.0.len());
@@ -48,59 +28,39 @@ fn check_router(gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Resul
     if p.top_k > e || p.n_group == 0 || e % p.n_group != 0 {
         bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
     }
-    Ok(())
-}
-
-/// The router's launches into `routing` (from `routing_for` with the same parameters).
-fn route_into(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, routing: &CudaRouting) -> Result<()> {
-    check_router(gate, bias, p)?;
-    let e = gate.rows;
-    let (k1, plan) = (routing.top_k, &routing.plan);
-    let pairs = x.rows * k1;
-    let smem = (2 * e + p.n_group).max(plan.as_ref().map_or(0, |(_, n)| n + pairs)) * 4;
-    // From the bias on, moe_route's and moe_router's arguments are the same.
-    let route_args = |logits: &CudaTensor| {
-        [
-            Arg::Ptr(gpu.ptr(&logits.buf)),
-            Arg::Ptr(gpu.ptr(&bias.0)),
-            Arg::Ptr(gpu.ptr(&routing.idx)),
-            Arg::Ptr(gpu.ptr(&routing.weights)),
-            Arg::I32(e as i32),
-            Arg::I32(p.n_group as i32),
-            Arg::I32(p.topk_group as i32),
-            Arg::I32(p.top_k as i32),
-            Arg::I32(p.norm_topk_prob as i32),
-            Arg::F32(p.scaling),
-            Arg::I32(p.shared.map_or(-1, |s| s as i32)),
-            Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
-            Arg::Ptr(gpu.ptr(&gpu.route_done)),
-            Arg::I32(plan.as_ref().map_or(0, |(_, n)| *n) as i32),
-        ]
-    };
-    if let Some(g) = fused_router(gate).filter(|_| plan.is_some()) {
-        // The gate GEMV's last block routes (kernels/linear.cu, router_fused).
-        let logits = gpu.tensor_of(x.rows, e)?;
-        let [l, rest @ ..] = route_args(&logits);
-        let args: Vec<Arg> = [Arg::Desc(g.desc), Arg::Ptr(gpu.ptr(&x.buf)), l, Arg::I32(x.rows as i32)].into_iter().chain(rest).collect();
-        return gpu.launch_kernel(("moe_router", Some(g.fmt)), ((e as u32).div_ceil(gemv_rows()), x.rows as u32, 1), threads_for(g.cols, g.fmt), smem, &args);
-    }
     let logits = gpu.linear(x, gate)?;
+    let k1 = p.top_k + p.shared.is_some() as usize;
+    let pairs = x.rows * k1;
+    let idx = gpu.alloc_indices(pairs)?;
+    let weights = gpu.alloc(pairs)?;
+    // Decode steps get their plan from the router's last block (one launch fewer).
+    let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
     if x.rows > 0 {
-        gpu.launch("moe_route", (x.rows as u32, 1, 1), 256, smem, &route_args(&logits))?;
+        let smem = (2 * e + p.n_group).max(if plan.is_some() { plan_experts + pairs } else { 0 }) * 4;
+        gpu.launch(
+            "moe_route",
+            (x.rows as u32, 1, 1),
+            256,
+            smem,
+            &[
+                Arg::Ptr(gpu.ptr(&logits.buf)),
+                Arg::Ptr(gpu.ptr(&bias.0)),
+                Arg::Ptr(gpu.ptr(&idx)),
+                Arg::Ptr(gpu.ptr(&weights)),
+                Arg::I32(e as i32),
+                Arg::I32(p.n_group as i32),
+                Arg::I32(p.topk_group as i32),
+                Arg::I32(p.top_k as i32),
+                Arg::I32(p.norm_topk_prob as i32),
+                Arg::F32(p.scaling),
+                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
+                Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
+                Arg::Ptr(gpu.ptr(&gpu.route_done)),
+                Arg::I32(plan_experts as i32),
+            ],
+        )?;
     }
-    Ok(())
-}
-
-/// The gate of a decode step's router when its GEMV and route run as one launch: built with
-/// `DUET_KERNEL_DEFINES=-DROUTER_TAIL=1` (under measurement), for a gate of one part in f32,
-/// bf16 or f16 (the CUDA-core GEMV, as routers are stored).
-fn fused_router(gate: &CudaWeight) -> Option<&super::weights::CudaLinear> {
-    static ON: OnceLock<bool> = OnceLock::new();
-    let on = *ON.get_or_init(|| super::kernels::defined("ROUTER_TAIL"));
-    match gate.parts.as_slice() {
-        [g] if on && g.desc.mma == 0 && matches!(g.fmt, Fmt::F32 | Fmt::Bf16 | Fmt::F16) => Some(g),
-        _ => None,
-    }
+    Ok(CudaRouting { top_k: k1, idx, weights, plan })
 }
 
 /// The routed (and folded shared) experts of a step, grouped by expert, and their weighted sum.
@@ -126,12 +86,7 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     if let Some(variants) = experts.mma.filter(|_| t <= MMA_MAX_TOKENS) {
         let xs = gpu.split(x, experts.fmt_gate_up)?;
         let pass = MmaPass::new(gpu, pairs, experts)?;
-        if let Some(out) = Tails::fits(t, h, groups as usize).then(|| gpu.tensor_of(t, h)).transpose()? {
-            let comb = Tails::combine(gpu, &pass, &routing.weights, None, &out, k, false);
-            pass.run(gpu, experts, variants, xs, plan, k, groups, Some((Tails::MAIN, comb)))?;
-            return Ok(out);
-        }
-        pass.run(gpu, experts, variants, xs, plan, k, groups, None)?;
+        pass.run(gpu, experts, variants, xs, plan, k, groups)?;
         return combine(gpu, &pass.part, &routing.weights, None, t, k, h);
     }
     // Decode batches take a group's tokens one per pass (the second read of a tile hits L1/L2,
@@ -209,100 +164,27 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     if x.cols != experts.hidden {
         bail!("moe: input has {} columns, experts expect {}", x.cols, experts.hidden);
     }
-    // Everything the side stream touches exists before it forks (with the fused tails, the
-    // routed pass's outputs and weights and the block's output too).
+    // Everything the side stream touches exists before it forks.
     let xs = gpu.split(x, experts.fmt_gate_up)?;
     let shared_xs = gpu.split(x, shared.fmt_gate_up)?;
     let shared_plan = gpu.alloc_indices(plan_len(t))?;
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
-    check_router(gate, bias, &routed)?;
-    let routing = routing_for(gpu, t, &routed, experts.count)?;
-    let (k, h) = (routing.top_k, experts.hidden);
-    let pairs = t * k;
-    let groups = pairs.min(experts.count);
-    let pass = MmaPass::new(gpu, pairs, experts)?;
-    let out = Tails::fits(t, h, groups).then(|| gpu.tensor_of(t, h)).transpose()?;
-    let tails = |side: bool| out.as_ref().map(|o| (if side { Tails::SIDE } else { Tails::MAIN }, Tails::combine(gpu, &pass, &routing.weights, Some(&shared_pass), o, k, side)));
-    gpu.concurrently(
+    let (routing, pass) = gpu.concurrently(
         || {
             gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(index as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(&shared_plan))])?;
-            shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1, tails(true))
+            shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
-            route_into(gpu, x, gate, bias, &routed, &routing)?;
+            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count)?;
             let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
-            pass.run(gpu, experts, variants, xs, plan, k, groups as u32, tails(false))
+            let pairs = t * routing.top_k;
+            let pass = MmaPass::new(gpu, pairs, experts)?;
+            pass.run(gpu, experts, variants, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
+            Ok((routing, pass))
         },
     )?;
-    match out {
-        Some(out) => Ok(out),
-        None => combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, k, h),
-    }
-}
-
-/// The work that the expert launches' last blocks take over from the launches after them when
-/// built with `DUET_KERNEL_DEFINES=-DMOE_TAILS=1` (kernels/linear_mma.cu, split_group_tail and
-/// combine_tile_tail, compiled out otherwise): the activation split after gate/up and the
-/// combine after down, two launches fewer per decode step's MoE block. Off by default until
-/// measured on the device. Their counters live in `moe_tails`: the main stream's gate/up
-/// groups, the side stream's, then one per row tile of each token for the combine, which the
-/// routed pairs' and the shared expert's down launches count together (the last to finish a
-/// tile combines it).
-struct Tails;
-
-/// Mirrors `struct CombineTail` in kernels/linear_mma.cu: all zeros is no combine.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct CombineTail {
-    cpart: u64,
-    cw: u64,
-    cshared: u64,
-    cout: u64,
-    cnt: u64,
-    k: i32,
-    expect: i32,
-    shared_pass: i32,
-}
-
-unsafe impl DeviceRepr for CombineTail {}
-
-/// Length of `CudaBackend::moe_tails`.
-pub(super) const TAILS_LEN: usize = 2 * Tails::GROUPS + Tails::TILES;
-
-impl Tails {
-    const GROUPS: usize = 128;
-    const TILES: usize = 16384;
-    /// Offsets of the main and side streams' split counters.
-    const MAIN: usize = 0;
-    const SIDE: usize = Tails::GROUPS;
-
-    fn on() -> bool {
-        static ON: OnceLock<bool> = OnceLock::new();
-        *ON.get_or_init(|| super::kernels::defined("MOE_TAILS"))
-    }
-
-    /// Whether a step of `t` tokens, `h` wide, over `groups` expert groups takes the tails
-    /// (switched on, and its counters fit).
-    fn fits(t: usize, h: usize, groups: usize) -> bool {
-        Tails::on() && groups <= Tails::GROUPS && t * h.div_ceil(16) <= Tails::TILES
-    }
-
-    /// The combine of a fused block into `out`: the routed `pass` with its `weights` (k per
-    /// token), plus `shared`'s when the shared expert runs apart; `side` for the shared
-    /// expert's own down launch.
-    fn combine(gpu: &CudaBackend, pass: &MmaPass, weights: &CudaSlice<f32>, shared: Option<&MmaPass>, out: &CudaTensor, k: usize, side: bool) -> CombineTail {
-        CombineTail {
-            cpart: gpu.ptr(&pass.part),
-            cw: gpu.ptr(weights),
-            cshared: shared.map_or(0, |s| gpu.ptr(&s.part)),
-            cout: gpu.ptr(&out.buf),
-            cnt: gpu.ptr(&gpu.moe_tails) + 4 * 2 * Tails::GROUPS as u64,
-            k: k as i32,
-            expect: (k + shared.is_some() as usize) as i32,
-            shared_pass: side as i32,
-        }
-    }
+    combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
 }
 
 /// The step's `pairs` routes grouped by expert over `count` experts: [groups | expert per
@@ -348,21 +230,15 @@ impl MmaPass {
     /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
     /// activations, then down (16 rows per tile), for the pairs of `plan` (at most `groups`
     /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
-    /// With `tails` (the offset of its split counters, its combine) the split and the combine
-    /// are the launches' last blocks' work (`Tails`).
     #[allow(clippy::too_many_arguments)]
-    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32, tails: Option<(usize, CombineTail)>) -> Result<()> {
-        let split = tails.map(|(offset, _)| gpu.ptr(&gpu.moe_tails) + 4 * offset as u64);
-        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups, split)?;
-        if split.is_none() {
-            gpu.split_into(&self.act, &self.acts)?;
-        }
-        self.down(gpu, experts, down, plan, k, groups, tails.map_or_else(CombineTail::default, |(_, c)| c))
+    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
+        gpu.split_into(&self.act, &self.acts)?;
+        self.down(gpu, experts, down, plan, k, groups)
     }
 
-    /// `split`: the counters with which its last blocks split the activations (else none do).
     #[allow(clippy::too_many_arguments)]
-    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32, split: Option<u64>) -> Result<()> {
+    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
         // The tile width follows the tokens (pairs / k), as an expert's group has at most one
@@ -373,27 +249,11 @@ impl MmaPass {
             pairs / k,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            &[
-                a,
-                b,
-                c,
-                Arg::Ptr(gpu.ptr(&xs.data)),
-                Arg::Ptr(xs.sums_ptr(gpu)),
-                Arg::Ptr(gpu.ptr(&xs.exps)),
-                Arg::Ptr(gpu.ptr(&self.act.buf)),
-                Arg::I32(k as i32),
-                Arg::I32(i as i32),
-                Arg::Ptr(gpu.ptr(&self.acts.data)),
-                Arg::Ptr(self.acts.sums_ptr(gpu)),
-                Arg::Ptr(gpu.ptr(&self.acts.exps)),
-                Arg::Ptr(split.unwrap_or(0)),
-            ],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )
     }
 
-    /// `comb`: the combine its last blocks do (all zeros: none).
-    #[allow(clippy::too_many_arguments)]
-    fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32, comb: CombineTail) -> Result<()> {
+    fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
@@ -402,7 +262,7 @@ impl MmaPass {
             pairs / k,
             ((h as u32).div_ceil(16), groups, 1),
             i,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32), Arg::Combine(comb)],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
     }
 }
@@ -423,12 +283,12 @@ pub struct ExpertGemvs<'a> {
 impl ExpertGemvs<'_> {
     /// Gate/up with SiLU·up over the step's pairs.
     pub fn gate_up(&self) -> Result<()> {
-        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.k, self.groups, None)
+        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.k, self.groups)
     }
 
     /// Down over the step's pairs.
     pub fn down(&self) -> Result<()> {
-        self.pass.down(self.gpu, self.experts, self.variants.1, &self.plan, self.k, self.groups, CombineTail::default())
+        self.pass.down(self.gpu, self.experts, self.variants.1, &self.plan, self.k, self.groups)
     }
 }
 

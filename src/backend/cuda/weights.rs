@@ -62,7 +62,6 @@ pub struct WDesc {
     pub mma: i32,
     pub interleaved: i32,
     pub scale_exp: i32,
-    pub tiled: i32,
 }
 
 unsafe impl DeviceRepr for WDesc {}
@@ -267,9 +266,8 @@ impl HostLinear {
         if self.mma_ok() && !mma {
             tracing::warn!("{}: group scales that f16 cannot hold exactly; this weight takes the slower CUDA-core kernels", self.module);
         }
-        // The tensor-core kernels' tiled layout, when built for it (TILED_W, under measurement).
-        let tiled = mma && super::kernels::defined("TILED_W");
-        if tiled {
+        // The tensor-core kernels read their weights in 16-row tiles (wbyte in kernels/common.cuh).
+        if mma {
             self.data = tile_rows(&self.data, self.rows);
         }
         let w = stream.clone_htod(&self.data)?;
@@ -292,7 +290,6 @@ impl HostLinear {
             mma: mma as i32,
             interleaved: interleave as i32,
             scale_exp,
-            tiled: tiled as i32,
         };
         Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, desc })
     }
