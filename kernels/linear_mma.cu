@@ -29,7 +29,8 @@
 // 32 at one token: 4 chunks a run, once lanes of empty slots stopped loading activations and a
 // run's scales came in one load, gate/up alone 81 -> 89%, experts x1 71 -> 74.5%, though the
 // group-64 gate/up kernel then spills 8 bytes; before those, 2, 3 and 4 measured alike. Group
-// 128 with zero points: 3 best for the experts, 4 better for the GEMV, 73 -> 79%.)
+// 128 with zero points: 3 was best for the experts and 4 for the GEMV, until the tiled weights
+// made 4 the better for both: GEMV 81 -> 85%, down alone at 1/2/4 tokens 76/77/80 -> 79/82/85%.)
 #ifndef FP8_REGS
 #define FP8_REGS 128
 #endif
@@ -43,7 +44,7 @@
 #define INT4_UNR_SYM 4   // groups of 128+, symmetric, up to two token slots
 #endif
 #ifndef INT4_UNR_ASYM
-#define INT4_UNR_ASYM 3  // the same with zero points
+#define INT4_UNR_ASYM 4  // the same with zero points
 #endif
 #ifndef INT4_UNR_SMALL
 #define INT4_UNR_SMALL 4  // groups of 32 or 64, up to two token slots
