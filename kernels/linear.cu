@@ -246,24 +246,24 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
     __syncthreads();
 }
 
-#define GEMV_ROWS 4
-
-// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / 4), ceil(T / NT)).
-template <int FMT, int NT>
+// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / ROWS), ceil(T / NT)).
+// ROWS is 4 (each x unit read from L1 serves 4 weight rows), or 1 to spread a weight of few
+// rows over more SMs (linear.rs, gemv_rows: a 256-expert router gate is 64 blocks of 4 rows).
+template <int FMT, int NT, int ROWS = 4>
 __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
-    __shared__ float res[GEMV_ROWS * NT];
-    int r0 = blockIdx.x * GEMV_ROWS;
+    __shared__ float res[ROWS * NT];
+    int r0 = blockIdx.x * ROWS;
     int t0 = blockIdx.y * NT;
     int nt = min(NT, T - t0);
-    int rows[GEMV_ROWS];
+    int rows[ROWS];
 #pragma unroll
-    for (int rr = 0; rr < GEMV_ROWS; rr++) rows[rr] = r0 + rr < d.rows ? r0 + rr : -1;
+    for (int rr = 0; rr < ROWS; rr++) rows[rr] = r0 + rr < d.rows ? r0 + rr : -1;
     const float* xr[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) xr[t] = x + (size_t)(t0 + min(t, nt - 1)) * d.cols;
-    block_dots<FMT, GEMV_ROWS, NT>(d, rows, xr, nt, res);
+    block_dots<FMT, ROWS, NT>(d, rows, xr, nt, res);
     pdl_late();
-    for (int i = threadIdx.x; i < GEMV_ROWS * NT; i += blockDim.x) {
+    for (int i = threadIdx.x; i < ROWS * NT; i += blockDim.x) {
         int rr = i / NT, t = i % NT;
         if (rows[rr] >= 0 && t < nt) y[(size_t)(t0 + t) * ldy + yoff + rows[rr]] = res[i];
     }
@@ -409,6 +409,10 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
     extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
         pdl_entry();                                                                                       \
         gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
+    }                                                                                                      \
+    extern "C" __global__ void gemv1r1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
+        pdl_entry();                                                                                       \
+        gemv<FMT, 1, 1>(d, x, y, T, ldy, yoff);                                                            \
     }                                                                                                      \
     extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
         pdl_entry();                                                                                       \

@@ -128,16 +128,17 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
     println!("{:<58} {:>9.1} µs {:>9.1} GB/s (read + write)", "device copy 2 GiB", ms * 1e3, peak);
     let r = Report { peak, case };
 
-    // Dense GEMV at decode (one token).
-    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g64"), (6144, 16384, "int4-g32"), (2048, 6144, "int8-g64"), (6144, 16384, "int8-g64")] } else { &[] };
+    // Dense GEMV at decode (one token); 256 x 6144 is the router gate of 256 experts.
+    let gemvs: &[(usize, usize, &str)] = if want("gemv") { &[(256, 6144, "bf16"), (2048, 6144, "bf16"), (6144, 16384, "bf16"), (2048, 6144, "fp8"), (6144, 16384, "fp8"), (6144, 16384, "int4"), (6144, 16384, "int4-g64"), (6144, 16384, "int4-g32"), (2048, 6144, "int8-g64"), (6144, 16384, "int8-g64")] } else { &[] };
     for &(rows, cols, fmt) in gemvs {
         let label = format!("gemv {fmt} {cols}->{rows} x1");
         if !r.wants(&label) {
             continue;
         }
-        // Rotate over several copies so the weight is not served from L2.
-        let copies = (2usize << 30) / (rows * cols * 2) + 1;
-        let ws: Vec<_> = (0..copies.min(8)).map(|i| gpu.weight(&random_weight(&format!("w{i}"), rows, cols, fmt, &mut rng))).collect::<Result<_>>()?;
+        // Rotate over copies of at least 256 MB in all so the weight is not served from the
+        // 60 MB L2.
+        let copies = ((256usize << 20) / (rows * cols * 2)).clamp(8, 64);
+        let ws: Vec<_> = (0..copies).map(|i| gpu.weight(&random_weight(&format!("w{i}"), rows, cols, fmt, &mut rng))).collect::<Result<_>>()?;
         let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
         let mut i = 0;
         let ms = time_graph(&gpu, ws.len() * 4, reps, || {
@@ -175,15 +176,24 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             .collect();
         let ex = gpu.experts(&experts)?;
         let expert_bytes = 3.0 * (h * inter) as f64 * bytes_per_weight(fmt);
-        // The whole MoE block of a decode step: router, 8 routed experts and the shared expert.
+        // The whole MoE block of a decode step at GLM-5.2's width: a router over 256 experts, 8
+        // routed experts and the shared expert (folded in as expert 256). Only the resident
+        // experts can be picked (the others' selection bias is -1e30, and the set repeats the
+        // resident ones so that every index is a real expert), so the gate GEMV, the route and
+        // the plan do the real model's work while the GPU holds 33 experts.
+        let routed = 256;
         let shared = ExpertWeights {
             gate: random_weight("shared.gate", inter, h, fmt, &mut rng),
             up: random_weight("shared.up", inter, h, fmt, &mut rng),
             down: random_weight("shared.down", h, inter, fmt, &mut rng),
         };
-        let router = RouterParams { top_k: 8, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5, shared: None };
-        let gate = random_weight("gate", n_exp, h, "bf16", &mut rng);
-        let layer = Moe::from_weights(&gpu, &gate, &vec![0.0; n_exp], experts, shared, router)?;
+        let mut distinct = experts;
+        distinct.push(shared);
+        let table: Vec<usize> = (0..routed).map(|e| e % n_exp).chain([n_exp]).collect();
+        let router = RouterParams { top_k: 8, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5, shared: Some(routed) };
+        let gate = random_weight("gate", routed, h, "bf16", &mut rng);
+        let bias: Vec<f32> = (0..routed).map(|e| if e < n_exp { 0.0 } else { -1e30 }).collect();
+        let layer = Moe::from_parts(&gpu, &gate, &bias, gpu.experts_indexed(&distinct, &table)?, None, router)?;
         for batch in [1usize, 2, 4] {
             let x: Vec<f32> = (0..batch * h).map(|_| (rng.next_u64() % 2001) as f32 * 1e-3 - 1.0).collect();
             let x = gpu.tensor(batch, h, &x)?;
@@ -192,7 +202,7 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             idx.retain(|&e| Some(e as usize) != layer.router.shared);
             idx.sort_unstable();
             idx.dedup();
-            let label = format!("moe layer {fmt} x{batch} (norm, router, {} routed, shared)", idx.len());
+            let label = format!("moe layer {fmt} x{batch} (norm, router of {routed}, {} routed, shared)", idx.len());
             if !r.wants(&label) {
                 continue;
             }
@@ -200,7 +210,7 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             // its split for the tensor cores is timed too.
             let ones = gpu.vector(&vec![1.0; h])?;
             let ms = time_graph(&gpu, 8, reps, || layer.forward(&gpu, &gpu.rms_norm(&x, &ones, 1e-6)?).map(|_| ()))?;
-            let bytes = (n_exp * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
+            let bytes = (routed * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
             r.row(&label, bytes, ms);
             // Where the block's time goes: its norm, then the norm and router (gate GEMV, route
             // and plan) alone; the rest is the experts with their splits and the combine (at

@@ -78,7 +78,13 @@ impl<B: Backend> Moe<B> {
         } else {
             Some(b.experts(std::slice::from_ref(&shared))?)
         };
-        Ok(Moe { gate: b.weight(gate)?, bias: b.vector(bias)?, experts: b.experts(&experts)?, shared, router })
+        Moe::from_parts(b, gate, bias, b.experts(&experts)?, shared, router)
+    }
+
+    /// An MoE block of experts already on the backend (`router.shared` names the shared expert
+    /// among them; `shared` is one kept apart).
+    pub fn from_parts(b: &B, gate: &LinearWeight, bias: &[f32], experts: B::Experts, shared: Option<B::Experts>, router: RouterParams) -> Result<Moe<B>> {
+        Ok(Moe { gate: b.weight(gate)?, bias: b.vector(bias)?, experts, shared, router })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {

@@ -25,7 +25,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice
 use self::buffer::{DevBuf, Keeper};
 use self::cache::{CudaCache, CudaStep, StepMeta};
 use self::linear::Split;
-use self::weights::{upload_experts, upload_stacked, CudaExperts, CudaWeight, Fmt, WDesc};
+use self::weights::{upload_stacked, CudaExperts, CudaWeight, Fmt, WDesc};
 use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::LinearWeight;
 
@@ -421,11 +421,7 @@ impl Backend for CudaBackend {
     }
 
     fn experts(&self, experts: &[ExpertWeights]) -> Result<CudaExperts> {
-        let e = upload_experts(&self.stream, experts)?;
-        if e.mma.is_some() {
-            self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
-        }
-        Ok(e)
+        self.experts_indexed(experts, &(0..experts.len()).collect::<Vec<_>>())
     }
 
     fn new_cache(&self, spec: &CacheSpec) -> Result<CudaCache> {

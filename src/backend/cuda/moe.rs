@@ -293,6 +293,17 @@ impl ExpertGemvs<'_> {
 }
 
 impl CudaBackend {
+    /// A layer's expert set whose expert e is `distinct[table[e]]`, each distinct expert on the
+    /// device once (`experts` is the identity table; benchmarks repeat a few resident experts to
+    /// stand for a real-width router's 256).
+    pub fn experts_indexed(&self, distinct: &[crate::backend::ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
+        let e = super::weights::upload_experts(&self.stream, distinct, table)?;
+        if e.mma.is_some() {
+            self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
+        }
+        Ok(e)
+    }
+
     /// The grouped expert GEMVs of `x` routed by `routing`, ready to launch one at a time (the
     /// experts take the tensor-core kernels and `x` is a decode batch).
     pub fn expert_gemvs<'a>(&'a self, x: &'a CudaTensor, experts: &'a CudaExperts, routing: &CudaRouting) -> Result<ExpertGemvs<'a>> {

@@ -404,25 +404,31 @@ impl CudaExperts {
     }
 }
 
-pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::backend::ExpertWeights]) -> Result<CudaExperts> {
+/// Uploads `experts` once each; expert e of the set is `experts[table[e]]` (the identity for a
+/// checkpoint's layer; a benchmark repeats a few resident experts to make a real-width router's
+/// set without the memory of every expert).
+pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::backend::ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
+    if let Some(&i) = table.iter().find(|&&i| i >= experts.len()) {
+        bail!("expert table names upload {i} of {}", experts.len());
+    }
     let mut weights = Vec::with_capacity(experts.len());
     for e in experts {
         let gu = HostLinear::stack(vec![HostLinear::from(&e.gate)?, HostLinear::from(&e.up)?])
             .map_err(|_| anyhow::anyhow!("{} and {} cannot be fused (different formats)", e.gate.module, e.up.module))?;
         weights.push((gu.upload(stream)?, HostLinear::from(&e.down)?.upload(stream)?));
     }
-    let Some((gu0, dn0)) = weights.first() else { bail!("an MoE layer without experts") };
+    let Some((gu0, dn0)) = weights.first().filter(|_| !table.is_empty()) else { bail!("an MoE layer without experts") };
     let (fmt_gate_up, fmt_down) = (gu0.fmt, dn0.fmt);
     if let Some((gu, dn)) = weights.iter().find(|(g, d)| g.fmt != fmt_gate_up || d.fmt != fmt_down) {
         bail!("{} / {}: experts of one layer must share a format", gu.module, dn.module);
     }
     let (inter, hidden) = (gu0.rows / 2, gu0.cols);
-    let gate_up_table = stream.clone_htod(&weights.iter().map(|(g, _)| g.desc).collect::<Vec<_>>())?;
-    let down_table = stream.clone_htod(&weights.iter().map(|(_, d)| d.desc).collect::<Vec<_>>())?;
+    let gate_up_table = stream.clone_htod(&table.iter().map(|&i| weights[i].0.desc).collect::<Vec<_>>())?;
+    let down_table = stream.clone_htod(&table.iter().map(|&i| weights[i].1.desc).collect::<Vec<_>>())?;
     let variants = |(g, d): &(CudaLinear, CudaLinear)| Some((MmaVariant::of(g.fmt, &g.desc)?, MmaVariant::of(d.fmt, &d.desc)?));
     let first = variants(&weights[0]);
     let mma = first.filter(|_| weights.iter().all(|w| variants(w) == first));
-    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
+    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: table.len(), mma, _weights: weights, gate_up_table, down_table })
 }
 
 #[cfg(test)]
