@@ -461,7 +461,7 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // entries per token. With `plan` non-null, the last block to finish also builds the step's
 // plan over PE experts (moe_plan's work, without its launch): blocks count themselves done in
 // `done`, which the last one resets to zero for the next step. Dynamic shared memory: the
-// larger of (2E + G) floats and (PE + T·K1) ints.
+// larger of (3E + G) words and (PE + T·K1) ints.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
                                      int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry();
@@ -509,15 +509,38 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     }
     // Top-K by rank: expert e is pick number `rank`, the count of experts that come before it
     // (a higher score, or the same at a lower index: the CPU's order), when that is below K.
-    // Every thread ranks its experts in one pass over the scores (K rounds of a warp arg-max
-    // waited on K chains of shuffles).
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        float v = c[e];
+    // (K rounds of a warp arg-max waited on K chains of shuffles.) In two passes, so that a
+    // thread compares against far fewer than E scores: each run of 32 experts ranks itself
+    // within the run by shuffles, and those below K there become candidates (an expert's rank
+    // within its run is at most its rank overall, so every pick is a candidate); then each
+    // candidate's rank among the candidates is its rank overall for the K picks (whatever
+    // comes before a pick is a pick) and at least K for the others (the K picks come before).
+    int* cand = (int*)(sm + 2 * E + G);  // E ints
+    __shared__ int ncand;
+    if (threadIdx.x == 0) ncand = 0;
+    __syncthreads();
+    // (Whole warps: blockDim.x is a multiple of 32, and base is the same across a warp.)
+    for (int base = (threadIdx.x >> 5) * 32; base < E; base += blockDim.x) {
+        int l = threadIdx.x & 31, e = base + l;
+        float v = e < E ? c[e] : NEG_INF;  // past the end: last, behind every expert (index)
         int rank = 0;
 #pragma unroll 8
-        for (int j = 0; j < E; j++) {
-            float u = c[j];
-            rank += u > v || (u == v && j < e);
+        for (int j = 0; j < 32; j++) {
+            float u = __shfl_sync(0xffffffffu, v, j);
+            rank += u > v || (u == v && j < l);
+        }
+        if (e < E && rank < K) cand[atomicAdd(&ncand, 1)] = e;
+    }
+    __syncthreads();
+    int nc = ncand;
+    for (int i = threadIdx.x; i < nc; i += blockDim.x) {
+        int e = cand[i];
+        float v = c[e];
+        int rank = 0;
+        for (int j = 0; j < nc; j++) {
+            int f = cand[j];
+            float u = c[f];
+            rank += u > v || (u == v && f < e);
         }
         if (rank < K) chosen[rank] = e;
     }

@@ -36,7 +36,7 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     // Decode steps get their plan from the router's last block (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
     if x.rows > 0 {
-        let smem = (2 * e + p.n_group).max(if plan.is_some() { plan_experts + pairs } else { 0 }) * 4;
+        let smem = (3 * e + p.n_group).max(if plan.is_some() { plan_experts + pairs } else { 0 }) * 4;
         gpu.launch(
             "moe_route",
             (x.rows as u32, 1, 1),
