@@ -78,6 +78,7 @@ pub fn run(fixtures: &Path, seed: Option<u64>) -> Result<()> {
     check_elementwise(&cpu, &gpu, &mut rng, &mut t)?;
     check_attention(&cpu, &gpu, &mut rng, &mut t)?;
     check_moe(&cpu, &gpu, &mut rng, &mut t)?;
+    check_wide_router(&cpu, &gpu, &mut rng, &mut t)?;
     drop(gpu);
     check_fixtures(fixtures, &mut t)?;
     let failed = t.rows.iter().filter(|r| !r.3).count();
@@ -361,6 +362,33 @@ fn check_route(
     let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
     t.push("route weights", format!("{tokens} rows{what}"), rel_err(&gw, &cw));
     Ok(Some((c_route, g_route)))
+}
+
+/// Routers at GLM-5.2's width (256 experts, several runs of 32 in moe_route's ranking), with
+/// ties: the gate repeats 96 distinct rows and the bias repeats likewise, so every score comes
+/// two or three times, in one run and across runs, and the picks depend on the tie order (the
+/// lower index first, on both backends).
+fn check_wide_router(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
+    use crate::checkpoint::linear::{Format, LinearWeight};
+    use crate::checkpoint::safetensors::{OwnedTensor, TensorView};
+    let (e, h, distinct) = (256, 256, 96);
+    let rows = random(rng, distinct * h);
+    let w: Vec<f32> = (0..e).flat_map(|r| rows[(r % distinct) * h..(r % distinct + 1) * h].iter().map(|v| v / 16.0)).collect();
+    let data = TensorView::in_memory("wide.gate.weight", OwnedTensor::bf16(&[e, h], &w));
+    let gate = LinearWeight { module: "wide.gate".into(), rows: e, cols: h, data, format: Format::Plain };
+    let b = random(rng, distinct);
+    let bias: Vec<f32> = (0..e).map(|r| b[r % distinct] * 0.1).collect();
+    let (gate_c, bias_c, gate_g, bias_g) = (cpu.weight(&gate)?, cpu.vector(&bias)?, gpu.weight(&gate)?, gpu.vector(&bias)?);
+    let router = Router { cpu: (&gate_c, &bias_c), gpu: (&gate_g, &bias_g) };
+    let glm = RouterParams { top_k: 8, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5, shared: None };
+    let grouped = RouterParams { n_group: 8, topk_group: 4, ..glm };
+    for tokens in [1, 4, 13] {
+        let (xc, xg) = pair(cpu, gpu, tokens, h, &random(rng, tokens * h))?;
+        for p in [glm, RouterParams { shared: Some(e), ..glm }, grouped, RouterParams { top_k: 40, ..glm }] {
+            check_route((cpu, gpu), (&xc, &xg), &router, &p, t)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {

@@ -135,8 +135,8 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
         if !r.wants(&label) {
             continue;
         }
-        // Rotate over copies of at least 256 MB in all so the weight is not served from the
-        // 60 MB L2.
+        // Rotate over copies, about 256 MB in all (8 to 64 of them), so the weight is not
+        // served from the 60 MB L2.
         let copies = ((256usize << 20) / (rows * cols * 2)).clamp(8, 64);
         let ws: Vec<_> = (0..copies).map(|i| gpu.weight(&random_weight(&format!("w{i}"), rows, cols, fmt, &mut rng))).collect::<Result<_>>()?;
         let x = gpu.tensor(1, cols, &vec![0.01f32; cols])?;
@@ -180,7 +180,8 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
         // routed experts and the shared expert (folded in as expert 256). Only the resident
         // experts can be picked (the others' selection bias is -1e30, and the set repeats the
         // resident ones so that every index is a real expert), so the gate GEMV, the route and
-        // the plan do the real model's work while the GPU holds 33 experts.
+        // the plan do the real model's work while the GPU holds only the 33 distinct experts
+        // (beside the 32 of the rows below).
         let routed = 256;
         let shared = ExpertWeights {
             gate: random_weight("shared.gate", inter, h, fmt, &mut rng),
