@@ -509,7 +509,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     }
     // Top-K by rank: expert e is pick number `rank`, the count of experts that come before it
     // (a higher score, or the same at a lower index: the CPU's order), when that is below K.
-    // (K rounds of a warp arg-max waited on K chains of shuffles.) In two passes, so that a
+    // (K rounds of a warp arg-max measured slower: K chains of shuffles.) In two passes, so a
     // thread compares against far fewer than E scores: each run of 32 experts ranks itself
     // within the run by shuffles, and those below K there become candidates (an expert's rank
     // within its run is at most its rank overall, so every pick is a candidate); then each
