@@ -12,7 +12,9 @@ use anyhow::{bail, Result};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams, Segment};
+use crate::checkpoint::linear::{Format, LinearWeight};
 use crate::checkpoint::quantize::{synthetic_linear, SynthFormat};
+use crate::checkpoint::safetensors::{OwnedTensor, TensorView};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Model, ModelParts};
 use crate::sampling::Rng;
@@ -369,8 +371,6 @@ fn check_route(
 /// two or three times, in one run and across runs, and the picks depend on the tie order (the
 /// lower index first, on both backends).
 fn check_wide_router(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
-    use crate::checkpoint::linear::{Format, LinearWeight};
-    use crate::checkpoint::safetensors::{OwnedTensor, TensorView};
     let (e, h, distinct) = (256, 256, 96);
     let rows = random(rng, distinct * h);
     let w: Vec<f32> = (0..e).flat_map(|r| rows[(r % distinct) * h..(r % distinct + 1) * h].iter().map(|v| v / 16.0)).collect();

@@ -8,7 +8,7 @@ use super::buffer::DevBuf;
 use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
 use super::weights::{CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
-use crate::backend::{Backend, RouterParams};
+use crate::backend::{Backend, ExpertWeights, RouterParams};
 
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
 pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<CudaRouting> {
@@ -296,7 +296,7 @@ impl CudaBackend {
     /// A layer's expert set whose expert e is `distinct[table[e]]`, each distinct expert on the
     /// device once (`experts` is the identity table; benchmarks repeat a few resident experts to
     /// stand for a real-width router's 256).
-    pub fn experts_indexed(&self, distinct: &[crate::backend::ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
+    pub fn experts_indexed(&self, distinct: &[ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
         let e = super::weights::upload_experts(&self.stream, distinct, table)?;
         if e.mma.is_some() {
             self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
