@@ -5,7 +5,7 @@
 // Normalizes the latent half of kv_a output, ropes the rope half, stores the row; grid T.
 extern "C" __global__ void mla_cache_write(const float* __restrict__ kv, const float* __restrict__ norm_w, float eps,
                                            const float* __restrict__ cosv, const float* __restrict__ sinv, int interleaved,
-                                           const StepMeta m, float* __restrict__ pool, int L, int R) { pdl_entry();
+                                           const StepMeta m, float* __restrict__ pool, int L, int R) { pdl_entry_small();
     extern __shared__ float row[];
     __shared__ float scratch[32];
     int t = blockIdx.x;
@@ -485,7 +485,7 @@ extern "C" __global__ void mla_attend_tc(const float* __restrict__ q_lat, const 
 // Merges the splits of each (row, head): every split's weight exp(m_s - max) once into shared
 // memory, then each thread sums its latent dim over the splits; grid (T, H, ceil(L / blockDim)),
 // smem S floats.
-extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, int L, int S, float* __restrict__ out) { pdl_entry();
+extern "C" __global__ void mla_combine(const float* __restrict__ part, int H, int L, int S, float* __restrict__ out) { pdl_entry_small();
     extern __shared__ float fs[];
     __shared__ float scratch[32];
     int t = blockIdx.x, h = blockIdx.y;

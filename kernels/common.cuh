@@ -281,13 +281,14 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
 
 // ---- programmatic dependent launch -----------------------------------------------------------
 // Every kernel is launched so that it may start while the kernel before it on the stream is
-// still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act is to
-// wait until that kernel has completed and its writes are visible, so no kernel reads an input
-// before it is complete.
+// still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act (after
+// asking L2 for weights, prefetch_l2) is to wait until that kernel has completed and its writes
+// are visible, so no kernel reads an input before it is complete.
 // When a kernel lets the next one launch is the PDL_TRIGGER knob:
 //   0: at entry, right after the wait;
 //   1: only at exit (the implicit trigger);
-//   2: after the main loop of the linear kernels (pdl_late), at exit elsewhere.
+//   2: after the main loop of the linear kernels (pdl_late), right after the wait in the kernels
+//      of a few short blocks (pdl_entry_small, PDL_EARLY), at exit elsewhere.
 // At entry, the next kernel's blocks fill the SM slots beside this one's and then those of its
 // earliest-finishing blocks, so a one-wave GEMV lands unevenly on the SMs (docs/cuda-backend.md).
 // (All are no-ops for a kernel launched without the attribute.)
@@ -301,4 +302,34 @@ __device__ __forceinline__ void pdl_entry() {
 }
 __device__ __forceinline__ void pdl_late() {
     if (PDL_TRIGGER == 2) pdl_trigger();
+}
+// Kernels of a few short blocks (norms, splits, the router, plans, combines) let the next kernel
+// launch right after their wait: its blocks take the SMs these leave idle and a GEMV asks L2
+// for its first weights (prefetch_l2) while this kernel runs. (INT4 MoE block at one token
+// +1-3 points; PDL_EARLY=0 to compare, performance.md.)
+#ifndef PDL_EARLY
+#define PDL_EARLY 1
+#endif
+__device__ __forceinline__ void pdl_entry_small() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (PDL_EARLY || PDL_TRIGGER == 0) pdl_trigger();
+}
+
+// Asks L2 for up to PDL_PREFETCH bytes at p (16-byte aligned; 0 turns it off), from one thread
+// of the block, without waiting. The dense GEMVs call it for the first weights they will read
+// before their wait: weights depend on no kernel, so they stream in while the kernel before
+// finishes (FP8/INT8 6144->2048 54 -> 62% of the copy bandwidth). Only the first block of each
+// SM's worth asks: the blocks that start before the wait ends. When every block asked for its
+// first tile, the GEMVs of several waves lost 8-20 points (the expert down projection at 2-4
+// tokens, bf16 6144->2048), and asking in the expert down projection did too (performance.md).
+#ifndef PDL_PREFETCH
+#define PDL_PREFETCH 32768
+#endif
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
+    if (PDL_PREFETCH == 0 || threadIdx.x != 0) return;
+    u32 sms;
+    asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
+    if (blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z) >= sms) return;
+    u32 n = (u32)min(bytes, (size_t)PDL_PREFETCH) & ~15u;
+    if (n != 0 && ((size_t)p & 15) == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
 }

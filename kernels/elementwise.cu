@@ -4,7 +4,7 @@
 // thread (norm_row in common.cuh) are held in registers, longer or unaligned ones take the loop.
 // With a non-null, the row is x + a (the residual add fused), written to s as well.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
-                                    float eps, const float* __restrict__ a, float* __restrict__ s) { pdl_entry();
+                                    float eps, const float* __restrict__ a, float* __restrict__ s) { pdl_entry_small();
     __shared__ float scratch[32];
     size_t off = (size_t)blockIdx.x * cols;
     const float *xr = x + off, *ar = a ? a + off : nullptr;
@@ -34,12 +34,12 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (vr[c] * r);
 }
 
-extern "C" __global__ void fill(float* __restrict__ p, size_t n, float v) { pdl_entry();
+extern "C" __global__ void fill(float* __restrict__ p, size_t n, float v) { pdl_entry_small();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) p[i] = v;
 }
 
-extern "C" __global__ void add_assign(float* __restrict__ a, const float* __restrict__ b, size_t n) { pdl_entry();
+extern "C" __global__ void add_assign(float* __restrict__ a, const float* __restrict__ b, size_t n) { pdl_entry_small();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] += b[i];
 }

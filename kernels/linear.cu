@@ -247,12 +247,18 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
 }
 
 // y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / ROWS), ceil(T / NT)).
-// ROWS is 4 (each x unit read from L1 serves 4 weight rows), or 1 to spread a weight of few
-// rows over more SMs (linear.rs, gemv_rows: a 256-expert router gate is 64 blocks of 4 rows).
+// (One row per block, to spread the 256-row router gate over more SMs, measured slower in the
+// MoE block: performance.md.)
 template <int FMT, int NT, int ROWS = 4>
 __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
     __shared__ float res[ROWS * NT];
     int r0 = blockIdx.x * ROWS;
+    // The block's rows are contiguous in the plain layout.
+    if (d.vec && !d.mma && r0 < d.rows) {
+        size_t rb = (size_t)(d.cols / Fmt<FMT>::U) * 16;
+        prefetch_l2((const u8*)d.w + r0 * rb, min(ROWS, d.rows - r0) * rb);
+    }
+    pdl_entry();
     int t0 = blockIdx.y * NT;
     int nt = min(NT, T - t0);
     int rows[ROWS];
@@ -387,7 +393,7 @@ __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
 
 // The plan of a step's routes. Shared: a count per expert, then (when `staged`) the pairs'
 // experts, read from global in one parallel pass.
-extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int staged, int* __restrict__ plan) { pdl_entry();
+extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int staged, int* __restrict__ plan) { pdl_entry_small();
     extern __shared__ int cnt[];
     int* ex = cnt + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
@@ -407,15 +413,9 @@ extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, i
 
 #define INSTANTIATE(NAME, FMT)                                                                            \
     extern "C" __global__ void gemv1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
-        pdl_entry();                                                                                       \
         gemv<FMT, 1>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
-    extern "C" __global__ void gemv1r1_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
-        pdl_entry();                                                                                       \
-        gemv<FMT, 1, 1>(d, x, y, T, ldy, yoff);                                                            \
-    }                                                                                                      \
     extern "C" __global__ void gemv8_##NAME(const WDesc d, const float* x, float* y, int T, int ldy, int yoff) { \
-        pdl_entry();                                                                                       \
         gemv<FMT, 8>(d, x, y, T, ldy, yoff);                                                               \
     }                                                                                                      \
     extern "C" __global__ void embed_##NAME(const WDesc d, const int* ids, float* out) { pdl_entry(); embed<FMT>(d, ids, out); } \
@@ -432,7 +432,7 @@ INSTANTIATE(int8, FMT_INT8)
 // out[t, r] = Σ_k w[t, k] · part[t·K + k, r], then + shared[t, r] when given (the shared expert
 // run apart from the routed ones: the same rounding as a last pair of weight 1).
 extern "C" __global__ void moe_combine(const float* __restrict__ part, const float* __restrict__ w, float* __restrict__ out,
-                                       int T, int K, int H, const float* __restrict__ shared) { pdl_entry();
+                                       int T, int K, int H, const float* __restrict__ shared) { pdl_entry_small();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * H) return;
     int t = i / H, r = i % H;
@@ -445,7 +445,7 @@ extern "C" __global__ void moe_combine(const float* __restrict__ part, const flo
 
 // The plan of expert e alone over P pairs, pair p being token p (moe_plan's layout): the shared
 // expert run apart from the routed ones.
-extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { pdl_entry();
+extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { pdl_entry_small();
     for (int p = threadIdx.x; p < P; p += blockDim.x) plan[2 + 2 * P + p] = p;
     if (threadIdx.x == 0) {
         plan[0] = 1;
@@ -464,7 +464,7 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // larger of (3E + G) words and (PE + T·K1) ints.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
-                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry();
+                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
     extern __shared__ float sm[];
     float* s = sm;           // sigmoid scores
     float* c = sm + E;       // selection scores

@@ -620,7 +620,7 @@ template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(
 // registers they fit without spilling, for more warps per SM, measured slower at one token:
 // group-64 experts 57% against 65%.)
 struct Fp8Mma {
-    static constexpr int SLOTS = MMA_TOKENS;
+    static constexpr int SLOTS = MMA_TOKENS, BITS = 8;
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*) {
         return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
     }
@@ -628,7 +628,7 @@ struct Fp8Mma {
 // INT4 with GPC groups per 128-column chunk, zero points or not; with SLOTS 4 a tile takes a
 // second B tile when its slots 2 and 3 are used.
 template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
-    static constexpr int SLOTS = SLOTS_;
+    static constexpr int SLOTS = SLOTS_, BITS = 4;
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
         if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>>(d, ra, rb, trow, xq, sums);
@@ -637,7 +637,7 @@ template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
 };
 // INT8 (symmetric, groups of 64), as INT4.
 template <int SLOTS_> struct Int8Mma {
-    static constexpr int SLOTS = SLOTS_;
+    static constexpr int SLOTS = SLOTS_, BITS = 8;
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
         if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int8Tile<2>>(d, ra, rb, trow, xq, sums);
@@ -739,7 +739,7 @@ __device__ __forceinline__ int planes_exponent(float m) { return row_exponent(m,
 // segment, 4 columns per thread. cols is a multiple of 64.
 #define SPLIT_SEG 1024
 extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16* __restrict__ xs, int* __restrict__ exps) {
-    pdl_entry();
+    pdl_entry_small();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -756,7 +756,7 @@ extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16*
 // columns (see int4_dots). Same grid as split_act; cols is a multiple of 128, so each warp
 // covers whole 128-column chunks.
 extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) {
-    pdl_entry();
+    pdl_entry_small();
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -781,7 +781,7 @@ extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u
 extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
                                           float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
                                           int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
-                                          float* __restrict__ s) { pdl_entry();
+                                          float* __restrict__ s) { pdl_entry_small();
     __shared__ float scratch[32];
     int r = blockIdx.x, seg = blockIdx.y, n4 = cols / 4;
     size_t off = (size_t)r * cols;
@@ -815,10 +815,18 @@ __device__ __forceinline__ void slot_rows(int* trow, const int* base, int n, int
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < n ? base[j] / div : -1;
 }
 
+// Asks L2 for the start of the 16-row tile at row r0 (prefetch_l2), before the kernel's wait.
+template <class V> __device__ __forceinline__ void prefetch_tile(const WDesc& d, int r0) {
+    size_t rb = (size_t)d.cols * V::BITS / 8;
+    if (r0 < d.rows) prefetch_l2((const u8*)d.w + (size_t)(r0 >> 4) * 16 * rb, 16 * rb);
+}
+
 // y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / V::SLOTS)).
 template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
     __shared__ float res[16 * MMA_TOKENS];
     int r0 = blockIdx.x * 16, t0 = blockIdx.y * V::SLOTS, nt = min(V::SLOTS, T - t0);
+    prefetch_tile<V>(d, r0);
+    pdl_entry();
     int g = (threadIdx.x & 31) >> 2;
     int ra = r0 + g < d.rows ? r0 + g : -1, rb = r0 + 8 + g < d.rows ? r0 + 8 + g : -1;
     int trow[MMA_TOKENS];
@@ -895,7 +903,6 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
 
 #define INSTANTIATE_MMA(NAME, V, REGS)                                                                                        \
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
-        pdl_entry();                                                                                                    \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \

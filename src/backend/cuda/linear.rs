@@ -29,10 +29,9 @@ impl CudaBackend {
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
-                let (kernel, rows) = if nt == 1 { self.gemv1_rows(p.rows) } else { (kernel, 4) };
                 self.launch_kernel(
                     (kernel, Some(p.fmt)),
-                    ((p.rows as u32).div_ceil(rows), (x.rows as u32).div_ceil(nt), 1),
+                    ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1),
                     threads_for(p.cols, p.fmt),
                     0,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
@@ -41,19 +40,6 @@ impl CudaBackend {
             yoff += p.rows;
         }
         Ok(())
-    }
-
-    /// The one-token CUDA-core GEMV for a weight of `rows` rows and its rows per block: 4, or
-    /// with `DUET_GEMV_SPREAD=1` (to be measured) 1 when 4 would fill fewer than two blocks per
-    /// SM (a 256-expert router gate: 64 blocks of 4 rows for 132 SMs, each streaming 48 KB).
-    fn gemv1_rows(&self, rows: usize) -> (&'static str, u32) {
-        static SPREAD: OnceLock<bool> = OnceLock::new();
-        let spread = *SPREAD.get_or_init(|| kernels::env_usize("DUET_GEMV_SPREAD", "0 or 1", |v| v <= 1) == Some(1));
-        if spread && rows.div_ceil(4) < 2 * self.sms {
-            ("gemv1r1", 1)
-        } else {
-            ("gemv1", 4)
-        }
     }
 
     /// Launches tensor-core kernel `family` in variant `v`, its tile width chosen for `tokens`
