@@ -347,17 +347,46 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
 }
 
 // Fills `plan` (see plan_parts) from the pairs' experts ex[0 .. P) over E experts; cnt: E ints
-// of shared scratch, zeroed. One whole warp: counts by shared atomics; groups (the used experts
-// in order) and their offsets by warp scans over 32 experts at a time; then each pair's slot,
-// 32 pairs at a time, after the earlier pairs of its expert (match_any), so pairs keep their
-// order within a group. (One thread doing all of it waited on shared memory once per expert.)
+// of shared scratch. One whole warp. Groups are the used experts in increasing order, and pairs
+// keep their order within a group.
+// Up to 32 pairs (a decode step's): a lane per pair, and 32 shuffles give each pair the count
+// of pairs and of groups of smaller experts: its group's offset, its group, and with the
+// earlier pairs of its expert (match_any) its slot; nothing is read per expert (at 256 experts
+// the scan below reads 256 counts). Else counts by shared atomics, groups and their offsets by
+// warp scans over 32 experts at a time, then each pair's slot, 32 pairs at a time. (One
+// thread doing all of it waited on shared memory once per expert.)
 __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
     const unsigned all = 0xffffffffu;
     int lane = threadIdx.x & 31;
     unsigned below = (1u << lane) - 1;
+    int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
+    if (P <= 32) {
+        int e = lane < P ? ex[lane] : 0x7fffffff;  // past the end: after every expert
+        unsigned same = __match_any_sync(all, e);
+        bool first = lane < P && (same & below) == 0;
+        unsigned firsts = __ballot_sync(all, first);
+        int less = 0, less_groups = 0;
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            bool lt = __shfl_sync(all, e, j) < e;
+            less += lt;
+            less_groups += lt && ((firsts >> j) & 1);
+        }
+        if (first) {
+            experts[less_groups] = e;
+            offs[less_groups] = less;
+        }
+        if (lane < P) pairs[less + __popc(same & below)] = lane;
+        if (lane == 0) {
+            plan[0] = __popc(firsts);
+            offs[__popc(firsts)] = P;
+        }
+        return;
+    }
+    for (int e = lane; e < E; e += 32) cnt[e] = 0;
+    __syncwarp();
     for (int p = lane; p < P; p += 32) atomicAdd(&cnt[ex[p]], 1);
     __syncwarp();
-    int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
     int groups = 0, off = 0;
     for (int e0 = 0; e0 < E; e0 += 32) {
         int e = e0 + lane, n = e < E ? cnt[e] : 0, incl = n;
@@ -396,7 +425,6 @@ __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
 extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int staged, int* __restrict__ plan) { pdl_entry_small();
     extern __shared__ int cnt[];
     int* ex = cnt + E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
     if (staged)
         for (int p = threadIdx.x; p < P; p += blockDim.x) ex[p] = idx[p];
     __syncthreads();
@@ -532,17 +560,21 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
         if (e < E && rank < K) cand[atomicAdd(&ncand, 1)] = e;
     }
     __syncthreads();
+    // Four threads a candidate, each comparing it with every fourth candidate (whole warps
+    // through the loop: i0 is the same across the block).
     int nc = ncand;
-    for (int i = threadIdx.x; i < nc; i += blockDim.x) {
-        int e = cand[i];
+    for (int i0 = 0; i0 < nc; i0 += blockDim.x / 4) {
+        int i = i0 + (threadIdx.x >> 2), e = i < nc ? cand[i] : 0, rank = 0;
         float v = c[e];
-        int rank = 0;
-        for (int j = 0; j < nc; j++) {
-            int f = cand[j];
-            float u = c[f];
-            rank += u > v || (u == v && f < e);
-        }
-        if (rank < K) chosen[rank] = e;
+        if (i < nc)
+            for (int j = threadIdx.x & 3; j < nc; j += 4) {
+                int f = cand[j];
+                float u = c[f];
+                rank += u > v || (u == v && f < e);
+            }
+        rank += __shfl_xor_sync(0xffffffffu, rank, 1);
+        rank += __shfl_xor_sync(0xffffffffu, rank, 2);
+        if (i < nc && (threadIdx.x & 3) == 0 && rank < K) chosen[rank] = e;
     }
     __syncthreads();
     if (threadIdx.x >= 32) return;
@@ -561,6 +593,17 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
         }
     }
     if (!plan) return;
+    int P = gridDim.x * K1;
+    int* cnt = (int*)sm;
+    int* ex = cnt + PE;
+    __syncwarp();  // (the lanes' reads of s above come before ex's writes over it)
+    if (gridDim.x == 1) {
+        // The only block (one token): its picks are the step's.
+        for (int k = lane; k < K1; k += 32) ex[k] = k < K ? chosen[k] : shared;
+        __syncwarp();
+        plan_from(ex, P, PE, cnt, plan);
+        return;
+    }
     __shared__ int last;
     __threadfence();  // every lane's picks are visible before the block counts itself done
     __syncwarp();
@@ -568,10 +611,6 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __syncwarp();
     if (!last) return;
     __threadfence();
-    int P = gridDim.x * K1;
-    int* cnt = (int*)sm;
-    int* ex = cnt + PE;
-    for (int e = lane; e < PE; e += 32) cnt[e] = 0;
     for (int p = lane; p < P; p += 32) ex[p] = __ldcg(idx + p);  // other blocks' writes, from L2
     __syncwarp();
     plan_from(ex, P, PE, cnt, plan);
