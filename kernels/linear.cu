@@ -488,7 +488,8 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // routed ones) follows every token's K choices with weight 1, so idx and wout hold K + 1
 // entries per token. With `plan` non-null, the last block to finish also builds the step's
 // plan over PE experts (moe_plan's work, without its launch): blocks count themselves done in
-// `done`, which the last one resets to zero for the next step. Dynamic shared memory: the
+// `done`, which the last one resets to zero for the next step (a block alone, one token, builds
+// it from its own picks without counting). Dynamic shared memory: the
 // larger of (3E + G) words and (PE + T·K1) ints.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
