@@ -90,9 +90,18 @@ __device__ __forceinline__ float block_max(float v, float* scratch) { return blo
 // 2-3 µs). Shared by rms_norm and rms_norm_split, so both give the same bits.
 #define NORM_VEC 8
 // With ar, the row normalized is xr + ar (the residual add fused), and the sum goes to sr: all
-// of it (seg < 0), or register seg's float4s of each thread (the block's segment).
-__device__ __forceinline__ void norm_row(const float* xr, const float* ar, float* sr, int seg, const float* w, int cols, float eps,
-                                         float4 (&v)[NORM_VEC], float* scratch) {
+// of it (seg < 0), or register seg's float4s of each thread (the block's segment). g holds the
+// thread's float4s of w (norm_weights), loaded before the kernel's wait: they depend on no
+// kernel, so their latency passes while the kernel before finishes, not after x's.
+__device__ __forceinline__ void norm_weights(const float* w, int cols, float4 (&g)[NORM_VEC]) {
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        g[j] = i < cols / 4 ? ((const float4*)w)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+__device__ __forceinline__ void norm_row(const float* xr, const float* ar, float* sr, int seg, const float4 (&g)[NORM_VEC], int cols,
+                                         float eps, float4 (&v)[NORM_VEC], float* scratch) {
     int n4 = cols / 4;
     float ss = 0.f;
 #pragma unroll
@@ -111,10 +120,7 @@ __device__ __forceinline__ void norm_row(const float* xr, const float* ar, float
 #pragma unroll
     for (int j = 0; j < NORM_VEC; j++) {
         int i = threadIdx.x + j * blockDim.x;
-        if (i < n4) {
-            float4 g = ((const float4*)w)[i];
-            v[j] = make_float4(g.x * (v[j].x * r), g.y * (v[j].y * r), g.z * (v[j].z * r), g.w * (v[j].w * r));
-        }
+        if (i < n4) v[j] = make_float4(g[j].x * (v[j].x * r), g[j].y * (v[j].y * r), g[j].z * (v[j].z * r), g[j].w * (v[j].w * r));
     }
 }
 

@@ -4,15 +4,19 @@
 // thread (norm_row in common.cuh) are held in registers, longer or unaligned ones take the loop.
 // With a non-null, the row is x + a (the residual add fused), written to s as well.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
-                                    float eps, const float* __restrict__ a, float* __restrict__ s) { pdl_entry_small();
+                                    float eps, const float* __restrict__ a, float* __restrict__ s) {
+    int n4 = cols / 4;
+    bool regs = cols % 4 == 0 && n4 <= NORM_VEC * (int)blockDim.x;
+    float4 g[NORM_VEC];
+    if (regs) norm_weights(w, cols, g);
+    pdl_entry_small();
     __shared__ float scratch[32];
     size_t off = (size_t)blockIdx.x * cols;
     const float *xr = x + off, *ar = a ? a + off : nullptr;
     float *yr = y + off, *sr = s ? s + off : nullptr;
-    int n4 = cols / 4;
-    if (cols % 4 == 0 && n4 <= NORM_VEC * (int)blockDim.x) {
+    if (regs) {
         float4 v[NORM_VEC];
-        norm_row(xr, ar, sr, -1, w, cols, eps, v, scratch);
+        norm_row(xr, ar, sr, -1, g, cols, eps, v, scratch);
 #pragma unroll
         for (int j = 0; j < NORM_VEC; j++) {
             int i = threadIdx.x + j * blockDim.x;

@@ -781,12 +781,15 @@ extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u
 extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
                                           float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
                                           int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
-                                          float* __restrict__ s) { pdl_entry_small();
+                                          float* __restrict__ s) {
+    float4 g[NORM_VEC];
+    norm_weights(w, cols, g);
+    pdl_entry_small();
     __shared__ float scratch[32];
     int r = blockIdx.x, seg = blockIdx.y, n4 = cols / 4;
     size_t off = (size_t)r * cols;
     float4 v[NORM_VEC];
-    norm_row(x + off, a ? a + off : nullptr, s ? s + off : nullptr, seg, w, cols, eps, v, scratch);
+    norm_row(x + off, a ? a + off : nullptr, s ? s + off : nullptr, seg, g, cols, eps, v, scratch);
     float m = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_VEC; j++)
