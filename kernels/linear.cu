@@ -493,9 +493,10 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // larger of (3E + G) words and (PE + T·K1) ints.
 // With `ahead` non-null (the gate/up weights of the experts, rows of `rb` bytes, `I` gate rows
 // then I up rows, 16-row tiles) and ROUTE_PREFETCH > 0, the block's warps past the first ask L2
-// for the first ROUTE_PREFETCH bytes of each pick's gate and up rows (half each) while the
-// first warp writes the picks and the plan: bytes the gate/up kernel reads next that stream
-// while this kernel ends and that one starts (to be measured; off by default).
+// for the first ROUTE_PREFETCH bytes of each pick's gate and up rows (half each, in 32 KB
+// pieces, at least one a half) while the first warp writes the picks and the plan: bytes the
+// gate/up kernel reads next that stream while this kernel ends and that one starts (to be
+// measured; off by default).
 #ifndef ROUTE_PREFETCH
 #define ROUTE_PREFETCH 0
 #endif
