@@ -288,8 +288,8 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
 // ---- programmatic dependent launch -----------------------------------------------------------
 // Every kernel is launched so that it may start while the kernel before it on the stream is
 // still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act (after
-// asking L2 for weights, prefetch_l2) is to wait until that kernel has completed and its writes
-// are visible, so no kernel reads an input before it is complete.
+// asking L2 for weights, prefetch_weights) is to wait until that kernel has completed and its
+// writes are visible, so no kernel reads an input before it is complete.
 // When a kernel lets the next one launch is the PDL_TRIGGER knob:
 //   0: at entry, right after the wait;
 //   1: only at exit (the implicit trigger);
@@ -311,7 +311,7 @@ __device__ __forceinline__ void pdl_late() {
 }
 // Kernels of a few short blocks (norms, splits, the router, plans, combines) let the next kernel
 // launch right after their wait: its blocks take the SMs these leave idle and a GEMV asks L2
-// for its first weights (prefetch_l2) while this kernel runs. (INT4 MoE block at one token
+// for its first weights (prefetch_weights) while this kernel runs. (INT4 MoE block at one token
 // +1-3 points; PDL_EARLY=0 to compare, performance.md.)
 #ifndef PDL_EARLY
 #define PDL_EARLY 1
@@ -319,6 +319,11 @@ __device__ __forceinline__ void pdl_late() {
 __device__ __forceinline__ void pdl_entry_small() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
     if (PDL_EARLY || PDL_TRIGGER == 0) pdl_trigger();
+}
+
+// Asks L2 for n bytes at p (both multiples of 16), without waiting.
+__device__ __forceinline__ void l2_prefetch(const void* p, u32 n) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
 }
 
 // Asks L2 for up to PDL_PREFETCH bytes at p (16-byte aligned; 0 turns it off), from one thread
@@ -331,11 +336,7 @@ __device__ __forceinline__ void pdl_entry_small() {
 #ifndef PDL_PREFETCH
 #define PDL_PREFETCH 32768
 #endif
-// Asks L2 for n bytes at p (both multiples of 16), without waiting.
-__device__ __forceinline__ void l2_prefetch(const void* p, u32 n) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
-}
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
+__device__ __forceinline__ void prefetch_weights(const void* p, size_t bytes) {
     if (PDL_PREFETCH == 0 || threadIdx.x != 0) return;
     u32 sms;
     asm("mov.u32 %0, %%nsmid;" : "=r"(sms));

@@ -246,17 +246,18 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
     __syncthreads();
 }
 
-// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / ROWS), ceil(T / NT)).
+// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / 4), ceil(T / NT)).
 // (One row per block, to spread the 256-row router gate over more SMs, measured slower in the
 // MoE block: performance.md.)
-template <int FMT, int NT, int ROWS = 4>
+template <int FMT, int NT>
 __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
+    constexpr int ROWS = 4;
     __shared__ float res[ROWS * NT];
     int r0 = blockIdx.x * ROWS;
     // The block's rows are contiguous in the plain layout.
     if (d.vec && !d.mma && r0 < d.rows) {
         size_t rb = (size_t)(d.cols / Fmt<FMT>::U) * 16;
-        prefetch_l2((const u8*)d.w + r0 * rb, min(ROWS, d.rows - r0) * rb);
+        prefetch_weights((const u8*)d.w + r0 * rb, min(ROWS, d.rows - r0) * rb);
     }
     pdl_entry();
     int t0 = blockIdx.y * NT;

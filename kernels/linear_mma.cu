@@ -818,10 +818,11 @@ __device__ __forceinline__ void slot_rows(int* trow, const int* base, int n, int
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < n ? base[j] / div : -1;
 }
 
-// Asks L2 for the start of the 16-row tile at row r0 (prefetch_l2), before the kernel's wait.
+// Asks L2 for the start of the 16-row tile at row r0 (prefetch_weights), before the kernel's
+// wait.
 template <class V> __device__ __forceinline__ void prefetch_tile(const WDesc& d, int r0) {
     size_t rb = (size_t)d.cols * V::BITS / 8;
-    if (r0 < d.rows) prefetch_l2((const u8*)d.w + (size_t)(r0 >> 4) * 16 * rb, 16 * rb);
+    if (r0 < d.rows) prefetch_weights((const u8*)d.w + wbyte(d, r0, 0, rb), 16 * rb);
 }
 
 // y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / V::SLOTS)).

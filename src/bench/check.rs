@@ -178,9 +178,7 @@ fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
 
 /// An integer weight with its group scales made F32 of full precision (each nudged by 2^-20 of
 /// itself), which f16 cannot hold exactly.
-fn with_f32_scales(mut w: crate::checkpoint::LinearWeight) -> crate::checkpoint::LinearWeight {
-    use crate::checkpoint::linear::Format;
-    use crate::checkpoint::safetensors::{OwnedTensor, TensorView};
+fn with_f32_scales(mut w: LinearWeight) -> LinearWeight {
     let values: Vec<f32> = w.scale_values().iter().map(|s| s * (1.0 + 2f32.powi(-20))).collect();
     if let Format::Packed { scale, .. } = &mut w.format {
         let shape = scale.shape.clone();

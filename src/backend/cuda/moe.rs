@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
 use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
-use super::weights::{CudaExperts, CudaWeight, WDesc};
+use super::weights::{upload_experts, CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, ExpertWeights, RouterParams};
 
@@ -302,7 +302,7 @@ impl CudaBackend {
     /// device once (`experts` is the identity table; benchmarks repeat a few resident experts to
     /// stand for a real-width router's 256).
     pub fn experts_indexed(&self, distinct: &[ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
-        let e = super::weights::upload_experts(&self.stream, distinct, table)?;
+        let e = upload_experts(&self.stream, distinct, table)?;
         if e.mma.is_some() {
             self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
         }
