@@ -492,19 +492,9 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // `done`, which the last one resets to zero for the next step (a block alone, one token, builds
 // it from its own picks without counting). Dynamic shared memory: the
 // larger of (3E + G) words and (PE + T·K1) ints.
-// With `ahead` non-null (the gate/up weights of the experts, rows of `rb` bytes, `I` gate rows
-// then I up rows, 16-row tiles) and ROUTE_PREFETCH > 0, the block's warps past the first ask L2
-// for the first ROUTE_PREFETCH bytes of each pick's gate and up rows (half each, in 32 KB
-// pieces, at least one a half) while the first warp writes the picks and the plan: bytes the
-// gate/up kernel reads next that stream while this kernel ends and that one starts (to be
-// measured; off by default).
-#ifndef ROUTE_PREFETCH
-#define ROUTE_PREFETCH 0
-#endif
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
-                                     int* __restrict__ plan, int* __restrict__ done, int PE, const WDesc* __restrict__ ahead, int rb,
-                                     int I) { pdl_entry_small();
+                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
     extern __shared__ float sm[];
     float* s = sm;           // sigmoid scores
     float* c = sm + E;       // selection scores
@@ -589,15 +579,6 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
         if (i < nc && (threadIdx.x & 3) == 0 && rank < K) chosen[rank] = e;
     }
     __syncthreads();
-    if (ROUTE_PREFETCH > 0 && ahead && threadIdx.x >= 32) {
-        const int PIECE = 32768, ph = max(ROUTE_PREFETCH / 2 / PIECE, 1);  // pieces a half
-        size_t half = (size_t)I * rb;
-        for (int i = threadIdx.x - 32; i < K * 2 * ph; i += blockDim.x - 32) {
-            int k = i / (2 * ph), up = (i / ph) & 1;
-            size_t off = (size_t)(i % ph) * PIECE;
-            if (off < half) l2_prefetch((const u8*)ahead[chosen[k]].w + up * half + off, (u32)min((size_t)PIECE, half - off) & ~15u);
-        }
-    }
     if (threadIdx.x >= 32) return;
     int lane = threadIdx.x;
     float sum = 0.f;

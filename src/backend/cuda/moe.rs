@@ -13,13 +13,11 @@ use crate::backend::{Backend, ExpertWeights, RouterParams};
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
 pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<CudaRouting> {
     // The plan counts the appended shared expert too.
-    route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)), None)
+    route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)))
 }
 
-/// `route`, with the decode plan made for a set of `plan_experts` experts; with `ahead`, the
-/// experts the picks name, whose gate/up weights the router asks L2 for as it ends
-/// (ROUTE_PREFETCH in kernels/linear.cu; off unless that is set).
-fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, ahead: Option<&CudaExperts>) -> Result<CudaRouting> {
+/// `route`, with the decode plan made for a set of `plan_experts` experts.
+fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize) -> Result<CudaRouting> {
     let e = gate.rows;
     if bias.0.len() != e {
         bail!("route: bias of {} for {e} experts", bias.0.len());
@@ -59,9 +57,6 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
                 Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
                 Arg::Ptr(gpu.ptr(&gpu.route_done)),
                 Arg::I32(plan_experts as i32),
-                Arg::Ptr(ahead.map_or(0, |e| gpu.ptr(&e.gate_up_table))),
-                Arg::I32(ahead.map_or(0, |e| (e.hidden / e.fmt_gate_up.unit() * 16) as i32)),
-                Arg::I32(ahead.map_or(0, |e| e.inter as i32)),
             ],
         )?;
     }
@@ -181,7 +176,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
-            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, Some(experts))?;
+            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count)?;
             let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
             let pairs = t * routing.top_k;
             let pass = MmaPass::new(gpu, pairs, experts)?;
