@@ -485,23 +485,33 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 }
 
 // Sigmoid router with the selection-only bias and group-limited top-k (ties go to the lower
-// index); one block per token. With shared ≥ 0 that expert (the shared expert folded into the
-// routed ones) follows every token's K choices with weight 1, so idx and wout hold K + 1
-// entries per token. With `plan` non-null, the last block to finish also builds the step's
-// plan over PE experts (moe_plan's work, without its launch): blocks count themselves done in
-// `done`, which the last one resets to zero for the next step (a block alone, one token, builds
-// it from its own picks without counting). Dynamic shared memory: the
-// larger of (3E + G) words and (PE + T·K1) ints.
-extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
+// index); ROUTE_THREADS threads per token: a block of blockDim.x / ROUTE_THREADS sub-blocks,
+// each taking one token with its own share of shared memory (the host puts up to
+// ROUTE_MAX_TOKENS tokens of a decode step in one block, else one a block). With shared ≥ 0
+// that expert (the shared expert folded into the routed ones) follows every token's K choices
+// with weight 1, so idx and wout hold K + 1 entries per token. With `plan` non-null the step's
+// plan over PE experts is built here too (moe_plan's work, without its launch): by the only
+// block from its tokens' picks, or by the last block of several to finish: blocks count
+// themselves done in `done`, which the last one resets to zero for the next step. (At two
+// tokens that count, its fences and the reload of the other blocks' picks took the router
+// from 6.0 µs alone at one token to 10.3 µs.) Dynamic shared memory: the larger of
+// sub-blocks·(3E + G) words and (PE + T·K1) ints.
+#define ROUTE_THREADS 256   // ROUTE_THREADS in moe.rs
+#define ROUTE_MAX_TOKENS 4  // sub-blocks a block at most (1024 threads)
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
                                      int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
     extern __shared__ float sm[];
-    float* s = sm;           // sigmoid scores
-    float* c = sm + E;       // selection scores
-    float* gs = sm + 2 * E;  // group scores
-    __shared__ int chosen[64];
-    int t = blockIdx.x, K1 = K + (shared >= 0);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    // Sub-block `sub` takes token t with threads tid; every barrier below is reached by all
+    // sub-blocks alike (their control flow differs only within warps' loops).
+    int tpb = blockDim.x / ROUTE_THREADS, sub = threadIdx.x / ROUTE_THREADS, tid = threadIdx.x % ROUTE_THREADS;
+    int t = blockIdx.x * tpb + sub, K1 = K + (shared >= 0);
+    float* s = sm + sub * (3 * E + G);  // sigmoid scores
+    float* c = s + E;                   // selection scores
+    float* gs = s + 2 * E;              // group scores
+    __shared__ int chosen_all[ROUTE_MAX_TOKENS][64];
+    int* chosen = chosen_all[sub];
+    for (int e = tid; e < E; e += ROUTE_THREADS) {
         float z = logits[(size_t)t * E + e];
         float v = 1.f / (1.f + expf(-z));
         s[e] = v;
@@ -511,7 +521,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __syncthreads();
     int per = E / G;
     if (G > 1) {
-        for (int g = threadIdx.x; g < G; g += blockDim.x) {
+        for (int g = tid; g < G; g += ROUTE_THREADS) {
             float a = NEG_INF, b = NEG_INF;
             for (int j = 0; j < per; j++) {
                 float v = c[g * per + j];
@@ -520,7 +530,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             gs[g] = a + b;
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
+        if (tid == 0) {
             for (int k = 0; k < TG; k++) {
                 int bi = -1;
                 for (int g = 0; g < G; g++)
@@ -533,7 +543,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             for (int k = 0; k < TG; k++) if (chosen[k] >= 0) gs[chosen[k]] = 1.f;
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < E; e += blockDim.x)
+        for (int e = tid; e < E; e += ROUTE_THREADS)
             if (gs[e / per] == 0.f) c[e] = NEG_INF;
         __syncthreads();
     }
@@ -545,13 +555,13 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     // within its run is at most its rank overall, so every pick is a candidate); then each
     // candidate's rank among the candidates is its rank overall for the K picks (whatever
     // comes before a pick is a pick) and at least K for the others (the K picks come before).
-    int* cand = (int*)(sm + 2 * E + G);  // E ints
-    __shared__ int ncand;
-    if (threadIdx.x == 0) ncand = 0;
+    int* cand = (int*)(s + 2 * E + G);  // E ints
+    __shared__ int ncand_all[ROUTE_MAX_TOKENS];
+    if (tid == 0) ncand_all[sub] = 0;
     __syncthreads();
-    // (Whole warps: blockDim.x is a multiple of 32, and base is the same across a warp.)
-    for (int base = (threadIdx.x >> 5) * 32; base < E; base += blockDim.x) {
-        int l = threadIdx.x & 31, e = base + l;
+    // (Whole warps: ROUTE_THREADS is a multiple of 32, and base is the same across a warp.)
+    for (int base = (tid >> 5) * 32; base < E; base += ROUTE_THREADS) {
+        int l = tid & 31, e = base + l;
         float v = e < E ? c[e] : NEG_INF;  // past the end: last, behind every expert (index)
         int rank = 0;
 #pragma unroll 8
@@ -559,53 +569,61 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             float u = __shfl_sync(0xffffffffu, v, j);
             rank += u > v || (u == v && j < l);
         }
-        if (e < E && rank < K) cand[atomicAdd(&ncand, 1)] = e;
+        if (e < E && rank < K) cand[atomicAdd(&ncand_all[sub], 1)] = e;
     }
     __syncthreads();
     // Four threads a candidate, each comparing it with every fourth candidate (whole warps
-    // through the loop: i0 is the same across the block).
-    int nc = ncand;
-    for (int i0 = 0; i0 < nc; i0 += blockDim.x / 4) {
-        int i = i0 + (threadIdx.x >> 2), e = i < nc ? cand[i] : 0, rank = 0;
+    // through the loop: i0 is the same across the sub-block).
+    int nc = ncand_all[sub];
+    for (int i0 = 0; i0 < nc; i0 += ROUTE_THREADS / 4) {
+        int i = i0 + (tid >> 2), e = i < nc ? cand[i] : 0, rank = 0;
         float v = c[e];
         if (i < nc)
-            for (int j = threadIdx.x & 3; j < nc; j += 4) {
+            for (int j = tid & 3; j < nc; j += 4) {
                 int f = cand[j];
                 float u = c[f];
                 rank += u > v || (u == v && f < e);
             }
         rank += __shfl_xor_sync(0xffffffffu, rank, 1);
         rank += __shfl_xor_sync(0xffffffffu, rank, 2);
-        if (i < nc && (threadIdx.x & 3) == 0 && rank < K) chosen[rank] = e;
+        if (i < nc && (tid & 3) == 0 && rank < K) chosen[rank] = e;
     }
     __syncthreads();
-    if (threadIdx.x >= 32) return;
-    int lane = threadIdx.x;
-    float sum = 0.f;
-    for (int k = 0; k < K; k++) sum += s[chosen[k]];
-    float denom = norm ? sum + 1e-20f : 1.f;
-    for (int k = lane; k < K; k += 32) {
-        idx[t * K1 + k] = chosen[k];
-        wout[t * K1 + k] = s[chosen[k]] / denom * scaling;
-    }
-    if (lane == 0) {
-        if (shared >= 0) {
+    // The token's picks and weights, by the sub-block's first warp.
+    if (tid < 32) {
+        int lane = tid;
+        float sum = 0.f;
+        for (int k = 0; k < K; k++) sum += s[chosen[k]];
+        float denom = norm ? sum + 1e-20f : 1.f;
+        for (int k = lane; k < K; k += 32) {
+            idx[t * K1 + k] = chosen[k];
+            wout[t * K1 + k] = s[chosen[k]] / denom * scaling;
+        }
+        if (lane == 0 && shared >= 0) {
             idx[t * K1 + K] = shared;
             wout[t * K1 + K] = 1.f;
         }
     }
     if (!plan) return;
-    int P = gridDim.x * K1;
+    int P = gridDim.x * tpb * K1;
     int* cnt = (int*)sm;
     int* ex = cnt + PE;
-    __syncwarp();  // (the lanes' reads of s above come before ex's writes over it)
     if (gridDim.x == 1) {
-        // The only block (one token): its picks are the step's.
-        for (int k = lane; k < K1; k += 32) ex[k] = k < K ? chosen[k] : shared;
+        // The only block: its tokens' picks are the step's.
+        __syncthreads();  // (every sub-block's reads of its scores come before ex's writes over them)
+        if (threadIdx.x >= 32) return;
+        for (int p = threadIdx.x; p < P; p += 32) {
+            int j = p / K1, k = p % K1;
+            ex[p] = k < K ? chosen_all[j][k] : shared;
+        }
         __syncwarp();
         plan_from(ex, P, PE, cnt, plan);
         return;
     }
+    // Several blocks (one token each: the host puts tokens together only in a block alone).
+    if (threadIdx.x >= 32) return;
+    int lane = threadIdx.x;
+    __syncwarp();  // (the lanes' reads of s above come before ex's writes over it)
     __shared__ int last;
     __threadfence();  // every lane's picks are visible before the block counts itself done
     __syncwarp();

@@ -16,6 +16,17 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
     route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)))
 }
 
+/// Threads per token of moe_route, and the most tokens it takes in one block (kernels/linear.cu).
+const ROUTE_THREADS: usize = 256;
+const ROUTE_MAX_TOKENS: usize = 4;
+
+/// Whether moe_route takes a decode step's tokens in one block (`DUET_ROUTE_TOGETHER`, default
+/// on; 0: a block a token, for comparison).
+fn route_together() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_ROUTE_TOGETHER", true))
+}
+
 /// `route`, with the decode plan made for a set of `plan_experts` experts.
 fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize) -> Result<CudaRouting> {
     let e = gate.rows;
@@ -36,11 +47,17 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     // Decode steps get their plan from the router's last block (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
     if x.rows > 0 {
-        let smem = (3 * e + p.n_group).max(if plan.is_some() { plan_experts + pairs } else { 0 }) * 4;
+        // A decode step of up to ROUTE_MAX_TOKENS tokens in one block, a sub-block a token, so
+        // that block builds the plan from its own picks (no count across blocks); the tokens'
+        // scores must fit in the default 48 KB of shared memory.
+        let per_token = (3 * e + p.n_group) * 4;
+        let together = plan.is_some() && x.rows <= ROUTE_MAX_TOKENS && x.rows * per_token <= 48 * 1024 && route_together();
+        let tokens_per_block = if together { x.rows } else { 1 };
+        let smem = (tokens_per_block * per_token).max(if plan.is_some() { (plan_experts + pairs) * 4 } else { 0 });
         gpu.launch(
             "moe_route",
-            (x.rows as u32, 1, 1),
-            256,
+            ((x.rows / tokens_per_block) as u32, 1, 1),
+            (ROUTE_THREADS * tokens_per_block) as u32,
             smem,
             &[
                 Arg::Ptr(gpu.ptr(&logits.buf)),
