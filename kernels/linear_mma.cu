@@ -193,6 +193,20 @@ __device__ __forceinline__ int slot_row(const int* trow, int t) {
 // INT4 lanes' activation loads and three quarters of FP8's, as many L1 bytes as the weights'.
 __device__ __forceinline__ bool slot_used(const int* trow, int t) { return (t == 0 ? trow[0] : t == 1 ? trow[1] : t == 2 ? trow[2] : trow[3]) >= 0; }
 
+// BYTES (4, 8 or 16) bytes from p (aligned to them) as words, the rest zero: one vector load.
+template <int BYTES> __device__ __forceinline__ void load_words(const void* p, u32 (&w)[4]) {
+    w[0] = w[1] = w[2] = w[3] = 0;
+    if (BYTES == 16) {
+        uint4 t = __ldg((const uint4*)p);
+        w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
+    } else if (BYTES == 8) {
+        uint2 t = __ldg((const uint2*)p);
+        w[0] = t.x, w[1] = t.y;
+    } else {
+        w[0] = __ldg((const u32*)p);
+    }
+}
+
 // A run of UNR chunks' 16-bit scales of one row from p (the run's first chunk's), PER to a
 // chunk (1, 2 or 4), as chunk u's halves in v[u] (half s: bits 16s of .x, then of .y). One
 // vector load when they fill 4, 8 or 16 bytes and `whole` (the rows hold whole runs, so p is
@@ -202,16 +216,8 @@ template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_scal
     constexpr int BYTES = 2 * PER * UNR;
     if constexpr (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16)) {
         if (whole) {
-            u32 w[4] = {0, 0, 0, 0};
-            if (BYTES == 16) {
-                uint4 t = __ldg((const uint4*)p);
-                w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
-            } else if (BYTES == 8) {
-                uint2 t = __ldg((const uint2*)p);
-                w[0] = t.x, w[1] = t.y;
-            } else {
-                w[0] = __ldg((const u32*)p);
-            }
+            u32 w[4];
+            load_words<BYTES>(p, w);
 #pragma unroll
             for (int u = 0; u < UNR; u++) {
                 int h = u * PER;  // the chunk's first half
@@ -245,16 +251,8 @@ template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_zero
     constexpr int BYTES = PER * UNR;
     if constexpr (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16)) {
         if (whole) {
-            u32 w[4] = {0, 0, 0, 0};
-            if (BYTES == 16) {
-                uint4 t = __ldg((const uint4*)p);
-                w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
-            } else if (BYTES == 8) {
-                uint2 t = __ldg((const uint2*)p);
-                w[0] = t.x, w[1] = t.y;
-            } else {
-                w[0] = __ldg((const u32*)p);
-            }
+            u32 w[4];
+            load_words<BYTES>(p, w);
 #pragma unroll
             for (int u = 0; u < UNR; u++) {
                 int b = u * PER;  // the chunk's first byte
