@@ -321,6 +321,23 @@ impl CudaBackend {
         Ok(e)
     }
 
+    /// The plan the router built for `routing` (None if it built none) beside moe_plan's of the
+    /// same routes, each as (experts per group, group offsets, pairs): `duet bench check`
+    /// compares them.
+    #[allow(clippy::type_complexity)]
+    pub fn route_plans(&self, routing: &CudaRouting) -> Result<Option<[(Vec<i32>, Vec<i32>, Vec<i32>); 2]>> {
+        let Some((built, n)) = &routing.plan else { return Ok(None) };
+        let pairs = routing.idx.len();
+        let made = make_plan(self, routing, pairs, *n)?;
+        let parts = |b: &CudaSlice<i32>| -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
+            let v = self.stream.clone_dtoh(b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            // Only the used groups' entries are written (plan_parts in kernels/common.cuh).
+            let groups = (v[0].max(0) as usize).min(pairs);
+            Ok((v[1..1 + groups].to_vec(), v[1 + pairs..2 + pairs + groups].to_vec(), v[2 + 2 * pairs..2 + 3 * pairs].to_vec()))
+        };
+        Ok(Some([parts(built)?, parts(&made)?]))
+    }
+
     /// The grouped expert GEMVs of `x` routed by `routing`, ready to launch one at a time (the
     /// experts take the tensor-core kernels and `x` is a decode batch).
     pub fn expert_gemvs<'a>(&'a self, x: &'a CudaTensor, experts: &'a CudaExperts, routing: &CudaRouting) -> Result<ExpertGemvs<'a>> {
