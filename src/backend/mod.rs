@@ -206,6 +206,27 @@ pub struct ExpertWeights {
     pub down: LinearWeight,
 }
 
+/// An MoE block as a backend runs it: the router's gate and selection bias, the routed
+/// experts (with the shared expert among them when `router.shared` names it), a shared expert
+/// kept apart (stored unlike the routed ones), and the router's parameters.
+pub struct MoeBlock<'a, B: Backend> {
+    pub gate: &'a B::Weight,
+    pub bias: &'a B::Vector,
+    pub experts: &'a B::Experts,
+    pub shared: Option<&'a B::Experts>,
+    pub router: &'a RouterParams,
+}
+
+impl<B: Backend> MoeBlock<'_, B> {
+    /// The block over the normalized rows `h`.
+    pub fn run(&self, b: &B, h: &B::Tensor) -> Result<B::Tensor> {
+        match self.shared {
+            Some(s) => b.moe_block_shared(h, self.gate, self.bias, self.experts, s, self.router),
+            None => b.moe_block(h, self.gate, self.bias, self.experts, self.router),
+        }
+    }
+}
+
 /// Lengths that size kernel launches (the keys an attention row may see) are rounded up to
 /// these buckets: multiples of 64, in steps of an eighth of the next power of two once that is
 /// larger (so under a quarter is wasted past 512). The kernels bound each
@@ -387,6 +408,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let mut y = self.moe_block(x, gate, bias, experts, p)?;
         self.add_assign(&mut y, &self.expert_all(x, shared)?)?;
         Ok(y)
+    }
+    /// `x += a`, then `block` over the RMSNorm (`w`, `eps`) of the sum: a layer's
+    /// post-attention residual add, norm and MoE block, which a backend may run in fewer
+    /// launches (the same values as the steps apart, up to the rounding of the router's logits).
+    fn add_norm_moe_block(&self, x: &mut Self::Tensor, a: &Self::Tensor, w: &Self::Vector, eps: f32, block: &MoeBlock<'_, Self>) -> Result<Self::Tensor> {
+        let h = self.add_rms_norm(x, a, w, eps)?;
+        block.run(self, &h)
     }
 }
 

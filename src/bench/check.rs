@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
-use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams, Segment};
+use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, MoeBlock, RopeSpec, RouterParams, Segment};
 use crate::checkpoint::linear::{Format, LinearWeight};
 use crate::checkpoint::quantize::{synthetic_linear, SynthFormat};
 use crate::checkpoint::safetensors::{OwnedTensor, TensorView};
@@ -438,6 +438,11 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
     for tokens in [1, 2, 3, 4, 8, 13] {
         let x = random(rng, tokens * h);
         let (xc, xg) = pair(cpu, gpu, tokens, h, &x)?;
+        // An attention output and a norm for the blocks run as a layer runs them (x the
+        // residual stream).
+        let norm: Vec<f32> = random(rng, h).iter().map(|v| 1.0 + 0.25 * v).collect();
+        let a = pair(cpu, gpu, tokens, h, &random(rng, tokens * h))?;
+        let add = AddNorm { a: (&a.0, &a.1), norm: (&cpu.vector(&norm)?, &gpu.vector(&norm)?) };
         // With an always-on shared expert appended too (the folded shared expert of a real block).
         let with_shared = RouterParams { shared: Some(e), ..p };
         let Some((_, rg_shared)) = check_route((cpu, gpu), (&xc, &xg), &router, &with_shared, t)? else { continue };
@@ -457,7 +462,9 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
             t.flag("moe block", case.clone(), yg == folded, "= folded");
             // Decode steps replay as CUDA graphs, the side stream a parallel branch of them.
             let replay = replayed(gpu, || gpu.moe_block(&xg, &gate_g, &bias_g, ex_g, &with_shared))?;
-            t.flag("moe block graph", case, replay == yg, "= eager");
+            t.flag("moe block graph", case.clone(), replay == yg, "= eager");
+            let blocks = (MoeBlock { gate: &gate_c, bias: &bias_c, experts: ex_c, shared: None, router: &with_shared }, MoeBlock { gate: &gate_g, bias: &bias_g, experts: ex_g, shared: None, router: &with_shared });
+            check_add_norm_block((cpu, gpu), (&xc, &xg), &add, blocks, &case, t)?;
         }
         // A shared expert stored unlike the routed ones, kept apart (INT8 or FP8 beside INT4
         // experts, as in the real GLM INT4 checkpoints): against the oracle, and replayed.
@@ -468,10 +475,43 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
                 let case = format!("{fmt} {e}x[{i},{h}] top-{} + {sfmt} shared x{tokens}", p.top_k);
                 t.push("moe block", case.clone(), rel_err(&yg, &yc));
                 let replay = replayed(gpu, || gpu.moe_block_shared(&xg, &gate_g, &bias_g, ex_g, sg, &p))?;
-                t.flag("moe block graph", case, replay == yg, "= eager");
+                t.flag("moe block graph", case.clone(), replay == yg, "= eager");
+                let blocks = (MoeBlock { gate: &gate_c, bias: &bias_c, experts: ex_c, shared: Some(sc), router: &p }, MoeBlock { gate: &gate_g, bias: &bias_g, experts: ex_g, shared: Some(sg), router: &p });
+                check_add_norm_block((cpu, gpu), (&xc, &xg), &add, blocks, &case, t)?;
             }
         }
     }
+    Ok(())
+}
+
+/// The residual add and norm before an MoE block in a layer: the attention output and the
+/// norm's weight, on each backend.
+struct AddNorm<'a> {
+    a: (&'a <CpuBackend as Backend>::Tensor, &'a <CudaBackend as Backend>::Tensor),
+    norm: (&'a <CpuBackend as Backend>::Vector, &'a <CudaBackend as Backend>::Vector),
+}
+
+/// The post-attention add, norm and MoE block as a layer runs them (`add_norm_moe_block`:
+/// with `DUET_NORM_ROUTER=1` the router's logits in the norm's launch) over the residual `x`:
+/// the block's output and the updated residual against the oracle, and replayed as a graph.
+fn check_add_norm_block(
+    (cpu, gpu): (&CpuBackend, &CudaBackend),
+    (xc, xg): (&<CpuBackend as Backend>::Tensor, &<CudaBackend as Backend>::Tensor),
+    add: &AddNorm<'_>,
+    (block_c, block_g): (MoeBlock<'_, CpuBackend>, MoeBlock<'_, CudaBackend>),
+    case: &str,
+    t: &mut Table,
+) -> Result<()> {
+    let (mut rc, mut rg) = (cpu.copy(xc)?, gpu.copy(xg)?);
+    let yc = cpu.to_host(&cpu.add_norm_moe_block(&mut rc, add.a.0, add.norm.0, 1e-6, &block_c)?)?;
+    let yg = gpu.to_host(&gpu.add_norm_moe_block(&mut rg, add.a.1, add.norm.1, 1e-6, &block_g)?)?;
+    t.push("add + norm + moe block", case.to_string(), rel_err(&yg, &yc));
+    t.push("add + norm + moe block", format!("{case}: residual"), rel_err(&gpu.to_host(&rg)?, &cpu.to_host(&rc)?));
+    let replay = replayed(gpu, || {
+        let mut r = gpu.copy(xg)?;
+        gpu.add_norm_moe_block(&mut r, add.a.1, add.norm.1, 1e-6, &block_g)
+    })?;
+    t.flag("add + norm + moe block graph", case.to_string(), replay == yg, "= eager");
     Ok(())
 }
 

@@ -203,21 +203,26 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             idx.retain(|&e| Some(e as usize) != layer.router.shared);
             idx.sort_unstable();
             idx.dedup();
-            let label = format!("moe layer {fmt} x{batch} (norm, router of {routed}, {} routed, shared)", idx.len());
+            let label = format!("moe layer {fmt} x{batch} (add + norm, router of {routed}, {} routed, shared)", idx.len());
             if !r.wants(&label) {
                 continue;
             }
-            // The block's input norm makes a fresh activation per call, as in a decode step, so
-            // its split for the tensor cores is timed too.
+            // As a decoder layer runs it: the attention's output `a` added to the residual
+            // stream, the block's input norm of the sum (a fresh activation per call, so its
+            // split for the tensor cores is timed too), then the block.
             let ones = gpu.vector(&vec![1.0; h])?;
-            let ms = time_graph(&gpu, 8, reps, || layer.forward(&gpu, &gpu.rms_norm(&x, &ones, 1e-6)?).map(|_| ()))?;
+            let a: Vec<f32> = (0..batch * h).map(|_| (rng.next_u64() % 2001) as f32 * 1e-4 - 0.1).collect();
+            let a = gpu.tensor(batch, h, &a)?;
+            let mut resid = gpu.copy(&x)?;
+            let ms = time_graph(&gpu, 8, reps, || gpu.add_norm_moe_block(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?;
             let bytes = (routed * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
             r.row(&label, bytes, ms);
-            // Where the block's time goes: its norm, then the norm and router (gate GEMV, route
-            // and plan) alone; the rest is the experts with their splits and the combine (at
-            // decode the shared expert runs beside the router, so the rest is what it did not hide).
-            let norm = time_graph(&gpu, 8, reps, || gpu.rms_norm(&x, &ones, 1e-6).map(|_| ()))?;
-            let router = time_graph(&gpu, 8, reps, || gpu.route(&gpu.rms_norm(&x, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
+            // Where the block's time goes: its add and norm, then those and the router (gate
+            // GEMV, route and plan) alone; the rest is the experts with their splits and the
+            // combine (at decode the shared expert runs beside the router, so the rest is what
+            // it did not hide).
+            let norm = time_graph(&gpu, 8, reps, || gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6).map(|_| ()))?;
+            let router = time_graph(&gpu, 8, reps, || gpu.route(&gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
             r.part(&format!("  norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
         }
         for batch in [1usize, 2, 4] {

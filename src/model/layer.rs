@@ -48,8 +48,7 @@ impl<B: Backend> DecoderLayer<B> {
             None => b.rms_norm(&x, &self.input_norm, self.eps)?,
         };
         let a = self.attn.forward(cx, &h, slot, sel)?;
-        let h = b.add_rms_norm(&mut x, &a, &self.post_norm, self.eps)?;
-        let f = self.ffn.forward(b, &h)?;
+        let f = self.ffn.forward_add_norm(b, &mut x, &a, &self.post_norm, self.eps)?;
         Ok((x, f))
     }
 }

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::backend::{Backend, ExpertWeights, RouterParams};
+use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
 use crate::checkpoint::{Checkpoint, LinearWeight};
 
 /// `down(silu(gate x) · up x)`, with gate and up stacked into one weight.
@@ -87,11 +87,13 @@ impl<B: Backend> Moe<B> {
         Ok(Moe { gate: b.weight(gate)?, bias: b.vector(bias)?, experts, shared, router })
     }
 
+    /// The block as the backend takes it.
+    pub fn block(&self) -> MoeBlock<'_, B> {
+        MoeBlock { gate: &self.gate, bias: &self.bias, experts: &self.experts, shared: self.shared.as_ref(), router: &self.router }
+    }
+
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        match &self.shared {
-            Some(shared) => b.moe_block_shared(x, &self.gate, &self.bias, &self.experts, shared, &self.router),
-            None => b.moe_block(x, &self.gate, &self.bias, &self.experts, &self.router),
-        }
+        self.block().run(b, x)
     }
 }
 
@@ -114,6 +116,15 @@ impl<B: Backend> Ffn<B> {
         match self {
             Ffn::Dense(m) => m.forward(b, x),
             Ffn::Moe(m) => m.forward(b, x),
+        }
+    }
+
+    /// `x += a`, then the FFN of the RMSNorm (`w`, `eps`) of the sum (as a decoder layer runs
+    /// it after attention; the backend may fuse the add and norm with an MoE block's router).
+    pub fn forward_add_norm(&self, b: &B, x: &mut B::Tensor, a: &B::Tensor, w: &B::Vector, eps: f32) -> Result<B::Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(b, &b.add_rms_norm(x, a, w, eps)?),
+            Ffn::Moe(m) => b.add_norm_moe_block(x, a, w, eps, &m.block()),
         }
     }
 }

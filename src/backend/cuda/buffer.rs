@@ -53,6 +53,14 @@ impl<T: 'static> DevBuf<T> {
     pub fn new(slice: CudaSlice<T>, keeper: Option<Keeper>) -> DevBuf<T> {
         DevBuf { slice: std::mem::ManuallyDrop::new(slice), keeper }
     }
+
+    /// Makes a buffer from outside a capture go to that capture's keeper when dropped: work
+    /// being captured may read it, and a free inside a capture must name a graph allocation.
+    pub fn keep_for(&mut self, k: &Keeper) {
+        if self.keeper.is_none() {
+            self.keeper = Some(k.clone());
+        }
+    }
 }
 
 /// A buffer made outside any capture (uploads).

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Result};
 
 use super::buffer::DevBuf;
-use super::weights::{CudaWeight, Fmt, WDesc};
+use super::weights::{CudaLinear, CudaWeight, Fmt, WDesc};
 use super::{kernels, Arg, CudaBackend, CudaTensor, Kernel};
 
 impl CudaBackend {
@@ -128,19 +128,28 @@ impl CudaBackend {
     /// formats of the uploaded weights read (kept with `y`): a decode step's norms feed its FP8
     /// or INT4 linears, and each split is a launch saved. The same bits as `rms_norm` then
     /// `split` (kernels/linear_mma.cu). With `add` (a, s), the row normalized is x + a, written
-    /// to s too. False, launching nothing, where it does not apply.
-    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>) -> Result<bool> {
+    /// to s too. With `router` (a gate that `norm_router_fits`, and its logits), the launch
+    /// also computes the router's logits of the normalized rows. False, launching nothing,
+    /// where it does not apply.
+    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<(&CudaLinear, &CudaTensor)>) -> Result<bool> {
         let fmts = self.mma_fmts.load(Ordering::Relaxed);
         if fmts == 0 || x.rows > MMA_MAX_TOKENS || x.cols % 128 != 0 || x.cols > NORM_MAX_COLS {
             return Ok(false);
         }
+        if let Some((gate, logits)) = router {
+            if !self.norm_router_fits(x, gate) || logits.rows != x.rows || logits.cols != gate.rows {
+                bail!("internal: a router that rms_norm_split cannot take ({} rows of {}, {:?} gate {}x{})", x.rows, x.cols, gate.fmt, gate.rows, gate.cols);
+            }
+        }
+        let segments = (x.cols as u32).div_ceil(SPLIT_SEG);
+        let blocks = router.map_or(segments, |(gate, _)| segments.max((gate.rows as u32).div_ceil(ROUTER_ROWS)));
         let halves = if fmts & MMA_FP8 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Fp8)?) } else { None };
         let planes = if fmts & MMA_INT4 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Int4)?) } else { None };
         let (hd, he) = halves.as_ref().map_or((0, 0), |s| (self.ptr(&s.data), self.ptr(&s.exps)));
         let (pd, ps, pe) = planes.as_ref().map_or((0, 0, 0), |s| (self.ptr(&s.data), s.sums_ptr(self), self.ptr(&s.exps)));
         self.launch(
             "rms_norm_split",
-            (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1),
+            (x.rows as u32, blocks, 1),
             256,
             0,
             &[
@@ -156,6 +165,9 @@ impl CudaBackend {
                 Arg::Ptr(pe),
                 Arg::Ptr(add.map_or(0, |(a, _)| self.ptr(&a.buf))),
                 Arg::Ptr(add.map_or(0, |(_, s)| self.ptr(&s.buf))),
+                Arg::Ptr(router.map_or(0, |(gate, _)| gate.desc.w)),
+                Arg::I32(router.map_or(0, |(gate, _)| gate.rows as i32)),
+                Arg::Ptr(router.map_or(0, |(_, l)| self.ptr(&l.buf))),
             ],
         )?;
         for (cell, split) in y.splits.iter().zip([halves, planes]) {
@@ -164,6 +176,14 @@ impl CudaBackend {
             }
         }
         Ok(true)
+    }
+
+    /// Whether rms_norm_split can compute the logits of `gate` for the rows of `x` in its launch:
+    /// a bf16 gate in the plain layout as wide as the rows, whose blocks (ROUTER_ROWS gate rows
+    /// each, a block per SM: the gate's words take registers) fit in one wave.
+    pub(super) fn norm_router_fits(&self, x: &CudaTensor, gate: &CudaLinear) -> bool {
+        let blocks = (gate.rows as u32).div_ceil(ROUTER_ROWS).max((x.cols as u32).div_ceil(SPLIT_SEG)) as usize;
+        gate.fmt == Fmt::Bf16 && gate.desc.mma == 0 && gate.cols == x.cols && x.cols % 128 == 0 && x.cols <= NORM_MAX_COLS && x.rows * blocks <= self.sms
     }
 
     pub(super) fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
@@ -343,6 +363,9 @@ const NORM_MAX_COLS: usize = 256 * 8 * 4;
 /// Columns per block of split_act (SPLIT_SEG in kernels/linear_mma.cu).
 const SPLIT_SEG: u32 = 1024;
 
+/// Gate rows per block of rms_norm_split's router (ROUTER_ROWS in kernels/linear_mma.cu).
+const ROUTER_ROWS: u32 = 4;
+
 /// Int8 planes per activation row of the INT4 kernels (PLANES in kernels/linear_mma.cu).
 const PLANES: usize = 4;
 
@@ -358,6 +381,15 @@ pub(super) struct Split {
 impl Split {
     pub(super) fn sums_ptr(&self, gpu: &CudaBackend) -> u64 {
         self.sums.as_ref().map_or(0, |s| gpu.ptr(s))
+    }
+
+    /// `DevBuf::keep_for` for each of its buffers.
+    pub(super) fn keep_for(&mut self, k: &super::buffer::Keeper) {
+        self.data.keep_for(k);
+        self.exps.keep_for(k);
+        if let Some(s) = self.sums.as_mut() {
+            s.keep_for(k);
+        }
     }
 }
 

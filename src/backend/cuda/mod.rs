@@ -26,7 +26,7 @@ use self::buffer::{DevBuf, Keeper};
 use self::cache::{CudaCache, CudaStep, StepMeta};
 use self::linear::Split;
 use self::weights::{upload_stacked, CudaExperts, CudaWeight, Fmt, WDesc};
-use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
+use super::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, MoeBlock, RopeSpec, RouterParams};
 use crate::checkpoint::LinearWeight;
 
 pub struct CudaTensor {
@@ -336,6 +336,20 @@ impl CudaBackend {
         Ok((r, keeper))
     }
 
+    /// Puts `new` in `x`'s place (an operation that writes its update of a tensor to a fresh
+    /// buffer, as the residual add does). While a graph is captured the old buffers go to its
+    /// keeper, not freed: the captured work may read them (the first layer's residual, or a
+    /// benchmark's input).
+    fn replace_tensor(&self, x: &mut CudaTensor, new: CudaTensor) {
+        let mut old = std::mem::replace(x, new);
+        if let Some(k) = self.capture.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            old.buf.keep_for(k);
+            for split in old.splits.iter_mut().filter_map(OnceLock::get_mut) {
+                split.keep_for(k);
+            }
+        }
+    }
+
     fn tensor_of(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         Ok(CudaTensor::new(rows, cols, self.alloc(rows * cols)?))
     }
@@ -358,7 +372,7 @@ impl CudaBackend {
         if x.rows == 0 {
             return Ok(y);
         }
-        if !self.rms_norm_split(x, w, eps, &y, add)? {
+        if !self.rms_norm_split(x, w, eps, &y, add, None)? {
             let (a, s) = add.map_or((0, 0), |(a, s)| (self.ptr(&a.buf), self.ptr(&s.buf)));
             self.launch(
                 "rms_norm",
@@ -527,7 +541,7 @@ impl Backend for CudaBackend {
         // The sum goes to a new tensor: the norm's blocks each read the whole row.
         let sum = self.tensor_of(x.rows, x.cols)?;
         let y = self.norm_of(x, Some((a, &sum)), w, eps)?;
-        *x = sum;
+        self.replace_tensor(x, sum);
         Ok(y)
     }
 
@@ -634,5 +648,13 @@ impl Backend for CudaBackend {
 
     fn moe_block_shared(&self, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, shared: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
         moe::moe_block_shared(self, x, gate, bias, experts, shared, p)
+    }
+
+    fn add_norm_moe_block(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, Self>) -> Result<CudaTensor> {
+        if let Some(y) = moe::add_norm_block(self, x, a, w, eps, block)? {
+            return Ok(y);
+        }
+        let h = self.add_rms_norm(x, a, w, eps)?;
+        block.run(self, &h)
     }
 }

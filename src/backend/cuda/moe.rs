@@ -8,12 +8,12 @@ use super::buffer::DevBuf;
 use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
 use super::weights::{upload_experts, CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
-use crate::backend::{Backend, ExpertWeights, RouterParams};
+use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
 
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
 pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<CudaRouting> {
     // The plan counts the appended shared expert too.
-    route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)))
+    route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)), None)
 }
 
 /// Threads per token of moe_route, and the most tokens it takes in one block (kernels/linear.cu).
@@ -27,8 +27,9 @@ fn route_together() -> bool {
     *ON.get_or_init(|| super::kernels::env_switch("DUET_ROUTE_TOGETHER", true))
 }
 
-/// `route`, with the decode plan made for a set of `plan_experts` experts.
-fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize) -> Result<CudaRouting> {
+/// `route`, with the decode plan made for a set of `plan_experts` experts; with `logits`, the
+/// gate's GEMV of `x` already made (by the norm that made `x`: `add_norm_block`).
+fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: Option<CudaTensor>) -> Result<CudaRouting> {
     let e = gate.rows;
     if bias.0.len() != e {
         bail!("route: bias of {} for {e} experts", bias.0.len());
@@ -39,7 +40,10 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     if p.top_k > e || p.n_group == 0 || e % p.n_group != 0 {
         bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
     }
-    let logits = gpu.linear(x, gate)?;
+    let logits = match logits {
+        Some(l) => l,
+        None => gpu.linear(x, gate)?,
+    };
     let k1 = p.top_k + p.shared.is_some() as usize;
     let pairs = x.rows * k1;
     let idx = gpu.alloc_indices(pairs)?;
@@ -138,7 +142,7 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
 /// (prefill, CUDA-core experts, no shared expert) route and then run `moe`.
 pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
     match p.shared.filter(|&s| s < experts.count) {
-        Some(s) if overlaps(x, experts, experts) => overlapped(gpu, x, gate, bias, experts, p, (experts, s)),
+        Some(s) if overlaps(x, experts, experts) => overlapped(gpu, x, gate, bias, experts, p, (experts, s), None),
         _ => moe(gpu, x, experts, &route(gpu, x, gate, bias, p)?),
     }
 }
@@ -148,11 +152,43 @@ pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bi
 /// overlapped with the router the same way when both take the tensor-core kernels.
 pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, shared: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
     if p.shared.is_none() && shared.hidden == experts.hidden && overlaps(x, experts, shared) {
-        return overlapped(gpu, x, gate, bias, experts, p, (shared, 0));
+        return overlapped(gpu, x, gate, bias, experts, p, (shared, 0), None);
     }
     let mut y = moe_block(gpu, x, gate, bias, experts, p)?;
     gpu.add_assign(&mut y, &expert_all(gpu, x, shared)?)?;
     Ok(y)
+}
+
+/// `Backend::add_norm_moe_block` with the router's gate GEMV in the norm's launch
+/// (rms_norm_split's router; `DUET_NORM_ROUTER=1`, off by default until measured): one launch
+/// fewer before the route, for the overlapped decode block with a bf16 gate. None, launching
+/// nothing, where it does not apply. The logits' sums run in another order than the GEMV's.
+pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<CudaTensor>> {
+    let (gate, experts, p) = (block.gate, block.experts, block.router);
+    if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
+        return Ok(None);
+    }
+    let pair = match block.shared {
+        None => p.shared.filter(|&s| s < experts.count && overlaps(x, experts, experts)).map(|s| (experts, s)),
+        Some(shared) => (p.shared.is_none() && shared.hidden == experts.hidden && overlaps(x, experts, shared)).then_some((shared, 0)),
+    };
+    let (Some(pair), [part]) = (pair, gate.parts.as_slice()) else { return Ok(None) };
+    if !gpu.norm_router_fits(x, part) {
+        return Ok(None);
+    }
+    let (sum, y, logits) = (gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, part.rows)?);
+    if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some((part, &logits)))? {
+        return Ok(None);
+    }
+    gpu.replace_tensor(x, sum);
+    overlapped(gpu, &y, gate, block.bias, experts, p, pair, Some(logits)).map(Some)
+}
+
+/// Whether the router's gate GEMV runs in the decode norm's launch (`DUET_NORM_ROUTER`, default
+/// off).
+fn norm_router() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_NORM_ROUTER", false))
 }
 
 /// Whether a decode step of `x` can overlap `shared` with the router of `experts`.
@@ -174,8 +210,9 @@ pub(super) fn expert_all(gpu: &CudaBackend, x: &CudaTensor, e: &CudaExperts) -> 
 
 /// The overlapped block: expert `index` of `shared` (the routed set itself, when the shared
 /// expert is folded into it) on the side stream, the router and the routed experts (without
-/// the shared one) on the main stream.
-fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams, (shared, index): (&CudaExperts, usize)) -> Result<CudaTensor> {
+/// the shared one) on the main stream; with `logits`, the router's gate GEMV already made.
+#[allow(clippy::too_many_arguments)]
+fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams, (shared, index): (&CudaExperts, usize), logits: Option<CudaTensor>) -> Result<CudaTensor> {
     let t = x.rows;
     let (Some(variants), Some(shared_variants)) = (experts.mma, shared.mma) else { bail!("internal: an overlapped MoE block needs the tensor-core kernels") };
     if x.cols != experts.hidden {
@@ -193,7 +230,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
-            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count)?;
+            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
             let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
             let pairs = t * routing.top_k;
             let pass = MmaPass::new(gpu, pairs, experts)?;
