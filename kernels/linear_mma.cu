@@ -207,24 +207,33 @@ template <int BYTES> __device__ __forceinline__ void load_words(const void* p, u
     }
 }
 
+// A run's BYTES bytes from p in one vector load (load_words), when they fill 4, 8 or 16 bytes,
+// the run is not checked and `whole` (the rows hold whole runs, so p is aligned to them); false,
+// loading nothing, otherwise (the caller then loads chunk by chunk).
+template <int BYTES, bool CHECK> __device__ __forceinline__ bool run_words(const void* p, bool whole, u32 (&w)[4]) {
+    if constexpr (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16)) {
+        if (whole) {
+            load_words<BYTES>(p, w);
+            return true;
+        }
+    }
+    return false;
+}
+
 // A run of UNR chunks' 16-bit scales of one row from p (the run's first chunk's), PER to a
 // chunk (1, 2 or 4), as chunk u's halves in v[u] (half s: bits 16s of .x, then of .y). One
 // vector load when they fill 4, 8 or 16 bytes and `whole` (the rows hold whole runs, so p is
 // aligned to them), else one load per chunk; CHECK: chunks from qb + u ≥ nq, or all when !ok,
 // are zeros.
 template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_scales(const u16* p, bool whole, bool ok, int qb, int nq, uint2 (&v)[UNR]) {
-    constexpr int BYTES = 2 * PER * UNR;
-    if constexpr (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16)) {
-        if (whole) {
-            u32 w[4];
-            load_words<BYTES>(p, w);
+    u32 w[4];
+    if (run_words<2 * PER * UNR, CHECK>(p, whole, w)) {
 #pragma unroll
-            for (int u = 0; u < UNR; u++) {
-                int h = u * PER;  // the chunk's first half
-                v[u] = PER == 1 ? make_uint2(w[h / 2] >> (16 * (h & 1)), 0) : make_uint2(w[h / 2], PER == 4 ? w[h / 2 + 1] : 0);
-            }
-            return;
+        for (int u = 0; u < UNR; u++) {
+            int h = u * PER;  // the chunk's first half
+            v[u] = PER == 1 ? make_uint2(w[h / 2] >> (16 * (h & 1)), 0) : make_uint2(w[h / 2], PER == 4 ? w[h / 2 + 1] : 0);
         }
+        return;
     }
 #pragma unroll
     for (int u = 0; u < UNR; u++) {
@@ -248,18 +257,14 @@ template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_scal
 // (One load per chunk and row was 8 of the 30 loads a lane issued for a run of group-128
 // chunks with zero points.)
 template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_zeros(const signed char* p, bool whole, bool ok, int qb, int nq, u32 (&z)[UNR]) {
-    constexpr int BYTES = PER * UNR;
-    if constexpr (!CHECK && (BYTES == 4 || BYTES == 8 || BYTES == 16)) {
-        if (whole) {
-            u32 w[4];
-            load_words<BYTES>(p, w);
+    u32 w[4];
+    if (run_words<PER * UNR, CHECK>(p, whole, w)) {
 #pragma unroll
-            for (int u = 0; u < UNR; u++) {
-                int b = u * PER;  // the chunk's first byte
-                z[u] = PER == 4 ? w[b / 4] : (w[b / 4] >> (8 * (b & 3))) & (PER == 2 ? 0xffffu : 0xffu);
-            }
-            return;
+        for (int u = 0; u < UNR; u++) {
+            int b = u * PER;  // the chunk's first byte
+            z[u] = PER == 4 ? w[b / 4] : (w[b / 4] >> (8 * (b & 3))) & (PER == 2 ? 0xffffu : 0xffu);
         }
+        return;
     }
 #pragma unroll
     for (int u = 0; u < UNR; u++) {
