@@ -829,23 +829,24 @@ extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u
 // stores of one SM). cols a multiple of 128, at most NORM_VEC·1024. A decode step's norms feed
 // FP8/INT4 linears, so this saves each a split launch.
 // With a non-null, the row is x + a (the residual add fused), each block writing its segment
-// of the sum to s. With gate non-null (an MoE router's gate, bf16 rows of cols, plain layout),
-// block (r, b) also takes gate rows [ROUTER_ROWS·b, ROUTER_ROWS·(b + 1)): logits[r, e] = the
-// normalized row · gate[e], so the router's GEMV runs in the norm's launch, not after it (the
-// grid then has enough blocks for the gate's rows; those past the segments write no segment).
-// The gate's words are loaded before the wait: they depend on no kernel.
+// of the sum to s. ROUTER (rms_norm_split_router): block (r, b) also takes the gate rows
+// [ROUTER_ROWS·b, ROUTER_ROWS·(b + 1)) of an MoE router's gate (bf16 rows of cols, plain
+// layout): logits[r, e] = the normalized row · gate[e], so the router's GEMV runs in the norm's
+// launch, not after it (the grid then has enough blocks for the gate's rows; those past the
+// segments write no segment). The gate's words are loaded before the wait: they depend on no
+// kernel. (Its own entry point: the words take 64 registers.)
 #define ROUTER_ROWS 4  // ROUTER_ROWS in linear.rs
-extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
-                                          float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
-                                          int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
-                                          float* __restrict__ s, const u16* __restrict__ gate, int gate_rows,
-                                          float* __restrict__ logits) {
+template <bool ROUTER>
+__device__ __forceinline__ void norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols, float eps,
+                                           u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q, int* __restrict__ sums,
+                                           int* __restrict__ q_exps, const float* __restrict__ a, float* __restrict__ s,
+                                           const u16* __restrict__ gate, int gate_rows, float* __restrict__ logits) {
     float4 g[NORM_VEC];
     norm_weights(w, cols, g);
     // The thread's gate words (4 bf16 a float4 of the row) of the block's gate rows.
-    uint2 gw[ROUTER_ROWS][NORM_VEC];
+    uint2 gw[ROUTER ? ROUTER_ROWS : 1][NORM_VEC];
     int e0 = blockIdx.y * ROUTER_ROWS;
-    if (gate) {
+    if constexpr (ROUTER) {
 #pragma unroll
         for (int rr = 0; rr < ROUTER_ROWS; rr++)
 #pragma unroll
@@ -880,31 +881,45 @@ extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const flo
         if (xs) xs_exps[r] = kh;
         if (q) q_exps[r] = kq + 4;
     }
-    if (!gate) return;
-    float dot[ROUTER_ROWS];
+    if constexpr (ROUTER) {
+        float dot[ROUTER_ROWS];
 #pragma unroll
-    for (int rr = 0; rr < ROUTER_ROWS; rr++) {
-        dot[rr] = 0.f;
+        for (int rr = 0; rr < ROUTER_ROWS; rr++) {
+            dot[rr] = 0.f;
 #pragma unroll
-        for (int j = 0; j < NORM_VEC; j++) {
-            uint2 u = gw[rr][j];
-            float4 e = make_float4(bf16_to_f32((u16)u.x), bf16_to_f32((u16)(u.x >> 16)), bf16_to_f32((u16)u.y), bf16_to_f32((u16)(u.y >> 16)));
-            dot[rr] = fmaf(v[j].x, e.x, fmaf(v[j].y, e.y, fmaf(v[j].z, e.z, fmaf(v[j].w, e.w, dot[rr]))));
+            for (int j = 0; j < NORM_VEC; j++) {
+                uint2 u = gw[rr][j];
+                float4 e = make_float4(bf16_to_f32((u16)u.x), bf16_to_f32((u16)(u.x >> 16)), bf16_to_f32((u16)u.y), bf16_to_f32((u16)(u.y >> 16)));
+                dot[rr] = fmaf(v[j].x, e.x, fmaf(v[j].y, e.y, fmaf(v[j].z, e.z, fmaf(v[j].w, e.w, dot[rr]))));
+            }
+        }
+        __shared__ float red[ROUTER_ROWS][32];
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+        for (int rr = 0; rr < ROUTER_ROWS; rr++) {
+            float d = warp_sum(dot[rr]);
+            if (lane == 0) red[rr][warp] = d;
+        }
+        __syncthreads();
+        if (threadIdx.x < ROUTER_ROWS && e0 + threadIdx.x < gate_rows) {
+            float t = 0.f;
+            for (int k = 0; k < nw; k++) t += red[threadIdx.x][k];
+            logits[(size_t)r * gate_rows + e0 + threadIdx.x] = t;
         }
     }
-    __shared__ float red[ROUTER_ROWS][32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int rr = 0; rr < ROUTER_ROWS; rr++) {
-        float d = warp_sum(dot[rr]);
-        if (lane == 0) red[rr][warp] = d;
-    }
-    __syncthreads();
-    if (threadIdx.x < ROUTER_ROWS && e0 + threadIdx.x < gate_rows) {
-        float t = 0.f;
-        for (int k = 0; k < nw; k++) t += red[threadIdx.x][k];
-        logits[(size_t)r * gate_rows + e0 + threadIdx.x] = t;
-    }
+}
+extern "C" __global__ void rms_norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
+                                          float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
+                                          int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
+                                          float* __restrict__ s) {
+    norm_split<false>(x, w, y, cols, eps, xs, xs_exps, q, sums, q_exps, a, s, nullptr, 0, nullptr);
+}
+extern "C" __global__ void rms_norm_split_router(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols,
+                                                 float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
+                                                 int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
+                                                 float* __restrict__ s, const u16* __restrict__ gate, int gate_rows,
+                                                 float* __restrict__ logits) {
+    norm_split<true>(x, w, y, cols, eps, xs, xs_exps, q, sums, q_exps, a, s, gate, gate_rows, logits);
 }
 
 // The activation rows of a tile's token slots: slot j is row base[j]/div for j < n, else none.

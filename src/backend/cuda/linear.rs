@@ -147,29 +147,28 @@ impl CudaBackend {
         let planes = if fmts & MMA_INT4 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Int4)?) } else { None };
         let (hd, he) = halves.as_ref().map_or((0, 0), |s| (self.ptr(&s.data), self.ptr(&s.exps)));
         let (pd, ps, pe) = planes.as_ref().map_or((0, 0, 0), |s| (self.ptr(&s.data), s.sums_ptr(self), self.ptr(&s.exps)));
-        self.launch(
-            "rms_norm_split",
-            (x.rows as u32, blocks, 1),
-            256,
-            0,
-            &[
-                Arg::Ptr(self.ptr(&x.buf)),
-                Arg::Ptr(self.ptr(&w.0)),
-                Arg::Ptr(self.ptr(&y.buf)),
-                Arg::I32(x.cols as i32),
-                Arg::F32(eps),
-                Arg::Ptr(hd),
-                Arg::Ptr(he),
-                Arg::Ptr(pd),
-                Arg::Ptr(ps),
-                Arg::Ptr(pe),
-                Arg::Ptr(add.map_or(0, |(a, _)| self.ptr(&a.buf))),
-                Arg::Ptr(add.map_or(0, |(_, s)| self.ptr(&s.buf))),
-                Arg::Ptr(router.map_or(0, |(gate, _)| gate.desc.w)),
-                Arg::I32(router.map_or(0, |(gate, _)| gate.rows as i32)),
-                Arg::Ptr(router.map_or(0, |(_, l)| self.ptr(&l.buf))),
-            ],
-        )?;
+        let mut args = vec![
+            Arg::Ptr(self.ptr(&x.buf)),
+            Arg::Ptr(self.ptr(&w.0)),
+            Arg::Ptr(self.ptr(&y.buf)),
+            Arg::I32(x.cols as i32),
+            Arg::F32(eps),
+            Arg::Ptr(hd),
+            Arg::Ptr(he),
+            Arg::Ptr(pd),
+            Arg::Ptr(ps),
+            Arg::Ptr(pe),
+            Arg::Ptr(add.map_or(0, |(a, _)| self.ptr(&a.buf))),
+            Arg::Ptr(add.map_or(0, |(_, s)| self.ptr(&s.buf))),
+        ];
+        let name = match router {
+            Some((gate, logits)) => {
+                args.extend([Arg::Ptr(gate.desc.w), Arg::I32(gate.rows as i32), Arg::Ptr(self.ptr(&logits.buf))]);
+                "rms_norm_split_router"
+            }
+            None => "rms_norm_split",
+        };
+        self.launch(name, (x.rows as u32, blocks, 1), 256, 0, &args)?;
         for (cell, split) in y.splits.iter().zip([halves, planes]) {
             if let Some(s) = split {
                 let _ = cell.set(s);

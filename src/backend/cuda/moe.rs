@@ -160,7 +160,7 @@ pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWei
 }
 
 /// `Backend::add_norm_moe_block` with the router's gate GEMV in the norm's launch
-/// (rms_norm_split's router; `DUET_NORM_ROUTER=1`, off by default until measured): one launch
+/// (rms_norm_split_router; `DUET_NORM_ROUTER=1`, off by default until measured): one launch
 /// fewer before the route, for the overlapped decode block with a bf16 gate. None, launching
 /// nothing, where it does not apply. The logits' sums run in another order than the GEMV's.
 pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<CudaTensor>> {
