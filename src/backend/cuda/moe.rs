@@ -48,7 +48,7 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     let pairs = x.rows * k1;
     let idx = gpu.alloc_indices(pairs)?;
     let weights = gpu.alloc(pairs)?;
-    // Decode steps get their plan from the router's last block (one launch fewer).
+    // Decode steps get their plan from the router (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
     if x.rows > 0 {
         // A decode step of up to ROUTE_MAX_TOKENS tokens in one block, a sub-block a token, so
