@@ -317,13 +317,8 @@ __device__ __forceinline__ void pdl_late() {
 #define PDL_EARLY 1
 #endif
 __device__ __forceinline__ void pdl_entry_small() {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (PDL_EARLY || PDL_TRIGGER == 0) pdl_trigger();
-}
-
-// Asks L2 for n bytes at p (both multiples of 16), without waiting.
-__device__ __forceinline__ void l2_prefetch(const void* p, u32 n) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+    pdl_entry();
+    if (PDL_EARLY && PDL_TRIGGER != 0) pdl_trigger();
 }
 
 // Asks L2 for up to PDL_PREFETCH bytes at p (16-byte aligned; 0 turns it off), from one thread
@@ -342,5 +337,5 @@ __device__ __forceinline__ void prefetch_weights(const void* p, size_t bytes) {
     asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
     if (blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z) >= sms) return;
     u32 n = (u32)min(bytes, (size_t)PDL_PREFETCH) & ~15u;
-    if (n != 0 && ((size_t)p & 15) == 0) l2_prefetch(p, n);
+    if (n != 0 && ((size_t)p & 15) == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
 }

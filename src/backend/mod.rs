@@ -225,6 +225,13 @@ impl<B: Backend> MoeBlock<'_, B> {
             None => b.moe_block(h, self.gate, self.bias, self.experts, self.router),
         }
     }
+
+    /// `x += a`, the RMSNorm of the sum, then the block, as steps apart (what
+    /// `Backend::add_norm_moe_block` does unless a backend fuses them).
+    pub fn run_after_add_norm(&self, b: &B, x: &mut B::Tensor, a: &B::Tensor, w: &B::Vector, eps: f32) -> Result<B::Tensor> {
+        let h = b.add_rms_norm(x, a, w, eps)?;
+        self.run(b, &h)
+    }
 }
 
 /// Lengths that size kernel launches (the keys an attention row may see) are rounded up to
@@ -413,8 +420,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// post-attention residual add, norm and MoE block, which a backend may run in fewer
     /// launches (the same values as the steps apart, up to the rounding of the router's logits).
     fn add_norm_moe_block(&self, x: &mut Self::Tensor, a: &Self::Tensor, w: &Self::Vector, eps: f32, block: &MoeBlock<'_, Self>) -> Result<Self::Tensor> {
-        let h = self.add_rms_norm(x, a, w, eps)?;
-        block.run(self, &h)
+        block.run_after_add_norm(self, x, a, w, eps)
     }
 }
 

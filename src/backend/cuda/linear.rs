@@ -141,8 +141,7 @@ impl CudaBackend {
                 bail!("internal: a router that rms_norm_split cannot take ({} rows of {}, {:?} gate {}x{})", x.rows, x.cols, gate.fmt, gate.rows, gate.cols);
             }
         }
-        let segments = (x.cols as u32).div_ceil(SPLIT_SEG);
-        let blocks = router.map_or(segments, |(gate, _)| segments.max((gate.rows as u32).div_ceil(ROUTER_ROWS)));
+        let blocks = norm_blocks(x.cols, router.map(|(gate, _)| gate.rows));
         let halves = if fmts & MMA_FP8 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Fp8)?) } else { None };
         let planes = if fmts & MMA_INT4 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Int4)?) } else { None };
         let (hd, he) = halves.as_ref().map_or((0, 0), |s| (self.ptr(&s.data), self.ptr(&s.exps)));
@@ -181,7 +180,7 @@ impl CudaBackend {
     /// a bf16 gate in the plain layout as wide as the rows, whose blocks (ROUTER_ROWS gate rows
     /// each, a block per SM: the gate's words take registers) fit in one wave.
     pub(super) fn norm_router_fits(&self, x: &CudaTensor, gate: &CudaLinear) -> bool {
-        let blocks = (gate.rows as u32).div_ceil(ROUTER_ROWS).max((x.cols as u32).div_ceil(SPLIT_SEG)) as usize;
+        let blocks = norm_blocks(x.cols, Some(gate.rows)) as usize;
         gate.fmt == Fmt::Bf16 && gate.desc.mma == 0 && gate.cols == x.cols && x.cols % 128 == 0 && x.cols <= NORM_MAX_COLS && x.rows * blocks <= self.sms
     }
 
@@ -362,8 +361,15 @@ const NORM_MAX_COLS: usize = 256 * 8 * 4;
 /// Columns per block of split_act (SPLIT_SEG in kernels/linear_mma.cu).
 const SPLIT_SEG: u32 = 1024;
 
-/// Gate rows per block of rms_norm_split's router (ROUTER_ROWS in kernels/linear_mma.cu).
+/// Gate rows per block of rms_norm_split_router (ROUTER_ROWS in kernels/linear_mma.cu).
 const ROUTER_ROWS: u32 = 4;
+
+/// Blocks per row of rms_norm_split over `cols` columns: one per SPLIT_SEG-column segment, or
+/// with a router of `gate_rows` rows, enough for ROUTER_ROWS of them each too.
+fn norm_blocks(cols: usize, gate_rows: Option<usize>) -> u32 {
+    let segments = (cols as u32).div_ceil(SPLIT_SEG);
+    gate_rows.map_or(segments, |r| segments.max((r as u32).div_ceil(ROUTER_ROWS)))
+}
 
 /// Int8 planes per activation row of the INT4 kernels (PLANES in kernels/linear_mma.cu).
 const PLANES: usize = 4;

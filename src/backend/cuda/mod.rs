@@ -651,10 +651,9 @@ impl Backend for CudaBackend {
     }
 
     fn add_norm_moe_block(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, Self>) -> Result<CudaTensor> {
-        if let Some(y) = moe::add_norm_block(self, x, a, w, eps, block)? {
-            return Ok(y);
+        match moe::add_norm_block(self, x, a, w, eps, block)? {
+            Some(y) => Ok(y),
+            None => block.run_after_add_norm(self, x, a, w, eps),
         }
-        let h = self.add_rms_norm(x, a, w, eps)?;
-        block.run(self, &h)
     }
 }

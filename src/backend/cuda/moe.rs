@@ -141,9 +141,9 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
 /// expert sits in the routing (the same sum in the same order, so the same bits). Other steps
 /// (prefill, CUDA-core experts, no shared expert) route and then run `moe`.
 pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
-    match p.shared.filter(|&s| s < experts.count) {
-        Some(s) if overlaps(x, experts, experts) => overlapped(gpu, x, gate, bias, experts, p, (experts, s), None),
-        _ => moe(gpu, x, experts, &route(gpu, x, gate, bias, p)?),
+    match side_expert(x, experts, None, p) {
+        Some(side) => overlapped(gpu, x, gate, bias, experts, p, side, None),
+        None => moe(gpu, x, experts, &route(gpu, x, gate, bias, p)?),
     }
 }
 
@@ -151,8 +151,8 @@ pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bi
 /// set stored unlike them: INT8 beside INT4 experts in the real GLM INT4 checkpoints),
 /// overlapped with the router the same way when both take the tensor-core kernels.
 pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, shared: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
-    if p.shared.is_none() && shared.hidden == experts.hidden && overlaps(x, experts, shared) {
-        return overlapped(gpu, x, gate, bias, experts, p, (shared, 0), None);
+    if let Some(side) = side_expert(x, experts, Some(shared), p) {
+        return overlapped(gpu, x, gate, bias, experts, p, side, None);
     }
     let mut y = moe_block(gpu, x, gate, bias, experts, p)?;
     gpu.add_assign(&mut y, &expert_all(gpu, x, shared)?)?;
@@ -168,11 +168,7 @@ pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTens
     if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
         return Ok(None);
     }
-    let pair = match block.shared {
-        None => p.shared.filter(|&s| s < experts.count && overlaps(x, experts, experts)).map(|s| (experts, s)),
-        Some(shared) => (p.shared.is_none() && shared.hidden == experts.hidden && overlaps(x, experts, shared)).then_some((shared, 0)),
-    };
-    let (Some(pair), [part]) = (pair, gate.parts.as_slice()) else { return Ok(None) };
+    let (Some(side), [part]) = (side_expert(x, experts, block.shared, p), gate.parts.as_slice()) else { return Ok(None) };
     if !gpu.norm_router_fits(x, part) {
         return Ok(None);
     }
@@ -181,7 +177,7 @@ pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTens
         return Ok(None);
     }
     gpu.replace_tensor(x, sum);
-    overlapped(gpu, &y, gate, block.bias, experts, p, pair, Some(logits)).map(Some)
+    overlapped(gpu, &y, gate, block.bias, experts, p, side, Some(logits)).map(Some)
 }
 
 /// Whether the router's gate GEMV runs in the decode norm's launch (`DUET_NORM_ROUTER`, default
@@ -189,6 +185,16 @@ pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTens
 fn norm_router() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::kernels::env_switch("DUET_NORM_ROUTER", false))
+}
+
+/// The shared expert a decode step of `x` runs beside the router, as `overlapped` takes it:
+/// expert `p.shared` of `experts` (folded in), or the one-expert set `shared` kept apart; None
+/// where the block cannot overlap them.
+fn side_expert<'a>(x: &CudaTensor, experts: &'a CudaExperts, shared: Option<&'a CudaExperts>, p: &RouterParams) -> Option<(&'a CudaExperts, usize)> {
+    match shared {
+        None => p.shared.filter(|&s| s < experts.count && overlaps(x, experts, experts)).map(|s| (experts, s)),
+        Some(set) => (p.shared.is_none() && set.hidden == experts.hidden && overlaps(x, experts, set)).then_some((set, 0)),
+    }
 }
 
 /// Whether a decode step of `x` can overlap `shared` with the router of `experts`.
