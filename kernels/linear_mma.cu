@@ -246,34 +246,6 @@ template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_scal
     }
 }
 
-// RUN_ZEROS 1: the INT4 tiles load a run's zero points at once (run_zeros) with its scales,
-// rather than each chunk's with its weights (to be measured on the H200; off by default).
-#ifndef RUN_ZEROS
-#define RUN_ZEROS 0
-#endif
-// A run of UNR chunks' int8 zero points of one row from p (the run's first chunk's), PER to a
-// chunk, as chunk u's bytes in z[u] (byte s: group s): one vector load when they fill 4, 8 or
-// 16 bytes and `whole` (as run_scales), else one load per chunk; CHECK and ok as run_scales.
-// (One load per chunk and row was 8 of the 30 loads a lane issued for a run of group-128
-// chunks with zero points.)
-template <int PER, int UNR, bool CHECK> __device__ __forceinline__ void run_zeros(const signed char* p, bool whole, bool ok, int qb, int nq, u32 (&z)[UNR]) {
-    u32 w[4];
-    if (run_words<PER * UNR, CHECK>(p, whole, w)) {
-#pragma unroll
-        for (int u = 0; u < UNR; u++) {
-            int b = u * PER;  // the chunk's first byte
-            z[u] = PER == 4 ? w[b / 4] : (w[b / 4] >> (8 * (b & 3))) & (PER == 2 ? 0xffffu : 0xffu);
-        }
-        return;
-    }
-#pragma unroll
-    for (int u = 0; u < UNR; u++) {
-        const signed char* q = p + PER * u;
-        bool in = ok && (!CHECK || qb + u < nq);
-        z[u] = !in ? 0u : PER == 4 ? __ldg((const u32*)q) : PER == 2 ? (u32)__ldg((const unsigned short*)q) : (u32)(u8)__ldg(q);
-    }
-}
-
 // The run's scales of rows ra and rb from their scale rows at the run's first chunk (the INT4
 // and INT8 tiles' load_scales), into each chunk's sa and sb.
 template <int PER, int UNR, bool CHECK, class Chunk>
@@ -474,27 +446,18 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         if (GPC == 2) return __ldg((const unsigned short*)p);
         return (u32)(u8)__ldg(p);
     }
-    // The run's scales and, with RUN_ZEROS, zero points (after seek(qb): the cursors are at qb).
+    // The run's scales (after seek(qb): the cursors are at qb).
     template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
         run_scale_pair<GPC, UNR, CHECK>(sra, srb, ra, rb, qb, chunks(), ch);
-        if (ASYM && RUN_ZEROS) {
-            u32 za[UNR], zb[UNR];
-            bool whole = chunks() % UNR == 0;
-            run_zeros<GPC, UNR, CHECK>(zra, whole, !CHECK || ra >= 0, qb, chunks(), za);
-            run_zeros<GPC, UNR, CHECK>(zrb, whole, !CHECK || rb >= 0, qb, chunks(), zb);
-#pragma unroll
-            for (int u = 0; u < UNR; u++) ch[u].za = za[u], ch[u].zb = zb[u];
-        }
     }
     // Scale s of a chunk's scales.
     static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
-    // Chunk q's weights and (without RUN_ZEROS) zero points (load_w), the run's scales (and
-    // with RUN_ZEROS zero points) from qb (load_scales) and chunk q's activation planes and
-    // plane sums (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros
+    // Chunk q's weights and zero points (load_w), the run's scales from qb (load_scales) and
+    // chunk q's activation planes and plane sums (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros
     // then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b);
-        if (ASYM && !RUN_ZEROS) {
+        if (ASYM) {
             int r = q - rc.qc;  // chunk q from the cursors
             bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
             ch.za = oa ? zeros(zra + GPC * r) : 0;

@@ -16,9 +16,11 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
     route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)), None)
 }
 
-/// Threads per token of moe_route, and the most tokens it takes in one block (kernels/linear.cu).
+/// Threads per token of moe_route, and the most tokens it is given in one block: the kernel
+/// takes up to four, but four tokens in one block routed 1 µs slower than a block each, while
+/// two in one were 0.4 µs faster (H200, performance.md).
 const ROUTE_THREADS: usize = 256;
-const ROUTE_MAX_TOKENS: usize = 4;
+const ROUTE_MAX_TOKENS: usize = 2;
 
 /// Whether moe_route takes a decode step's tokens in one block (`DUET_ROUTE_TOGETHER`, default
 /// on; 0: a block a token, for comparison).
@@ -160,9 +162,9 @@ pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWei
 }
 
 /// `Backend::add_norm_moe_block` with the router's gate GEMV in the norm's launch
-/// (rms_norm_split_router; `DUET_NORM_ROUTER=1`, off by default until measured): one launch
-/// fewer before the route, for the overlapped decode block with a bf16 gate. None, launching
-/// nothing, where it does not apply. The logits' sums run in another order than the GEMV's.
+/// (rms_norm_split_router; `DUET_NORM_ROUTER=0` turns it off): one launch fewer before the
+/// route, for the overlapped decode block with a bf16 gate. None, launching nothing, where
+/// it does not apply. The logits' sums run in another order than the GEMV's.
 pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<CudaTensor>> {
     let (gate, experts, p) = (block.gate, block.experts, block.router);
     if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
@@ -181,10 +183,10 @@ pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTens
 }
 
 /// Whether the router's gate GEMV runs in the decode norm's launch (`DUET_NORM_ROUTER`, default
-/// off).
+/// on: INT4 MoE block at two tokens 70.4 -> 72.2% of its floor, performance.md).
 fn norm_router() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_NORM_ROUTER", false))
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_NORM_ROUTER", true))
 }
 
 /// The shared expert a decode step of `x` runs beside the router, as `overlapped` takes it:
