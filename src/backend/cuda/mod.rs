@@ -127,6 +127,9 @@ pub struct CudaBackend {
     /// Threads and row tiles per block of a tensor-core launch, by (kernel, most warps, tiles,
     /// SM share, whether it loops over tiles): see `mma_block`.
     mma_block: RwLock<HashMap<MmaLaunchShape, (u32, u32)>>,
+    /// The plans of one expert alone over a decode step's tokens, by (expert, tokens): the
+    /// shared expert's, constant, made once (`moe::solo_plan`).
+    solo_plans: Mutex<HashMap<(usize, usize), Arc<CudaSlice<i32>>>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
     sms: usize,
@@ -188,6 +191,7 @@ impl CudaBackend {
             modules,
             functions: RwLock::new(HashMap::new()),
             mma_block: RwLock::new(HashMap::new()),
+            solo_plans: Mutex::new(HashMap::new()),
             route_done,
             sms,
             device_name,
@@ -322,6 +326,11 @@ impl CudaBackend {
 
     fn alloc_indices(&self, n: usize) -> Result<DevBuf<i32>> {
         self.uninit(n)
+    }
+
+    /// Whether the main stream is being captured into a graph (or its state cannot be read).
+    fn capturing(&self) -> bool {
+        !matches!(self.stream.capture_status(), Ok(cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE))
     }
 
     /// Runs `f` (which captures a graph on the main stream) with the buffers it makes kept for

@@ -229,12 +229,14 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     // Everything the side stream touches exists before it forks.
     let xs = gpu.split(x, experts.fmt_gate_up)?;
     let shared_xs = gpu.split(x, shared.fmt_gate_up)?;
-    let shared_plan = gpu.alloc_indices(plan_len(t))?;
+    let shared_plan = solo_plan(gpu, index, t)?;
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
     let (routing, pass) = gpu.concurrently(
         || {
-            gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(index as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(&shared_plan))])?;
+            if let SoloPlan::Step(plan) = &shared_plan {
+                fill_solo_plan(gpu, index, t, plan)?;
+            }
             shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
@@ -247,6 +249,46 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
     )?;
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
+}
+
+/// The plan of one expert alone over a decode step's tokens (the shared expert's beside the
+/// router): constant, so made once per (expert, tokens) and kept by the backend, and the side
+/// stream's first launch is the expert's gate/up (one launch fewer before it, each step). A
+/// first use inside a graph capture, which cannot allocate a lasting buffer, gets a buffer of
+/// the step that the side stream fills.
+enum SoloPlan {
+    Kept(std::sync::Arc<CudaSlice<i32>>),
+    Step(DevBuf<i32>),
+}
+
+impl std::ops::Deref for SoloPlan {
+    type Target = CudaSlice<i32>;
+    fn deref(&self) -> &CudaSlice<i32> {
+        match self {
+            SoloPlan::Kept(p) => p,
+            SoloPlan::Step(p) => p,
+        }
+    }
+}
+
+fn solo_plan(gpu: &CudaBackend, e: usize, t: usize) -> Result<SoloPlan> {
+    let mut plans = gpu.solo_plans.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = plans.get(&(e, t)) {
+        return Ok(SoloPlan::Kept(p.clone()));
+    }
+    if gpu.capturing() {
+        return Ok(SoloPlan::Step(gpu.alloc_indices(plan_len(t))?));
+    }
+    let plan = gpu.stream.alloc_zeros::<i32>(plan_len(t)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    fill_solo_plan(gpu, e, t, &plan)?;
+    let plan = std::sync::Arc::new(plan);
+    plans.insert((e, t), plan.clone());
+    Ok(SoloPlan::Kept(plan))
+}
+
+/// Writes the plan of expert `e` alone over `t` pairs into `plan` (moe_plan_one).
+fn fill_solo_plan(gpu: &CudaBackend, e: usize, t: usize, plan: &CudaSlice<i32>) -> Result<()> {
+    gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(e as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(plan))])
 }
 
 /// The step's `pairs` routes grouped by expert over `count` experts: [groups | expert per
