@@ -9,7 +9,7 @@ import re
 import sys
 
 ROW = re.compile(r"^(\S.*?)\s+([\d.]+) µs\s+([\d.]+) GB/s\s+([\d.]+)%$")
-SPLIT = re.compile(r"^\s+norm ([\d.]+) \+ router ([\d.]+) µs alone; the rest\s+([\d.]+) µs$")
+SPLIT = re.compile(r"^\s+(?:add \+ )?norm ([\d.]+) \+ router ([\d.]+) µs alone; the rest\s+([\d.]+) µs$")
 ALONE = re.compile(r"^\s+(gate/up|down) GEMV alone, .*?\s+([\d.]+) µs\s+[\d.]+ GB/s\s+([\d.]+)%$")
 
 
@@ -22,6 +22,9 @@ def main(path):
         if "gate/up" in pending and "down" in pending:
             (gt, gp), (dt, dp) = pending["gate/up"], pending["down"]
             print(f"| (gate/up / down alone) | {gt} / {dt} µs | | {gp} / {dp}% |")
+        else:
+            for name, (t, p) in pending.items():
+                print(f"| ({name} alone) | {t} µs | | {p}% |")
         pending.clear()
 
     for line in open(path, encoding="utf-8"):

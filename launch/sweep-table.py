@@ -15,7 +15,7 @@ import re
 import sys
 
 ROW = re.compile(r"^(\s*)(\S.*?)\s{2,}([\d.]+) µs(?:\s+[\d.]+ GB/s\s+([\d.]+)%)?")
-NORM_ROUTER = re.compile(r"norm ([\d.]+) \+ router ([\d.]+) µs alone; the rest")
+NORM_ROUTER = re.compile(r"(?:add \+ )?norm ([\d.]+) \+ router ([\d.]+) µs alone; the rest")
 
 
 def main():

@@ -492,7 +492,7 @@ struct AddNorm<'a> {
 }
 
 /// The post-attention add, norm and MoE block as a layer runs them (`add_norm_moe_block`:
-/// with `DUET_NORM_ROUTER=1` the router's logits in the norm's launch) over the residual `x`:
+/// the router's logits in the norm's launch unless `DUET_NORM_ROUTER=0`) over the residual `x`:
 /// the block's output and the updated residual against the oracle, and replayed as a graph.
 fn check_add_norm_block(
     (cpu, gpu): (&CpuBackend, &CudaBackend),

@@ -220,10 +220,12 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             // Where the block's time goes: its add and norm, then those and the router (gate
             // GEMV, route and plan) alone; the rest is the experts with their splits and the
             // combine (at decode the shared expert runs beside the router, so the rest is what
-            // it did not hide).
+            // it did not hide). The router alone runs its own gate GEMV: where the block makes
+            // the logits in the norm's launch, these two are the unfused chain's parts, an
+            // estimate of the block's.
             let norm = time_graph(&gpu, 8, reps, || gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6).map(|_| ()))?;
             let router = time_graph(&gpu, 8, reps, || gpu.route(&gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
-            r.part(&format!("  norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
+            r.part(&format!("  add + norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
         }
         for batch in [1usize, 2, 4] {
             let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;
