@@ -237,6 +237,10 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             if let SoloPlan::Step(plan) = &shared_plan {
                 fill_solo_plan(gpu, index, t, plan)?;
             }
+            if side_f32_down() {
+                shared_pass.gate_up(gpu, shared, shared_variants.0, shared_xs, &shared_plan, 1, 1)?;
+                return shared_pass.down_f32(gpu, shared, &shared_plan);
+            }
             shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
@@ -249,6 +253,15 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
     )?;
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
+}
+
+/// Whether the shared expert's down beside the router takes the CUDA-core kernel on its f32
+/// activations, one side-stream launch (the split) fewer (`DUET_SIDE_F32_DOWN=1`; off by
+/// default, not yet run on a GPU). Its sums then run in another order than the folded block's,
+/// so `duet bench check`'s "= folded" rows fail with it on (its rows against the oracle hold).
+fn side_f32_down() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_SIDE_F32_DOWN", false))
 }
 
 /// The plan of one expert alone over a decode step's tokens (the shared expert's beside the
@@ -354,6 +367,20 @@ impl MmaPass {
             ((i as u32).div_ceil(8), groups, 1),
             h,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
+        )
+    }
+
+    /// Down over one expert's pairs of `plan` on the CUDA-core kernel, which reads the f32
+    /// activations: no split launch before it.
+    fn down_f32(&self, gpu: &CudaBackend, experts: &CudaExperts, plan: &CudaSlice<i32>) -> Result<()> {
+        let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
+        let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
+        gpu.launch_kernel(
+            ("moe_down1", Some(experts.fmt_down)),
+            ((h as u32).div_ceil(4), 1, 1),
+            threads_for(i, experts.fmt_down),
+            0,
+            &[a, b, c, Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
     }
 
