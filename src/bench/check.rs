@@ -463,6 +463,10 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
             // Decode steps replay as CUDA graphs, the side stream a parallel branch of them.
             let replay = replayed(gpu, || gpu.moe_block(&xg, &gate_g, &bias_g, ex_g, &with_shared))?;
             t.flag("moe block graph", case.clone(), replay == yg, "= eager");
+            // The same with the shared expert's kept plan first made inside the capture (the
+            // graph then fills a plan of its own).
+            let replay = replayed_with(gpu, || gpu.moe_block(&xg, &gate_g, &bias_g, ex_g, &with_shared), || gpu.forget_solo_plans())?;
+            t.flag("moe block graph", format!("{case}, plan made in the graph"), replay == yg, "= eager");
             let blocks = (MoeBlock { gate: &gate_c, bias: &bias_c, experts: ex_c, shared: None, router: &with_shared }, MoeBlock { gate: &gate_g, bias: &bias_g, experts: ex_g, shared: None, router: &with_shared });
             check_add_norm_block((cpu, gpu), (&xc, &xg), &add, blocks, &case, t)?;
         }
@@ -518,11 +522,17 @@ fn check_add_norm_block(
 /// The output of `f` captured into a CUDA graph and replayed once (into a buffer made outside the
 /// graph, zeroed, so a replay that wrote nothing shows).
 fn replayed(gpu: &CudaBackend, f: impl Fn() -> Result<<CudaBackend as Backend>::Tensor>) -> Result<Vec<f32>> {
+    replayed_with(gpu, f, || ())
+}
+
+/// `replayed`, with `before` run between the eager call and the capture.
+fn replayed_with(gpu: &CudaBackend, f: impl Fn() -> Result<<CudaBackend as Backend>::Tensor>, before: impl FnOnce()) -> Result<Vec<f32>> {
     let cuda = |e: cudarc::driver::DriverError| anyhow::anyhow!("CUDA graph: {e:?}");
     let probe = f()?;
     let mut out = gpu.tensor(probe.rows, probe.cols, &vec![0.0; probe.rows * probe.cols])?;
     drop(probe);
     gpu.synchronize()?;
+    before();
     let stream = gpu.stream();
     let graph = crate::backend::cuda::graphs::record(gpu, || f().and_then(|y| stream.memcpy_dtod(&y.buf, &mut out.buf).map_err(cuda)))?;
     graph.launch()?;

@@ -299,6 +299,15 @@ fn solo_plan(gpu: &CudaBackend, e: usize, t: usize) -> Result<SoloPlan> {
     Ok(SoloPlan::Kept(plan))
 }
 
+impl CudaBackend {
+    /// Drops the kept plans of `solo_plan`, so that the next use makes them again (`duet bench
+    /// check` has a capture make one, the path a first use inside a graph takes). Only while no
+    /// live graph has captured one: graphs hold their pointers, not the plans.
+    pub(crate) fn forget_solo_plans(&self) {
+        self.solo_plans.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
 /// Writes the plan of expert `e` alone over `t` pairs into `plan` (moe_plan_one).
 fn fill_solo_plan(gpu: &CudaBackend, e: usize, t: usize, plan: &CudaSlice<i32>) -> Result<()> {
     gpu.launch("moe_plan_one", (1, 1, 1), 32, 0, &[Arg::I32(e as i32), Arg::I32(t as i32), Arg::Ptr(gpu.ptr(plan))])
