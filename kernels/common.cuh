@@ -331,11 +331,16 @@ __device__ __forceinline__ void pdl_entry_small() {
 #ifndef PDL_PREFETCH
 #define PDL_PREFETCH 32768
 #endif
+// Asks L2 for the n bytes at p (rounded down to 16; nothing unless p is 16-byte aligned), from
+// the calling thread, without waiting.
+__device__ __forceinline__ void l2_prefetch(const void* p, size_t n) {
+    u32 len = (u32)n & ~15u;
+    if (len != 0 && ((size_t)p & 15) == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(len) : "memory");
+}
 __device__ __forceinline__ void prefetch_weights(const void* p, size_t bytes) {
     if (PDL_PREFETCH == 0 || threadIdx.x != 0) return;
     u32 sms;
     asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
     if (blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z) >= sms) return;
-    u32 n = (u32)min(bytes, (size_t)PDL_PREFETCH) & ~15u;
-    if (n != 0 && ((size_t)p & 15) == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+    l2_prefetch(p, min(bytes, (size_t)PDL_PREFETCH));
 }

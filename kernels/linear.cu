@@ -487,14 +487,14 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // Sigmoid router with the selection-only bias and group-limited top-k (ties go to the lower
 // index); ROUTE_THREADS threads per token: a block of blockDim.x / ROUTE_THREADS sub-blocks,
 // each taking one token with its own share of shared memory (up to ROUTE_MAX_TOKENS fit; the
-// host puts a decode step of one or two tokens in one block, else one token a block). With shared ≥ 0
+// host puts a decode step of one or two tokens in one block, else one token a block). With
+// shared ≥ 0
 // that expert (the shared expert folded into the routed ones) follows every token's K choices
 // with weight 1, so idx and wout hold K + 1 entries per token. With `plan` non-null the step's
 // plan over PE experts is built here too (moe_plan's work, without its launch): by the only
 // block from its tokens' picks, or by the last block of several to finish: blocks count
 // themselves done in `done`, which the last one resets to zero for the next step. Dynamic
-// shared memory: the larger of
-// sub-blocks·(3E + G) words and (PE + T·K1) ints.
+// shared memory: the larger of sub-blocks·(3E + G) words and (PE + T·K1) ints.
 #define ROUTE_THREADS 256   // ROUTE_THREADS in moe.rs
 #define ROUTE_MAX_TOKENS 4  // sub-blocks a block at most (1024 threads)
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,

@@ -891,11 +891,18 @@ __device__ __forceinline__ void slot_rows(int* trow, const int* base, int n, int
     for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < n ? base[j] / div : -1;
 }
 
+// The weights of the 16-row storage tile holding row r (r < d.rows), and their bytes.
+template <class V> __device__ __forceinline__ const u8* storage_tile(const WDesc& d, int r, size_t& bytes) {
+    size_t rb = (size_t)d.cols * V::BITS / 8;
+    bytes = 16 * rb;
+    return (const u8*)d.w + wbyte(d, r & ~15, 0, rb);
+}
+
 // Asks L2 for the start of the 16-row tile at row r0 (prefetch_weights), before the kernel's
 // wait.
 template <class V> __device__ __forceinline__ void prefetch_tile(const WDesc& d, int r0) {
-    size_t rb = (size_t)d.cols * V::BITS / 8;
-    if (r0 < d.rows) prefetch_weights((const u8*)d.w + wbyte(d, r0, 0, rb), 16 * rb);
+    size_t bytes;
+    if (r0 < d.rows) prefetch_weights(storage_tile<V>(d, r0, bytes), bytes);
 }
 
 // TILE_PREFETCH (to be measured on the H200; off by default): a grouped expert block that loops
@@ -910,9 +917,9 @@ template <class V> __device__ __forceinline__ void prefetch_tile(const WDesc& d,
 // Asks L2 for the 16-row storage tile holding row r (all of its bytes), from thread 0.
 template <class V> __device__ __forceinline__ void prefetch_storage_tile(const WDesc& d, int r) {
     if (threadIdx.x != 0 || r >= d.rows) return;
-    size_t rb = (size_t)d.cols * V::BITS / 8;
-    const u8* p = (const u8*)d.w + wbyte(d, r & ~15, 0, rb);
-    if (((size_t)p & 15) == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"((u32)(16 * rb) & ~15u) : "memory");
+    size_t bytes;
+    const u8* p = storage_tile<V>(d, r, bytes);
+    l2_prefetch(p, bytes);
 }
 
 // y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / V::SLOTS)).

@@ -361,7 +361,7 @@ fn check_route(
     let cw: Vec<f32> = c.iter().flatten().map(|x| x.1).collect();
     let gw: Vec<f32> = g.iter().flatten().map(|x| x.1).collect();
     t.push("route weights", format!("{tokens} rows{what}"), rel_err(&gw, &cw));
-    // Decode steps: the plan the router built (in one block up to 4 tokens, else by the last
+    // Decode steps: the plan the router built (in one block up to two tokens, else by the last
     // block) against moe_plan's of the same routes.
     if let Some([built, made]) = gpu.route_plans(&g_route)? {
         t.flag("route plan", format!("{} experts, top-{}{what} x{tokens} ({} pairs)", router.cpu.1.len(), p.top_k, tokens * k1), built == made, "= moe_plan");
@@ -432,8 +432,8 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
     }
     // 1 to 4 and 8 tokens take the tensor-core kernels for FP8 and INT4 (INT4 at 1 and 2 those
     // of two token slots; 8 tokens: experts chosen by more than four tokens take two passes); up
-    // to 4 tokens the router builds the plan in one block (with the shared expert, 3 and 4
-    // tokens give 15 and 20 pairs; 8 tokens the plan of the last of several blocks); 13 the
+    // to two tokens the router builds the plan in one block, from three the last of several
+    // blocks does (with the shared expert, 3 and 4 tokens give 15 and 20 pairs); 13 the
     // CUDA-core prefill kernels.
     for tokens in [1, 2, 3, 4, 8, 13] {
         let x = random(rng, tokens * h);

@@ -125,15 +125,23 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
         0,
         &[a, b, c, Arg::Ptr(gpu.ptr(&x.buf)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
     )?;
+    down_cuda_cores(gpu, down, experts, (plan, pairs, groups), &act, &part)?;
+    combine(gpu, &part, &routing.weights, None, t, k, h)
+}
+
+/// The CUDA-core down projection `kernel` (moe_down1 or moe_down8) of the f32 activations
+/// `act` into `part`, for the pairs of `plan` (laid out for `pairs` pairs) over at most
+/// `groups` experts.
+fn down_cuda_cores(gpu: &CudaBackend, kernel: &'static str, experts: &CudaExperts, (plan, pairs, groups): (&CudaSlice<i32>, usize, u32), act: &CudaSlice<f32>, part: &CudaSlice<f32>) -> Result<()> {
+    let (i, h) = (experts.inter, experts.hidden);
     let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
     gpu.launch_kernel(
-        (down, Some(experts.fmt_down)),
+        (kernel, Some(experts.fmt_down)),
         ((h as u32).div_ceil(4), groups, 1),
         threads_for(i, experts.fmt_down),
         0,
-        &[a, b, c, Arg::Ptr(gpu.ptr(&act)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
-    )?;
-    combine(gpu, &part, &routing.weights, None, t, k, h)
+        &[a, b, c, Arg::Ptr(gpu.ptr(act)), Arg::Ptr(gpu.ptr(part)), Arg::I32(h as i32)],
+    )
 }
 
 /// The MoE block of a decode step with the shared expert overlapped with the router. The
@@ -382,15 +390,7 @@ impl MmaPass {
     /// Down over one expert's pairs of `plan` on the CUDA-core kernel, which reads the f32
     /// activations: no split launch before it.
     fn down_f32(&self, gpu: &CudaBackend, experts: &CudaExperts, plan: &CudaSlice<i32>) -> Result<()> {
-        let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
-        let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
-        gpu.launch_kernel(
-            ("moe_down1", Some(experts.fmt_down)),
-            ((h as u32).div_ceil(4), 1, 1),
-            threads_for(i, experts.fmt_down),
-            0,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
-        )
+        down_cuda_cores(gpu, "moe_down1", experts, (plan, self.act.rows, 1), &self.act.buf, &self.part)
     }
 
     fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
