@@ -905,23 +905,6 @@ template <class V> __device__ __forceinline__ void prefetch_tile(const WDesc& d,
     if (r0 < d.rows) prefetch_weights(storage_tile<V>(d, r0, bytes), bytes);
 }
 
-// TILE_PREFETCH (to be measured on the H200; off by default): a grouped expert block that loops
-// over row tiles asks L2 for its next tile's weights as it starts one, so the next tile's
-// loads do not start from HBM after the current tile's reduction (the down projection's 16 KB
-// tiles at one token run at 81% of the bandwidth alone, gate/up's 48 KB ones at 89%). 1: down
-// only; 2: down and gate/up (whose tile is half of each of two 16-row storage tiles: both are
-// asked for, the other halves being the neighbouring block's).
-#ifndef TILE_PREFETCH
-#define TILE_PREFETCH 0
-#endif
-// Asks L2 for the 16-row storage tile holding row r (all of its bytes), from thread 0.
-template <class V> __device__ __forceinline__ void prefetch_storage_tile(const WDesc& d, int r) {
-    if (threadIdx.x != 0 || r >= d.rows) return;
-    size_t bytes;
-    const u8* p = storage_tile<V>(d, r, bytes);
-    l2_prefetch(p, bytes);
-}
-
 // y[t, yoff + r] = x[t] · W[r]; grid (ceil(rows / 16), ceil(T / V::SLOTS)).
 template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) {
     __shared__ float res[16 * MMA_TOKENS];
@@ -956,10 +939,6 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     const WDesc d = gu[experts[grp]];
     int g = (threadIdx.x & 31) >> 2;
     for (int r0 = blockIdx.x * 8; r0 < I; r0 += gridDim.x * 8) {
-    if (TILE_PREFETCH >= 2 && r0 + gridDim.x * 8 < I) {
-        prefetch_storage_tile<V>(d, r0 + gridDim.x * 8);
-        prefetch_storage_tile<V>(d, I + r0 + gridDim.x * 8);
-    }
     int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
@@ -989,7 +968,6 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     const WDesc d = dn[experts[grp]];
     int g = (threadIdx.x & 31) >> 2;
     for (int r0 = blockIdx.x * 16; r0 < H; r0 += gridDim.x * 16) {
-    if (TILE_PREFETCH >= 1 && r0 + gridDim.x * 16 < H) prefetch_storage_tile<V>(d, r0 + gridDim.x * 16);
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];

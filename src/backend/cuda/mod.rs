@@ -132,10 +132,6 @@ pub struct CudaBackend {
     solo_plans: Mutex<HashMap<(usize, usize), Arc<CudaSlice<i32>>>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
-    /// The launch priority of side-stream kernels (`DUET_SIDE_PRIORITY=1`: the device's
-    /// greatest, so the block scheduler serves the shared expert's blocks before the main
-    /// stream's waiting ones; off by default until measured).
-    side_priority: Option<i32>,
     sms: usize,
     device_name: String,
 }
@@ -179,15 +175,6 @@ impl CudaBackend {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("{e:?}"))? as usize;
         let route_done = stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))?;
-        let side_priority = if kernels::env_switch("DUET_SIDE_PRIORITY", false) {
-            let (mut least, mut greatest) = (0, 0);
-            ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
-            // Safety: two out-pointers to live ints, the context bound to this thread.
-            unsafe { cudarc::driver::sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }.result().map_err(|e| anyhow!("CUDA stream priorities: {e:?}"))?;
-            Some(greatest)
-        } else {
-            None
-        };
         let side = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let alloc_stream = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let (fork_event, join_event) = (ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?, ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?);
@@ -206,7 +193,6 @@ impl CudaBackend {
             mma_block: RwLock::new(HashMap::new()),
             solo_plans: Mutex::new(HashMap::new()),
             route_done,
-            side_priority,
             sms,
             device_name,
         })
@@ -291,16 +277,11 @@ impl CudaBackend {
             .collect();
         let on_side = self.on_side.load(Ordering::Relaxed);
         // Safety: a zeroed attribute is valid; ids and values are set below.
-        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut attrs: [sys::CUlaunchAttribute; 1] = unsafe { std::mem::zeroed() };
         let mut n = 0;
         if kernels::pdl() {
             attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             attrs[n].value.programmaticStreamSerializationAllowed = 1;
-            n += 1;
-        }
-        if let Some(priority) = self.side_priority.filter(|_| on_side) {
-            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY;
-            attrs[n].value.priority = priority;
             n += 1;
         }
         let cfg = sys::CUlaunchConfig {

@@ -125,23 +125,15 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
         0,
         &[a, b, c, Arg::Ptr(gpu.ptr(&x.buf)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
     )?;
-    down_cuda_cores(gpu, down, experts, (plan, pairs, groups), &act, &part)?;
-    combine(gpu, &part, &routing.weights, None, t, k, h)
-}
-
-/// The CUDA-core down projection `kernel` (moe_down1 or moe_down8) of the f32 activations
-/// `act` into `part`, for the pairs of `plan` (laid out for `pairs` pairs) over at most
-/// `groups` experts.
-fn down_cuda_cores(gpu: &CudaBackend, kernel: &'static str, experts: &CudaExperts, (plan, pairs, groups): (&CudaSlice<i32>, usize, u32), act: &CudaSlice<f32>, part: &CudaSlice<f32>) -> Result<()> {
-    let (i, h) = (experts.inter, experts.hidden);
     let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
     gpu.launch_kernel(
-        (kernel, Some(experts.fmt_down)),
+        (down, Some(experts.fmt_down)),
         ((h as u32).div_ceil(4), groups, 1),
         threads_for(i, experts.fmt_down),
         0,
-        &[a, b, c, Arg::Ptr(gpu.ptr(act)), Arg::Ptr(gpu.ptr(part)), Arg::I32(h as i32)],
-    )
+        &[a, b, c, Arg::Ptr(gpu.ptr(&act)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
+    )?;
+    combine(gpu, &part, &routing.weights, None, t, k, h)
 }
 
 /// The MoE block of a decode step with the shared expert overlapped with the router. The
@@ -245,10 +237,6 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             if let SoloPlan::Step(plan) = &shared_plan {
                 fill_solo_plan(gpu, index, t, plan)?;
             }
-            if side_f32_down() {
-                shared_pass.gate_up(gpu, shared, shared_variants.0, shared_xs, &shared_plan, 1, 1)?;
-                return shared_pass.down_f32(gpu, shared, &shared_plan);
-            }
             shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
@@ -261,15 +249,6 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
     )?;
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
-}
-
-/// Whether the shared expert's down beside the router takes the CUDA-core kernel on its f32
-/// activations, one side-stream launch (the split) fewer (`DUET_SIDE_F32_DOWN=1`; off by
-/// default, not yet run on a GPU). Its sums then run in another order than the folded block's,
-/// so `duet bench check`'s "= folded" rows fail with it on (its rows against the oracle hold).
-fn side_f32_down() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_SIDE_F32_DOWN", false))
 }
 
 /// The plan of one expert alone over a decode step's tokens (the shared expert's beside the
@@ -385,12 +364,6 @@ impl MmaPass {
             h,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )
-    }
-
-    /// Down over one expert's pairs of `plan` on the CUDA-core kernel, which reads the f32
-    /// activations: no split launch before it.
-    fn down_f32(&self, gpu: &CudaBackend, experts: &CudaExperts, plan: &CudaSlice<i32>) -> Result<()> {
-        down_cuda_cores(gpu, "moe_down1", experts, (plan, self.act.rows, 1), &self.act.buf, &self.part)
     }
 
     fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
