@@ -957,22 +957,6 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     }
 }
 
-// The down projection of pairs pairs[0 .. nt) of one expert (weights d) over the block's row
-// tiles (every gridDim.x-th 16 rows): part[pairs[t], r] = down[r] · activation of token slot
-// t, whose row in xs (split for the format) is trow[t] and whose exponent is exp(t).
-template <class V, class Exp> __device__ __forceinline__ void down_tiles(const WDesc& d, const int* pairs, int nt, const int* trow, const void* xs, const int* sums, Exp exp, float* part, int H, float* res) {
-    int g = (threadIdx.x & 31) >> 2;
-    for (int r0 = blockIdx.x * 16; r0 < H; r0 += gridDim.x * 16) {
-        int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
-        float2 v = V::part(d, ra, rb, trow, xs, sums);
-        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
-        bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
-        pdl_late();
-        tile_reduce(v, res);
-        if (mine) part[(size_t)pairs[t] * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exp(t));
-    }
-}
-
 // part[p, r] = down_e[r] · act[p]; grid (up to ceil(H / 16), groups); act split for the format
 // (P rows).
 template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
@@ -982,52 +966,22 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     int grp = blockIdx.y;
     if (grp >= plan[0]) return;
     const WDesc d = dn[experts[grp]];
+    int g = (threadIdx.x & 31) >> 2;
+    for (int r0 = blockIdx.x * 16; r0 < H; r0 += gridDim.x * 16) {
+    int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
     for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
-        down_tiles<V>(d, pairs + p0, nt, trow, acts, sums, [&](int t) { return exps[pairs[p0 + t]]; }, part, H, res);
-    }
-}
-
-// moe_down_mma on the f32 activations act[p] (P rows of I, a multiple of 128), for the int8
-// planes formats (INT4, INT8): each block splits its group's rows into shared memory itself
-// (split_planes' bits, in its layout for `rows` rows, at most the kernel's SLOTS), so no split
-// launch runs between gate/up and down. The rows are split once per block (the group's 8 KB a
-// row from L2, every block of the group alike), not once per row tile. Dynamic shared memory:
-// down_split_smem in moe.rs. DOWN_SPLIT_PREFETCH=1 (to be measured): thread 0 first asks L2 for
-// the block's first row tile, so the weights stream while the block splits.
-#ifndef DOWN_SPLIT_PREFETCH
-#define DOWN_SPLIT_PREFETCH 0
-#endif
-template <class V> __device__ void moe_down_mma_split(const WDesc* dn, const int* plan, int P, const float* act, int rows, float* part, int H, int I) {
-    extern __shared__ __align__(16) u8 planes_smem[];
-    __shared__ float res[16 * MMA_TOKENS], scratch[32];
-    __shared__ int kexp[MMA_TOKENS];
-    const int *experts, *offs, *pairs;
-    plan_parts(plan, P, experts, offs, pairs);
-    int grp = blockIdx.y;
-    if (grp >= plan[0]) return;
-    const WDesc d = dn[experts[grp]];
-    if (DOWN_SPLIT_PREFETCH && threadIdx.x == 0 && blockIdx.x * 16 < H) {
-        size_t bytes;
-        l2_prefetch(storage_tile<V>(d, blockIdx.x * 16, bytes), bytes);
-    }
-    u8* q = planes_smem;
-    int* sums = (int*)(planes_smem + (size_t)rows * PLANES * I);
-    int n4 = I / 4, step = min(rows, V::SLOTS);
-    for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += step) {
-        int nt = min(step, offs[grp + 1] - p0), trow[MMA_TOKENS];
-        // (row_absmax's first barrier keeps these stores behind the last pairs' tile reads.)
-        for (int t = 0; t < nt; t++) {
-            const float4* xr = (const float4*)(act + (size_t)pairs[p0 + t] * I);
-            int k = planes_exponent(row_absmax(xr, n4, scratch));
-            for (int i = threadIdx.x; i < n4; i += blockDim.x) store_planes(xr[i], pow2(k), i, t, I, q, sums);  // whole warps: n4 is a multiple of 32
-            if (threadIdx.x == 0) kexp[t] = k + 4;
+        float2 v = V::part(d, ra, rb, trow, acts, sums);
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
+        bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
+        pdl_late();
+        tile_reduce(v, res);
+        if (mine) {
+            int p = pairs[p0 + t];
+            part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[p]);
         }
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? j : -1;
-        down_tiles<V>(d, pairs + p0, nt, trow, q, sums, [&](int t) { return kexp[t]; }, part, H, res);
+    }
     }
 }
 
@@ -1043,22 +997,13 @@ template <class V> __device__ void moe_down_mma_split(const WDesc* dn, const int
         moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
     }
 
-// The planes formats' down with its own split (moe_down_mma_split).
-#define INSTANTIATE_DOWN_SPLIT(NAME, V, REGS)                                                                                  \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_split_##NAME(const WDesc* dn, const int* plan, int P, const float* act, int rows, float* part, int H, int I) { \
-        pdl_entry();                                                                                                    \
-        moe_down_mma_split<V>(dn, plan, P, act, rows, part, H, I);                                                      \
-    }
-
 // The INT4 variants' names: g<group><a: zero points | s: none><slots>_int4 (linear.rs builds
 // them the same way).
 #define INSTANTIATE_INT4(G, GPC, SLOTS)                                           \
     typedef Int4Mma<GPC, true, SLOTS> Int4_g##G##a##SLOTS;                        \
     typedef Int4Mma<GPC, false, SLOTS> Int4_g##G##s##SLOTS;                       \
     INSTANTIATE_MMA(g##G##a##SLOTS##_int4, Int4_g##G##a##SLOTS, INT4_REGS)        \
-    INSTANTIATE_MMA(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS)        \
-    INSTANTIATE_DOWN_SPLIT(g##G##a##SLOTS##_int4, Int4_g##G##a##SLOTS, INT4_REGS) \
-    INSTANTIATE_DOWN_SPLIT(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS)
+    INSTANTIATE_MMA(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS)
 
 INSTANTIATE_MMA(fp8, Fp8Mma, FP8_REGS)
 INSTANTIATE_INT4(128, 1, 2)
@@ -1071,5 +1016,3 @@ typedef Int8Mma<2> Int8_g64s2;
 typedef Int8Mma<4> Int8_g64s4;
 INSTANTIATE_MMA(g64s2_int8, Int8_g64s2, INT8_REGS)
 INSTANTIATE_MMA(g64s4_int8, Int8_g64s4, INT8_REGS)
-INSTANTIATE_DOWN_SPLIT(g64s2_int8, Int8_g64s2, INT8_REGS)
-INSTANTIATE_DOWN_SPLIT(g64s4_int8, Int8_g64s4, INT8_REGS)

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
-use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS, PLANES};
+use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
 use super::weights::{upload_experts, CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
@@ -108,8 +108,8 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     };
     if let Some(variants) = experts.mma.filter(|_| t <= MMA_MAX_TOKENS) {
         let xs = gpu.split(x, experts.fmt_gate_up)?;
-        let pass = MmaPass::new(gpu, t, k, experts)?;
-        pass.run(gpu, experts, variants, xs, plan, groups)?;
+        let pass = MmaPass::new(gpu, pairs, experts)?;
+        pass.run(gpu, experts, variants, xs, plan, k, groups)?;
         return combine(gpu, &pass.part, &routing.weights, None, t, k, h);
     }
     // Decode batches take a group's tokens one per pass (the second read of a tile hits L1/L2,
@@ -230,20 +230,21 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let xs = gpu.split(x, experts.fmt_gate_up)?;
     let shared_xs = gpu.split(x, shared.fmt_gate_up)?;
     let shared_plan = solo_plan(gpu, index, t)?;
-    let shared_pass = MmaPass::new(gpu, t, 1, shared)?;
+    let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
     let (routing, pass) = gpu.concurrently(
         || {
             if let SoloPlan::Step(plan) = &shared_plan {
                 fill_solo_plan(gpu, index, t, plan)?;
             }
-            shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1)
+            shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
             let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
-            let pass = MmaPass::new(gpu, t, routing.top_k, experts)?;
-            pass.run(gpu, experts, variants, xs, plan, (t * routing.top_k).min(experts.count) as u32)?;
+            let pairs = t * routing.top_k;
+            let pass = MmaPass::new(gpu, pairs, experts)?;
+            pass.run(gpu, experts, variants, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
             Ok((routing, pass))
         },
     )?;
@@ -325,114 +326,58 @@ fn plan_args(gpu: &CudaBackend, table: &CudaSlice<WDesc>, plan: &CudaSlice<i32>,
     [Arg::Ptr(gpu.ptr(table)), Arg::Ptr(gpu.ptr(plan)), Arg::I32(pairs as i32)]
 }
 
-/// One tensor-core pass of grouped experts over a decode step's `tokens · k` (token, expert)
-/// pairs: the buffers of its SwiGLU activations, their split (unless the down projection makes
-/// it itself: `down_split_rows`) and each pair's down projection, made before any launch so
-/// that a pass can run on the side stream.
+/// One tensor-core pass of grouped experts over `pairs` (token, expert) pairs: the buffers of
+/// its SwiGLU activations, their split and each pair's down projection, made before any
+/// launch so that a pass can run on the side stream.
 struct MmaPass {
     act: CudaTensor,
-    acts: Option<Split>,
+    acts: Split,
     part: DevBuf<f32>,
-    k: usize,
 }
 
 impl MmaPass {
-    fn new(gpu: &CudaBackend, tokens: usize, k: usize, experts: &CudaExperts) -> Result<MmaPass> {
-        let pairs = tokens * k;
-        let acts = match down_split_rows(experts, tokens) {
-            Some(_) => None,
-            None => Some(gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?),
-        };
-        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts, part: gpu.alloc(pairs * experts.hidden)?, k })
-    }
-
-    fn tokens(&self) -> usize {
-        self.act.rows / self.k
+    fn new(gpu: &CudaBackend, pairs: usize, experts: &CudaExperts) -> Result<MmaPass> {
+        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)? })
     }
 
     /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
     /// activations, then down (16 rows per tile), for the pairs of `plan` (at most `groups`
-    /// experts) over `xs`, with the experts' kernel variants (gate/up, down).
-    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, groups: u32) -> Result<()> {
-        self.gate_up(gpu, experts, gate_up, xs, plan, groups)?;
-        self.split(gpu)?;
-        self.down(gpu, experts, down, plan, groups)
+    /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
+        gpu.split_into(&self.act, &self.acts)?;
+        self.down(gpu, experts, down, plan, k, groups)
     }
 
-    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, groups: u32) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
-        // The tile width follows the tokens, as an expert's group has at most one pair per
-        // token (the kernels loop over a group's pairs, so any count is still right).
+        // The tile width follows the tokens (pairs / k), as an expert's group has at most one
+        // pair per token (the kernels loop over a group's pairs, so any count is still right).
         gpu.launch_mma(
             MmaFamily::GateUp,
             v,
-            self.tokens(),
+            pairs / k,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            0,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(self.k as i32), Arg::I32(i as i32)],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )
     }
 
-    /// The split of the activations for down, unless down makes it itself.
-    fn split(&self, gpu: &CudaBackend) -> Result<()> {
-        match &self.acts {
-            Some(acts) => gpu.split_into(&self.act, acts),
-            None => Ok(()),
-        }
-    }
-
-    fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, groups: u32) -> Result<()> {
+    fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
-        let grid = ((h as u32).div_ceil(16), groups, 1);
-        let Some(acts) = &self.acts else {
-            let Some(rows) = down_split_rows(experts, self.tokens()) else { bail!("internal: an unsplit pass whose down cannot split") };
-            return gpu.launch_mma(
-                MmaFamily::DownSplit,
-                v,
-                self.tokens(),
-                grid,
-                i,
-                down_split_smem(rows, i),
-                &[a, b, c, Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(rows as i32), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32), Arg::I32(i as i32)],
-            );
-        };
         gpu.launch_mma(
             MmaFamily::Down,
             v,
-            self.tokens(),
-            grid,
+            pairs / k,
+            ((h as u32).div_ceil(16), groups, 1),
             i,
-            0,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&acts.data)), Arg::Ptr(acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
     }
-}
-
-/// The activation rows a down projection of `experts` at `tokens` tokens splits itself
-/// (moe_down_mma_split: each block splits its expert's rows into shared memory, so no split
-/// launch runs between gate/up and down), or None where a split launch serves it: FP8's
-/// halves; more tokens than `DUET_DOWN_SPLIT_TOKENS` (default 2); planes over 48 KB.
-fn down_split_rows(experts: &CudaExperts, tokens: usize) -> Option<usize> {
-    let v = experts.mma?.1;
-    let rows = tokens.min(v.slots(tokens) as usize);
-    let fits = experts.inter % 128 == 0 && down_split_smem(rows, experts.inter) <= 48 * 1024;
-    (v != MmaVariant::Fp8 && tokens <= down_split_tokens() && fits).then_some(rows)
-}
-
-/// The dynamic shared memory of moe_down_mma_split for `rows` rows of `cols`: their int8
-/// planes and the planes' sums per 32 and 128 columns (split_planes' layout).
-fn down_split_smem(rows: usize, cols: usize) -> usize {
-    rows * (PLANES * cols + (cols / 32 + cols / 128) * PLANES * 4)
-}
-
-/// Up to how many tokens the planes formats' down projections split their activations
-/// themselves (`DUET_DOWN_SPLIT_TOKENS`, 0 to 8; default 2).
-fn down_split_tokens() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| super::kernels::env_usize("DUET_DOWN_SPLIT_TOKENS", "0 to 8", |n| n <= MMA_MAX_TOKENS).unwrap_or(2))
 }
 
 /// The two grouped expert GEMVs of a decode step on the tensor cores, their inputs (plan,
@@ -444,18 +389,19 @@ pub struct ExpertGemvs<'a> {
     xs: &'a Split,
     plan: DevBuf<i32>,
     pass: MmaPass,
+    k: usize,
     groups: u32,
 }
 
 impl ExpertGemvs<'_> {
     /// Gate/up with SiLU·up over the step's pairs.
     pub fn gate_up(&self) -> Result<()> {
-        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.groups)
+        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.k, self.groups)
     }
 
-    /// Down over the step's pairs (with the split of its activations, when it makes it itself).
+    /// Down over the step's pairs.
     pub fn down(&self) -> Result<()> {
-        self.pass.down(self.gpu, self.experts, self.variants.1, &self.plan, self.groups)
+        self.pass.down(self.gpu, self.experts, self.variants.1, &self.plan, self.k, self.groups)
     }
 }
 
@@ -497,11 +443,11 @@ impl CudaBackend {
         let (k, pairs) = (routing.top_k, x.rows * routing.top_k);
         let plan = make_plan(self, routing, pairs, experts.count)?;
         let xs = self.split(x, experts.fmt_gate_up)?;
-        let pass = MmaPass::new(self, x.rows, k, experts)?;
-        let g = ExpertGemvs { gpu: self, experts, variants, xs, plan, pass, groups: pairs.min(experts.count) as u32 };
+        let pass = MmaPass::new(self, pairs, experts)?;
+        let g = ExpertGemvs { gpu: self, experts, variants, xs, plan, pass, k, groups: pairs.min(experts.count) as u32 };
         // Down reads real activations.
         g.gate_up()?;
-        g.pass.split(self)?;
+        self.split_into(&g.pass.act, &g.pass.acts)?;
         Ok(g)
     }
 }
