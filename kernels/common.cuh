@@ -302,8 +302,52 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
 #define PDL_TRIGGER 2
 #endif
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+// TIMELINE=1 (a diagnostic build: DUET_KERNEL_DEFINES=-DTIMELINE=1, read by `duet bench kernels`,
+// src/backend/cuda/timeline.rs): each launch that waits in pdl_entry notes, in its module's
+// duet_timeline table (slot by %gridid), when its
+// first block arrived at the wait, when the wait first and last let a block go (the kernel
+// before it had completed), and how many blocks passed, on the device's global timer. The host
+// starts each record empty: grid, arrived and first all ones, the rest zeros.
+#ifndef TIMELINE
+#define TIMELINE 0
+#endif
+#if TIMELINE
+#define TIMELINE_SLOTS 1024
+struct TimelineRec {
+    unsigned long long grid, arrived, first, last;
+    unsigned int gx, gy, bx, blocks;
+};
+__device__ TimelineRec duet_timeline[TIMELINE_SLOTS];
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ void timeline_note(unsigned long long arrived, unsigned long long passed) {
+    unsigned long long id;
+    asm("mov.u64 %0, %%gridid;" : "=l"(id));
+    for (unsigned i = 0, h = (unsigned)(id * 2654435761ull); i < 32; i++) {  // a full table drops the note
+        TimelineRec* r = &duet_timeline[(h + i) % TIMELINE_SLOTS];
+        unsigned long long prev = atomicCAS(&r->grid, ~0ull, id);
+        if (prev != ~0ull && prev != id) continue;
+        atomicMin(&r->arrived, arrived);
+        atomicMin(&r->first, passed);
+        atomicMax(&r->last, passed);
+        if (atomicAdd(&r->blocks, 1u) == 0) r->gx = gridDim.x, r->gy = gridDim.y, r->bx = blockDim.x;
+        return;
+    }
+}
+#endif
+
 __device__ __forceinline__ void pdl_entry() {
+#if TIMELINE
+    unsigned long long arrived = global_ns();
+#endif
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#if TIMELINE
+    if (threadIdx.x == 0) timeline_note(arrived, global_ns());
+#endif
     if (PDL_TRIGGER == 0) pdl_trigger();
 }
 __device__ __forceinline__ void pdl_late() {

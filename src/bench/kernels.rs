@@ -8,7 +8,7 @@ use anyhow::{anyhow, Result};
 use cudarc::driver::{sys::CUevent_flags, CudaContext, CudaStream};
 
 use crate::backend::cuda::weights::Fmt;
-use crate::backend::cuda::{CudaBackend, CudaRouting};
+use crate::backend::cuda::{timeline, CudaBackend, CudaRouting};
 use crate::backend::{Backend, Batch, CacheSpec, ExpertWeights, IndexDims, MlaDims, RopeSpec, RouterParams};
 use crate::checkpoint::linear::{Format, LinearWeight};
 use crate::checkpoint::safetensors::{DType, OwnedTensor, TensorView};
@@ -43,6 +43,20 @@ fn time_graph(gpu: &CudaBackend, inner: usize, reps: usize, mut f: impl FnMut() 
     graph.upload()?;
     let ms = time_ms(gpu.context(), gpu.stream(), 2, reps, || graph.launch())?;
     Ok(ms / inner as f64)
+}
+
+/// The diagnostic timeline (kernels built with -DTIMELINE=1) of two calls of `f` captured in
+/// one graph (the second's kernels follow the first's as a layer's follow the one before):
+/// the graph replayed once to warm up, then once with the tables emptied.
+fn block_timeline(gpu: &CudaBackend, mut f: impl FnMut() -> Result<()>) -> Result<String> {
+    f()?; // outside the graph first, as time_graph does (what it frees is no graph's)
+    gpu.timeline_reset()?;
+    let graph = crate::backend::cuda::graphs::record(gpu, || (0..2).try_for_each(|_| f()))?;
+    graph.upload()?;
+    graph.launch()?;
+    gpu.timeline_rearm()?;
+    graph.launch()?;
+    Ok(timeline::table(&gpu.timeline_read()?))
 }
 
 /// A weight of random bits in its storage format (fast to make at real sizes; the values are
@@ -226,6 +240,9 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             let norm = time_graph(&gpu, 8, reps, || gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6).map(|_| ()))?;
             let router = time_graph(&gpu, 8, reps, || gpu.route(&gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
             r.part(&format!("  add + norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
+            if timeline::enabled() {
+                print!("{}", block_timeline(&gpu, || gpu.add_norm_moe_block(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?);
+            }
         }
         for batch in [1usize, 2, 4] {
             let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;

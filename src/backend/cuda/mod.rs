@@ -13,6 +13,7 @@ pub mod graphs;
 pub mod kernels;
 mod linear;
 mod moe;
+pub mod timeline;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -132,6 +133,8 @@ pub struct CudaBackend {
     solo_plans: Mutex<HashMap<(usize, usize), Arc<CudaSlice<i32>>>>,
     /// moe_route's count of finished blocks (zero between launches: the last block resets it).
     route_done: CudaSlice<i32>,
+    /// The launches made while the diagnostic timeline is on (`timeline`).
+    timeline: timeline::Log,
     sms: usize,
     device_name: String,
 }
@@ -193,6 +196,7 @@ impl CudaBackend {
             mma_block: RwLock::new(HashMap::new()),
             solo_plans: Mutex::new(HashMap::new()),
             route_done,
+            timeline: Default::default(),
             sms,
             device_name,
         })
@@ -276,6 +280,9 @@ impl CudaBackend {
             })
             .collect();
         let on_side = self.on_side.load(Ordering::Relaxed);
+        if timeline::enabled() {
+            self.timeline.note(kernel_name(kernel), grid, block, on_side);
+        }
         // Safety: a zeroed attribute is valid; ids and values are set below.
         let mut attrs: [sys::CUlaunchAttribute; 1] = unsafe { std::mem::zeroed() };
         let mut n = 0;

@@ -1,0 +1,128 @@
+//! A diagnostic timeline of a captured step's kernels, on the device's global timer: built
+//! with `DUET_KERNEL_DEFINES=-DTIMELINE=1`, each kernel that waits in pdl_entry notes when its
+//! first block arrived at the wait and when the wait let its first and last block go
+//! (kernels/common.cuh, TIMELINE). Reading it beside the launches the host made shows where a
+//! latency-bound chain (the MoE block at one token) spends its time: a kernel's first release
+//! is when the kernel before it on its stream completed. `duet bench kernels` prints one under
+//! each MoE block row when the define is set.
+
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Result};
+
+use super::CudaBackend;
+
+/// Records per module (TIMELINE_SLOTS in kernels/common.cuh).
+const SLOTS: usize = 1024;
+/// Bytes of a record: grid id, arrived, first, last (u64); grid x, y, block x, blocks (u32).
+const RECORD: usize = 48;
+
+/// Whether the kernels are built with the timeline (`-DTIMELINE=1` in DUET_KERNEL_DEFINES).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DUET_KERNEL_DEFINES").is_ok_and(|d| d.split_whitespace().any(|w| w == "-DTIMELINE=1")))
+}
+
+/// One launch the host made while the timeline was on: its kernel, grid, block and stream.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub kernel: String,
+    pub grid: (u32, u32),
+    pub block: u32,
+    pub side: bool,
+}
+
+/// The launches noted since `CudaBackend::timeline_reset` (host order).
+#[derive(Default)]
+pub(super) struct Log(Mutex<Vec<Launch>>);
+
+impl Log {
+    pub(super) fn note(&self, kernel: String, grid: (u32, u32, u32), block: u32, side: bool) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(Launch { kernel, grid: (grid.0, grid.1), block, side });
+    }
+}
+
+/// One kernel's record, times in µs from the timeline's first release.
+#[derive(Clone, Debug)]
+pub struct Mark {
+    /// The host launch with this grid and block, in order, when one matches.
+    pub launch: Option<Launch>,
+    pub grid: (u32, u32),
+    pub block: u32,
+    pub blocks: u32,
+    pub arrived: f64,
+    pub first: f64,
+    pub last: f64,
+}
+
+impl CudaBackend {
+    /// Empties the host's log of launches and the device tables.
+    pub fn timeline_reset(&self) -> Result<()> {
+        self.timeline.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.timeline_rearm()
+    }
+
+    /// Empties the device tables (the host's log of launches stays: a graph replays them).
+    pub fn timeline_rearm(&self) -> Result<()> {
+        let mut empty = vec![0u8; SLOTS * RECORD];
+        for r in empty.chunks_mut(RECORD) {
+            r[..24].fill(0xff); // grid, arrived, first: all ones; last and the counts zero
+        }
+        for m in &self.modules {
+            let mut table = m.get_global("duet_timeline", &self.stream).map_err(|e| anyhow!("the kernels have no timeline (build them with -DTIMELINE=1): {e:?}"))?;
+            self.stream.memcpy_htod(&empty, &mut table).map_err(|e| anyhow!("{e:?}"))?;
+        }
+        self.synchronize()
+    }
+
+    /// The kernels noted since `timeline_rearm`, in order of their first release, each matched
+    /// to the first unmatched host launch of the same grid and block.
+    pub fn timeline_read(&self) -> Result<Vec<Mark>> {
+        self.synchronize()?;
+        let mut raw = Vec::new();
+        for m in &self.modules {
+            let table = m.get_global("duet_timeline", &self.stream).map_err(|e| anyhow!("{e:?}"))?;
+            let bytes = self.stream.clone_dtoh(&table).map_err(|e| anyhow!("{e:?}"))?;
+            for r in bytes.chunks_exact(RECORD) {
+                let u64_at = |i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().unwrap());
+                let u32_at = |i: usize| u32::from_le_bytes(r[32 + 4 * i..36 + 4 * i].try_into().unwrap());
+                if u64_at(0) != u64::MAX {
+                    raw.push((u64_at(1), u64_at(2), u64_at(3), (u32_at(0), u32_at(1)), u32_at(2), u32_at(3)));
+                }
+            }
+        }
+        raw.sort_by_key(|r| r.1);
+        let t0 = raw.first().map_or(0, |r| r.1);
+        let mut launches: Vec<Option<Launch>> = self.timeline.0.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().map(Some).collect();
+        let us = |t: u64| (t as i64 - t0 as i64) as f64 * 1e-3;
+        Ok(raw
+            .into_iter()
+            .map(|(arrived, first, last, grid, block, blocks)| {
+                let launch = launches.iter_mut().find(|l| l.as_ref().is_some_and(|l| l.grid == grid && l.block == block)).and_then(Option::take);
+                Mark { launch, grid, block, blocks, arrived: us(arrived), first: us(first), last: us(last) }
+            })
+            .collect())
+    }
+}
+
+/// The marks as a table: kernel, stream, grid, when it arrived and was released (first, last),
+/// and the time from its first release to the next kernel's on the same stream.
+pub fn table(marks: &[Mark]) -> String {
+    let mut out = String::from("    kernel                                     stream  grid        blocks  arrived   first    last  -> next on stream\n");
+    for (i, m) in marks.iter().enumerate() {
+        let side = m.launch.as_ref().is_some_and(|l| l.side);
+        let next = marks[i + 1..].iter().find(|n| n.launch.as_ref().is_some_and(|l| l.side) == side).map_or(String::new(), |n| format!("{:7.2}", n.first - m.first));
+        let name = m.launch.as_ref().map_or("?", |l| l.kernel.as_str());
+        out += &format!(
+            "    {name:<42} {:<6}  {:>4}x{:<4}  {:>6}  {:7.2} {:7.2} {:7.2}  {next}\n",
+            if side { "side" } else { "main" },
+            m.grid.0,
+            m.grid.1,
+            m.blocks,
+            m.arrived,
+            m.first,
+            m.last
+        );
+    }
+    out
+}
