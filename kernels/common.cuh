@@ -388,3 +388,189 @@ __device__ __forceinline__ void prefetch_weights(const void* p, size_t bytes) {
     if (blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z) >= sms) return;
     l2_prefetch(p, min(bytes, (size_t)PDL_PREFETCH));
 }
+
+// ---- the MoE router's selection (moe_route in linear.cu, and gate/up routing itself in
+// linear_mma.cu) ------------------------------------------------------------------------------
+
+// Fills `plan` (see plan_parts) from the pairs' experts ex[0 .. P) over E experts; cnt: E ints
+// of shared scratch. One whole warp. Groups are the used experts in increasing order, and pairs
+// keep their order within a group.
+// Up to 32 pairs (a decode step's): a lane per pair, and 32 shuffles give each pair the count
+// of pairs and of groups of smaller experts: its group's offset, its group, and with the
+// earlier pairs of its expert (match_any) its slot; nothing is read per expert (at 256 experts
+// the scan below reads 256 counts). Else counts by shared atomics, groups and their offsets by
+// warp scans over 32 experts at a time, then each pair's slot, 32 pairs at a time. (One
+// thread doing all of it waited on shared memory once per expert.)
+__device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
+    const unsigned all = 0xffffffffu;
+    int lane = threadIdx.x & 31;
+    unsigned below = (1u << lane) - 1;
+    int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
+    if (P <= 32) {
+        int e = lane < P ? ex[lane] : 0x7fffffff;  // past the end: after every expert
+        unsigned same = __match_any_sync(all, e);
+        bool first = lane < P && (same & below) == 0;
+        unsigned firsts = __ballot_sync(all, first);
+        int less = 0, less_groups = 0;
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            bool lt = __shfl_sync(all, e, j) < e;
+            less += lt;
+            less_groups += lt && ((firsts >> j) & 1);
+        }
+        if (first) {
+            experts[less_groups] = e;
+            offs[less_groups] = less;
+        }
+        if (lane < P) pairs[less + __popc(same & below)] = lane;
+        if (lane == 0) {
+            plan[0] = __popc(firsts);
+            offs[__popc(firsts)] = P;
+        }
+        return;
+    }
+    for (int e = lane; e < E; e += 32) cnt[e] = 0;
+    __syncwarp();
+    for (int p = lane; p < P; p += 32) atomicAdd(&cnt[ex[p]], 1);
+    __syncwarp();
+    int groups = 0, off = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        int e = e0 + lane, n = e < E ? cnt[e] : 0, incl = n;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(all, incl, o);
+            if (lane >= o) incl += v;
+        }
+        unsigned used = __ballot_sync(all, n > 0);
+        if (n > 0) {
+            int gi = groups + __popc(used & below);
+            experts[gi] = e;
+            offs[gi] = off + incl - n;
+            cnt[e] = off + incl - n;  // becomes the next free slot of the group
+        }
+        groups += __popc(used);
+        off += __shfl_sync(all, incl, 31);
+    }
+    if (lane == 0) {
+        offs[groups] = off;
+        plan[0] = groups;
+    }
+    __syncwarp();
+    for (int p0 = 0; p0 < P; p0 += 32) {
+        int p = p0 + lane, e = p < P ? ex[p] : -1;
+        unsigned same = __match_any_sync(all, e);
+        if (p < P) pairs[cnt[e] + __popc(same & below)] = p;
+        __syncwarp();
+        if (p < P && (same >> lane) == 1) cnt[e] += __popc(same);  // the group's last lane
+        __syncwarp();
+    }
+}
+
+// Words of route_token's shared scratch for E experts in G groups.
+__device__ __host__ constexpr int route_scratch_words(int E, int G) { return 3 * E + G; }
+
+// The sigmoid router's selection for one token's E logits: the selection-only bias, then
+// group-limited top-K (ties go to the lower index). The calling threads tid of nthreads (a
+// multiple of 32; threads of the block beyond a sub-block's run it alike for their own
+// tokens: every barrier here is a __syncthreads that all of them reach) take it together, with
+// `scratch` (route_scratch_words) and *ncand their own shared memory. On return, scratch[0 ..
+// E) holds the sigmoid scores and chosen[0 .. K) the picks in rank order, for every thread.
+__device__ void route_token(const float* __restrict__ logits, const float* __restrict__ bias, int E, int G, int TG, int K, float* scratch, int* chosen,
+                            int* ncand, int tid, int nthreads) {
+    float* s = scratch;       // sigmoid scores
+    float* c = s + E;         // selection scores
+    float* gs = s + 2 * E;    // group scores
+    for (int e = tid; e < E; e += nthreads) {
+        float z = logits[e];
+        float v = 1.f / (1.f + expf(-z));
+        s[e] = v;
+        c[e] = v + bias[e];
+        if (!(c[e] == c[e])) c[e] = NEG_INF;  // NaN ranks last (every rank stays distinct)
+    }
+    if (tid == 0) *ncand = 0;
+    __syncthreads();
+    int per = E / G;
+    if (G > 1) {
+        for (int g = tid; g < G; g += nthreads) {
+            float a = NEG_INF, b = NEG_INF;
+            for (int j = 0; j < per; j++) {
+                float v = c[g * per + j];
+                if (v > a) { b = a; a = v; } else if (v > b) { b = v; }
+            }
+            gs[g] = a + b;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int k = 0; k < TG; k++) {
+                int bi = -1;
+                for (int g = 0; g < G; g++)
+                    if (gs[g] > NEG_INF && (bi < 0 || gs[g] > gs[bi])) bi = g;
+                if (bi >= 0) gs[bi] = NEG_INF;
+                chosen[k] = bi;
+            }
+            // Mark kept groups by 1 in gs (all others were not chosen).
+            for (int g = 0; g < G; g++) gs[g] = 0.f;
+            for (int k = 0; k < TG; k++) if (chosen[k] >= 0) gs[chosen[k]] = 1.f;
+        }
+        __syncthreads();
+        for (int e = tid; e < E; e += nthreads)
+            if (gs[e / per] == 0.f) c[e] = NEG_INF;
+        __syncthreads();
+    }
+    // Top-K by rank: expert e is pick number `rank`, the count of experts that come before it
+    // (a higher score, or the same at a lower index: the CPU's order), when that is below K.
+    // (K rounds of a warp arg-max measured slower: K chains of shuffles.) In two passes, so a
+    // thread compares against far fewer than E scores: each run of 32 experts ranks itself
+    // within the run by shuffles, and those below K there become candidates (an expert's rank
+    // within its run is at most its rank overall, so every pick is a candidate); then each
+    // candidate's rank among the candidates is its rank overall for the K picks (whatever
+    // comes before a pick is a pick) and at least K for the others (the K picks come before).
+    int* cand = (int*)(s + 2 * E + G);  // E ints
+    // (Whole warps: nthreads is a multiple of 32, and base is the same across a warp.)
+    for (int base = (tid >> 5) * 32; base < E; base += nthreads) {
+        int l = tid & 31, e = base + l;
+        float v = e < E ? c[e] : NEG_INF;  // past the end: last, behind every expert (index)
+        int rank = 0;
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            float u = __shfl_sync(0xffffffffu, v, j);
+            rank += u > v || (u == v && j < l);
+        }
+        if (e < E && rank < K) cand[atomicAdd(ncand, 1)] = e;
+    }
+    __syncthreads();
+    // Four threads a candidate, each comparing it with every fourth candidate (whole warps
+    // through the loop: i0 is the same across the threads).
+    int nc = *ncand;
+    for (int i0 = 0; i0 < nc; i0 += nthreads / 4) {
+        int i = i0 + (tid >> 2), e = i < nc ? cand[i] : 0, rank = 0;
+        float v = c[e];
+        if (i < nc)
+            for (int j = tid & 3; j < nc; j += 4) {
+                int f = cand[j];
+                float u = c[f];
+                rank += u > v || (u == v && f < e);
+            }
+        rank += __shfl_xor_sync(0xffffffffu, rank, 1);
+        rank += __shfl_xor_sync(0xffffffffu, rank, 2);
+        if (i < nc && (tid & 3) == 0 && rank < K) chosen[rank] = e;
+    }
+    __syncthreads();
+}
+
+// One token's K1 routes from route_token's scores s and picks: idx and w (its rows), the K
+// picks' sigmoid scores (normalized to sum 1 when `norm`) times `scaling`, then with shared ≥ 0
+// that expert at weight 1 (the shared expert folded into the routed ones). One warp, lane.
+__device__ void route_weights(const float* s, const int* chosen, int K, int norm, float scaling, int shared, int* idx, float* w, int lane) {
+    float sum = 0.f;
+    for (int k = 0; k < K; k++) sum += s[chosen[k]];
+    float denom = norm ? sum + 1e-20f : 1.f;
+    for (int k = lane; k < K; k += 32) {
+        idx[k] = chosen[k];
+        w[k] = s[chosen[k]] / denom * scaling;
+    }
+    if (lane == 0 && shared >= 0) {
+        idx[K] = shared;
+        w[K] = 1.f;
+    }
+}
