@@ -957,33 +957,6 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     }
 }
 
-// moe_gate_up_mma for a decode step of T tokens that routes itself, so no route launch runs
-// between the norm (which made the router's logits, T rows of E) and gate/up: every block
-// picks each token's K experts (route_token) and builds the step's plan in shared memory from
-// them, the same picks and plan as moe_route's; block (0, 0) also writes the routes (idx,
-// wout: K a token, no shared expert folded in) and the plan (plan_out) for the down projection
-// and the combine. T·K ≤ GATE_UP_ROUTE_PAIRS (plan_from's one-warp path). Dynamic shared memory:
-// route_scratch_words(E, G) words.
-#define GATE_UP_ROUTE_PAIRS 32  // GATE_UP_ROUTE_PAIRS in moe.rs
-template <class V>
-__device__ void moe_gate_up_mma_route(const WDesc* gu, const float* logits, const float* bias, int E, int G, int TG, int K, int norm, float scaling, int T,
-                                      int PE, int* idx, float* wout, int* plan_out, const void* xs, const int* sums, const int* exps, float* act, int I) {
-    extern __shared__ float route_scratch[];
-    __shared__ int picks[GATE_UP_ROUTE_PAIRS], splan[2 + 3 * GATE_UP_ROUTE_PAIRS], ncand;
-    int P = T * K;
-    bool writer = blockIdx.x == 0 && blockIdx.y == 0;
-    for (int t = 0; t < T; t++) {
-        if (t > 0) __syncthreads();  // (the token before's scores are read before they are overwritten)
-        route_token(logits + (size_t)t * E, bias, E, G, TG, K, route_scratch, picks + t * K, &ncand, threadIdx.x, blockDim.x);
-        if (writer && threadIdx.x < 32) route_weights(route_scratch, picks + t * K, K, norm, scaling, -1, idx + t * K, wout + t * K, threadIdx.x);
-    }
-    if (threadIdx.x < 32) plan_from(picks, P, PE, nullptr, splan);
-    __syncthreads();
-    if (writer)
-        for (int i = threadIdx.x; i < 2 + 3 * P; i += blockDim.x) plan_out[i] = splan[i];
-    moe_gate_up_mma<V>(gu, splan, P, xs, sums, exps, act, K, I);
-}
-
 // part[p, r] = down_e[r] · act[p]; grid (up to ceil(H / 16), groups); act split for the format
 // (P rows).
 template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
@@ -1018,12 +991,6 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
         moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
-    }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_route_##NAME(const WDesc* gu, const float* logits, const float* bias, int E, int G, int TG, int K, \
-                                                                        int norm, float scaling, int T, int PE, int* idx, float* wout, int* plan_out, \
-                                                                        const void* xs, const int* sums, const int* exps, float* act, int I) { \
-        pdl_entry();                                                                                                    \
-        moe_gate_up_mma_route<V>(gu, logits, bias, E, G, TG, K, norm, scaling, T, PE, idx, wout, plan_out, xs, sums, exps, act, I); \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
         pdl_entry();                                                                                                    \

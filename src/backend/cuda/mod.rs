@@ -101,9 +101,9 @@ fn kernel_name((family, fmt): Kernel) -> String {
     }
 }
 
-/// What a tensor-core launch's block size depends on: (kernel, most warps, dynamic shared
-/// memory, tiles, SM share, whether it loops over tiles).
-type MmaLaunchShape = (Kernel, usize, usize, usize, usize, bool);
+/// What a tensor-core launch's block size depends on: (kernel, most warps, tiles, SM share,
+/// whether it loops over tiles).
+type MmaLaunchShape = (Kernel, usize, usize, usize, bool);
 
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,

@@ -33,7 +33,15 @@ fn route_together() -> bool {
 /// gate's GEMV of `x` already made (by the norm that made `x`: `add_norm_block`).
 fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: Option<CudaTensor>) -> Result<CudaRouting> {
     let e = gate.rows;
-    check_router(e, bias, p)?;
+    if bias.0.len() != e {
+        bail!("route: bias of {} for {e} experts", bias.0.len());
+    }
+    if p.n_group > 64 || p.topk_group > 64 || p.top_k > 64 {
+        bail!("route: at most 64 expert groups and 64 experts per token are supported");
+    }
+    if p.top_k > e || p.n_group == 0 || e % p.n_group != 0 {
+        bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
+    }
     let logits = match logits {
         Some(l) => l,
         None => gpu.linear(x, gate)?,
@@ -76,94 +84,6 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
         )?;
     }
     Ok(CudaRouting { top_k: k1, idx, weights, plan })
-}
-
-/// Whether the router's kernels take `p` over `e` experts with `bias`.
-fn check_router(e: usize, bias: &CudaVector, p: &RouterParams) -> Result<()> {
-    if bias.0.len() != e {
-        bail!("route: bias of {} for {e} experts", bias.0.len());
-    }
-    if p.n_group > 64 || p.topk_group > 64 || p.top_k > 64 {
-        bail!("route: at most 64 expert groups and 64 experts per token are supported");
-    }
-    if p.top_k > e || p.n_group == 0 || e % p.n_group != 0 {
-        bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
-    }
-    Ok(())
-}
-
-/// Words of the router's shared scratch per token (route_scratch_words in kernels/common.cuh).
-fn route_scratch_words(experts: usize, groups: usize) -> usize {
-    3 * experts + groups
-}
-
-/// The most (token, expert) pairs of a step whose gate/up routes it itself
-/// (GATE_UP_ROUTE_PAIRS in kernels/linear_mma.cu).
-const GATE_UP_ROUTE_PAIRS: usize = 32;
-
-/// Up to how many tokens the overlapped block's gate/up routes the step itself, with no route
-/// launch between the norm and it (`DUET_GATE_UP_ROUTES`, 0 to 8; default 1).
-fn gate_up_route_tokens() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| super::kernels::env_usize("DUET_GATE_UP_ROUTES", "0 to 8", |n| n <= MMA_MAX_TOKENS).unwrap_or(1))
-}
-
-/// The routed experts of an overlapped decode block (`p` with no shared expert folded in):
-/// routed, then run through a tensor-core pass; at up to `gate_up_route_tokens` tokens by a
-/// gate/up that routes the step itself (moe_gate_up_mma_route: the same picks and plan).
-#[allow(clippy::too_many_arguments)]
-fn routed_pass(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams, logits: Option<CudaTensor>, variants: (MmaVariant, MmaVariant), xs: &Split) -> Result<(CudaRouting, MmaPass)> {
-    let t = x.rows;
-    let pairs = t * p.top_k;
-    let groups = pairs.min(experts.count) as u32;
-    if p.shared.is_some() || t > gate_up_route_tokens() || pairs > GATE_UP_ROUTE_PAIRS {
-        let routing = route_planned(gpu, x, gate, bias, p, experts.count, logits)?;
-        let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
-        let pass = MmaPass::new(gpu, pairs, experts)?;
-        pass.run(gpu, experts, variants, xs, plan, routing.top_k, groups)?;
-        return Ok((routing, pass));
-    }
-    let e = gate.rows;
-    check_router(e, bias, p)?;
-    let logits = match logits {
-        Some(l) => l,
-        None => gpu.linear(x, gate)?,
-    };
-    let (idx, weights, plan) = (gpu.alloc_indices(pairs)?, gpu.alloc(pairs)?, gpu.alloc_indices(plan_len(pairs))?);
-    let pass = MmaPass::new(gpu, pairs, experts)?;
-    let (i, h) = (experts.inter, experts.hidden);
-    gpu.launch_mma(
-        MmaFamily::GateUpRoute,
-        variants.0,
-        t,
-        ((i as u32).div_ceil(8), groups, 1),
-        h,
-        route_scratch_words(e, p.n_group) * 4,
-        &[
-            Arg::Ptr(gpu.ptr(&experts.gate_up_table)),
-            Arg::Ptr(gpu.ptr(&logits.buf)),
-            Arg::Ptr(gpu.ptr(&bias.0)),
-            Arg::I32(e as i32),
-            Arg::I32(p.n_group as i32),
-            Arg::I32(p.topk_group as i32),
-            Arg::I32(p.top_k as i32),
-            Arg::I32(p.norm_topk_prob as i32),
-            Arg::F32(p.scaling),
-            Arg::I32(t as i32),
-            Arg::I32(experts.count as i32),
-            Arg::Ptr(gpu.ptr(&idx)),
-            Arg::Ptr(gpu.ptr(&weights)),
-            Arg::Ptr(gpu.ptr(&plan)),
-            Arg::Ptr(gpu.ptr(&xs.data)),
-            Arg::Ptr(xs.sums_ptr(gpu)),
-            Arg::Ptr(gpu.ptr(&xs.exps)),
-            Arg::Ptr(gpu.ptr(&pass.act.buf)),
-            Arg::I32(i as i32),
-        ],
-    )?;
-    gpu.split_into(&pass.act, &pass.acts)?;
-    pass.down(gpu, experts, variants.1, &plan, p.top_k, groups)?;
-    Ok((CudaRouting { top_k: p.top_k, idx, weights, plan: Some((plan, experts.count)) }, pass))
 }
 
 /// The routed (and folded shared) experts of a step, grouped by expert, and their weighted sum.
@@ -319,7 +239,14 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             }
             shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
         },
-        || routed_pass(gpu, x, gate, bias, experts, &routed, logits, variants, xs),
+        || {
+            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
+            let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
+            let pairs = t * routing.top_k;
+            let pass = MmaPass::new(gpu, pairs, experts)?;
+            pass.run(gpu, experts, variants, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
+            Ok((routing, pass))
+        },
     )?;
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
 }
@@ -435,7 +362,6 @@ impl MmaPass {
             pairs / k,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            0,
             &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )
     }
@@ -449,7 +375,6 @@ impl MmaPass {
             pairs / k,
             ((h as u32).div_ceil(16), groups, 1),
             i,
-            0,
             &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
     }
