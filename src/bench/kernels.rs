@@ -242,6 +242,8 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             r.part(&format!("  add + norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
             if timeline::enabled() {
                 print!("{}", block_timeline(&gpu, || gpu.add_norm_moe_block(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?);
+                println!("  its add + norm and router alone:");
+                print!("{}", block_timeline(&gpu, || gpu.route(&gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?);
             }
         }
         for batch in [1usize, 2, 4] {
