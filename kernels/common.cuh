@@ -305,10 +305,10 @@ __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.lau
 
 // TIMELINE=1 (a diagnostic build: DUET_KERNEL_DEFINES=-DTIMELINE=1, read by `duet bench kernels`,
 // src/backend/cuda/timeline.rs): each launch that waits in pdl_entry notes, in its module's
-// duet_timeline table (slot by %gridid), when its
-// first block arrived at the wait, when the wait first and last let a block go (the kernel
-// before it had completed), and how many blocks passed, on the device's global timer. The host
-// starts each record empty: grid, arrived and first all ones, the rest zeros.
+// duet_timeline table (its slot found from %gridid), when its first block arrived at the wait,
+// when the wait first and last let a block go (the kernel before it had completed) and how many
+// blocks passed, on the device's global timer. The host starts each record empty (grid,
+// arrived and first all ones, the rest zeros); a note that finds no free slot in 32 is dropped.
 #ifndef TIMELINE
 #define TIMELINE 0
 #endif
@@ -327,7 +327,7 @@ __device__ __forceinline__ unsigned long long global_ns() {
 __device__ void timeline_note(unsigned long long arrived, unsigned long long passed) {
     unsigned long long id;
     asm("mov.u64 %0, %%gridid;" : "=l"(id));
-    for (unsigned i = 0, h = (unsigned)(id * 2654435761ull); i < 32; i++) {  // a full table drops the note
+    for (unsigned i = 0, h = (unsigned)(id * 2654435761ull); i < 32; i++) {
         TimelineRec* r = &duet_timeline[(h + i) % TIMELINE_SLOTS];
         unsigned long long prev = atomicCAS(&r->grid, ~0ull, id);
         if (prev != ~0ull && prev != id) continue;
