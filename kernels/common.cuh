@@ -100,18 +100,27 @@ __device__ __forceinline__ void norm_weights(const float* w, int cols, float4 (&
         g[j] = i < cols / 4 ? ((const float4*)w)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 }
+// (Every load is issued before the first store of the sum: with a store between them, the
+// compiler ordered each float4's loads after the store before, which waits on the loads before
+// it, so the row came in NORM_VEC round trips from L2, not one.)
 __device__ __forceinline__ void norm_row(const float* xr, const float* ar, float* sr, int seg, const float4 (&g)[NORM_VEC], int cols,
                                          float eps, float4 (&v)[NORM_VEC], float* scratch) {
     int n4 = cols / 4;
     float ss = 0.f;
+    float4 a[NORM_VEC];
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int j = 0; j < NORM_VEC; j++) {
         int i = threadIdx.x + j * blockDim.x;
-        v[j] = i < n4 ? ((const float4*)xr)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-        if (ar && i < n4) {
-            float4 a = ((const float4*)ar)[i];
-            v[j] = make_float4(v[j].x + a.x, v[j].y + a.y, v[j].z + a.z, v[j].w + a.w);
-            if (seg < 0 || seg == j) ((float4*)sr)[i] = v[j];
+        v[j] = i < n4 ? ((const float4*)xr)[i] : zero;
+        a[j] = ar && i < n4 ? ((const float4*)ar)[i] : zero;
+    }
+    if (ar) {
+#pragma unroll
+        for (int j = 0; j < NORM_VEC; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            v[j] = make_float4(v[j].x + a[j].x, v[j].y + a[j].y, v[j].z + a[j].z, v[j].w + a[j].w);
+            if (i < n4 && (seg < 0 || seg == j)) ((float4*)sr)[i] = v[j];
         }
     }
 #pragma unroll

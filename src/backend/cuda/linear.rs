@@ -178,10 +178,10 @@ impl CudaBackend {
 
     /// Whether rms_norm_split can compute the logits of `gate` for the rows of `x` in its launch:
     /// a bf16 gate in the plain layout as wide as the rows, whose blocks (ROUTER_ROWS gate rows
-    /// each, a block per SM: the gate's words take registers) fit in one wave.
+    /// each, a block per SM: the gate's words take registers) fit in `norm_router_waves` waves.
     pub(super) fn norm_router_fits(&self, x: &CudaTensor, gate: &CudaLinear) -> bool {
         let blocks = norm_blocks(x.cols, Some(gate.rows)) as usize;
-        gate.fmt == Fmt::Bf16 && gate.desc.mma == 0 && gate.cols == x.cols && x.cols % 128 == 0 && x.cols <= NORM_MAX_COLS && x.rows * blocks <= self.sms
+        gate.fmt == Fmt::Bf16 && gate.desc.mma == 0 && gate.cols == x.cols && x.cols % 128 == 0 && x.cols <= NORM_MAX_COLS && x.rows * blocks <= self.sms * norm_router_waves()
     }
 
     pub(super) fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
@@ -214,6 +214,16 @@ impl CudaBackend {
             None => self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, exps]),
         }
     }
+}
+
+/// Waves of blocks rms_norm_split_router may take (`DUET_NORM_ROUTER_WAVES`, 1 to 4; default 1:
+/// one and two tokens at 256 experts on 132 SMs). (To be measured on the H200: at four tokens
+/// the norm then makes the logits in two waves, where now a separate gate GEMV waits for SM
+/// room behind the shared expert's gate/up on the side stream, 8.6-20 µs from its release to the
+/// route's in the kernel timeline, performance.md.)
+fn norm_router_waves() -> usize {
+    static WAVES: OnceLock<usize> = OnceLock::new();
+    *WAVES.get_or_init(|| kernels::env_usize("DUET_NORM_ROUTER_WAVES", "1 to 4", |w| (1..=4).contains(&w)).unwrap_or(1))
 }
 
 /// Warps per tensor-core block forced by `DUET_MMA_WARPS` (a tuning knob for sweeps on the
