@@ -24,18 +24,40 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
         }
         return;
     }
+    // Eight columns a thread per step, all loaded before any is stored (a store between them
+    // keeps the next loads behind it: a round trip a column).
+    constexpr int STEP = 8;
     float ss = 0.f;
-#pragma unroll 8
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = ar ? xr[c] + ar[c] : xr[c];
-        if (ar) sr[c] = v;
-        ss = fmaf(v, v, ss);
+    for (int c0 = threadIdx.x; c0 < cols; c0 += STEP * blockDim.x) {
+        float v[STEP];
+#pragma unroll
+        for (int u = 0; u < STEP; u++) {
+            int c = c0 + u * blockDim.x;
+            v[u] = c < cols ? (ar ? xr[c] + ar[c] : xr[c]) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < STEP; u++) {
+            int c = c0 + u * blockDim.x;
+            if (ar && c < cols) sr[c] = v[u];
+            ss = fmaf(v[u], v[u], ss);
+        }
     }
     float r = 1.f / sqrtf(block_sum(ss, scratch) / cols + eps);
     // (The sum is re-read from s, which this thread wrote.)
     const float* vr = ar ? sr : xr;
-#pragma unroll 8
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = w[c] * (vr[c] * r);
+    for (int c0 = threadIdx.x; c0 < cols; c0 += STEP * blockDim.x) {
+        float o[STEP];
+#pragma unroll
+        for (int u = 0; u < STEP; u++) {
+            int c = c0 + u * blockDim.x;
+            o[u] = c < cols ? w[c] * (vr[c] * r) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < STEP; u++) {
+            int c = c0 + u * blockDim.x;
+            if (c < cols) yr[c] = o[u];
+        }
+    }
 }
 
 extern "C" __global__ void fill(float* __restrict__ p, size_t n, float v) { pdl_entry_small();
