@@ -293,6 +293,18 @@ __device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& e
     pairs = plan + 2 + 2 * P;
 }
 
+// Group grp's expert (its index in the weight tables) into e, or false when the plan has no
+// group grp (a block with nothing to do). The group count and the group's expert are loaded
+// together (experts[grp] lies inside the plan whatever the count: grid y, and so grp, is below
+// P), so a kernel's weight descriptor comes two dependent loads after its wait, not three. (The
+// answer reads both, e ≥ 0 holding for every group of a plan: with the count alone deciding it,
+// the compiler put the expert's load behind that branch.)
+__device__ __forceinline__ bool group_expert(const int* plan, const int* experts, int grp, int& e) {
+    int groups = plan[0];
+    e = experts[grp];
+    return grp < groups && e >= 0;
+}
+
 
 // ---- programmatic dependent launch -----------------------------------------------------------
 // Every kernel is launched so that it may start while the kernel before it on the stream is

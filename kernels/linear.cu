@@ -297,8 +297,9 @@ __device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict_
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
     int g = blockIdx.y;
-    if (g >= plan[0]) return;
-    const WDesc d = gu[experts[g]];
+    int e;
+    if (!group_expert(plan, experts, g, e)) return;
+    const WDesc d = gu[e];
     int r = blockIdx.x * 2;
     int rows[4] = {r, r + 1 < I ? r + 1 : -1, I + r, r + 1 < I ? I + r + 1 : -1};
     for (int p0 = offs[g]; p0 < offs[g + 1]; p0 += MOE_NT) {
@@ -326,8 +327,9 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
     int g = blockIdx.y;
-    if (g >= plan[0]) return;
-    const WDesc d = dn[experts[g]];
+    int e;
+    if (!group_expert(plan, experts, g, e)) return;
+    const WDesc d = dn[e];
     int r0 = blockIdx.x * 4;
     int rows[4];
 #pragma unroll

@@ -935,8 +935,9 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
     int grp = blockIdx.y;
-    if (grp >= plan[0]) return;
-    const WDesc d = gu[experts[grp]];
+    int e;
+    if (!group_expert(plan, experts, grp, e)) return;
+    const WDesc d = gu[e];
     int g = (threadIdx.x & 31) >> 2;
     for (int r0 = blockIdx.x * 8; r0 < I; r0 += gridDim.x * 8) {
     int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
@@ -964,8 +965,9 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     const int *experts, *offs, *pairs;
     plan_parts(plan, P, experts, offs, pairs);
     int grp = blockIdx.y;
-    if (grp >= plan[0]) return;
-    const WDesc d = dn[experts[grp]];
+    int e;
+    if (!group_expert(plan, experts, grp, e)) return;
+    const WDesc d = dn[e];
     int g = (threadIdx.x & 31) >> 2;
     for (int r0 = blockIdx.x * 16; r0 < H; r0 += gridDim.x * 16) {
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
