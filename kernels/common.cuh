@@ -287,22 +287,24 @@ __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x
 // expert's weights are read once per step however many tokens chose it. plan layout (ints):
 // [0] groups, [1 .. 1+P) expert of each group, [1+P .. 2+2P) group offsets, [2+2P .. 2+3P) pairs.
 
-__device__ __forceinline__ void plan_parts(const int* plan, int P, const int*& experts, const int*& offs, const int*& pairs) {
-    experts = plan + 1;
-    offs = plan + 1 + P;
-    pairs = plan + 2 + 2 * P;
-}
-
-// Group grp's expert (its index in the weight tables) into e, or false when the plan has no
-// group grp (a block with nothing to do). The group count and the group's expert are loaded
-// together (experts[grp] lies inside the plan whatever the count: grid y, and so grp, is below
-// P), so a kernel's weight descriptor comes two dependent loads after its wait, not three. (The
-// answer reads both, e ≥ 0 holding for every group of a plan: with the count alone deciding it,
-// the compiler put the expert's load behind that branch.)
-__device__ __forceinline__ bool group_expert(const int* plan, const int* experts, int grp, int& e) {
+// Group grp of a plan of P pairs, as a grouped expert kernel's block takes it: its expert (the
+// index into the weight tables) and its pairs pairs[first .. end). False when the plan has no
+// group grp (a block with nothing to do). All but the pairs are loaded at once (grp is below P,
+// so each read lies inside the plan whatever the count), so a block's weight descriptor and its
+// pairs come two dependent loads after the kernel's wait, not four. (The answer reads them all,
+// every group of a plan having an expert ≥ 0 and first < end: with the count alone deciding
+// it, the compiler put the other loads behind that branch.)
+struct PlanGroup {
+    int expert, first, end;
+    const int* pairs;
+};
+__device__ __forceinline__ bool plan_group(const int* plan, int P, int grp, PlanGroup& g) {
     int groups = plan[0];
-    e = experts[grp];
-    return grp < groups && e >= 0;
+    g.expert = plan[1 + grp];
+    g.first = plan[1 + P + grp];
+    g.end = plan[2 + P + grp];
+    g.pairs = plan + 2 + 2 * P;
+    return grp < groups && g.expert >= 0 && g.first < g.end;
 }
 
 

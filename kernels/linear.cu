@@ -294,16 +294,14 @@ template <int FMT, int MOE_NT>
 __device__ void moe_gate_up(const WDesc* __restrict__ gu, const int* __restrict__ plan, int P, const float* __restrict__ x,
                             float* __restrict__ act, int K, int I) {
     __shared__ float res[4 * MOE_NT];
-    const int *experts, *offs, *pairs;
-    plan_parts(plan, P, experts, offs, pairs);
-    int g = blockIdx.y;
-    int e;
-    if (!group_expert(plan, experts, g, e)) return;
-    const WDesc d = gu[e];
+    PlanGroup pg;
+    if (!plan_group(plan, P, blockIdx.y, pg)) return;
+    const WDesc d = gu[pg.expert];
+    const int* pairs = pg.pairs;
     int r = blockIdx.x * 2;
     int rows[4] = {r, r + 1 < I ? r + 1 : -1, I + r, r + 1 < I ? I + r + 1 : -1};
-    for (int p0 = offs[g]; p0 < offs[g + 1]; p0 += MOE_NT) {
-        int nt = min(MOE_NT, offs[g + 1] - p0);
+    for (int p0 = pg.first; p0 < pg.end; p0 += MOE_NT) {
+        int nt = min(MOE_NT, pg.end - p0);
         const float* xr[MOE_NT];
 #pragma unroll
         for (int t = 0; t < MOE_NT; t++) xr[t] = x + (size_t)(pairs[p0 + min(t, nt - 1)] / K) * d.cols;
@@ -324,18 +322,16 @@ template <int FMT, int MOE_NT>
 __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ plan, int P, const float* __restrict__ act,
                          float* __restrict__ part, int H) {
     __shared__ float res[4 * MOE_NT];
-    const int *experts, *offs, *pairs;
-    plan_parts(plan, P, experts, offs, pairs);
-    int g = blockIdx.y;
-    int e;
-    if (!group_expert(plan, experts, g, e)) return;
-    const WDesc d = dn[e];
+    PlanGroup pg;
+    if (!plan_group(plan, P, blockIdx.y, pg)) return;
+    const WDesc d = dn[pg.expert];
+    const int* pairs = pg.pairs;
     int r0 = blockIdx.x * 4;
     int rows[4];
 #pragma unroll
     for (int rr = 0; rr < 4; rr++) rows[rr] = r0 + rr < H ? r0 + rr : -1;
-    for (int p0 = offs[g]; p0 < offs[g + 1]; p0 += MOE_NT) {
-        int nt = min(MOE_NT, offs[g + 1] - p0);
+    for (int p0 = pg.first; p0 < pg.end; p0 += MOE_NT) {
+        int nt = min(MOE_NT, pg.end - p0);
         const float* xr[MOE_NT];
 #pragma unroll
         for (int t = 0; t < MOE_NT; t++) xr[t] = act + (size_t)pairs[p0 + min(t, nt - 1)] * d.cols;
@@ -349,7 +345,7 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
     }
 }
 
-// Fills `plan` (see plan_parts) from the pairs' experts ex[0 .. P) over E experts; cnt: E ints
+// Fills `plan` (the layout above plan_group in common.cuh) from the pairs' experts ex[0 .. P) over E experts; cnt: E ints
 // of shared scratch. One whole warp. Groups are the used experts in increasing order, and pairs
 // keep their order within a group.
 // Up to 32 pairs (a decode step's): a lane per pair, and 32 shuffles give each pair the count

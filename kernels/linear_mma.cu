@@ -932,17 +932,15 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
 // matching up rows; grid (up to ceil(I / 8), groups); x split for the format (T rows).
 template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
-    const int *experts, *offs, *pairs;
-    plan_parts(plan, P, experts, offs, pairs);
-    int grp = blockIdx.y;
-    int e;
-    if (!group_expert(plan, experts, grp, e)) return;
-    const WDesc d = gu[e];
+    PlanGroup pg;
+    if (!plan_group(plan, P, blockIdx.y, pg)) return;
+    const WDesc d = gu[pg.expert];
+    const int* pairs = pg.pairs;
     int g = (threadIdx.x & 31) >> 2;
     for (int r0 = blockIdx.x * 8; r0 < I; r0 += gridDim.x * 8) {
     int ra = r0 + g < I ? r0 + g : -1, rb = ra >= 0 ? I + ra : -1;
-    for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
-        int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
+    for (int p0 = pg.first; p0 < pg.end; p0 += V::SLOTS) {
+        int nt = min(V::SLOTS, pg.end - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, K);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         bool mine = i < 8 * MMA_TOKENS && t < nt && r0 + r < I;
@@ -962,17 +960,15 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
 // (P rows).
 template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
-    const int *experts, *offs, *pairs;
-    plan_parts(plan, P, experts, offs, pairs);
-    int grp = blockIdx.y;
-    int e;
-    if (!group_expert(plan, experts, grp, e)) return;
-    const WDesc d = dn[e];
+    PlanGroup pg;
+    if (!plan_group(plan, P, blockIdx.y, pg)) return;
+    const WDesc d = dn[pg.expert];
+    const int* pairs = pg.pairs;
     int g = (threadIdx.x & 31) >> 2;
     for (int r0 = blockIdx.x * 16; r0 < H; r0 += gridDim.x * 16) {
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
-    for (int p0 = offs[grp]; p0 < offs[grp + 1]; p0 += V::SLOTS) {
-        int nt = min(V::SLOTS, offs[grp + 1] - p0), trow[MMA_TOKENS];
+    for (int p0 = pg.first; p0 < pg.end; p0 += V::SLOTS) {
+        int nt = min(V::SLOTS, pg.end - p0), trow[MMA_TOKENS];
         slot_rows(trow, pairs + p0, nt, 1);
         float2 v = V::part(d, ra, rb, trow, acts, sums);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
