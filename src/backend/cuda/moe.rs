@@ -427,7 +427,7 @@ impl CudaBackend {
         let made = make_plan(self, routing, pairs, *n)?;
         let parts = |b: &CudaSlice<i32>| -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
             let v = self.stream.clone_dtoh(b).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            // Only the used groups' entries are written (plan_parts in kernels/common.cuh).
+            // Only the used groups' entries are written (the layout above plan_group in kernels/common.cuh).
             let groups = (v[0].max(0) as usize).min(pairs);
             Ok((v[1..1 + groups].to_vec(), v[1 + pairs..2 + pairs + groups].to_vec(), v[2 + 2 * pairs..2 + 3 * pairs].to_vec()))
         };

@@ -12,15 +12,25 @@ use anyhow::{anyhow, Result};
 
 use super::CudaBackend;
 
-/// Records per module (TIMELINE_SLOTS in kernels/common.cuh).
-const SLOTS: usize = 1024;
 /// Bytes of a record: grid id, arrived, first, last (u64); grid x, y, block x, blocks (u32).
 const RECORD: usize = 48;
 
-/// Whether the kernels are built with the timeline (`-DTIMELINE=1` in DUET_KERNEL_DEFINES).
+/// The most launches the host log keeps (a long run with the timeline on stops logging there).
+const LOG_MAX: usize = 1 << 16;
+
+/// Whether the kernels are built with the timeline (`-DTIMELINE` or `-DTIMELINE=N`, N not 0,
+/// in DUET_KERNEL_DEFINES, as the kernels' `#if TIMELINE` reads it).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DUET_KERNEL_DEFINES").is_ok_and(|d| d.split_whitespace().any(|w| w == "-DTIMELINE=1")))
+    *ON.get_or_init(|| {
+        std::env::var("DUET_KERNEL_DEFINES").is_ok_and(|d| {
+            d.split_whitespace().any(|w| match w.strip_prefix("-DTIMELINE") {
+                Some("") => true,
+                Some(v) => v.strip_prefix('=').is_some_and(|n| n.trim().parse::<i64>() != Ok(0)),
+                None => false,
+            })
+        })
+    })
 }
 
 /// One launch the host made while the timeline was on: its kernel, grid, block and stream.
@@ -38,7 +48,10 @@ pub(super) struct Log(Mutex<Vec<Launch>>);
 
 impl Log {
     pub(super) fn note(&self, kernel: String, grid: (u32, u32, u32), block: u32, side: bool) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(Launch { kernel, grid: (grid.0, grid.1), block, side });
+        let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() < LOG_MAX {
+            log.push(Launch { kernel, grid: (grid.0, grid.1), block, side });
+        }
     }
 }
 
@@ -64,19 +77,21 @@ impl CudaBackend {
 
     /// Empties the device tables (the host's log of launches stays: a graph replays them).
     pub fn timeline_rearm(&self) -> Result<()> {
-        let mut empty = vec![0u8; SLOTS * RECORD];
-        for r in empty.chunks_mut(RECORD) {
-            r[..24].fill(0xff); // grid, arrived, first: all ones; last and the counts zero
-        }
         for m in &self.modules {
             let mut table = m.get_global("duet_timeline", &self.stream).map_err(|e| anyhow!("the kernels have no timeline (build them with -DTIMELINE=1): {e:?}"))?;
+            let mut empty = vec![0u8; table.len()];
+            for r in empty.chunks_exact_mut(RECORD) {
+                r[..24].fill(0xff); // grid, arrived, first: all ones; last and the counts zero
+            }
             self.stream.memcpy_htod(&empty, &mut table).map_err(|e| anyhow!("{e:?}"))?;
         }
         self.synchronize()
     }
 
     /// The kernels noted since `timeline_rearm`, in order of their first release, each matched
-    /// to the first unmatched host launch of the same grid and block.
+    /// to the first unmatched host launch of the same grid and block. (The records know no
+    /// kernel or stream: two launches of one shape on the two streams may swap names, and the
+    /// host logs a fork's side launches before its main ones.)
     pub fn timeline_read(&self) -> Result<Vec<Mark>> {
         self.synchronize()?;
         let mut raw = Vec::new();
