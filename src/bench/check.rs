@@ -211,8 +211,8 @@ fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
     }
     // The residual add fused with the next norm: against the oracle, and bit for bit against
     // the add and the norm apart. Decode rows (with the splits), 13 rows (the plain norm's
-    // register path) and 198 columns (its loop).
-    for (r, c) in [(rows, cols), (13, cols), (rows, 198)] {
+    // register path), 198 columns (its loop) and 4098 (several of the loop's steps).
+    for (r, c) in [(rows, cols), (13, cols), (rows, 198), (3, 4098)] {
         let (a, b, w) = (random(rng, r * c), random(rng, r * c), random(rng, c));
         let ((mut sc, mut sg), (bc, bg)) = (pair(cpu, gpu, r, c, &a)?, pair(cpu, gpu, r, c, &b)?);
         let nc = cpu.add_rms_norm(&mut sc, &bc, &cpu.vector(&w)?, 1e-5)?;
