@@ -291,10 +291,10 @@ __device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x
 // index into the weight tables) and its pairs pairs[first .. end). False when the plan has no
 // group grp (a block with nothing to do). All but the pairs are loaded at once (grp is below P,
 // so each read lies inside the plan whatever the count; past the count the entries may be
-// unwritten, and are read but not used), so a block's weight descriptor and its
-// pairs come two dependent loads after the kernel's wait, not four. (The answer reads them all,
-// every group of a plan having an expert ≥ 0 and first < end: with the count alone deciding
-// it, the compiler put the other loads behind that branch.)
+// unwritten, and are read but not used), so a block's weight descriptor and its pairs come two
+// dependent loads after the kernel's wait, not four. (The answer reads them all, every group
+// of a plan having an expert ≥ 0 and first < end: with the count alone deciding it, the
+// compiler put the other loads behind that branch.)
 struct PlanGroup {
     int expert, first, end;
     const int* pairs;

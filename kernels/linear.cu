@@ -345,8 +345,8 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
     }
 }
 
-// Fills `plan` (the layout above plan_group in common.cuh) from the pairs' experts ex[0 .. P) over E experts; cnt: E ints
-// of shared scratch. One whole warp. Groups are the used experts in increasing order, and pairs
+// Fills `plan` (the layout above plan_group in common.cuh) from the pairs' experts ex[0 .. P)
+// over E experts; cnt: E ints of shared scratch. One whole warp. Groups are the used experts in increasing order, and pairs
 // keep their order within a group.
 // Up to 32 pairs (a decode step's): a lane per pair, and 32 shuffles give each pair the count
 // of pairs and of groups of smaller experts: its group's offset, its group, and with the
@@ -486,9 +486,8 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // index); ROUTE_THREADS threads per token: a block of blockDim.x / ROUTE_THREADS sub-blocks,
 // each taking one token with its own share of shared memory (up to ROUTE_MAX_TOKENS fit; the
 // host puts a decode step of one or two tokens in one block, else one token a block). With
-// shared ≥ 0
-// that expert (the shared expert folded into the routed ones) follows every token's K choices
-// with weight 1, so idx and wout hold K + 1 entries per token. With `plan` non-null the step's
+// shared ≥ 0 that expert (the shared expert folded into the routed ones) follows every token's
+// K choices with weight 1, so idx and wout hold K + 1 entries per token. With `plan` non-null the step's
 // plan over PE experts is built here too (moe_plan's work, without its launch): by the only
 // block from its tokens' picks, or by the last block of several to finish: blocks count
 // themselves done in `done`, which the last one resets to zero for the next step. Dynamic

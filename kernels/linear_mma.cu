@@ -453,8 +453,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     // Scale s of a chunk's scales.
     static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
     // Chunk q's weights and zero points (load_w), the run's scales from qb (load_scales) and
-    // chunk q's activation planes and plane sums (load_x). CHECK: q may be past the last chunk, and rows may be missing (zeros
-    // then).
+    // chunk q's activation planes and plane sums (load_x). CHECK: q may be past the last chunk,
+    // and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b);
         if (ASYM) {

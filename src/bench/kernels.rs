@@ -36,23 +36,28 @@ fn time_ms(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, warmup: usize, reps
 
 /// Times `f` as the GPU runs it, without host launch overhead: `inner` calls are captured in a
 /// CUDA graph, the graph is replayed `reps` times between events; returns ms per call.
-fn time_graph(gpu: &CudaBackend, inner: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up outside the graph (module load, first allocations)
+fn time_graph(gpu: &CudaBackend, inner: usize, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let graph = graph_of(gpu, inner, f)?;
+    let ms = time_ms(gpu.context(), gpu.stream(), 2, reps, || graph.launch())?;
+    Ok(ms / inner as f64)
+}
+
+/// `inner` calls of `f` captured in a CUDA graph, uploaded; `f` runs once outside it first
+/// (module load, first allocations: what it frees is then no graph's).
+fn graph_of(gpu: &CudaBackend, inner: usize, mut f: impl FnMut() -> Result<()>) -> Result<crate::backend::cuda::graphs::Recorded> {
+    f()?;
     gpu.synchronize()?;
     let graph = crate::backend::cuda::graphs::record(gpu, || (0..inner).try_for_each(|_| f()))?;
     graph.upload()?;
-    let ms = time_ms(gpu.context(), gpu.stream(), 2, reps, || graph.launch())?;
-    Ok(ms / inner as f64)
+    Ok(graph)
 }
 
 /// The diagnostic timeline (kernels built with -DTIMELINE=1) of two calls of `f` captured in
 /// one graph (the second's kernels follow the first's as a layer's follow the one before):
 /// the graph replayed once to warm up, then once with the tables emptied.
-fn block_timeline(gpu: &CudaBackend, mut f: impl FnMut() -> Result<()>) -> Result<String> {
-    f()?; // outside the graph first, as time_graph does (what it frees is no graph's)
+fn block_timeline(gpu: &CudaBackend, f: impl FnMut() -> Result<()>) -> Result<String> {
     gpu.timeline_reset()?;
-    let graph = crate::backend::cuda::graphs::record(gpu, || (0..2).try_for_each(|_| f()))?;
-    graph.upload()?;
+    let graph = graph_of(gpu, 2, f)?;
     graph.launch()?;
     gpu.timeline_rearm()?;
     graph.launch()?;

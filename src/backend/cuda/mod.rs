@@ -283,14 +283,10 @@ impl CudaBackend {
         if timeline::enabled() {
             self.timeline.note(kernel_name(kernel), grid, block, on_side);
         }
-        // Safety: a zeroed attribute is valid; ids and values are set below.
-        let mut attrs: [sys::CUlaunchAttribute; 1] = unsafe { std::mem::zeroed() };
-        let mut n = 0;
-        if kernels::pdl() {
-            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attrs[n].value.programmaticStreamSerializationAllowed = 1;
-            n += 1;
-        }
+        // Safety: a zeroed attribute is valid; id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -300,8 +296,8 @@ impl CudaBackend {
             blockDimZ: 1,
             sharedMemBytes: smem as u32,
             hStream: if on_side { self.side.cu_stream() } else { self.stream.cu_stream() },
-            attrs: attrs.as_mut_ptr(),
-            numAttrs: n as u32,
+            attrs: &mut attr,
+            numAttrs: kernels::pdl() as u32,
         };
         self.ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
         // Safety: the parameters match the kernel's signature (each launch site passes them in
