@@ -216,14 +216,14 @@ impl CudaBackend {
     }
 }
 
-/// Waves of blocks rms_norm_split_router may take (`DUET_NORM_ROUTER_WAVES`, 1 to 4; default 1:
-/// one and two tokens at 256 experts on 132 SMs). (To be measured on the H200: at four tokens
-/// the norm then makes the logits in two waves, where now a separate gate GEMV waits for SM
-/// room behind the shared expert's gate/up on the side stream, 8.6-20 µs from its release to the
-/// route's in the kernel timeline, performance.md.)
+/// Waves of blocks rms_norm_split_router may take (`DUET_NORM_ROUTER_WAVES`, 1 to 4; default 2:
+/// up to four tokens at 256 experts on 132 SMs). At four tokens two waves beat a separate gate
+/// GEMV, which waited for SM room behind the shared expert's gate/up on the side stream: the
+/// INT4 MoE block 79.7 -> 82.3% (g128), 72.7 -> 74.1% (g32), FP8 94.6 -> 96.2% on the H200
+/// (performance.md, sixteenth session).
 fn norm_router_waves() -> usize {
     static WAVES: OnceLock<usize> = OnceLock::new();
-    *WAVES.get_or_init(|| kernels::env_usize("DUET_NORM_ROUTER_WAVES", "1 to 4", |w| (1..=4).contains(&w)).unwrap_or(1))
+    *WAVES.get_or_init(|| kernels::env_usize("DUET_NORM_ROUTER_WAVES", "1 to 4", |w| (1..=4).contains(&w)).unwrap_or(2))
 }
 
 /// Warps per tensor-core block forced by `DUET_MMA_WARPS` (a tuning knob for sweeps on the
