@@ -491,9 +491,13 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // plan over PE experts is built here too (moe_plan's work, without its launch): by the only
 // block from its tokens' picks, or by the last block of several to finish: blocks count
 // themselves done in `done`, which the last one resets to zero for the next step. Dynamic
-// shared memory: the larger of sub-blocks·(3E + G) words and (PE + T·K1) ints.
+// shared memory: the larger of sub-blocks·route_words(E, G, K) words and (PE + T·K1) ints.
+// A sub-block's words: sigmoid scores [E], selection scores [E], candidates [2·runs·KC] (an
+// (expert, score) pair each: KC = min(K, 32) a run of 32 experts), group scores [G], rounded up
+// to even so every sub-block's candidates stay 8-byte aligned. route_words in moe.rs matches.
 #define ROUTE_THREADS 256   // ROUTE_THREADS in moe.rs
 #define ROUTE_MAX_TOKENS 4  // sub-blocks a block at most (1024 threads)
+__device__ __forceinline__ int route_words(int E, int G, int K) { return (2 * E + 2 * ((E + 31) / 32) * min(K, 32) + G + 1) & ~1; }
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
                                      int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
@@ -501,10 +505,11 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
     // Sub-block `sub` takes token t with threads tid; every barrier below is reached by all
     // sub-blocks alike (their control flow differs only within warps' loops).
     int tpb = blockDim.x / ROUTE_THREADS, sub = threadIdx.x / ROUTE_THREADS, tid = threadIdx.x % ROUTE_THREADS;
-    int t = blockIdx.x * tpb + sub, K1 = K + (shared >= 0);
-    float* s = sm + sub * (3 * E + G);  // sigmoid scores
-    float* c = s + E;                   // selection scores
-    float* gs = s + 2 * E;              // group scores
+    int t = blockIdx.x * tpb + sub, K1 = K + (shared >= 0), KC = min(K, 32), NC = (E + 31) / 32 * KC;
+    float* s = sm + sub * route_words(E, G, K);  // sigmoid scores
+    float* c = s + E;                            // selection scores
+    int2* cand = (int2*)(c + E);                 // candidates: (expert, score bits)
+    float* gs = (float*)(cand + NC);             // group scores
     __shared__ int chosen_all[ROUTE_MAX_TOKENS][64];
     int* chosen = chosen_all[sub];
     for (int e = tid; e < E; e += ROUTE_THREADS) {
@@ -547,14 +552,13 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
     // (a higher score, or the same at a lower index: the CPU's order), when that is below K.
     // (K rounds of a warp arg-max measured slower: K chains of shuffles.) In two passes, so a
     // thread compares against far fewer than E scores: each run of 32 experts ranks itself
-    // within the run by shuffles, and those below K there become candidates (an expert's rank
-    // within its run is at most its rank overall, so every pick is a candidate); then each
-    // candidate's rank among the candidates is its rank overall for the K picks (whatever
-    // comes before a pick is a pick) and at least K for the others (the K picks come before).
-    int* cand = (int*)(s + 2 * E + G);  // E ints
-    __shared__ int ncand_all[ROUTE_MAX_TOKENS];
-    if (tid == 0) ncand_all[sub] = 0;
-    __syncthreads();
+    // within the run by shuffles, and its first KC become candidates, at slot run·KC + rank (an
+    // expert's rank within its run is at most its rank overall, so every pick is a candidate);
+    // then each candidate's rank among the candidates is its rank overall for the K picks
+    // (whatever comes before a pick is a pick) and at least K for the others (the K picks come
+    // before). A candidate carries its score, so the second pass's loads do not wait on each
+    // other. Lanes past E (the last run's) rank after every expert, so they fill their run's
+    // remaining slots and never come before an expert: at least K experts are candidates.
     // (Whole warps: ROUTE_THREADS is a multiple of 32, and base is the same across a warp.)
     for (int base = (tid >> 5) * 32; base < E; base += ROUTE_THREADS) {
         int l = tid & 31, e = base + l;
@@ -565,31 +569,37 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
             float u = __shfl_sync(0xffffffffu, v, j);
             rank += u > v || (u == v && j < l);
         }
-        if (e < E && rank < K) cand[atomicAdd(&ncand_all[sub], 1)] = e;
+        if (rank < KC) cand[base / 32 * KC + rank] = make_int2(e, __float_as_int(v));
     }
     __syncthreads();
     // Four threads a candidate, each comparing it with every fourth candidate (whole warps
     // through the loop: i0 is the same across the sub-block).
-    int nc = ncand_all[sub];
-    for (int i0 = 0; i0 < nc; i0 += ROUTE_THREADS / 4) {
-        int i = i0 + (tid >> 2), e = i < nc ? cand[i] : 0, rank = 0;
-        float v = c[e];
-        if (i < nc)
-            for (int j = tid & 3; j < nc; j += 4) {
-                int f = cand[j];
-                float u = c[f];
-                rank += u > v || (u == v && f < e);
+    for (int i0 = 0; i0 < NC; i0 += ROUTE_THREADS / 4) {
+        int i = i0 + (tid >> 2), rank = 0;
+        int2 me = cand[i < NC ? i : 0];
+        float v = __int_as_float(me.y);
+        if (i < NC) {
+#pragma unroll 4
+            for (int j = tid & 3; j < NC; j += 4) {
+                int2 o = cand[j];
+                float u = __int_as_float(o.y);
+                rank += u > v || (u == v && o.x < me.x);
             }
+        }
         rank += __shfl_xor_sync(0xffffffffu, rank, 1);
         rank += __shfl_xor_sync(0xffffffffu, rank, 2);
-        if (i < nc && (tid & 3) == 0 && rank < K) chosen[rank] = e;
+        if (i < NC && (tid & 3) == 0 && rank < K) chosen[rank] = me.x;
     }
     __syncthreads();
-    // The token's picks and weights, by the sub-block's first warp.
+    // The token's picks and weights, by the sub-block's first warp: each lane loads its picks'
+    // scores at once, and every lane sums them in pick order (the CPU's sum, bit for bit).
     if (tid < 32) {
         int lane = tid;
         float sum = 0.f;
-        for (int k = 0; k < K; k++) sum += s[chosen[k]];
+        for (int k0 = 0; k0 < K; k0 += 32) {
+            float v = k0 + lane < K ? s[chosen[k0 + lane]] : 0.f;
+            for (int j = 0; j < min(32, K - k0); j++) sum += __shfl_sync(0xffffffffu, v, j);
+        }
         float denom = norm ? sum + 1e-20f : 1.f;
         for (int k = lane; k < K; k += 32) {
             idx[t * K1 + k] = chosen[k];

@@ -22,6 +22,13 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
 const ROUTE_THREADS: usize = 256;
 const ROUTE_MAX_TOKENS: usize = 2;
 
+/// Shared-memory words moe_route gives each token (route_words in kernels/linear.cu): sigmoid
+/// and selection scores, an (expert, score) candidate for each of the first min(K, 32) of every
+/// run of 32 experts, and the group scores, rounded up to even.
+fn route_words(experts: usize, groups: usize, top_k: usize) -> usize {
+    (2 * experts + 2 * experts.div_ceil(32) * top_k.min(32) + groups + 1) & !1
+}
+
 /// Whether moe_route takes a decode step's tokens in one block (`DUET_ROUTE_TOGETHER`, default
 /// on; 0: a block a token, for comparison).
 fn route_together() -> bool {
@@ -56,7 +63,7 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
         // A decode step of up to ROUTE_MAX_TOKENS tokens in one block, a sub-block a token, so
         // that block builds the plan from its own picks (no count across blocks); the tokens'
         // scores must fit in the default 48 KB of shared memory.
-        let per_token = (3 * e + p.n_group) * 4;
+        let per_token = route_words(e, p.n_group, p.top_k) * 4;
         let together = plan.is_some() && x.rows <= ROUTE_MAX_TOKENS && x.rows * per_token <= 48 * 1024 && route_together();
         let tokens_per_block = if together { x.rows } else { 1 };
         let smem = (tokens_per_block * per_token).max(if plan.is_some() { (plan_experts + pairs) * 4 } else { 0 });
