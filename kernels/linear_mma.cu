@@ -983,70 +983,6 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     }
 }
 
-// ---- thread block clusters (sm_90) -------------------------------------------------------------
-__device__ __forceinline__ unsigned cluster_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-// v into the float at p's place in the shared memory of block `rank` of the cluster.
-__device__ __forceinline__ void st_cluster(float* p, unsigned rank, float v) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(p), remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(a), "r"(rank));
-    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
-}
-// Every thread of the cluster's blocks: arrive (the first without ordering: a "started" mark),
-// then wait for all to arrive (the second orders the shared-memory stores before it first).
-__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-__device__ __forceinline__ void cluster_sync() { asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-
-// out[r] = Σ_k w[k] · (down_k[r] · act_k), then + shared[r] when given: one token's down
-// projection and moe_combine's sum in one launch (one launch, and its wait, fewer per step).
-// Launched in clusters of gridDim.y = P blocks, one per group (the token's P ≤ COMBINE_K
-// pairs, each its own expert), side by side along y, so a cluster's blocks share blockIdx.x and
-// with it their row tiles (at most COMBINE_TILES each). Each block keeps its tiles' results,
-// and after the first barrier (every block has started) stores them into block 0's shared
-// memory; after the second, block 0 sums them in pair order as moe_combine does (the same
-// bits). A block whose group is missing still takes both barriers.
-#define COMBINE_K 8
-#define COMBINE_TILES 8
-template <class V> __device__ void moe_down_combine_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, const float* w, const float* shared, float* out, int H) {
-    __shared__ float res[16 * MMA_TOKENS];
-    __shared__ float mine[COMBINE_TILES * 16];
-    __shared__ float got[COMBINE_K][COMBINE_TILES * 16];
-    cluster_arrive_relaxed();
-    PlanGroup pg;
-    int p = -1;
-    if (plan_group(plan, P, blockIdx.y, pg)) {
-        const WDesc d = dn[pg.expert];
-        p = pg.pairs[pg.first];  // one token: a group holds one pair
-        int g = (threadIdx.x & 31) >> 2, trow[MMA_TOKENS];
-        slot_rows(trow, pg.pairs + pg.first, 1, 1);
-        for (int j = 0, r0 = blockIdx.x * 16; r0 < H && j < COMBINE_TILES; j++, r0 += gridDim.x * 16) {
-            int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
-            float2 v = V::part(d, ra, rb, trow, acts, sums);
-            int i = threadIdx.x;
-            pdl_late();
-            tile_reduce(v, res);
-            if (i < 16) mine[j * 16 + i] = res[i * MMA_TOKENS] * pow2(-d.scale_exp) * pow2(-exps[p]);
-        }
-    }
-    cluster_wait();
-    if (p >= 0 && p < COMBINE_K)
-        for (int i = threadIdx.x; i < COMBINE_TILES * 16; i += blockDim.x) st_cluster(&got[p][i], 0, mine[i]);
-    cluster_sync();
-    if (cluster_rank() != 0) return;
-    for (int i = threadIdx.x; i < COMBINE_TILES * 16; i += blockDim.x) {
-        int r = (blockIdx.x + i / 16 * gridDim.x) * 16 + i % 16;
-        if (r >= H) continue;
-        float s = 0.f;
-        for (int k = 0; k < P; k++) s = fmaf(w[k], got[k][i], s);
-        if (shared) s += shared[r];
-        out[r] = s;
-    }
-}
-
 #define INSTANTIATE_MMA(NAME, V, REGS)                                                                                        \
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
@@ -1057,11 +993,6 @@ template <class V> __device__ void moe_down_combine_mma(const WDesc* dn, const i
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
         pdl_entry();                                                                                                    \
         moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
-    }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_combine_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, \
-                                                                              const float* w, const float* shared, float* out, int H) { \
-        pdl_entry();                                                                                                    \
-        moe_down_combine_mma<V>(dn, plan, P, acts, sums, exps, w, shared, out, H);                                      \
     }
 
 // The INT4 variants' names: g<group><a: zero points | s: none><slots>_int4 (linear.rs builds

@@ -48,15 +48,6 @@ impl CudaBackend {
     /// blocks loop over row tiles (every gridDim.x-th of their expert), so those launch
     /// `grid.0 / tiles per block` blocks per expert.
     pub(super) fn launch_mma(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
-        let (kernel, threads, grid) = self.mma_shape(family, v, tokens, grid, cols)?;
-        // The combined down projection's clusters hold one block of each group (combine_fits).
-        let cluster = if matches!(family, MmaFamily::DownCombine) { grid.1 } else { 1 };
-        self.launch_clustered(kernel, grid, threads, 0, args, cluster)
-    }
-
-    /// The kernel, threads per block and grid of a tensor-core launch of `family` over `grid`
-    /// (row tiles, groups or tokens, 1).
-    pub(super) fn mma_shape(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize) -> Result<(Kernel, u32, (u32, u32, u32))> {
         let (kernel, fmt) = (v.kernel(family, tokens), v.fmt());
         // Only at one token, where grid.1 (k experts) is exactly the groups the step has: with
         // more, a launch covers k·tokens groups of which fewer run (11 of 16 at two tokens of
@@ -64,7 +55,7 @@ impl CudaBackend {
         // GEMVs measured 68% -> 60% of copy bandwidth (four tokens: 65% -> 39%).
         let loops = !matches!(family, MmaFamily::Gemv) && tokens == 1;
         let (threads, per_block) = self.mma_block(kernel, cols, fmt, (grid.0 * grid.1) as usize, loops)?;
-        Ok((kernel, threads, (grid.0.div_ceil(per_block), grid.1, grid.2)))
+        self.launch_kernel(kernel, (grid.0.div_ceil(per_block), grid.1, grid.2), threads, 0, args)
     }
 
     /// Threads and row tiles per block of a tensor-core launch over `tiles` row tiles.
@@ -326,8 +317,6 @@ pub(super) enum MmaFamily {
     Gemv,
     GateUp,
     Down,
-    /// One token's down projection with the combine of its pairs (moe_down_combine_mma).
-    DownCombine,
 }
 
 /// A family's entry-point prefixes (the format's suffix completes them): FP8's, then the
@@ -357,12 +346,10 @@ impl MmaFamily {
         const GEMV: [&str; 13] = mma_names!("gemv_mma");
         const GATE_UP: [&str; 13] = mma_names!("moe_gate_up_mma");
         const DOWN: [&str; 13] = mma_names!("moe_down_mma");
-        const DOWN_COMBINE: [&str; 13] = mma_names!("moe_down_combine_mma");
         match self {
             MmaFamily::Gemv => &GEMV,
             MmaFamily::GateUp => &GATE_UP,
             MmaFamily::Down => &DOWN,
-            MmaFamily::DownCombine => &DOWN_COMBINE,
         }
     }
 }

@@ -266,11 +266,6 @@ impl CudaBackend {
     /// before it finishes, and waits for it before reading anything. `DUET_PDL=0` launches
     /// with plain stream order instead.
     fn launch_kernel(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
-        self.launch_clustered(kernel, grid, block, smem, args, 1)
-    }
-
-    /// `launch_kernel` in thread block clusters of `cluster_y` blocks along y (1: none).
-    fn launch_clustered(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg], cluster_y: u32) -> Result<()> {
         use cudarc::driver::sys;
         let f = self.function(kernel)?;
         // The driver reads each parameter through a pointer to its value (it copies them).
@@ -288,21 +283,10 @@ impl CudaBackend {
         if timeline::enabled() {
             self.timeline.note(kernel_name(kernel), grid, block, on_side);
         }
-        // Safety: a zeroed attribute is valid; ids and values are set below.
-        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-        let mut n = 0;
-        if kernels::pdl() {
-            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attrs[n].value.programmaticStreamSerializationAllowed = 1;
-            n += 1;
-        }
-        if cluster_y > 1 {
-            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attrs[n].value.clusterDim.x = 1;
-            attrs[n].value.clusterDim.y = cluster_y;
-            attrs[n].value.clusterDim.z = 1;
-            n += 1;
-        }
+        // Safety: a zeroed attribute is valid; id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -312,8 +296,8 @@ impl CudaBackend {
             blockDimZ: 1,
             sharedMemBytes: smem as u32,
             hStream: if on_side { self.side.cu_stream() } else { self.stream.cu_stream() },
-            attrs: attrs.as_mut_ptr(),
-            numAttrs: n as u32,
+            attrs: &mut attr,
+            numAttrs: kernels::pdl() as u32,
         };
         self.ctx.bind_to_thread().map_err(|e| anyhow!("{e:?}"))?;
         // Safety: the parameters match the kernel's signature (each launch site passes them in

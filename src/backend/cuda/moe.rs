@@ -239,9 +239,6 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let shared_plan = solo_plan(gpu, index, t)?;
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
-    // One token's down projection waits for the shared expert and sums it in with the routed
-    // pairs in its launch, when it can; else moe_combine does after the join.
-    let fused = combine_fits(gpu, experts, variants.1, t, p.top_k)?;
     let (routing, pass) = gpu.concurrently(
         || {
             if let SoloPlan::Step(plan) = &shared_plan {
@@ -254,18 +251,10 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
             let pairs = t * routing.top_k;
             let pass = MmaPass::new(gpu, pairs, experts)?;
-            let groups = pairs.min(experts.count) as u32;
-            pass.up_to_down(gpu, experts, variants.0, xs, plan, routing.top_k, groups)?;
-            if !fused {
-                pass.down(gpu, experts, variants.1, plan, routing.top_k, groups)?;
-            }
+            pass.run(gpu, experts, variants, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
             Ok((routing, pass))
         },
     )?;
-    if fused {
-        let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
-        return pass.down_combined(gpu, experts, variants.1, plan, routing.top_k, &routing.weights, Some(&shared_pass.part));
-    }
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
 }
 
@@ -363,15 +352,9 @@ impl MmaPass {
     /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
     #[allow(clippy::too_many_arguments)]
     fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
-        self.up_to_down(gpu, experts, gate_up, xs, plan, k, groups)?;
-        self.down(gpu, experts, down, plan, k, groups)
-    }
-
-    /// `run` up to the down projection: gate/up and the split of its activations.
-    #[allow(clippy::too_many_arguments)]
-    fn up_to_down(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
-        gpu.split_into(&self.act, &self.acts)
+        gpu.split_into(&self.act, &self.acts)?;
+        self.down(gpu, experts, down, plan, k, groups)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -401,58 +384,6 @@ impl MmaPass {
             i,
             &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
-    }
-}
-
-/// Whether one token's `k` pairs can take the down projection with the combine in its launch
-/// (moe_down_combine_mma): a cluster holds a block of each pair's expert (at most 8, the
-/// portable cluster size), and each block at most COMBINE_TILES row tiles.
-fn combine_fits(gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, tokens: usize, k: usize) -> Result<bool> {
-    const COMBINE_K: usize = 8; // COMBINE_K and COMBINE_TILES in kernels/linear_mma.cu
-    const COMBINE_TILES: u32 = 8;
-    if !down_combine() || tokens != 1 || !(2..=COMBINE_K).contains(&k) || k > experts.count {
-        return Ok(false);
-    }
-    let tiles = (experts.hidden as u32).div_ceil(16);
-    let (_, _, grid) = gpu.mma_shape(MmaFamily::DownCombine, v, tokens, (tiles, k as u32, 1), experts.inter)?;
-    Ok(tiles.div_ceil(grid.0) <= COMBINE_TILES)
-}
-
-/// Whether one token's down projection takes its combine in the same launch
-/// (`DUET_DOWN_COMBINE`, default on; 0: moe_combine apart, for comparison).
-fn down_combine() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_DOWN_COMBINE", true))
-}
-
-impl MmaPass {
-    /// One token's down projection (`k` pairs, each its own group of `plan`) with the combine
-    /// `out = Σ w_k · down_k + shared` in the same launch (moe_down_combine_mma; `combine_fits`).
-    #[allow(clippy::too_many_arguments)]
-    fn down_combined(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, weights: &CudaSlice<f32>, shared: Option<&CudaSlice<f32>>) -> Result<CudaTensor> {
-        let (i, h) = (experts.inter, experts.hidden);
-        let out = gpu.tensor_of(1, h)?;
-        let [a, b, c] = plan_args(gpu, &experts.down_table, plan, k);
-        gpu.launch_mma(
-            MmaFamily::DownCombine,
-            v,
-            1,
-            ((h as u32).div_ceil(16), k as u32, 1),
-            i,
-            &[
-                a,
-                b,
-                c,
-                Arg::Ptr(gpu.ptr(&self.acts.data)),
-                Arg::Ptr(self.acts.sums_ptr(gpu)),
-                Arg::Ptr(gpu.ptr(&self.acts.exps)),
-                Arg::Ptr(gpu.ptr(weights)),
-                Arg::Ptr(shared.map_or(0, |s| gpu.ptr(s))),
-                Arg::Ptr(gpu.ptr(&out.buf)),
-                Arg::I32(h as i32),
-            ],
-        )?;
-        Ok(out)
     }
 }
 
