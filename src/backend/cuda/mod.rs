@@ -114,7 +114,9 @@ pub struct CudaBackend {
     side: Arc<CudaStream>,
     fork_event: CudaEvent,
     join_event: CudaEvent,
-    /// Set while `concurrently` runs its side closure: launches go to `side`.
+    /// Where `concurrently`'s late side part waits for the main stream.
+    late_event: CudaEvent,
+    /// Set while `concurrently` runs a side part: launches go to `side`.
     on_side: AtomicBool,
     /// Set while a graph is captured: buffers come from `alloc_stream`, never captured, and the
     /// keeper holds them for the graph (see `buffer`).
@@ -180,13 +182,15 @@ impl CudaBackend {
         let route_done = stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("{e:?}"))?;
         let side = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let alloc_stream = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
-        let (fork_event, join_event) = (ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?, ctx.new_event(None).map_err(|e| anyhow!("{e:?}"))?);
+        let event = || ctx.new_event(None).map_err(|e| anyhow!("{e:?}"));
+        let (fork_event, join_event, late_event) = (event()?, event()?, event()?);
         Ok(CudaBackend {
             ctx,
             stream,
             side,
             fork_event,
             join_event,
+            late_event,
             on_side: AtomicBool::new(false),
             capture: Mutex::new(None),
             alloc_stream,
@@ -238,23 +242,48 @@ impl CudaBackend {
     }
 
     /// Runs `side` with its launches on the side stream, after everything issued so far, while
-    /// `main` issues on the main stream; the main stream then waits for the side's work, so what
-    /// follows sees both. In a graph capture the two become parallel branches. `side` may only
-    /// launch into buffers allocated before this call: allocations and frees are ordered on the
-    /// main stream, and `uninit` refuses while `side` runs. (The backend is driven by one thread
-    /// at a time, as a stage's loop drives it: the side flag belongs to that thread's launches.)
-    fn concurrently<R>(&self, side: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
+    /// `main` issues on the main stream; then `side_late`, when given, on the side stream once
+    /// the work `main` issued is done (so side work can fill a gap in the main stream's
+    /// streaming: the shared expert's down projection while the routed experts' activations are
+    /// split), beside `main_late` (given `main`'s result) on the main stream; the main stream
+    /// then waits for the side's work, so what follows sees both. In a graph capture the two
+    /// become parallel branches. The side parts may only launch into buffers allocated before
+    /// this call: allocations and frees are ordered on the main stream, and `uninit` refuses
+    /// while a side part runs. (The backend is driven by one thread at a time, as a stage's loop
+    /// drives it: the side flag belongs to that thread's launches.)
+    fn concurrently<S, R>(
+        &self,
+        side: impl FnOnce() -> Result<()>,
+        main: impl FnOnce() -> Result<S>,
+        side_late: Option<&dyn Fn() -> Result<()>>,
+        main_late: impl FnOnce(S) -> Result<R>,
+    ) -> Result<R> {
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA stream fork/join: {e:?}");
         self.fork_event.record(&self.stream).map_err(cuda)?;
         self.side.wait(&self.fork_event).map_err(cuda)?;
-        self.on_side.store(true, Ordering::Relaxed);
-        let side_result = side();
-        self.on_side.store(false, Ordering::Relaxed);
+        let mut result = self.on_side_stream(side).and_then(|()| main());
+        if let Some(late) = side_late {
+            self.late_event.record(&self.stream).map_err(cuda)?;
+            self.side.wait(&self.late_event).map_err(cuda)?;
+            if result.is_ok() {
+                if let Err(e) = self.on_side_stream(late) {
+                    result = Err(e);
+                }
+            }
+        }
         // Joined whatever happened, so a capture never ends with the side stream apart.
         self.join_event.record(&self.side).map_err(cuda)?;
-        let result = side_result.and_then(|()| main());
+        let result = result.and_then(main_late);
         self.stream.wait(&self.join_event).map_err(cuda)?;
         result
+    }
+
+    /// `f` with its launches on the side stream.
+    fn on_side_stream(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.on_side.store(true, Ordering::Relaxed);
+        let r = f();
+        self.on_side.store(false, Ordering::Relaxed);
+        r
     }
 
     fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {

@@ -239,23 +239,49 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let shared_plan = solo_plan(gpu, index, t)?;
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
+    // With `late_shared_down`, the shared expert's down projection waits for the routed
+    // gate/up and streams while the routed activations are split (where nothing else streams);
+    // else the side stream runs the shared expert through, beside the router and gate/up.
+    let late = late_shared_down();
+    let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1);
     let (routing, pass) = gpu.concurrently(
         || {
             if let SoloPlan::Step(plan) = &shared_plan {
                 fill_solo_plan(gpu, index, t, plan)?;
             }
-            shared_pass.run(gpu, shared, shared_variants, shared_xs, &shared_plan, 1, 1)
+            shared_pass.up_to_down(gpu, shared, shared_variants.0, shared_xs, &shared_plan, 1, 1)?;
+            if late {
+                return Ok(());
+            }
+            shared_down()
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
             let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
             let pairs = t * routing.top_k;
             let pass = MmaPass::new(gpu, pairs, experts)?;
-            pass.run(gpu, experts, variants, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
+            pass.gate_up(gpu, experts, variants.0, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
+            Ok((routing, pass))
+        },
+        late.then_some(&shared_down as &dyn Fn() -> Result<()>),
+        |(routing, pass)| {
+            let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
+            let pairs = t * routing.top_k;
+            gpu.split_into(&pass.act, &pass.acts)?;
+            pass.down(gpu, experts, variants.1, plan, routing.top_k, pairs.min(experts.count) as u32)?;
             Ok((routing, pass))
         },
     )?;
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
+}
+
+/// Whether the overlapped block's shared expert runs its down projection late, while the routed
+/// experts' activations are split (`DUET_SIDE_DOWN_LATE`, default off until measured on the
+/// H200; on: the shared down no longer shares the bandwidth with the routed gate/up but fills
+/// the split's gap).
+fn late_shared_down() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_SIDE_DOWN_LATE", false))
 }
 
 /// The plan of one expert alone over a decode step's tokens (the shared expert's beside the
@@ -352,9 +378,15 @@ impl MmaPass {
     /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
     #[allow(clippy::too_many_arguments)]
     fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
-        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
-        gpu.split_into(&self.act, &self.acts)?;
+        self.up_to_down(gpu, experts, gate_up, xs, plan, k, groups)?;
         self.down(gpu, experts, down, plan, k, groups)
+    }
+
+    /// `run` up to the down projection: gate/up and the split of its activations.
+    #[allow(clippy::too_many_arguments)]
+    fn up_to_down(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
+        gpu.split_into(&self.act, &self.acts)
     }
 
     #[allow(clippy::too_many_arguments)]
