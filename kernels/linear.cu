@@ -501,7 +501,7 @@ __device__ __forceinline__ int route_words(int E, int G, int K) { return (2 * E 
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
                                      int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
-    extern __shared__ float sm[];
+    extern __shared__ __align__(16) float sm[];  // (the candidates are int2)
     // Sub-block `sub` takes token t with threads tid; every barrier below is reached by all
     // sub-blocks alike (their control flow differs only within warps' loops).
     int tpb = blockDim.x / ROUTE_THREADS, sub = threadIdx.x / ROUTE_THREADS, tid = threadIdx.x % ROUTE_THREADS;

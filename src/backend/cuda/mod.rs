@@ -245,8 +245,8 @@ impl CudaBackend {
     /// `main` issues on the main stream; then `side_late`, when given, on the side stream once
     /// the work `main` issued is done (so side work can fill a gap in the main stream's
     /// streaming: the shared expert's down projection while the routed experts' activations are
-    /// split), beside `main_late` (given `main`'s result) on the main stream; the main stream
-    /// then waits for the side's work, so what follows sees both. In a graph capture the two
+    /// split); then `main_late` (given `main`'s result) on the main stream, beside the side's
+    /// work; the main stream then waits for the side's work, so what follows sees both. In a graph capture the two
     /// become parallel branches. The side parts may only launch into buffers allocated before
     /// this call: allocations and frees are ordered on the main stream, and `uninit` refuses
     /// while a side part runs. (The backend is driven by one thread at a time, as a stage's loop
@@ -263,13 +263,9 @@ impl CudaBackend {
         self.side.wait(&self.fork_event).map_err(cuda)?;
         let mut result = self.on_side_stream(side).and_then(|()| main());
         if let Some(late) = side_late {
-            self.late_event.record(&self.stream).map_err(cuda)?;
-            self.side.wait(&self.late_event).map_err(cuda)?;
-            if result.is_ok() {
-                if let Err(e) = self.on_side_stream(late) {
-                    result = Err(e);
-                }
-            }
+            // (Errors here too still reach the join below.)
+            let waited = self.late_event.record(&self.stream).and_then(|()| self.side.wait(&self.late_event)).map_err(cuda);
+            result = result.and_then(|s| waited.and_then(|()| self.on_side_stream(late)).map(|()| s));
         }
         // Joined whatever happened, so a capture never ends with the side stream apart.
         self.join_event.record(&self.side).map_err(cuda)?;

@@ -240,8 +240,9 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
     // With `late_shared_down`, the shared expert's down projection waits for the routed
-    // gate/up and streams while the routed activations are split (where nothing else streams);
-    // else the side stream runs the shared expert through, beside the router and gate/up.
+    // gate/up and streams while the routed activations are split (where nothing else streams)
+    // and beside the routed down; else the side stream runs the shared expert through, beside
+    // the router and the routed gate/up.
     let late = late_shared_down();
     let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1);
     let (routing, pass) = gpu.concurrently(
@@ -249,7 +250,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             if let SoloPlan::Step(plan) = &shared_plan {
                 fill_solo_plan(gpu, index, t, plan)?;
             }
-            shared_pass.up_to_down(gpu, shared, shared_variants.0, shared_xs, &shared_plan, 1, 1)?;
+            shared_pass.gate_up_split(gpu, shared, shared_variants.0, shared_xs, &shared_plan, 1, 1)?;
             if late {
                 return Ok(());
             }
@@ -257,22 +258,27 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
-            let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
-            let pairs = t * routing.top_k;
-            let pass = MmaPass::new(gpu, pairs, experts)?;
-            pass.gate_up(gpu, experts, variants.0, xs, plan, routing.top_k, pairs.min(experts.count) as u32)?;
-            Ok((routing, pass))
+            let pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
+            let groups = (t * routing.top_k).min(experts.count) as u32;
+            pass.gate_up(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, groups)?;
+            Ok((routing, pass, groups))
         },
         late.then_some(&shared_down as &dyn Fn() -> Result<()>),
-        |(routing, pass)| {
-            let Some((plan, _)) = &routing.plan else { bail!("internal: the router made no plan for a decode step") };
-            let pairs = t * routing.top_k;
+        |(routing, pass, groups)| {
             gpu.split_into(&pass.act, &pass.acts)?;
-            pass.down(gpu, experts, variants.1, plan, routing.top_k, pairs.min(experts.count) as u32)?;
+            pass.down(gpu, experts, variants.1, decode_plan(&routing)?, routing.top_k, groups)?;
             Ok((routing, pass))
         },
     )?;
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
+}
+
+/// The plan the router made for a decode step.
+fn decode_plan(routing: &CudaRouting) -> Result<&CudaSlice<i32>> {
+    match &routing.plan {
+        Some((plan, _)) => Ok(plan),
+        None => bail!("internal: the router made no plan for a decode step"),
+    }
 }
 
 /// Whether the overlapped block's shared expert runs its down projection late, while the routed
@@ -378,13 +384,13 @@ impl MmaPass {
     /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
     #[allow(clippy::too_many_arguments)]
     fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
-        self.up_to_down(gpu, experts, gate_up, xs, plan, k, groups)?;
+        self.gate_up_split(gpu, experts, gate_up, xs, plan, k, groups)?;
         self.down(gpu, experts, down, plan, k, groups)
     }
 
     /// `run` up to the down projection: gate/up and the split of its activations.
     #[allow(clippy::too_many_arguments)]
-    fn up_to_down(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+    fn gate_up_split(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
         gpu.split_into(&self.act, &self.acts)
     }
