@@ -214,10 +214,13 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
         let gate = random_weight("gate", routed, h, "bf16", &mut rng);
         let bias: Vec<f32> = (0..routed).map(|e| if e < n_exp { 0.0 } else { -1e30 }).collect();
         let layer = Moe::from_parts(&gpu, &gate, &bias, gpu.experts_indexed(&distinct, &table)?, None, router)?;
+        let ones = gpu.vector(&vec![1.0; h])?;
         for batch in [1usize, 2, 4] {
             let x: Vec<f32> = (0..batch * h).map(|_| (rng.next_u64() % 2001) as f32 * 1e-3 - 1.0).collect();
             let x = gpu.tensor(batch, h, &x)?;
-            let routing = gpu.route(&x, &layer.gate, &layer.bias, &layer.router)?;
+            // The experts the floor counts are those the timed block routes to: the router over
+            // the norm of x, as the block below sees it every time (its residual add adds zeros).
+            let routing = gpu.route(&gpu.rms_norm(&x, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router)?;
             let mut idx = stream.clone_dtoh(&routing.idx).map_err(|e| anyhow!("{e:?}"))?;
             idx.retain(|&e| Some(e as usize) != layer.router.shared);
             idx.sort_unstable();
@@ -228,10 +231,11 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             }
             // As a decoder layer runs it: the attention's output `a` added to the residual
             // stream, the block's input norm of the sum (a fresh activation per call, so its
-            // split for the tensor cores is timed too), then the block.
-            let ones = gpu.vector(&vec![1.0; h])?;
-            let a: Vec<f32> = (0..batch * h).map(|_| (rng.next_u64() % 2001) as f32 * 1e-4 - 0.1).collect();
-            let a = gpu.tensor(batch, h, &a)?;
+            // split for the tensor cores is timed too), then the block. `a` is zeros: the add
+            // does the same work whatever its values, and each call (the warm-up, the capture)
+            // adds it to the stream in place, so any other `a` would move the block's input,
+            // and with it the routing, away from the one whose experts the floor counts above.
+            let a = gpu.tensor(batch, h, &vec![0.0; batch * h])?;
             let mut resid = gpu.copy(&x)?;
             let ms = time_graph(&gpu, 8, reps, || gpu.add_norm_moe_block(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?;
             let bytes = (routed * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
