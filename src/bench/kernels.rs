@@ -240,19 +240,18 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             let ms = time_graph(&gpu, 8, reps, || gpu.add_norm_moe_block(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?;
             let bytes = (routed * h * 2) as f64 + (idx.len() + 1) as f64 * expert_bytes;
             r.row(&label, bytes, ms);
-            // Where the block's time goes: its add and norm, then those and the router (gate
-            // GEMV, route and plan) alone; the rest is the experts with their splits and the
-            // combine (at decode the shared expert runs beside the router, so the rest is what
-            // it did not hide). The router alone runs its own gate GEMV: where the block makes
-            // the logits in the norm's launch, these two are the unfused chain's parts, an
-            // estimate of the block's.
+            // Where the block's time goes: its add and norm alone, then those with the router
+            // (gate logits, route and plan) as the block runs them (the logits in the norm's
+            // launch where the block makes them there); the rest is the experts with their
+            // splits and the combine (at decode the shared expert runs beside the router, so the
+            // rest is what it did not hide).
             let norm = time_graph(&gpu, 8, reps, || gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6).map(|_| ()))?;
-            let router = time_graph(&gpu, 8, reps, || gpu.route(&gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?;
+            let router = time_graph(&gpu, 8, reps, || gpu.add_norm_route(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?;
             r.part(&format!("  add + norm {:.1} + router {:.1} µs alone; the rest", norm * 1e3, (router - norm) * 1e3), ms - router);
             if timeline::enabled() {
                 print!("{}", block_timeline(&gpu, || gpu.add_norm_moe_block(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?);
                 println!("  its add + norm and router alone:");
-                print!("{}", block_timeline(&gpu, || gpu.route(&gpu.add_rms_norm(&mut resid, &a, &ones, 1e-6)?, &layer.gate, &layer.bias, &layer.router).map(|_| ()))?);
+                print!("{}", block_timeline(&gpu, || gpu.add_norm_route(&mut resid, &a, &ones, 1e-6, &layer.block()).map(|_| ()))?);
             }
         }
         for batch in [1usize, 2, 4] {

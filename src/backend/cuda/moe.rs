@@ -173,11 +173,19 @@ pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWei
 /// route, for the overlapped decode block with a bf16 gate. None, launching nothing, where
 /// it does not apply. The logits' sums run in another order than the GEMV's.
 pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<CudaTensor>> {
+    let Some(side) = side_expert(x, block.experts, block.shared, block.router) else { return Ok(None) };
+    let Some((y, logits)) = add_norm_logits(gpu, x, a, w, eps, block)? else { return Ok(None) };
+    overlapped(gpu, &y, block.gate, block.bias, block.experts, block.router, side, Some(logits)).map(Some)
+}
+
+/// The add, the norm and the router's logits in the norm's launch, as `add_norm_block` begins:
+/// the norm's output and the logits, or None, launching nothing, where they do not apply.
+fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<(CudaTensor, CudaTensor)>> {
     let (gate, experts, p) = (block.gate, block.experts, block.router);
     if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
         return Ok(None);
     }
-    let (Some(side), [part]) = (side_expert(x, experts, block.shared, p), gate.parts.as_slice()) else { return Ok(None) };
+    let (Some(_), [part]) = (side_expert(x, experts, block.shared, p), gate.parts.as_slice()) else { return Ok(None) };
     if !gpu.norm_router_fits(x, part) {
         return Ok(None);
     }
@@ -186,7 +194,25 @@ pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTens
         return Ok(None);
     }
     gpu.replace_tensor(x, sum);
-    overlapped(gpu, &y, gate, block.bias, experts, p, side, Some(logits)).map(Some)
+    Ok(Some((y, logits)))
+}
+
+impl CudaBackend {
+    /// The first part of `add_norm_moe_block` alone, as the decode block runs it: the add and
+    /// norm, the router's logits (in the norm's launch where the block makes them there) and the
+    /// route with its plan (the routed experts', as the overlapped block routes them), for
+    /// `duet bench kernels` to time the block's chain before the experts.
+    pub fn add_norm_route(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<CudaRouting> {
+        if side_expert(x, block.experts, block.shared, block.router).is_none() {
+            return self.route(&self.add_rms_norm(x, a, w, eps)?, block.gate, block.bias, block.router);
+        }
+        let routed = RouterParams { shared: None, ..*block.router };
+        let (y, logits) = match add_norm_logits(self, x, a, w, eps, block)? {
+            Some((y, logits)) => (y, Some(logits)),
+            None => (self.add_rms_norm(x, a, w, eps)?, None),
+        };
+        route_planned(self, &y, block.gate, block.bias, &routed, block.experts.count, logits)
+    }
 }
 
 /// Whether the router's gate GEMV runs in the decode norm's launch (`DUET_NORM_ROUTER`, default
