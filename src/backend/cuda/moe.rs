@@ -16,11 +16,8 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
     route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)), None)
 }
 
-/// Threads per token of moe_route, and the most tokens it is given in one block: the kernel
-/// takes up to four, but four tokens in one block routed 1 µs slower than a block each, while
-/// two in one were 0.4 µs faster (H200, performance.md).
+/// Threads per token of moe_route (ROUTE_THREADS in kernels/linear.cu).
 const ROUTE_THREADS: usize = 256;
-const ROUTE_MAX_TOKENS: usize = 2;
 
 /// Shared-memory words moe_route gives each token (route_words in kernels/linear.cu): sigmoid
 /// and selection scores, an (expert, score) candidate for each of the first min(K, 32) of every
@@ -29,11 +26,13 @@ fn route_words(experts: usize, groups: usize, top_k: usize) -> usize {
     (2 * experts + 2 * experts.div_ceil(32) * top_k.min(32) + groups + 1) & !1
 }
 
-/// Whether moe_route takes a decode step's tokens in one block (`DUET_ROUTE_TOGETHER`, default
-/// on; 0: a block a token, for comparison).
-fn route_together() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_ROUTE_TOGETHER", true))
+/// The most tokens of a decode step moe_route takes in one block, which then builds the plan
+/// from its own picks (`DUET_ROUTE_TOKENS`, 1 to 4, the kernel's ROUTE_MAX_TOKENS; default 2:
+/// with the route of 1b2b2b5 four tokens in one block routed 1 µs slower than a block each,
+/// two in one 0.4 µs faster, H200, performance.md; 1: a block a token).
+fn route_tokens() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| super::kernels::env_usize("DUET_ROUTE_TOKENS", "1 to 4", |n| (1..=4).contains(&n)).unwrap_or(2))
 }
 
 /// `route`, with the decode plan made for a set of `plan_experts` experts; with `logits`, the
@@ -60,11 +59,11 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     // Decode steps get their plan from the router (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
     if x.rows > 0 {
-        // A decode step of up to ROUTE_MAX_TOKENS tokens in one block, a sub-block a token, so
+        // A decode step of up to route_tokens() tokens in one block, a sub-block a token, so
         // that block builds the plan from its own picks (no count across blocks); the tokens'
         // scores must fit in the default 48 KB of shared memory.
         let per_token = route_words(e, p.n_group, p.top_k) * 4;
-        let together = plan.is_some() && x.rows <= ROUTE_MAX_TOKENS && x.rows * per_token <= 48 * 1024 && route_together();
+        let together = plan.is_some() && x.rows <= route_tokens() && x.rows * per_token <= 48 * 1024;
         let tokens_per_block = if together { x.rows } else { 1 };
         let smem = (tokens_per_block * per_token).max(if plan.is_some() { (plan_experts + pairs) * 4 } else { 0 });
         gpu.launch(
