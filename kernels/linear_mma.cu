@@ -37,6 +37,11 @@
 #ifndef INT4_REGS
 #define INT4_REGS 128
 #endif
+#ifndef INT4_REGS_WIDE
+#define INT4_REGS_WIDE INT4_REGS  // the four-slot variants' (three or four tokens), to tune apart
+#endif
+#define INT4_REGS_SLOTS2 INT4_REGS
+#define INT4_REGS_SLOTS4 INT4_REGS_WIDE
 #ifndef FP8_UNR
 #define FP8_UNR 4
 #endif
@@ -1000,8 +1005,8 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
 #define INSTANTIATE_INT4(G, GPC, SLOTS)                                           \
     typedef Int4Mma<GPC, true, SLOTS> Int4_g##G##a##SLOTS;                        \
     typedef Int4Mma<GPC, false, SLOTS> Int4_g##G##s##SLOTS;                       \
-    INSTANTIATE_MMA(g##G##a##SLOTS##_int4, Int4_g##G##a##SLOTS, INT4_REGS)        \
-    INSTANTIATE_MMA(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS)
+    INSTANTIATE_MMA(g##G##a##SLOTS##_int4, Int4_g##G##a##SLOTS, INT4_REGS_SLOTS##SLOTS) \
+    INSTANTIATE_MMA(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS_SLOTS##SLOTS)
 
 INSTANTIATE_MMA(fp8, Fp8Mma, FP8_REGS)
 INSTANTIATE_INT4(128, 1, 2)
