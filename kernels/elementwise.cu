@@ -98,3 +98,31 @@ extern "C" __global__ void select_rows(const float* __restrict__ x, const int* _
     size_t r = i / cols;
     y[i] = x[(size_t)rows[r] * cols + i % cols];
 }
+
+// out[r] = the index of row r's largest value, the first on ties: sampling::argmax's answer (a
+// value wins only by comparing greater, so NaNs never win, and a NaN first value, which nothing
+// compares greater than, is the answer). One block of 1024 threads a row.
+__device__ __forceinline__ void argmax_take(float& bv, int& bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+}
+extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, int* __restrict__ out) { pdl_entry_small();
+    const float* row = x + (size_t)blockIdx.x * cols;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;  // none yet: loses to every value's index
+#pragma unroll 8
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) argmax_take(bv, bi, row[i], i);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) argmax_take(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    __shared__ float wv[32];
+    __shared__ int wi[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) wv[warp] = bv, wi[warp] = bi;
+    __syncthreads();
+    if (warp != 0) return;
+    bv = lane < (int)(blockDim.x >> 5) ? wv[lane] : NEG_INF;
+    bi = lane < (int)(blockDim.x >> 5) ? wi[lane] : 0x7fffffff;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) argmax_take(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    // Every value NaN or -inf past a NaN first one: the first index, as the sequential scan.
+    if (lane == 0) out[blockIdx.x] = row[0] != row[0] || bi == 0x7fffffff ? 0 : bi;
+}

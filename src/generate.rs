@@ -64,8 +64,8 @@ pub fn generate<B: Backend>(
             // Decode steps replay one graph per length bucket on the GPU.
             model.decode_logits(&input, &batch, &mut cache)?
         };
-        let logits = model.backend.to_host(&logits)?;
-        let token = sampler.sample(&logits);
+        // Greedy decoding reads only the token from the device, not the vocabulary's logits.
+        let token = if sampler.params.is_greedy() { model.backend.argmax_rows(&logits)?[0] } else { sampler.sample(&model.backend.to_host(&logits)?) };
         first_token_at.get_or_insert_with(Instant::now);
         out.push(token);
         on_token(token)?;

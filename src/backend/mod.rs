@@ -311,6 +311,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn selection_from_host(&self, rows: usize, topk: usize, data: &[i32]) -> Result<Self::Selection>;
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    /// Each row's index of its largest value, the first on ties, as `sampling::argmax` (greedy
+    /// decoding): a backend may find them where the values are, and copy only the indices.
+    fn argmax_rows(&self, t: &Self::Tensor) -> Result<Vec<u32>> {
+        let (rows, cols) = self.shape(t);
+        let v = self.to_host(t)?;
+        Ok((0..rows).map(|r| crate::sampling::argmax(&v[r * cols..(r + 1) * cols])).collect())
+    }
 
     // ---- elementwise and layout ----------------------------------------------------------
     /// Rows of `table` for each id.

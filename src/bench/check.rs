@@ -233,6 +233,30 @@ fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
     t.push("concat_cols", format!("2x[{rows},{cols}]"), rel_err(&gpu.to_host(&gpu.concat_cols(&xg, &yg)?)?, &cpu.to_host(&cpu.concat_cols(&xc, &yc)?)?));
     let pick = [6, 0, 3, 3];
     t.push("select_rows", format!("{pick:?}"), rel_err(&gpu.to_host(&gpu.select_rows(&xg, &pick)?)?, &cpu.to_host(&cpu.select_rows(&xc, &pick)?)?));
+    check_argmax(cpu, gpu, rng, t)
+}
+
+/// Greedy picks on the device: every row's argmax the oracle's, at a real vocabulary's width,
+/// with the maximum tied (the first wins), rows of -inf, NaN first (it stays the answer) and
+/// NaNs elsewhere (they never win).
+fn check_argmax(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
+    let cols = 154_880;
+    let rows = 6;
+    let mut x = random(rng, rows * cols);
+    let row = |r: usize| r * cols..(r + 1) * cols;
+    // Row 1: its maximum twice, the later copy first in memory order of the threads' strides.
+    let m = x[row(1)].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+    x[cols + 70_001] = m;
+    x[cols + 1_025] = m;
+    // Row 2: all -inf. Row 3: NaN first. Row 4: NaNs elsewhere, around its maximum.
+    x[row(2)].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    x[3 * cols] = f32::NAN;
+    for i in (4 * cols..5 * cols).step_by(7) {
+        x[i] = f32::NAN;
+    }
+    let (xc, xg) = pair(cpu, gpu, rows, cols, &x)?;
+    let (want, got) = (cpu.argmax_rows(&xc)?, gpu.argmax_rows(&xg)?);
+    t.flag("argmax rows", format!("[{rows},{cols}]: ties, -inf, NaN"), got == want, "= oracle");
     Ok(())
 }
 

@@ -119,15 +119,27 @@ impl<B: Backend> Stage<B> {
             return Ok(StepOutput::Tokens(vec![]));
         }
         let h = self.model.final_norm(&b.select_rows(&x, &rows_to_sample)?)?;
-        let logits = b.to_host(&self.model.logits(&h)?)?;
+        let logits = self.model.logits(&h)?;
         let vocab = self.model.config.vocab_size;
-        let mut out = Vec::with_capacity(picks.len());
-        for (i, s) in picks.iter().enumerate() {
-            let row = &logits[i * vocab..(i + 1) * vocab];
-            let sampler = self.samplers.entry(s.seq).or_insert_with(|| {
+        for s in &picks {
+            self.samplers.entry(s.seq).or_insert_with(|| {
                 Sampler::new(SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k as usize, min_p: s.min_p, seed: Some(s.seed) })
             });
-            let token = sampler.sample(row);
+        }
+        // Greedy picks without log-probabilities need only the argmax, found on the device; the
+        // logits come to the host only for the picks that need them.
+        let on_host: Vec<bool> = picks.iter().map(|s| s.logprobs || !self.samplers[&s.seq].params.is_greedy()).collect();
+        let host = if on_host.contains(&true) { Some(b.to_host(&logits)?) } else { None };
+        let greedy = if on_host.contains(&false) { Some(b.argmax_rows(&logits)?) } else { None };
+        let mut out = Vec::with_capacity(picks.len());
+        for (i, s) in picks.iter().enumerate() {
+            let (Some(logits), true) = (&host, on_host[i]) else {
+                let token = greedy.as_ref().map(|g| g[i]).context("internal: no argmax for a greedy pick")?;
+                out.push(WireToken { seq: s.seq, token, logprob: 0.0, top: vec![] });
+                continue;
+            };
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let token = self.samplers.get_mut(&s.seq).context("internal: no sampler")?.sample(row);
             out.push(if s.logprobs {
                 token_with_logprobs(s.seq, token, row, s.top_logprobs as usize)
             } else {

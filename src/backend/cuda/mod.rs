@@ -548,6 +548,20 @@ impl Backend for CudaBackend {
         (t.rows, t.cols)
     }
 
+    fn argmax_rows(&self, t: &CudaTensor) -> Result<Vec<u32>> {
+        if t.rows == 0 {
+            return Ok(vec![]);
+        }
+        if t.cols == 0 || t.cols > i32::MAX as usize {
+            bail!("argmax over rows of {} values", t.cols);
+        }
+        let idx = self.alloc_indices(t.rows)?;
+        self.launch("argmax_rows", (t.rows as u32, 1, 1), 1024, 0, &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&idx))])?;
+        let v = self.stream.clone_dtoh(&idx).map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        self.synchronize()?;
+        Ok(v[..t.rows].iter().map(|&i| i as u32).collect())
+    }
+
     fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
         let [p] = table.parts.as_slice() else { bail!("embedding tables must be one matrix") };
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.rows) {
