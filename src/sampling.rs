@@ -224,39 +224,15 @@ mod tests {
         assert_eq!(s.sample(&[0.5, 2.0, 2.0, -1.0]), 1);
     }
 
-    /// The sampler's definition over the whole vocabulary sorted (what `sample` computed
-    /// before it sorted only the head): top-p and min-p over the sorted probabilities.
-    fn sorted_reference(params: &SamplingParams, rng: &mut Rng, logits: &[f32]) -> u32 {
+    /// The sampler's definition: the whole vocabulary sorted (what `sample` did before it
+    /// sorted only the head), then top-p, min-p and the draw.
+    fn sorted_reference(s: &mut Sampler, logits: &[f32]) -> u32 {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         idx.sort_unstable_by(|a, b| better(logits, a, b));
         let max = logits[idx[0] as usize] as f64;
-        let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / params.temperature as f64).exp()).collect();
+        let probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / s.params.temperature as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        let mut keep = probs.len();
-        if params.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, x) in probs.iter().enumerate() {
-                cum += x;
-                if cum >= params.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if params.min_p > 0.0 {
-            let floor = probs[0] * params.min_p as f64;
-            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
-        }
-        let total: f64 = probs[..keep].iter().sum();
-        let mut u = rng.uniform() * total;
-        for (i, x) in probs[..keep].iter().enumerate() {
-            if u < *x {
-                return idx[i];
-            }
-            u -= x;
-        }
-        idx[keep - 1]
+        s.pick_from_head(&idx, probs, total)
     }
 
     #[test]
@@ -267,9 +243,9 @@ mod tests {
             let logits: Vec<f32> = (0..vocab).map(|i| if i % 97 == 0 { f32::NEG_INFINITY } else { (gen.normal() * 2.5) as f32 }).collect();
             let params = SamplingParams { temperature: t, top_p, min_p, seed: Some(9), ..Default::default() };
             let mut s = Sampler::new(params.clone());
-            let mut reference = Rng::new(9);
+            let mut reference = Sampler::new(params);
             for draw in 0..200 {
-                let want = sorted_reference(&params, &mut reference, &logits);
+                let want = sorted_reference(&mut reference, &logits);
                 assert_eq!(s.sample(&logits), want, "T {t}, top-p {top_p}, min-p {min_p}, draw {draw}");
             }
         }
