@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::backend::{Backend, Batch};
 use crate::model::Model;
@@ -65,7 +65,11 @@ pub fn generate<B: Backend>(
             model.decode_logits(&input, &batch, &mut cache)?
         };
         // Greedy decoding reads only the token from the device, not the vocabulary's logits.
-        let token = if sampler.params.is_greedy() { model.backend.argmax_rows(&logits)?[0] } else { sampler.sample(&model.backend.to_host(&logits)?) };
+        let token = if sampler.params.is_greedy() {
+            model.backend.argmax_rows(&logits)?.first().copied().context("no logits row to pick from")?
+        } else {
+            sampler.sample(&model.backend.to_host(&logits)?)
+        };
         first_token_at.get_or_insert_with(Instant::now);
         out.push(token);
         on_token(token)?;

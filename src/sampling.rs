@@ -136,40 +136,9 @@ impl Sampler {
             }
             return last as u32;
         }
-        // The head: the tokens of the bins of -ln(weight) (HEAD_BINS a unit) from the best down
-        // to the bin where the mass reaches top-p's share, or down to min-p's weight (one bin of
-        // margin), whichever comes first; widened a bin at a time should rounding leave top-p's
-        // share short within it.
-        let bins: Vec<u16> = logits.iter().map(|&l| (dist(l) * HEAD_BINS).min(HEAD_LAST as f64) as u16).collect();
-        let mut cut = HEAD_LAST;
-        if p.top_p < 1.0 {
-            let mut mass = vec![0f64; HEAD_LAST + 1];
-            for (&b, &w) in bins.iter().zip(&weights) {
-                mass[b as usize] += w;
-            }
-            let target = p.top_p as f64 * total;
-            let mut cum = 0.0;
-            cut = mass.iter().position(|&m| {
-                cum += m;
-                cum >= target
-            }).unwrap_or(HEAD_LAST);
-        }
-        let min_p_cut = if p.min_p > 0.0 { ((-(p.min_p as f64).ln() * HEAD_BINS) as usize + 1).min(HEAD_LAST) } else { HEAD_LAST };
-        cut = cut.min(min_p_cut);
-        loop {
-            let mut idx: Vec<u32> = (0..n as u32).filter(|&i| bins[i as usize] as usize <= cut).collect();
-            idx.sort_unstable_by(|a, b| better(logits, a, b));
-            let probs: Vec<f64> = idx.iter().map(|&i| weights[i as usize]).collect();
-            // Enough of the order when top-p's share is reached within it (summed as
-            // pick_from_head sums it), when it holds every token min-p keeps (then min-p keeps
-            // fewer than top-p would), or when it is the whole vocabulary; else (rounding left
-            // the share short) the whole vocabulary.
-            let share: f64 = probs.iter().map(|w| w / total).sum();
-            if share >= p.top_p as f64 || cut >= min_p_cut {
-                return self.pick_from_head(&idx, probs, total);
-            }
-            cut = HEAD_LAST;
-        }
+        let idx = head(logits, &weights, total, dist, &p);
+        let probs: Vec<f64> = idx.iter().map(|&i| weights[i as usize]).collect();
+        self.pick_from_head(&idx, probs, total)
     }
 
     /// The pick among `idx` (the best tokens, sorted, with their unnormalized probabilities of
@@ -201,6 +170,43 @@ impl Sampler {
             u -= x;
         }
         idx[keep - 1]
+    }
+}
+
+/// The best tokens, sorted, as far down as top-p and min-p of `p` can keep (`weights` the
+/// tokens' exp(-dist), of `total`): the tokens of the bins of -ln(weight) (HEAD_BINS a unit) from
+/// the best down to the bin where the mass reaches top-p's share, or down to min-p's weight (one
+/// bin of margin), whichever comes first. Should rounding leave top-p's share short within them,
+/// down to min-p's bin (then min-p keeps fewer than top-p would), or the whole vocabulary.
+fn head(logits: &[f32], weights: &[f64], total: f64, dist: impl Fn(f32) -> f64, p: &SamplingParams) -> Vec<u32> {
+    let bins: Vec<u16> = logits.iter().map(|&l| (dist(l) * HEAD_BINS).min(HEAD_LAST as f64) as u16).collect();
+    let min_p_cut = if p.min_p > 0.0 { ((-(p.min_p as f64).ln() * HEAD_BINS) as usize + 1).min(HEAD_LAST) } else { HEAD_LAST };
+    let mut cut = min_p_cut;
+    if p.top_p < 1.0 {
+        let mut mass = vec![0f64; HEAD_LAST + 1];
+        for (&b, &w) in bins.iter().zip(weights) {
+            mass[b as usize] += w;
+        }
+        let target = p.top_p as f64 * total;
+        let mut cum = 0.0;
+        let top_p_cut = mass
+            .iter()
+            .position(|&m| {
+                cum += m;
+                cum >= target
+            })
+            .unwrap_or(HEAD_LAST);
+        cut = cut.min(top_p_cut);
+    }
+    loop {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| bins[i as usize] as usize <= cut).collect();
+        idx.sort_unstable_by(|a, b| better(logits, a, b));
+        // Top-p's share within the head, summed as pick_from_head sums it.
+        let share: f64 = idx.iter().map(|&i| weights[i as usize] / total).sum();
+        if share >= p.top_p as f64 || cut >= min_p_cut {
+            return idx;
+        }
+        cut = min_p_cut;
     }
 }
 
@@ -248,6 +254,28 @@ mod tests {
                 let want = sorted_reference(&mut reference, &logits);
                 assert_eq!(s.sample(&logits), want, "T {t}, top-p {top_p}, min-p {min_p}, draw {draw}");
             }
+        }
+    }
+
+    #[test]
+    fn the_head_is_a_short_prefix_of_the_order_holding_what_is_kept() {
+        let mut gen = Rng::new(6);
+        let vocab = 20_000;
+        let logits: Vec<f32> = (0..vocab).map(|_| (gen.normal() * 2.5) as f32).collect();
+        let mut order: Vec<u32> = (0..vocab as u32).collect();
+        order.sort_unstable_by(|a, b| better(&logits, a, b));
+        let max = logits[order[0] as usize] as f64;
+        for (t, top_p, min_p) in [(1.0, 0.9, 0.0), (0.7, 0.5, 0.0), (1.0, 1.0, 0.01), (1.0, 0.99, 0.2)] {
+            let p = SamplingParams { temperature: t, top_p, min_p, ..Default::default() };
+            let dist = |l: f32| (max - l as f64) / t as f64;
+            let weights: Vec<f64> = logits.iter().map(|&l| (-dist(l)).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let head = head(&logits, &weights, total, dist, &p);
+            assert_eq!(head[..], order[..head.len()], "a prefix of the order (T {t}, top-p {top_p}, min-p {min_p})");
+            let share: f64 = head.iter().map(|&i| weights[i as usize] / total).sum();
+            let min_p_kept = weights.iter().filter(|&&w| w >= min_p as f64).count();
+            assert!(share >= top_p as f64 || head.len() >= min_p_kept, "holds what top-p or min-p keeps");
+            assert!(head.len() < vocab / 4, "{} of {vocab} tokens: the head, not the vocabulary", head.len());
         }
     }
 

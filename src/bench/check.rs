@@ -236,27 +236,34 @@ fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
     check_argmax(cpu, gpu, rng, t)
 }
 
-/// Greedy picks on the device: every row's argmax the oracle's, at a real vocabulary's width,
-/// with the maximum tied (the first wins), rows of -inf, NaN first (it stays the answer) and
-/// NaNs elsewhere (they never win).
+/// Greedy picks on the device: every row's argmax the oracle's, at a real vocabulary's width
+/// and at narrow ones, with the maximum tied (the first wins, also +0 against -0), rows of -inf,
+/// NaN first (it stays the answer) and NaNs elsewhere (they never win, even beside the maximum).
 fn check_argmax(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
-    let cols = 154_880;
-    let rows = 6;
-    let mut x = random(rng, rows * cols);
-    let row = |r: usize| r * cols..(r + 1) * cols;
-    // Row 1: its maximum twice, the later copy first in memory order of the threads' strides.
-    let m = x[row(1)].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
-    x[cols + 70_001] = m;
-    x[cols + 1_025] = m;
-    // Row 2: all -inf. Row 3: NaN first. Row 4: NaNs elsewhere, around its maximum.
-    x[row(2)].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
-    x[3 * cols] = f32::NAN;
-    for i in (4 * cols..5 * cols).step_by(7) {
-        x[i] = f32::NAN;
+    for cols in [154_880, 1, 5, 1000, 1025] {
+        let rows = 7;
+        let mut x = random(rng, rows * cols);
+        let at = |r: usize, i: usize| r * cols + i.min(cols - 1);
+        // Row 1: its maximum twice (at the full width, the later index in a lower thread).
+        let m = x[at(1, 0)..at(1, cols - 1) + 1].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+        x[at(1, cols / 2 + 1)] = m;
+        x[at(1, 1023)] = m;
+        // Row 2: all -inf. Row 3: NaN first. Row 4: NaNs from index 1 on, every 7th, one next
+        // to its maximum. Row 5: +0 after -0 as the maximum (all else negative).
+        x[at(2, 0)..at(2, cols - 1) + 1].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        x[at(3, 0)] = f32::NAN;
+        for i in (1..cols).step_by(7) {
+            x[at(4, i)] = f32::NAN;
+        }
+        x[at(4, cols / 2)] = 9.0;
+        x[at(4, cols / 2 + 1)] = f32::NAN;
+        x[at(5, 0)..at(5, cols - 1) + 1].iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+        x[at(5, cols / 4)] = -0.0;
+        x[at(5, cols / 2)] = 0.0;
+        let (xc, xg) = pair(cpu, gpu, rows, cols, &x)?;
+        let (want, got) = (cpu.argmax_rows(&xc)?, gpu.argmax_rows(&xg)?);
+        t.flag("argmax rows", format!("[{rows},{cols}]: ties, -inf, NaN, ±0"), got == want, "= oracle");
     }
-    let (xc, xg) = pair(cpu, gpu, rows, cols, &x)?;
-    let (want, got) = (cpu.argmax_rows(&xc)?, gpu.argmax_rows(&xg)?);
-    t.flag("argmax rows", format!("[{rows},{cols}]: ties, -inf, NaN"), got == want, "= oracle");
     Ok(())
 }
 

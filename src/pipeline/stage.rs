@@ -130,15 +130,19 @@ impl<B: Backend> Stage<B> {
         // logits come to the host only for the picks that need them.
         let on_host: Vec<bool> = picks.iter().map(|s| s.logprobs || !self.samplers[&s.seq].params.is_greedy()).collect();
         let host = if on_host.contains(&true) { Some(b.to_host(&logits)?) } else { None };
-        let greedy = if on_host.contains(&false) { Some(b.argmax_rows(&logits)?) } else { None };
+        let device_argmax = if host.is_none() { Some(b.argmax_rows(&logits)?) } else { None };
         let mut out = Vec::with_capacity(picks.len());
         for (i, s) in picks.iter().enumerate() {
-            let (Some(logits), true) = (&host, on_host[i]) else {
-                let token = greedy.as_ref().map(|g| g[i]).context("internal: no argmax for a greedy pick")?;
+            let row = host.as_ref().map(|l| &l[i * vocab..(i + 1) * vocab]);
+            let (Some(row), true) = (row, on_host[i]) else {
+                let token = match (&device_argmax, row) {
+                    (Some(g), _) => g[i],
+                    (None, Some(row)) => crate::sampling::argmax(row),
+                    (None, None) => bail!("internal: neither logits nor an argmax for a greedy pick"),
+                };
                 out.push(WireToken { seq: s.seq, token, logprob: 0.0, top: vec![] });
                 continue;
             };
-            let row = &logits[i * vocab..(i + 1) * vocab];
             let token = self.samplers.get_mut(&s.seq).context("internal: no sampler")?.sample(row);
             out.push(if s.logprobs {
                 token_with_logprobs(s.seq, token, row, s.top_logprobs as usize)

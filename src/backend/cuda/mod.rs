@@ -552,7 +552,8 @@ impl Backend for CudaBackend {
         if t.rows == 0 {
             return Ok(vec![]);
         }
-        if t.cols == 0 || t.cols > i32::MAX as usize {
+        // (The kernel's column index, an int, steps by its 1024 threads past the last column.)
+        if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
             bail!("argmax over rows of {} values", t.cols);
         }
         let idx = self.alloc_indices(t.rows)?;
