@@ -48,7 +48,8 @@ type Obj = Map<String, Value>;
 fn opt_f32(o: &Obj, k: &str) -> Result<Option<f32>, ApiError> {
     match o.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().filter(|x| x.is_finite()).map(|x| Some(x as f32)).ok_or_else(|| ApiError::bad(k, format!("'{k}' must be a number"))),
+        // Finite as f32 too (1e39 would become infinity).
+        Some(v) => v.as_f64().map(|x| x as f32).filter(|x| x.is_finite()).map(Some).ok_or_else(|| ApiError::bad(k, format!("'{k}' must be a number"))),
     }
 }
 

@@ -182,6 +182,8 @@ class Api(unittest.TestCase):
         with self.assertRaises(openai.BadRequestError):
             self.chat("x", top_p=0)
         with self.assertRaises(openai.BadRequestError):
+            self.chat("x", temperature=1e39)  # finite as JSON, infinite as f32
+        with self.assertRaises(openai.BadRequestError):
             self.c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         with self.assertRaises(openai.BadRequestError):
             self.chat("x", n=2)
