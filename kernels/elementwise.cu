@@ -105,14 +105,18 @@ extern "C" __global__ void select_rows(const float* __restrict__ x, const int* _
 __device__ __forceinline__ void argmax_take(float& bv, int& bi, float v, int i) {
     if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
 }
+// The warp's best (value, index), in every lane.
+__device__ __forceinline__ void argmax_warp(float& bv, int& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) argmax_take(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+}
 extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, int* __restrict__ out) { pdl_entry_small();
     const float* row = x + (size_t)blockIdx.x * cols;
     float bv = NEG_INF;
     int bi = 0x7fffffff;  // none yet: loses to every value's index
 #pragma unroll 8
     for (int i = threadIdx.x; i < cols; i += blockDim.x) argmax_take(bv, bi, row[i], i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) argmax_take(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    argmax_warp(bv, bi);
     __shared__ float wv[32];
     __shared__ int wi[32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -121,8 +125,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, in
     if (warp != 0) return;
     bv = lane < (int)(blockDim.x >> 5) ? wv[lane] : NEG_INF;
     bi = lane < (int)(blockDim.x >> 5) ? wi[lane] : 0x7fffffff;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) argmax_take(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+    argmax_warp(bv, bi);
     // Every value NaN or -inf past a NaN first one: the first index, as the sequential scan.
     if (lane == 0) out[blockIdx.x] = row[0] != row[0] || bi == 0x7fffffff ? 0 : bi;
 }

@@ -99,12 +99,14 @@ impl Sampler {
             return argmax(logits);
         }
         let n = logits.len();
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        if p.top_k > 0 && p.top_k < n || !max.is_finite() || logits.iter().any(|v| v.is_nan()) {
+        let top_k = p.top_k > 0 && p.top_k < n;
+        // The largest logit, where weights can be made of it (finite, and no NaN anywhere).
+        let max = if top_k { None } else { finite_max(logits) };
+        let Some(max) = max else {
             // Top-k (or logits no weight can be made of): the k best, sorted. With top-k only
             // the k best are selected, then sorted, instead of sorting the whole vocabulary.
             let mut idx: Vec<u32> = (0..n as u32).collect();
-            if p.top_k > 0 && p.top_k < n {
+            if top_k {
                 idx.select_nth_unstable_by(p.top_k - 1, |a, b| better(logits, a, b));
                 idx.truncate(p.top_k);
             }
@@ -113,7 +115,7 @@ impl Sampler {
             let probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / p.temperature as f64).exp()).collect();
             let total: f64 = probs.iter().sum();
             return self.pick_from_head(&idx, probs, total);
-        }
+        };
         // The whole vocabulary: every token's weight exp((l - max) / T) (the best token's is 1)
         // in one pass, and only the head that top-p and min-p keep is sorted (sorting all of a
         // real vocabulary took 5.5 ms a token on one core).
@@ -214,6 +216,12 @@ fn head(logits: &[f32], weights: &[f64], total: f64, dist: impl Fn(f32) -> f64, 
 /// (weights below e^-64 and zeros).
 const HEAD_BINS: f64 = 64.0;
 const HEAD_LAST: usize = 64 * 64;
+
+/// The largest of `logits` if it is finite and none is NaN.
+fn finite_max(logits: &[f32]) -> Option<f32> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    (max.is_finite() && !logits.iter().any(|v| v.is_nan())).then_some(max)
+}
 
 /// Candidates best first: by logit, then by id (a total order).
 fn better(logits: &[f32], a: &u32, b: &u32) -> std::cmp::Ordering {

@@ -244,20 +244,21 @@ fn check_argmax(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
         let rows = 7;
         let mut x = random(rng, rows * cols);
         let at = |r: usize, i: usize| r * cols + i.min(cols - 1);
+        let row = |r: usize| r * cols..(r + 1) * cols;
         // Row 1: its maximum twice (at the full width, the later index in a lower thread).
-        let m = x[at(1, 0)..at(1, cols - 1) + 1].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+        let m = x[row(1)].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
         x[at(1, cols / 2 + 1)] = m;
         x[at(1, 1023)] = m;
         // Row 2: all -inf. Row 3: NaN first. Row 4: NaNs from index 1 on, every 7th, one next
         // to its maximum. Row 5: +0 after -0 as the maximum (all else negative).
-        x[at(2, 0)..at(2, cols - 1) + 1].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        x[row(2)].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
         x[at(3, 0)] = f32::NAN;
         for i in (1..cols).step_by(7) {
             x[at(4, i)] = f32::NAN;
         }
         x[at(4, cols / 2)] = 9.0;
         x[at(4, cols / 2 + 1)] = f32::NAN;
-        x[at(5, 0)..at(5, cols - 1) + 1].iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+        x[row(5)].iter_mut().for_each(|v| *v = -v.abs() - 1.0);
         x[at(5, cols / 4)] = -0.0;
         x[at(5, cols / 2)] = 0.0;
         let (xc, xg) = pair(cpu, gpu, rows, cols, &x)?;

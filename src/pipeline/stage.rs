@@ -126,23 +126,19 @@ impl<B: Backend> Stage<B> {
                 Sampler::new(SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k as usize, min_p: s.min_p, seed: Some(s.seed) })
             });
         }
-        // Greedy picks without log-probabilities need only the argmax, found on the device; the
-        // logits come to the host only for the picks that need them.
-        let on_host: Vec<bool> = picks.iter().map(|s| s.logprobs || !self.samplers[&s.seq].params.is_greedy()).collect();
-        let host = if on_host.contains(&true) { Some(b.to_host(&logits)?) } else { None };
-        let device_argmax = if host.is_none() { Some(b.argmax_rows(&logits)?) } else { None };
+        // Greedy picks without log-probabilities need only the argmax, found on the device; when
+        // a pick needs the logits on the host, they serve every pick (the sampler's greedy pick
+        // is the same argmax).
+        let on_host = picks.iter().any(|s| s.logprobs || !self.samplers[&s.seq].params.is_greedy());
+        let host = if on_host { Some(b.to_host(&logits)?) } else { None };
+        let device_argmax = if on_host { vec![] } else { b.argmax_rows(&logits)? };
         let mut out = Vec::with_capacity(picks.len());
         for (i, s) in picks.iter().enumerate() {
-            let row = host.as_ref().map(|l| &l[i * vocab..(i + 1) * vocab]);
-            let (Some(row), true) = (row, on_host[i]) else {
-                let token = match (&device_argmax, row) {
-                    (Some(g), _) => g[i],
-                    (None, Some(row)) => crate::sampling::argmax(row),
-                    (None, None) => bail!("internal: neither logits nor an argmax for a greedy pick"),
-                };
-                out.push(WireToken { seq: s.seq, token, logprob: 0.0, top: vec![] });
+            let Some(host) = &host else {
+                out.push(WireToken { seq: s.seq, token: device_argmax[i], logprob: 0.0, top: vec![] });
                 continue;
             };
+            let row = &host[i * vocab..(i + 1) * vocab];
             let token = self.samplers.get_mut(&s.seq).context("internal: no sampler")?.sample(row);
             out.push(if s.logprobs {
                 token_with_logprobs(s.seq, token, row, s.top_logprobs as usize)

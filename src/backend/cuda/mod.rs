@@ -246,10 +246,10 @@ impl CudaBackend {
     /// the work `main` issued is done (so side work can fill a gap in the main stream's
     /// streaming: the shared expert's down projection while the routed experts' activations are
     /// split); then `main_late` (given `main`'s result) on the main stream, beside the side's
-    /// work; the main stream then waits for the side's work, so what follows sees both. In a graph capture the two
-    /// become parallel branches. The side parts may only launch into buffers allocated before
-    /// this call: allocations and frees are ordered on the main stream, and `uninit` refuses
-    /// while a side part runs. (The backend is driven by one thread at a time, as a stage's loop
+    /// work; the main stream then waits for the side's work, so what follows sees both. In a
+    /// graph capture the two become parallel branches. The side parts may only launch into
+    /// buffers allocated before this call: allocations and frees are ordered on the main stream,
+    /// and `uninit` refuses while a side part runs. (The backend is driven by one thread at a time, as a stage's loop
     /// drives it: the side flag belongs to that thread's launches.)
     fn concurrently<S, R>(
         &self,

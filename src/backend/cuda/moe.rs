@@ -177,14 +177,14 @@ pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTens
     overlapped(gpu, &y, block.gate, block.bias, block.experts, block.router, side, Some(logits)).map(Some)
 }
 
-/// The add, the norm and the router's logits in the norm's launch, as `add_norm_block` begins:
-/// the norm's output and the logits, or None, launching nothing, where they do not apply.
+/// The add, the norm and the router's logits in the norm's launch, as `add_norm_block` begins
+/// (for a block that overlaps its shared expert: `side_expert`): the norm's output and the
+/// logits, or None, launching nothing, where they do not apply.
 fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<(CudaTensor, CudaTensor)>> {
-    let (gate, experts, p) = (block.gate, block.experts, block.router);
     if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
         return Ok(None);
     }
-    let (Some(_), [part]) = (side_expert(x, experts, block.shared, p), gate.parts.as_slice()) else { return Ok(None) };
+    let [part] = block.gate.parts.as_slice() else { return Ok(None) };
     if !gpu.norm_router_fits(x, part) {
         return Ok(None);
     }
