@@ -335,7 +335,6 @@ struct Fp8Tile {
 
 #define PLANES 4
 #define PLANE_BITS 7
-#define PLANE_STEP (1.f / (1 << PLANE_BITS))  // a plane's weight against the one before
 
 __device__ __forceinline__ void mma_s8(int d[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -364,8 +363,8 @@ __device__ __forceinline__ int plane_pos(int col) { return (col & ~7) | ((col & 
 // An integer tile's result from its accumulators (acc[n]: B tile n's C fragment, the planes of
 // two token slots): lane c holds planes 2(c % 2), 2(c % 2) + 1 of slot 2n + c/2, its partner
 // c ^ 1 the other two; then lane c takes slot c's value from lane (g, 2(c % 2)) of tile c/2.
-// Planes 1, 2 and 3 weigh step, far and step·far against plane 0 (bf16 pieces: all 1).
-template <int NT> __device__ __forceinline__ float2 planes_result(const float (&acc)[NT][4], float step, float far) {
+template <int NT> __device__ __forceinline__ float2 planes_result(const float (&acc)[NT][4]) {
+    const float step = 1.f / (1 << PLANE_BITS), far = step * step;
     int lane = threadIdx.x & 31, c = lane & 3, src = (lane & ~3) | (2 * (c & 1));
     float2 res = make_float2(0.f, 0.f);
 #pragma unroll
@@ -556,170 +555,7 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             }
         }
     }
-    __device__ float2 result() const { return planes_result<NT>(acc, PLANE_STEP, PLANE_STEP * PLANE_STEP); }
-};
-
-// ---- INT4 expert down projections on bf16 pieces ------------------------------------------
-// The planes need the row's largest |x| before any byte is written: a split launch between
-// gate/up and down, a few µs of a decode block's critical path (docs/performance.md). bf16
-// carries f32's exponent, so gate/up's epilogue writes each activation as PIECES bf16 pieces
-// itself: hi = bf16(x), mid = bf16(x − hi), lo = bf16(x − hi − mid), 24 bits of every x, no
-// exponent. The down projection turns nibbles into bf16 (one LOP3 a pair makes 128 + n = 136 + q,
-// one bf16x2 subtraction of 136 + the zero point then gives q − zp exactly) for mma.sync
-// m16n8k16.bf16 with f32 accumulation, a group's products summed before its scale is applied.
-// B column n = 4·(token slot) + piece, piece 3 empty (its lanes load nothing): the planes'
-// layout, so the result combines as theirs with every weight 1.
-#define PIECES 3
-
-// Where gate/up puts column `col` of a piece: each 8 columns ordered 0 4 1 5 2 6 3 7, so that
-// a word's nibble pairs (t, t + 4) meet their activations as one bf16x2 word each.
-__device__ __forceinline__ int piece_pos(int col) { return (col & ~7) | ((col & 3) << 1) | ((col >> 2) & 1); }
-
-// d += A·B for one m16n8k16 tile (A row-major bf16, B column-major bf16, f32 accumulators).
-__device__ __forceinline__ void mma_bf16(float d[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u16 bf16_bits(float v) {
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    return h;
-}
-
-// The pieces of x (exact: each remainder is exact in f32).
-__device__ __forceinline__ void bf16_pieces(float x, u16 (&p)[PIECES]) {
-#pragma unroll
-    for (int j = 0; j < PIECES; j++) {
-        p[j] = bf16_bits(x);
-        x -= bf16_to_f32(p[j]);
-    }
-}
-
-// Nibbles t and t + 4 of w (stored as q ^ 8: int4_unsigned) as the bf16 pair q − zp, where off
-// is the bf16 pair 136 + zp.
-// (One LOP3 for the mask and the XOR: the compiler, given both constants, splits it in two.)
-__device__ __forceinline__ u32 nibbles_bf16(u32 w, int t, u32 off) {
-    u32 v, r;
-    asm("lop3.b32 %0, %1, 0x000f000f, %2, 0x6a;" : "=r"(v) : "r"(w >> (4 * t)), "r"(0x43084308u));
-    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(off));
-    return r;
-}
-
-// The bf16 pair (136 + zp, 136 + zp) for zero point zp (exact: |136 + zp| < 256).
-__device__ __forceinline__ u32 nibble_offset(int zp) {
-    u32 h = __float_as_uint(136.f + (float)zp) >> 16;
-    return h | (h << 16);
-}
-
-// INT4 (as Int4Tile: GPC groups per 128-column chunk, the same weight words per lane) against
-// bf16 pieces [row][PIECES][cols] in piece_pos order. Word slot i of lane c is the row's word
-// W = 4c + i (one group), 2c + i then 8 + 2c + i − 2 (group 64) or 4i + c (group 32), whose 8
-// columns' pieces are 16 bytes at 16·W of the chunk's 256. The result is times 2^scale_exp.
-template <int GPC, int NT, bool ASYM> struct Int4PiecesTile {
-    static constexpr bool CONTIG = GPC == 1;
-    static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : INT4_UNR_WIDE) : (NT == 1 ? INT4_UNR_SMALL : INT4_UNR_SMALL_WIDE);
-    struct Chunk {
-        uint4 a, b, x[NT][4];
-        uint2 sa, sb;  // the chunk's GPC group scales of ra and rb (f16 bits),
-        u32 za, zb;    // ASYM: their zero points (byte s: group s)
-    };
-    const WDesc& d;
-    int ra, rb;
-    RowCursor rc;
-    const u16 *sra, *srb;
-    const signed char *zra, *zrb;
-    const u8* xb[NT];  // this lane's B column per tile (slot 2n + g/4, piece g % 4) at the cursor
-    bool xv[NT];       // whether that slot is used and the piece exists
-    float acc[NT][4];
-    __device__ Int4PiecesTile(const WDesc& d, int ra, int rb, const int* trow, const u16* xp) : d(d), ra(ra), rb(rb) {
-        rc.init(d.w, d.cols / 2, ra, rb);
-        sra = d.scale16 + (size_t)max(ra, 0) * d.sc;
-        srb = d.scale16 + (size_t)max(rb, 0) * d.sc;
-        zra = d.zero + (size_t)max(ra, 0) * d.sc;
-        zrb = d.zero + (size_t)max(rb, 0) * d.sc;
-        int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, piece = min(g % 4, PIECES - 1);
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            xb[n] = (const u8*)(xp + ((size_t)slot_row(trow, 2 * n + g / 4) * PIECES + piece) * d.cols) + (CONTIG ? 64 : GPC == 2 ? 32 : 16) * c;
-            xv[n] = slot_used(trow, 2 * n + g / 4) && g % 4 < PIECES;
-            acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-        }
-    }
-    __device__ int chunks() const { return d.cols >> 7; }
-    __device__ void seek(int qb) {
-        int dq = rc.seek(qb);
-        sra += GPC * dq;
-        srb += GPC * dq;
-        zra += GPC * dq;
-        zrb += GPC * dq;
-#pragma unroll
-        for (int n = 0; n < NT; n++) xb[n] += 256 * dq;
-    }
-    __device__ u32 zeros(const signed char* p) const {
-        if (GPC == 4) return __ldg((const u32*)p);
-        if (GPC == 2) return __ldg((const unsigned short*)p);
-        return (u32)(u8)__ldg(p);
-    }
-    template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
-        run_scale_pair<GPC, UNR, CHECK>(sra, srb, ra, rb, qb, chunks(), ch);
-    }
-    static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
-    template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
-        rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b);
-        if (ASYM) {
-            int r = q - rc.qc;
-            bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
-            ch.za = oa ? zeros(zra + GPC * r) : 0;
-            ch.zb = ob ? zeros(zrb + GPC * r) : 0;
-        }
-    }
-    template <bool CHECK> __device__ void load_x(int q, Chunk& ch) const {
-        int r = q - rc.qc;
-        bool ok = !CHECK || q < chunks();
-        const uint4 z = make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-            const u8* xp = xb[n] + 256 * r;
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                // Word slot i's 16 bytes (lane c's offset is in xb).
-                int at = CONTIG ? 16 * i : GPC == 2 ? 128 * (i / 2) + 16 * (i % 2) : 64 * i;
-                ch.x[n][i] = ok && xv[n] ? *(const uint4*)(xp + at) : z;
-            }
-        }
-    }
-    __device__ void dot(int, const Chunk& ch) {
-#pragma unroll
-        for (int s = 0; s < GPC; s++) {
-            float C[NT][4];
-#pragma unroll
-            for (int n = 0; n < NT; n++) C[n][0] = C[n][1] = C[n][2] = C[n][3] = 0.f;
-            const u32 oa = ASYM ? nibble_offset((signed char)(ch.za >> (8 * s))) : 0x43084308u;
-            const u32 ob = ASYM ? nibble_offset((signed char)(ch.zb >> (8 * s))) : 0x43084308u;
-#pragma unroll
-            for (int i = s * (4 / GPC); i < (s + 1) * (4 / GPC); i++) {
-                u32 wa = word(ch.a, i), wb = word(ch.b, i);
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    u32 a0 = nibbles_bf16(wa, 2 * h, oa), a1 = nibbles_bf16(wb, 2 * h, ob);
-                    u32 a2 = nibbles_bf16(wa, 2 * h + 1, oa), a3 = nibbles_bf16(wb, 2 * h + 1, ob);
-#pragma unroll
-                    for (int n = 0; n < NT; n++) mma_bf16(C[n], a0, a1, a2, a3, word(ch.x[n][i], 2 * h), word(ch.x[n][i], 2 * h + 1));
-                }
-            }
-            float sa = scale(ch.sa, s), sb = scale(ch.sb, s);
-#pragma unroll
-            for (int n = 0; n < NT; n++) {
-                acc[n][0] = fmaf(sa, C[n][0], acc[n][0]);
-                acc[n][1] = fmaf(sa, C[n][1], acc[n][1]);
-                acc[n][2] = fmaf(sb, C[n][2], acc[n][2]);
-                acc[n][3] = fmaf(sb, C[n][3], acc[n][3]);
-            }
-        }
-    }
-    __device__ float2 result() const { return planes_result<NT>(acc, 1.f, 1.f); }
+    __device__ float2 result() const { return planes_result<NT>(acc); }
 };
 
 // INT8, symmetric, one scale group per 64-column chunk (the upload spells larger groups out per
@@ -788,7 +624,7 @@ template <int NT> struct Int8Tile {
             acc[n][3] = fmaf(sb, acc_float(C[3]), acc[n][3]);
         }
     }
-    __device__ float2 result() const { return planes_result<NT>(acc, PLANE_STEP, PLANE_STEP * PLANE_STEP); }
+    __device__ float2 result() const { return planes_result<NT>(acc); }
 };
 
 template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
@@ -805,7 +641,6 @@ template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(
 // group-64 experts 57% against 65%.)
 struct Fp8Mma {
     static constexpr int SLOTS = MMA_TOKENS, BITS = 8;
-    static constexpr bool EXPS = true;  // the activations carry a row exponent (exps)
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*) {
         return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
     }
@@ -814,27 +649,15 @@ struct Fp8Mma {
 // second B tile when its slots 2 and 3 are used.
 template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
     static constexpr int SLOTS = SLOTS_, BITS = 4;
-    static constexpr bool EXPS = true;
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
         if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>>(d, ra, rb, trow, xq, sums);
         return run_tile<Int4Tile<GPC, 1, ASYM>>(d, ra, rb, trow, xq, sums);
     }
 };
-// INT4 against bf16 pieces (the expert down projections: Int4PiecesTile), as Int4Mma.
-template <int GPC, bool ASYM, int SLOTS_> struct Int4PiecesMma {
-    static constexpr int SLOTS = SLOTS_, BITS = 4;
-    static constexpr bool EXPS = false;
-    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*) {
-        const u16* xp = (const u16*)xs;
-        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4PiecesTile<GPC, 2, ASYM>>(d, ra, rb, trow, xp);
-        return run_tile<Int4PiecesTile<GPC, 1, ASYM>>(d, ra, rb, trow, xp);
-    }
-};
 // INT8 (symmetric, groups of 64), as INT4.
 template <int SLOTS_> struct Int8Mma {
     static constexpr int SLOTS = SLOTS_, BITS = 8;
-    static constexpr bool EXPS = true;
     static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
         if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int8Tile<2>>(d, ra, rb, trow, xq, sums);
@@ -1112,9 +935,7 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
 
 // act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
 // matching up rows; grid (up to ceil(I / 8), groups); x split for the format (T rows).
-// With `pieces`, the activations go there as bf16 pieces ([pair][PIECES][I] in piece_pos order,
-// for Int4PiecesTile) instead of to act.
-template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, u16* pieces) {
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
     __shared__ float res[16 * MMA_TOKENS];
     PlanGroup pg;
     if (!plan_group(plan, P, blockIdx.y, pg)) return;
@@ -1134,15 +955,7 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         if (mine) {
             int p = pairs[p0 + t];
             float u = pow2(-d.scale_exp), s = pow2(-exps[p / K]), gv = res[i] * u * s, uv = res[i + 8 * MMA_TOKENS] * u * s;
-            float y = gv / (1.f + expf(-gv)) * uv;
-            if (pieces) {
-                u16 pc[PIECES];
-                bf16_pieces(y, pc);
-#pragma unroll
-                for (int j = 0; j < PIECES; j++) pieces[((size_t)p * PIECES + j) * I + piece_pos(r0 + r)] = pc[j];
-            } else {
-                act[(size_t)p * I + r0 + r] = y;
-            }
+            act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
         }
     }
     }
@@ -1169,7 +982,7 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         tile_reduce(v, res);
         if (mine) {
             int p = pairs[p0 + t];
-            part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * (V::EXPS ? pow2(-exps[p]) : 1.f);
+            part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[p]);
         }
     }
     }
@@ -1179,11 +992,9 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, u16* pieces) { pdl_entry(); \
-        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, pieces);                                             \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
     }                                                                                                                   \
-    INSTANTIATE_DOWN(NAME, V, REGS)
-#define INSTANTIATE_DOWN(NAME, V, REGS)                                                                                 \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
         pdl_entry();                                                                                                    \
         moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
@@ -1195,11 +1006,7 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     typedef Int4Mma<GPC, true, SLOTS> Int4_g##G##a##SLOTS;                        \
     typedef Int4Mma<GPC, false, SLOTS> Int4_g##G##s##SLOTS;                       \
     INSTANTIATE_MMA(g##G##a##SLOTS##_int4, Int4_g##G##a##SLOTS, INT4_REGS_SLOTS##SLOTS) \
-    INSTANTIATE_MMA(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS_SLOTS##SLOTS) \
-    typedef Int4PiecesMma<GPC, true, SLOTS> Int4p_g##G##a##SLOTS;                 \
-    typedef Int4PiecesMma<GPC, false, SLOTS> Int4p_g##G##s##SLOTS;                \
-    INSTANTIATE_DOWN(p_g##G##a##SLOTS##_int4, Int4p_g##G##a##SLOTS, INT4_REGS_SLOTS##SLOTS) \
-    INSTANTIATE_DOWN(p_g##G##s##SLOTS##_int4, Int4p_g##G##s##SLOTS, INT4_REGS_SLOTS##SLOTS)
+    INSTANTIATE_MMA(g##G##s##SLOTS##_int4, Int4_g##G##s##SLOTS, INT4_REGS_SLOTS##SLOTS)
 
 INSTANTIATE_MMA(fp8, Fp8Mma, FP8_REGS)
 INSTANTIATE_INT4(128, 1, 2)

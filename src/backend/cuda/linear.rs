@@ -317,8 +317,6 @@ pub(super) enum MmaFamily {
     Gemv,
     GateUp,
     Down,
-    /// INT4 expert down projections reading the bf16 pieces gate/up wrote (Int4PiecesTile).
-    DownPieces,
 }
 
 /// A family's entry-point prefixes (the format's suffix completes them): FP8's, then the
@@ -348,13 +346,10 @@ impl MmaFamily {
         const GEMV: [&str; 13] = mma_names!("gemv_mma");
         const GATE_UP: [&str; 13] = mma_names!("moe_gate_up_mma");
         const DOWN: [&str; 13] = mma_names!("moe_down_mma");
-        // (Its FP8 entry does not exist: only INT4 takes pieces.)
-        const DOWN_PIECES: [&str; 13] = mma_names!("moe_down_mma_p");
         match self {
             MmaFamily::Gemv => &GEMV,
             MmaFamily::GateUp => &GATE_UP,
             MmaFamily::Down => &DOWN,
-            MmaFamily::DownPieces => &DOWN_PIECES,
         }
     }
 }
@@ -427,6 +422,5 @@ mod tests {
         assert_eq!(name(MmaFamily::GateUp, MmaVariant::Int4 { group: 128, zeros: true }, 3), "moe_gate_up_mma_g128a4_int4");
         assert_eq!(name(MmaFamily::Down, MmaVariant::Int4 { group: 32, zeros: true }, 2), "moe_down_mma_g32a2_int4");
         assert_eq!(name(MmaFamily::Down, MmaVariant::Int8, 8), "moe_down_mma_g64s4_int8");
-        assert_eq!(name(MmaFamily::DownPieces, MmaVariant::Int4 { group: 64, zeros: false }, 1), "moe_down_mma_p_g64s2_int4");
     }
 }

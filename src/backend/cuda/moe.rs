@@ -9,7 +9,6 @@ use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
 use super::weights::{upload_experts, CudaExperts, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
-use super::weights::Fmt;
 
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
 pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<CudaRouting> {
@@ -291,7 +290,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
         late.then_some(&shared_down as &dyn Fn() -> Result<()>),
         |(routing, pass, groups)| {
-            pass.split(gpu)?;
+            gpu.split_into(&pass.act, &pass.acts)?;
             pass.down(gpu, experts, variants.1, decode_plan(&routing)?, routing.top_k, groups)?;
             Ok((routing, pass))
         },
@@ -392,48 +391,17 @@ fn plan_args(gpu: &CudaBackend, table: &CudaSlice<WDesc>, plan: &CudaSlice<i32>,
 }
 
 /// One tensor-core pass of grouped experts over `pairs` (token, expert) pairs: the buffers of
-/// its SwiGLU activations, what the down projection reads of them and each pair's down
-/// projection, made before any launch so that a pass can run on the side stream.
+/// its SwiGLU activations, their split and each pair's down projection, made before any
+/// launch so that a pass can run on the side stream.
 struct MmaPass {
     act: CudaTensor,
-    acts: DownInput,
+    acts: Split,
     part: DevBuf<f32>,
-}
-
-/// What an expert down projection reads: the activations split by a launch after gate/up (FP8
-/// halves, INT8 planes), or the bf16 pieces gate/up wrote itself (INT4: no launch between the
-/// two, and no row exponent; Int4PiecesTile in kernels/linear_mma.cu).
-enum DownInput {
-    Split(Split),
-    Pieces(DevBuf<u8>),
-}
-
-/// bf16 pieces per activation (PIECES in kernels/linear_mma.cu).
-const PIECES: usize = 3;
-
-/// Whether INT4 expert down projections read bf16 pieces (`DUET_DOWN_PIECES`, default on; an
-/// A/B switch until measured on the H200).
-fn down_pieces() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_DOWN_PIECES", true))
 }
 
 impl MmaPass {
     fn new(gpu: &CudaBackend, pairs: usize, experts: &CudaExperts) -> Result<MmaPass> {
-        let acts = if experts.fmt_down == Fmt::Int4 && down_pieces() {
-            DownInput::Pieces(gpu.uninit(2 * pairs * PIECES * experts.inter)?)
-        } else {
-            DownInput::Split(gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?)
-        };
-        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts, part: gpu.alloc(pairs * experts.hidden)? })
-    }
-
-    /// The split of gate/up's activations for the down projection, where it reads a split.
-    fn split(&self, gpu: &CudaBackend) -> Result<()> {
-        match &self.acts {
-            DownInput::Split(s) => gpu.split_into(&self.act, s),
-            DownInput::Pieces(_) => Ok(()),
-        }
+        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)? })
     }
 
     /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
@@ -449,7 +417,7 @@ impl MmaPass {
     #[allow(clippy::too_many_arguments)]
     fn gate_up_split(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
-        self.split(gpu)
+        gpu.split_into(&self.act, &self.acts)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -464,38 +432,20 @@ impl MmaPass {
             pairs / k,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            &[
-                a,
-                b,
-                c,
-                Arg::Ptr(gpu.ptr(&xs.data)),
-                Arg::Ptr(xs.sums_ptr(gpu)),
-                Arg::Ptr(gpu.ptr(&xs.exps)),
-                Arg::Ptr(gpu.ptr(&self.act.buf)),
-                Arg::I32(k as i32),
-                Arg::I32(i as i32),
-                Arg::Ptr(match &self.acts {
-                    DownInput::Pieces(p) => gpu.ptr(p),
-                    DownInput::Split(_) => 0,
-                }),
-            ],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )
     }
 
     fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
-        let (family, data, sums, exps) = match &self.acts {
-            DownInput::Split(s) => (MmaFamily::Down, gpu.ptr(&s.data), s.sums_ptr(gpu), gpu.ptr(&s.exps)),
-            DownInput::Pieces(p) => (MmaFamily::DownPieces, gpu.ptr(p), 0, 0),
-        };
         gpu.launch_mma(
-            family,
+            MmaFamily::Down,
             v,
             pairs / k,
             ((h as u32).div_ceil(16), groups, 1),
             i,
-            &[a, b, c, Arg::Ptr(data), Arg::Ptr(sums), Arg::Ptr(exps), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
     }
 }
@@ -567,7 +517,7 @@ impl CudaBackend {
         let g = ExpertGemvs { gpu: self, experts, variants, xs, plan, pass, k, groups: pairs.min(experts.count) as u32 };
         // Down reads real activations.
         g.gate_up()?;
-        g.pass.split(self)?;
+        self.split_into(&g.pass.act, &g.pass.acts)?;
         Ok(g)
     }
 }
