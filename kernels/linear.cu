@@ -456,16 +456,17 @@ INSTANTIATE(fp8, FMT_FP8)
 INSTANTIATE(int4, FMT_INT4)
 INSTANTIATE(int8, FMT_INT8)
 
-// out[t, r] = Σ_k w[t, k] · part[t·K + k, r] (the CUDA-core experts'; moe_down_mma combines
-// its own).
+// out[t, r] = Σ_k w[t, k] · part[t·K + k, r], then + shared[t, r] when given (the shared expert
+// run apart from the routed ones: the same rounding as a last pair of weight 1).
 extern "C" __global__ void moe_combine(const float* __restrict__ part, const float* __restrict__ w, float* __restrict__ out,
-                                       int T, int K, int H) { pdl_entry_small();
+                                       int T, int K, int H, const float* __restrict__ shared) { pdl_entry_small();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * H) return;
     int t = i / H, r = i % H;
     float s = 0.f;
 #pragma unroll 8
     for (int k = 0; k < K; k++) s = fmaf(w[t * K + k], part[((size_t)t * K + k) * H + r], s);
+    if (shared) s += shared[i];
     out[i] = s;
 }
 

@@ -139,18 +139,11 @@ template <bool CHECK, class Tile> __device__ __forceinline__ void tile_run(Tile&
     }
 }
 
-// Which runs of a tile's chunks a warp takes: runs first, first + every, ... (a block's warps
-// share each tile: the warp's index and the warp count; moe_down_combine_mma deals spans).
-struct Deal {
-    int first, every;
-};
-__device__ __forceinline__ Deal block_deal() { return Deal{(int)(threadIdx.x >> 5), (int)(blockDim.x >> 5)}; }
-
-template <class Tile> __device__ float2 tile_dots(Tile& tile, Deal deal) {
+template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
-    int nq = tile.chunks();
-    int qb = deal.first * UNR;
-    for (; qb + UNR <= nq; qb += deal.every * UNR) tile_run<false>(tile, qb, nq);
+    int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
+    int qb = warp * UNR;
+    for (; qb + UNR <= nq; qb += nw * UNR) tile_run<false>(tile, qb, nq);
     if (qb < nq) tile_run<true>(tile, qb, nq);
     return tile.result();
 }
@@ -634,9 +627,9 @@ template <int NT> struct Int8Tile {
     __device__ float2 result() const { return planes_result<NT>(acc); }
 };
 
-template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(Deal deal, const Args&... args) {
+template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(const Args&... args) {
     Tile t(args...);
-    return tile_dots(t, deal);
+    return tile_dots(t);
 }
 
 // What a kernel instantiation multiplies: SLOTS token slots per tile (4, or 2 for the INT4
@@ -648,27 +641,27 @@ template <class Tile, class... Args> __device__ __forceinline__ float2 run_tile(
 // group-64 experts 57% against 65%.)
 struct Fp8Mma {
     static constexpr int SLOTS = MMA_TOKENS, BITS = 8;
-    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*, Deal deal = block_deal()) {
-        return run_tile<Fp8Tile>(deal, d, ra, rb, trow, xs);
+    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int*) {
+        return run_tile<Fp8Tile>(d, ra, rb, trow, xs);
     }
 };
 // INT4 with GPC groups per 128-column chunk, zero points or not; with SLOTS 4 a tile takes a
 // second B tile when its slots 2 and 3 are used.
 template <int GPC, bool ASYM, int SLOTS_> struct Int4Mma {
     static constexpr int SLOTS = SLOTS_, BITS = 4;
-    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums, Deal deal = block_deal()) {
+    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
-        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>>(deal, d, ra, rb, trow, xq, sums);
-        return run_tile<Int4Tile<GPC, 1, ASYM>>(deal, d, ra, rb, trow, xq, sums);
+        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int4Tile<GPC, 2, ASYM>>(d, ra, rb, trow, xq, sums);
+        return run_tile<Int4Tile<GPC, 1, ASYM>>(d, ra, rb, trow, xq, sums);
     }
 };
 // INT8 (symmetric, groups of 64), as INT4.
 template <int SLOTS_> struct Int8Mma {
     static constexpr int SLOTS = SLOTS_, BITS = 8;
-    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums, Deal deal = block_deal()) {
+    static __device__ __forceinline__ float2 part(const WDesc& d, int ra, int rb, const int* trow, const void* xs, const int* sums) {
         const u8* xq = (const u8*)xs;
-        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int8Tile<2>>(deal, d, ra, rb, trow, xq, sums);
-        return run_tile<Int8Tile<1>>(deal, d, ra, rb, trow, xq, sums);
+        if (SLOTS > 2 && (trow[2] >= 0 || trow[3] >= 0)) return run_tile<Int8Tile<2>>(d, ra, rb, trow, xq, sums);
+        return run_tile<Int8Tile<1>>(d, ra, rb, trow, xq, sums);
     }
 };
 
@@ -968,87 +961,30 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
     }
 }
 
-// out[t, r] = Σ_k w[t·K + k] · down_e[r] · act[t·K + k] (e the pair's expert), + shared[t, r]
-// when given: every group's down projection with the combine, so no combine launch follows (w
-// null: weight 1, as for the shared expert's own pass). Grid ceil(H / 16): block b takes rows
-// [16b, 16b + 16) of every group. Its warps are dealt the items (group, pass of V::SLOTS pairs,
-// span) in turn, span j being runs j, j + DOWN_SPANS, ... of the tile's chunks (Deal); a warp adds
-// its items' weighted sums into its own (row, token) sums in shared memory, and the block adds
-// those in warp order, the same order every run. The plan's groups (at most G), their weight
-// descriptors and the pairs' weights and exponents are staged in shared memory first, one chain
-// of dependent loads for the block rather than one per item. Dynamic shared memory: down_smem
-// bytes (linear.rs has the same sum). T = P / K tokens, at most DOWN_MAX_TOKENS.
-#define DOWN_SPANS 4
-#define DOWN_MAX_TOKENS 8  // MMA_MAX_TOKENS in linear.rs
-struct DownStage {
-    float* sums;  // [warps][16][T]
-    WDesc* desc;  // [G]
-    int* range;   // [G][2]: first, end (end ≤ first: no group)
-    int* pairs;   // [P]
-    float* wt;    // [P]: the pair's weight (1 when w is null)
-    float* fx;    // [P]: 2^−exps[p] (1 when exps is null)
-};
-__device__ __forceinline__ DownStage down_stage(unsigned char* smem, int warps, int T, int G, int P) {
-    DownStage st;
-    st.desc = (WDesc*)smem;
-    st.sums = (float*)(st.desc + G);
-    st.range = (int*)(st.sums + warps * 16 * T);
-    st.pairs = st.range + 2 * G;
-    st.wt = (float*)(st.pairs + P);
-    st.fx = st.wt + P;
-    return st;
-}
-template <class V>
-__device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, int K, int G, const void* acts, const int* sums, const int* exps,
-                             const float* w, const float* shared, float* out, int H) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5, g = lane >> 2, c = lane & 3;
-    int T = P / K, r0 = blockIdx.x * 16;
-    DownStage st = down_stage(smem, nw, T, G, P);
-    int groups = min(plan[0], G);
-    for (int i = threadIdx.x; i < G; i += blockDim.x) {
-        int e = plan[1 + i], first = plan[1 + P + i], end = plan[2 + P + i];
-        bool real = i < groups && e >= 0 && first < end;
-        st.range[2 * i] = first;
-        st.range[2 * i + 1] = real ? end : first;
-        if (real) st.desc[i] = dn[e];
-    }
-    for (int i = threadIdx.x; i < P; i += blockDim.x) {
-        int p = plan[2 + 2 * P + i];
-        st.pairs[i] = p;
-        st.wt[p] = w ? w[p] : 1.f;
-        st.fx[p] = exps ? pow2(-exps[p]) : 1.f;
-    }
-    float* mine = st.sums + warp * 16 * T;
-    for (int i = lane; i < 16 * T; i += 32) mine[i] = 0.f;
-    __syncthreads();
+// part[p, r] = down_e[r] · act[p]; grid (up to ceil(H / 16), groups); act split for the format
+// (P rows).
+template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
+    __shared__ float res[16 * MMA_TOKENS];
+    PlanGroup pg;
+    if (!plan_group(plan, P, blockIdx.y, pg)) return;
+    const WDesc d = dn[pg.expert];
+    const int* pairs = pg.pairs;
+    int g = (threadIdx.x & 31) >> 2;
+    for (int r0 = blockIdx.x * 16; r0 < H; r0 += gridDim.x * 16) {
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
-    int passes = (T + V::SLOTS - 1) / V::SLOTS, items = G * passes * DOWN_SPANS;
-    for (int it = warp; it < items; it += nw) {
-        int grp = it / (passes * DOWN_SPANS), p0 = st.range[2 * grp] + (it / DOWN_SPANS % passes) * V::SLOTS;
-        int nt = min(V::SLOTS, st.range[2 * grp + 1] - p0);
-        if (nt <= 0) continue;  // (the same for the whole warp)
-        const WDesc& d = st.desc[grp];
-        int trow[MMA_TOKENS];
-        slot_rows(trow, st.pairs + p0, nt, 1);
-        float2 v = V::part(d, ra, rb, trow, acts, sums, Deal{it % DOWN_SPANS, DOWN_SPANS});
-        if (c < nt) {
-            int p = st.pairs[p0 + c], t = p / K;
-            float f = pow2(-d.scale_exp) * st.fx[p], wp = st.wt[p];
-            mine[g * T + t] += wp * (v.x * f);
-            mine[(g + 8) * T + t] += wp * (v.y * f);
+    for (int p0 = pg.first; p0 < pg.end; p0 += V::SLOTS) {
+        int nt = min(V::SLOTS, pg.end - p0), trow[MMA_TOKENS];
+        slot_rows(trow, pairs + p0, nt, 1);
+        float2 v = V::part(d, ra, rb, trow, acts, sums);
+        int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
+        bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
+        pdl_late();
+        tile_reduce(v, res);
+        if (mine) {
+            int p = pairs[p0 + t];
+            part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[p]);
         }
-        __syncwarp();  // a later item may give this (row, token) to another lane
     }
-    pdl_late();
-    __syncthreads();
-    for (int i = threadIdx.x; i < 16 * T; i += blockDim.x) {
-        int r = i / T, t = i % T;
-        if (r0 + r >= H) continue;
-        float s = 0.f;
-        for (int k = 0; k < nw; k++) s += st.sums[(k * 16 + r) * T + t];
-        if (shared) s += shared[(size_t)t * H + r0 + r];
-        out[(size_t)t * H + r0 + r] = s;
     }
 }
 
@@ -1059,10 +995,9 @@ __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, int K, int
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
         moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, int K, int G, const void* acts, \
-                                                                     const int* sums, const int* exps, const float* w, const float* shared, float* out, int H) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
         pdl_entry();                                                                                                    \
-        moe_down_mma<V>(dn, plan, P, K, G, acts, sums, exps, w, shared, out, H);                                        \
+        moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
     }
 
 // The INT4 variants' names: g<group><a: zero points | s: none><slots>_int4 (linear.rs builds

@@ -26,7 +26,6 @@ impl CudaBackend {
                     x.rows,
                     ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(v.slots(x.rows)), 1),
                     p.cols,
-                    0,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -48,16 +47,15 @@ impl CudaBackend {
     /// columns over `grid` tiles, with the block size from `mma_block`. The expert kernels'
     /// blocks loop over row tiles (every gridDim.x-th of their expert), so those launch
     /// `grid.0 / tiles per block` blocks per expert.
-    pub(super) fn launch_mma(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, smem: usize, args: &[Arg]) -> Result<()> {
+    pub(super) fn launch_mma(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let (kernel, fmt) = (v.kernel(family, tokens), v.fmt());
         // Only at one token, where grid.1 (k experts) is exactly the groups the step has: with
         // more, a launch covers k·tokens groups of which fewer run (11 of 16 at two tokens of
         // 32 experts), the tiles spread over fewer blocks than the SMs hold, and the expert
-        // GEMVs measured 68% -> 60% of copy bandwidth (four tokens: 65% -> 39%). (A down
-        // projection's block takes one row tile of every group: moe_down_mma.)
-        let loops = matches!(family, MmaFamily::GateUp) && tokens == 1;
+        // GEMVs measured 68% -> 60% of copy bandwidth (four tokens: 65% -> 39%).
+        let loops = !matches!(family, MmaFamily::Gemv) && tokens == 1;
         let (threads, per_block) = self.mma_block(kernel, cols, fmt, (grid.0 * grid.1) as usize, loops)?;
-        self.launch_kernel(kernel, (grid.0.div_ceil(per_block), grid.1, grid.2), threads, smem, args)
+        self.launch_kernel(kernel, (grid.0.div_ceil(per_block), grid.1, grid.2), threads, 0, args)
     }
 
     /// Threads and row tiles per block of a tensor-core launch over `tiles` row tiles.

@@ -102,7 +102,7 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
         return gpu.tensor_of(0, h);
     }
     let pairs = t * k;
-    let groups = pairs.min(experts.count);
+    let groups = pairs.min(experts.count) as u32;
     // The router's plan when it made one for these experts.
     let built;
     let plan = match &routing.plan {
@@ -114,10 +114,9 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     };
     if let Some(variants) = experts.mma.filter(|_| t <= MMA_MAX_TOKENS) {
         let xs = gpu.split(x, experts.fmt_gate_up)?;
-        let pass = MmaPass::new(gpu, t, k, experts)?;
-        pass.gate_up_split(gpu, experts, variants.0, xs, plan, groups)?;
-        pass.down(gpu, experts, variants.1, plan, groups, Some(&routing.weights), None)?;
-        return Ok(pass.out);
+        let pass = MmaPass::new(gpu, pairs, experts)?;
+        pass.run(gpu, experts, variants, xs, plan, k, groups)?;
+        return combine(gpu, &pass.part, &routing.weights, None, t, k, h);
     }
     // Decode batches take a group's tokens one per pass (the second read of a tile hits L1/L2,
     // and one token needs the fewest registers); prefill takes eight at a time.
@@ -127,7 +126,7 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
     gpu.launch_kernel(
         (gate_up, Some(experts.fmt_gate_up)),
-        ((i as u32).div_ceil(2), groups as u32, 1),
+        ((i as u32).div_ceil(2), groups, 1),
         threads_for(h, experts.fmt_gate_up),
         0,
         &[a, b, c, Arg::Ptr(gpu.ptr(&x.buf)), Arg::Ptr(gpu.ptr(&act)), Arg::I32(k as i32), Arg::I32(i as i32)],
@@ -135,20 +134,19 @@ pub(super) fn moe(gpu: &CudaBackend, x: &CudaTensor, experts: &CudaExperts, rout
     let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
     gpu.launch_kernel(
         (down, Some(experts.fmt_down)),
-        ((h as u32).div_ceil(4), groups as u32, 1),
+        ((h as u32).div_ceil(4), groups, 1),
         threads_for(i, experts.fmt_down),
         0,
         &[a, b, c, Arg::Ptr(gpu.ptr(&act)), Arg::Ptr(gpu.ptr(&part)), Arg::I32(h as i32)],
     )?;
-    combine(gpu, &part, &routing.weights, t, k, h)
+    combine(gpu, &part, &routing.weights, None, t, k, h)
 }
 
 /// The MoE block of a decode step with the shared expert overlapped with the router. The
 /// shared expert needs no routing, so it streams its weights on the side stream while the
 /// router's latency-bound chain (gate GEMV, route and plan) runs; the routed experts follow on
-/// the main stream, and their down projection adds the shared expert's output last (in
-/// `moe`'s folded order its sums meet the routed experts' inside the kernel, so the two
-/// differ in rounding). Other steps
+/// the main stream, and the combine adds the shared expert's output last, where the folded
+/// expert sits in the routing (the same sum in the same order, so the same bits). Other steps
 /// (prefill, CUDA-core experts, no shared expert) route and then run `moe`.
 pub(super) fn moe_block(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, experts: &CudaExperts, p: &RouterParams) -> Result<CudaTensor> {
     match side_expert(x, experts, None, p) {
@@ -264,20 +262,20 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let xs = gpu.split(x, experts.fmt_gate_up)?;
     let shared_xs = gpu.split(x, shared.fmt_gate_up)?;
     let shared_plan = solo_plan(gpu, index, t)?;
-    let shared_pass = MmaPass::new(gpu, t, 1, shared)?;
+    let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
     // With `late_shared_down`, the shared expert's down projection waits for the routed
     // gate/up and streams while the routed activations are split (where nothing else streams)
     // and beside the routed down; else the side stream runs the shared expert through, beside
     // the router and the routed gate/up.
     let late = late_shared_down();
-    let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, None, None);
-    let (routing, pass, groups) = gpu.concurrently(
+    let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1);
+    let (routing, pass) = gpu.concurrently(
         || {
             if let SoloPlan::Step(plan) = &shared_plan {
                 fill_solo_plan(gpu, index, t, plan)?;
             }
-            shared_pass.gate_up_split(gpu, shared, shared_variants.0, shared_xs, &shared_plan, 1)?;
+            shared_pass.gate_up_split(gpu, shared, shared_variants.0, shared_xs, &shared_plan, 1, 1)?;
             if late {
                 return Ok(());
             }
@@ -285,20 +283,19 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
-            let pass = MmaPass::new(gpu, t, routing.top_k, experts)?;
-            let groups = (t * routing.top_k).min(experts.count);
-            pass.gate_up(gpu, experts, variants.0, xs, decode_plan(&routing)?, groups)?;
+            let pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
+            let groups = (t * routing.top_k).min(experts.count) as u32;
+            pass.gate_up(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, groups)?;
             Ok((routing, pass, groups))
         },
         late.then_some(&shared_down as &dyn Fn() -> Result<()>),
         |(routing, pass, groups)| {
-            pass.split(gpu)?;
-            Ok((routing, pass, groups))
+            gpu.split_into(&pass.act, &pass.acts)?;
+            pass.down(gpu, experts, variants.1, decode_plan(&routing)?, routing.top_k, groups)?;
+            Ok((routing, pass))
         },
     )?;
-    // After the join: the routed down projection adds the shared expert's output last.
-    pass.down(gpu, experts, variants.1, decode_plan(&routing)?, groups, Some(&routing.weights), Some(&shared_pass.out.buf))?;
-    Ok(pass.out)
+    combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
 }
 
 /// The plan the router made for a decode step.
@@ -393,91 +390,64 @@ fn plan_args(gpu: &CudaBackend, table: &CudaSlice<WDesc>, plan: &CudaSlice<i32>,
     [Arg::Ptr(gpu.ptr(table)), Arg::Ptr(gpu.ptr(plan)), Arg::I32(pairs as i32)]
 }
 
-/// One tensor-core pass of grouped experts over the `tokens`·`k` (token, expert) pairs of a
-/// step: the buffers of its SwiGLU activations, their split and its output (the pairs' down
-/// projections combined per token), made before any launch so that a pass can run on the side
-/// stream.
+/// One tensor-core pass of grouped experts over `pairs` (token, expert) pairs: the buffers of
+/// its SwiGLU activations, their split and each pair's down projection, made before any
+/// launch so that a pass can run on the side stream.
 struct MmaPass {
-    tokens: usize,
-    k: usize,
     act: CudaTensor,
     acts: Split,
-    out: CudaTensor,
+    part: DevBuf<f32>,
 }
 
 impl MmaPass {
-    fn new(gpu: &CudaBackend, tokens: usize, k: usize, experts: &CudaExperts) -> Result<MmaPass> {
-        let pairs = tokens * k;
-        Ok(MmaPass { tokens, k, act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, out: gpu.tensor_of(tokens, experts.hidden)? })
+    fn new(gpu: &CudaBackend, pairs: usize, experts: &CudaExperts) -> Result<MmaPass> {
+        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)? })
     }
 
-    /// The split of gate/up's activations for the down projection.
-    fn split(&self, gpu: &CudaBackend) -> Result<()> {
+    /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
+    /// activations, then down (16 rows per tile), for the pairs of `plan` (at most `groups`
+    /// experts), `k` pairs per token of `xs`, with the experts' kernel variants (gate/up, down).
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        self.gate_up_split(gpu, experts, gate_up, xs, plan, k, groups)?;
+        self.down(gpu, experts, down, plan, k, groups)
+    }
+
+    /// `run` up to the down projection: gate/up and the split of its activations.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_split(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
         gpu.split_into(&self.act, &self.acts)
     }
 
-    /// Gate/up with SiLU·up (8 gate rows with their up rows per tile) and the split of the
-    /// activations, for the pairs of `plan` (at most `groups` experts), with the experts'
-    /// gate/up kernel variant.
-    fn gate_up_split(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, groups: usize) -> Result<()> {
-        self.gate_up(gpu, experts, gate_up, xs, plan, groups)?;
-        self.split(gpu)
-    }
-
-    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, groups: usize) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
-        // The tile width follows the tokens, as an expert's group has at most one pair per
-        // token (the kernels loop over a group's pairs, so any count is still right).
+        // The tile width follows the tokens (pairs / k), as an expert's group has at most one
+        // pair per token (the kernels loop over a group's pairs, so any count is still right).
         gpu.launch_mma(
             MmaFamily::GateUp,
             v,
-            self.tokens,
-            ((i as u32).div_ceil(8), groups as u32, 1),
+            pairs / k,
+            ((i as u32).div_ceil(8), groups, 1),
             h,
-            0,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(self.k as i32), Arg::I32(i as i32)],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )
     }
 
-    /// Down (16 rows per tile) of every pair of `plan` (at most `groups` experts), combined
-    /// into `out`: each token's pairs weighted by `weights` (None: weight 1), then `shared` (the
-    /// shared expert's output, kept apart) added.
-    #[allow(clippy::too_many_arguments)]
-    fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, groups: usize, weights: Option<&CudaSlice<f32>>, shared: Option<&CudaSlice<f32>>) -> Result<()> {
+    fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
             MmaFamily::Down,
             v,
-            self.tokens,
-            ((h as u32).div_ceil(16), 1, 1),
+            pairs / k,
+            ((h as u32).div_ceil(16), groups, 1),
             i,
-            down_smem(groups, self.tokens, pairs),
-            &[
-                a,
-                b,
-                c,
-                Arg::I32(self.k as i32),
-                Arg::I32(groups as i32),
-                Arg::Ptr(gpu.ptr(&self.acts.data)),
-                Arg::Ptr(self.acts.sums_ptr(gpu)),
-                Arg::Ptr(gpu.ptr(&self.acts.exps)),
-                Arg::Ptr(weights.map_or(0, |w| gpu.ptr(w))),
-                Arg::Ptr(shared.map_or(0, |s| gpu.ptr(s))),
-                Arg::Ptr(gpu.ptr(&self.out.buf)),
-                Arg::I32(h as i32),
-            ],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
         )
     }
-}
-
-/// Dynamic shared memory of moe_down_mma (down_stage in kernels/linear_mma.cu) over `groups`
-/// groups, `tokens` tokens and `pairs` pairs, for up to MMA_WARPS (16) warps: the groups'
-/// descriptors and ranges, each warp's sums per (row of 16, token), and the pairs' indices,
-/// weights and exponents.
-fn down_smem(groups: usize, tokens: usize, pairs: usize) -> usize {
-    groups * (std::mem::size_of::<WDesc>() + 8) + 16 * 16 * tokens * 4 + pairs * 12
 }
 
 /// The two grouped expert GEMVs of a decode step on the tensor cores, their inputs (plan,
@@ -488,20 +458,20 @@ pub struct ExpertGemvs<'a> {
     variants: (MmaVariant, MmaVariant),
     xs: &'a Split,
     plan: DevBuf<i32>,
-    weights: &'a CudaSlice<f32>,
     pass: MmaPass,
-    groups: usize,
+    k: usize,
+    groups: u32,
 }
 
 impl ExpertGemvs<'_> {
     /// Gate/up with SiLU·up over the step's pairs.
     pub fn gate_up(&self) -> Result<()> {
-        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.groups)
+        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.k, self.groups)
     }
 
-    /// Down over the step's pairs, with their combine.
+    /// Down over the step's pairs.
     pub fn down(&self) -> Result<()> {
-        self.pass.down(self.gpu, self.experts, self.variants.1, &self.plan, self.groups, Some(self.weights), None)
+        self.pass.down(self.gpu, self.experts, self.variants.1, &self.plan, self.k, self.groups)
     }
 }
 
@@ -536,25 +506,24 @@ impl CudaBackend {
 
     /// The grouped expert GEMVs of `x` routed by `routing`, ready to launch one at a time (the
     /// experts take the tensor-core kernels and `x` is a decode batch).
-    pub fn expert_gemvs<'a>(&'a self, x: &'a CudaTensor, experts: &'a CudaExperts, routing: &'a CudaRouting) -> Result<ExpertGemvs<'a>> {
+    pub fn expert_gemvs<'a>(&'a self, x: &'a CudaTensor, experts: &'a CudaExperts, routing: &CudaRouting) -> Result<ExpertGemvs<'a>> {
         let Some(variants) = experts.mma.filter(|_| (1..=MMA_MAX_TOKENS).contains(&x.rows)) else {
             bail!("expert_gemvs: {} token rows on experts without tensor-core kernels at that size", x.rows)
         };
         let (k, pairs) = (routing.top_k, x.rows * routing.top_k);
         let plan = make_plan(self, routing, pairs, experts.count)?;
         let xs = self.split(x, experts.fmt_gate_up)?;
-        let pass = MmaPass::new(self, x.rows, k, experts)?;
-        let g = ExpertGemvs { gpu: self, experts, variants, xs, plan, weights: &routing.weights, pass, groups: pairs.min(experts.count) };
+        let pass = MmaPass::new(self, pairs, experts)?;
+        let g = ExpertGemvs { gpu: self, experts, variants, xs, plan, pass, k, groups: pairs.min(experts.count) as u32 };
         // Down reads real activations.
         g.gate_up()?;
-        g.pass.split(self)?;
+        self.split_into(&g.pass.act, &g.pass.acts)?;
         Ok(g)
     }
 }
 
-/// `out[t] = Σ_k w[t, k] · part[t·k + k]` (the CUDA-core experts' combine; the tensor-core
-/// down projection combines its own).
-fn combine(gpu: &CudaBackend, part: &CudaSlice<f32>, weights: &CudaSlice<f32>, t: usize, k: usize, h: usize) -> Result<CudaTensor> {
+/// `out[t] = Σ_k w[t, k] · part[t·k + k]`, then `+ shared[t]` when given.
+fn combine(gpu: &CudaBackend, part: &CudaSlice<f32>, weights: &CudaSlice<f32>, shared: Option<&CudaSlice<f32>>, t: usize, k: usize, h: usize) -> Result<CudaTensor> {
     let out = gpu.tensor_of(t, h)?;
     gpu.launch(
         "moe_combine",
@@ -568,6 +537,7 @@ fn combine(gpu: &CudaBackend, part: &CudaSlice<f32>, weights: &CudaSlice<f32>, t
             Arg::I32(t as i32),
             Arg::I32(k as i32),
             Arg::I32(h as i32),
+            Arg::Ptr(shared.map_or(0, |s| gpu.ptr(s))),
         ],
     )?;
     Ok(out)
