@@ -389,23 +389,6 @@ __device__ __forceinline__ void pdl_entry_small() {
     if (PDL_EARLY && PDL_TRIGGER != 0) pdl_trigger();
 }
 
-// Instead of pdl_entry, for a kernel whose only input not complete when it launches is a plan
-// being built by the kernel before it (moe_route, which had waited for everything else): waits
-// until the plan's count is published (publish_plan, after moe_route reset it to -1), so the
-// kernel's blocks are resident and start at once rather than after the route's grid completes.
-// A plan that never comes traps after about a second (an error, not a hang).
-__device__ __forceinline__ void plan_wait(const int* plan) {
-    if (threadIdx.x == 0) {
-        int n, spins = 0;
-        for (;;) {
-            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(n) : "l"(plan) : "memory");
-            if (n >= 0) break;
-            if (++spins > (1 << 24)) __trap();
-        }
-    }
-    __syncthreads();
-}
-
 // Asks L2 for up to PDL_PREFETCH bytes at p (16-byte aligned; 0 turns it off), from one thread
 // of the block, without waiting. The dense GEMVs call it for the first weights they will read
 // before their wait: weights depend on no kernel, so they stream in while the kernel before

@@ -354,13 +354,6 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
 // the scan below reads 256 counts). Else counts by shared atomics, groups and their offsets by
 // warp scans over 32 experts at a time, then each pair's slot, 32 pairs at a time. (One
 // thread doing all of it waited on shared memory once per expert.)
-// The plan's group count, written last with release semantics once the warp's other plan
-// writes are done: a count of at least 0 says the plan is whole (plan_wait).
-__device__ __forceinline__ void publish_plan(int* plan, int groups) {
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0) asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(plan), "r"(groups) : "memory");
-}
-
 __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
     const unsigned all = 0xffffffffu;
     int lane = threadIdx.x & 31;
@@ -383,8 +376,10 @@ __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
             offs[less_groups] = less;
         }
         if (lane < P) pairs[less + __popc(same & below)] = lane;
-        if (lane == 0) offs[__popc(firsts)] = P;
-        publish_plan(plan, __popc(firsts));
+        if (lane == 0) {
+            plan[0] = __popc(firsts);
+            offs[__popc(firsts)] = P;
+        }
         return;
     }
     for (int e = lane; e < E; e += 32) cnt[e] = 0;
@@ -409,7 +404,10 @@ __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
         groups += __popc(used);
         off += __shfl_sync(all, incl, 31);
     }
-    if (lane == 0) offs[groups] = off;
+    if (lane == 0) {
+        offs[groups] = off;
+        plan[0] = groups;
+    }
     __syncwarp();
     for (int p0 = 0; p0 < P; p0 += 32) {
         int p = p0 + lane, e = p < P ? ex[p] : -1;
@@ -419,7 +417,6 @@ __device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
         if (p < P && (same >> lane) == 1) cnt[e] += __popc(same);  // the group's last lane
         __syncwarp();
     }
-    publish_plan(plan, groups);
 }
 
 // The plan of a step's routes. Shared: a count per expert, then (when `staged`) the pairs'
@@ -503,16 +500,7 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 __device__ __forceinline__ int route_words(int E, int G, int K) { return (2 * E + 2 * ((E + 31) / 32) * min(K, 32) + G + 1) & ~1; }
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
-                                     int* __restrict__ plan, int* __restrict__ done, int PE) {
-    pdl_entry();
-    // The plan is not whole until plan_from publishes its count: a kernel that waits for the
-    // plan alone (plan_wait) may start as soon as this one lets it launch.
-    if (plan && blockIdx.x == 0 && threadIdx.x == 0) {
-        plan[0] = -1;
-        __threadfence();
-    }
-    __syncthreads();
-    if (PDL_EARLY && PDL_TRIGGER != 0) pdl_trigger();
+                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
     extern __shared__ __align__(16) float sm[];  // (the candidates are int2)
     // Sub-block `sub` takes token t with threads tid; every barrier below is reached by all
     // sub-blocks alike (their control flow differs only within warps' loops).

@@ -285,8 +285,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
             let pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
             let groups = (t * routing.top_k).min(experts.count) as u32;
-            // The route just launched on this stream builds the plan (the splits exist).
-            pass.gate_up(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, groups, plan_spin())?;
+            pass.gate_up(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, groups)?;
             Ok((routing, pass, groups))
         },
         late.then_some(&shared_down as &dyn Fn() -> Result<()>),
@@ -297,14 +296,6 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
     )?;
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
-}
-
-/// Whether the overlapped block's routed gate/up waits for the route's plan alone
-/// (`DUET_PLAN_SPIN`, default on; 0: for the route's grid to complete, as other launches wait
-/// for the one before).
-fn plan_spin() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_PLAN_SPIN", true))
 }
 
 /// The plan the router made for a decode step.
@@ -425,14 +416,12 @@ impl MmaPass {
     /// `run` up to the down projection: gate/up and the split of its activations.
     #[allow(clippy::too_many_arguments)]
     fn gate_up_split(&self, gpu: &CudaBackend, experts: &CudaExperts, gate_up: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
-        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups, false)?;
+        self.gate_up(gpu, experts, gate_up, xs, plan, k, groups)?;
         gpu.split_into(&self.act, &self.acts)
     }
 
-    /// `spin`: the launch follows the route that builds `plan` on the stream, and waits for
-    /// the plan alone (plan_wait in kernels/common.cuh), not for the route's grid to complete.
     #[allow(clippy::too_many_arguments)]
-    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32, spin: bool) -> Result<()> {
+    fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
         // The tile width follows the tokens (pairs / k), as an expert's group has at most one
@@ -443,7 +432,7 @@ impl MmaPass {
             pairs / k,
             ((i as u32).div_ceil(8), groups, 1),
             h,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32), Arg::I32(spin as i32)],
+            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
         )
     }
 
@@ -477,7 +466,7 @@ pub struct ExpertGemvs<'a> {
 impl ExpertGemvs<'_> {
     /// Gate/up with SiLU·up over the step's pairs.
     pub fn gate_up(&self) -> Result<()> {
-        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.k, self.groups, false)
+        self.pass.gate_up(self.gpu, self.experts, self.variants.0, self.xs, &self.plan, self.k, self.groups)
     }
 
     /// Down over the step's pairs.
