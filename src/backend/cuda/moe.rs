@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
 use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
-use super::weights::{upload_experts, CudaExperts, CudaWeight, WDesc};
+use super::weights::{experts_from, upload_expert_weights, CudaExperts, CudaLinear, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
 
@@ -476,11 +476,32 @@ impl ExpertGemvs<'_> {
 }
 
 impl CudaBackend {
-    /// A layer's expert set whose expert e is `distinct[table[e]]`, each distinct expert on the
-    /// device once (`experts` is the identity table; benchmarks repeat a few resident experts to
-    /// stand for a real-width router's 256).
+    /// A layer's expert set whose expert e holds the weights of `distinct[table[e]]`, each in
+    /// device memory of its own (a repeated entry is a copy: benchmarks stand a few generated
+    /// experts for a real layer's 256, every one resident and read from its own memory;
+    /// `experts` is the identity table).
     pub fn experts_indexed(&self, distinct: &[ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
-        let e = upload_experts(&self.stream, distinct, table)?;
+        let uploaded = upload_expert_weights(&self.stream, distinct)?;
+        let mut first: Vec<Option<(CudaLinear, CudaLinear)>> = uploaded.into_iter().map(Some).collect();
+        let mut weights = Vec::with_capacity(table.len());
+        let mut copies = Vec::with_capacity(table.len());
+        for &i in table {
+            let Some(slot) = first.get_mut(i) else { bail!("expert table names upload {i} of {}", distinct.len()) };
+            match slot.take() {
+                Some(w) => {
+                    copies.push(i);
+                    weights.push(w);
+                }
+                None => {
+                    let at = copies.iter().position(|&c| c == i).expect("taken above");
+                    let (gu, dn) = &weights[at];
+                    let copy = (gu.replica(&self.stream)?, dn.replica(&self.stream)?);
+                    copies.push(i);
+                    weights.push(copy);
+                }
+            }
+        }
+        let e = experts_from(&self.stream, weights, &(0..table.len()).collect::<Vec<_>>())?;
         if e.mma.is_some() {
             self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
         }

@@ -295,6 +295,26 @@ impl HostLinear {
     }
 }
 
+impl CudaLinear {
+    /// A copy of the weight in device memory of its own (its descriptor points at the copy):
+    /// benchmarks that stand a few distinct experts for a layer's many still read every
+    /// expert from its own memory, as the real layer does, not the same bytes again from L2.
+    pub fn replica(&self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
+        let w = stream.clone_dtod(&self._w)?;
+        let scale = self._scale.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
+        let scale16 = self._scale16.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
+        let zero = self._zero.as_ref().map(|z| stream.clone_dtod(z)).transpose()?;
+        let desc = WDesc {
+            w: w.device_ptr(stream).0,
+            scale: scale.as_ref().map_or(0, |s| s.device_ptr(stream).0),
+            scale16: scale16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
+            zero: zero.as_ref().map_or(0, |z| z.device_ptr(stream).0),
+            ..self.desc
+        };
+        Ok(CudaLinear { module: self.module.clone(), fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, desc })
+    }
+}
+
 /// The scales as f16 bits of scale·2^exp, with exp putting the largest |scale| in [2^14, 2^15),
 /// when every one converts exactly (16-bit checkpoint scales do unless their range spans more
 /// than about 2^29); None otherwise.
@@ -404,18 +424,22 @@ impl CudaExperts {
     }
 }
 
-/// Uploads `experts` once each; expert e of the set is `experts[table[e]]` (the identity for a
-/// checkpoint's layer; a benchmark repeats a few resident experts to make a real-width router's
-/// set without the memory of every expert).
-pub fn upload_experts(stream: &std::sync::Arc<CudaStream>, experts: &[crate::backend::ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
-    if let Some(&i) = table.iter().find(|&&i| i >= experts.len()) {
-        bail!("expert table names upload {i} of {}", experts.len());
-    }
+/// Each expert's weights on the device: gate and up stacked, and down.
+pub fn upload_expert_weights(stream: &std::sync::Arc<CudaStream>, experts: &[crate::backend::ExpertWeights]) -> Result<Vec<(CudaLinear, CudaLinear)>> {
     let mut weights = Vec::with_capacity(experts.len());
     for e in experts {
         let gu = HostLinear::stack(vec![HostLinear::from(&e.gate)?, HostLinear::from(&e.up)?])
             .map_err(|_| anyhow::anyhow!("{} and {} cannot be fused (different formats)", e.gate.module, e.up.module))?;
         weights.push((gu.upload(stream)?, HostLinear::from(&e.down)?.upload(stream)?));
+    }
+    Ok(weights)
+}
+
+/// The expert set over uploaded `weights` (gate/up stacked, down) whose expert e is
+/// `weights[table[e]]`.
+pub fn experts_from(stream: &std::sync::Arc<CudaStream>, weights: Vec<(CudaLinear, CudaLinear)>, table: &[usize]) -> Result<CudaExperts> {
+    if let Some(&i) = table.iter().find(|&&i| i >= weights.len()) {
+        bail!("expert table names upload {i} of {}", weights.len());
     }
     let Some((gu0, dn0)) = weights.first().filter(|_| !table.is_empty()) else { bail!("an MoE layer without experts") };
     let (fmt_gate_up, fmt_down) = (gu0.fmt, dn0.fmt);
