@@ -481,25 +481,23 @@ impl CudaBackend {
     /// experts for a real layer's 256, every one resident and read from its own memory;
     /// `experts` is the identity table).
     pub fn experts_indexed(&self, distinct: &[ExpertWeights], table: &[usize]) -> Result<CudaExperts> {
-        let uploaded = upload_expert_weights(&self.stream, distinct)?;
-        let mut first: Vec<Option<(CudaLinear, CudaLinear)>> = uploaded.into_iter().map(Some).collect();
-        let mut weights = Vec::with_capacity(table.len());
-        let mut copies = Vec::with_capacity(table.len());
-        for &i in table {
-            let Some(slot) = first.get_mut(i) else { bail!("expert table names upload {i} of {}", distinct.len()) };
-            match slot.take() {
+        // Each entry's weights: the upload itself at its first use, a copy of it after.
+        let mut uploads: Vec<Option<(CudaLinear, CudaLinear)>> = upload_expert_weights(&self.stream, distinct)?.into_iter().map(Some).collect();
+        let mut first_use = vec![0; uploads.len()];
+        let mut weights: Vec<(CudaLinear, CudaLinear)> = Vec::with_capacity(table.len());
+        for (e, &i) in table.iter().enumerate() {
+            let Some(upload) = uploads.get_mut(i) else { bail!("expert table names upload {i} of {}", distinct.len()) };
+            let w = match upload.take() {
                 Some(w) => {
-                    copies.push(i);
-                    weights.push(w);
+                    first_use[i] = e;
+                    w
                 }
                 None => {
-                    let at = copies.iter().position(|&c| c == i).expect("taken above");
-                    let (gu, dn) = &weights[at];
-                    let copy = (gu.replica(&self.stream)?, dn.replica(&self.stream)?);
-                    copies.push(i);
-                    weights.push(copy);
+                    let (gu, dn) = &weights[first_use[i]];
+                    (gu.replica(&self.stream)?, dn.replica(&self.stream)?)
                 }
-            }
+            };
+            weights.push(w);
         }
         let e = experts_from(&self.stream, weights, &(0..table.len()).collect::<Vec<_>>())?;
         if e.mma.is_some() {
