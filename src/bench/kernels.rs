@@ -193,14 +193,13 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
                 down: random_weight(&format!("e{e}.down"), h, inter, fmt, &mut rng),
             })
             .collect();
-        let ex = gpu.experts(&experts)?;
         let expert_bytes = 3.0 * (h * inter) as f64 * bytes_per_weight(fmt);
         // The whole MoE block of a decode step at GLM-5.2's width: a router over 256 experts, 8
         // routed experts and the shared expert (folded in as expert 256), all resident, each in
         // memory of its own (copies of the 32 generated above: bandwidth does not depend on the
         // values), so a step's tokens share experts as often as the real layer's do. (Up to
         // the seventeenth session's tables only 32 could be picked, which made the tokens of
-        // a step share experts far more often.)
+        // a step share experts far more often.) The expert rows below pick from the same 256.
         let routed = 256;
         let shared = ExpertWeights {
             gate: random_weight("shared.gate", inter, h, fmt, &mut rng),
@@ -214,6 +213,7 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
         let gate = random_weight("gate", routed, h, "bf16", &mut rng);
         let bias = vec![0.0f32; routed];
         let layer = Moe::from_parts(&gpu, &gate, &bias, gpu.experts_indexed(&distinct, &table)?, None, router)?;
+        let ex = layer.block().experts;
         let ones = gpu.vector(&vec![1.0; h])?;
         for batch in [1usize, 2, 4] {
             let x: Vec<f32> = (0..batch * h).map(|_| (rng.next_u64() % 2001) as f32 * 1e-3 - 1.0).collect();
@@ -256,12 +256,13 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
         }
         for batch in [1usize, 2, 4] {
             let x = gpu.tensor(batch, h, &vec![0.01f32; batch * h])?;
-            // Each token takes 8 distinct experts; tokens overlap as random routing would.
+            // Each token takes 8 distinct experts of the 256; tokens overlap as random routing
+            // would.
             let mut idx = Vec::new();
             for _ in 0..batch {
                 let mut picks: Vec<i32> = Vec::new();
                 while picks.len() < 8 {
-                    let e = (rng.next_u64() % n_exp as u64) as i32;
+                    let e = (rng.next_u64() % routed as u64) as i32;
                     if !picks.contains(&e) {
                         picks.push(e);
                     }
@@ -284,12 +285,12 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
                 weights: stream.clone_htod(&vec![0.125f32; batch * 8]).map_err(|e| anyhow!("{e:?}"))?.into(),
                 plan: None,
             };
-            let ms = time_graph(&gpu, 8, reps, || gpu.moe(&x, &ex, &routing).map(|_| ()))?;
+            let ms = time_graph(&gpu, 8, reps, || gpu.moe(&x, ex, &routing).map(|_| ()))?;
             r.row(&label, distinct as f64 * expert_bytes, ms);
             // The row above runs the plan, both splits and the combine too; each grouped GEMV
             // kernel alone, on inputs made once:
             if ex.tensor_cores() {
-                let gemvs = gpu.expert_gemvs(&x, &ex, &routing)?;
+                let gemvs = gpu.expert_gemvs(&x, ex, &routing)?;
                 let ms = time_graph(&gpu, 8, reps, || gemvs.gate_up())?;
                 r.row(&format!("  gate/up GEMV alone, 6144->2x2048 x{batch}"), distinct as f64 * expert_bytes * 2.0 / 3.0, ms);
                 let ms = time_graph(&gpu, 8, reps, || gemvs.down())?;
