@@ -110,8 +110,9 @@ __device__ __forceinline__ void argmax_warp(float& bv, int& bi) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) argmax_take(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
 }
-extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, int* __restrict__ out) { pdl_entry_small();
-    const float* row = x + (size_t)blockIdx.x * cols;
+// The answer for `row` into *out, by the whole block (every thread calls it; warps other than
+// the first are done when it returns to them).
+__device__ void row_argmax(const float* __restrict__ row, int cols, int* __restrict__ out) {
     float bv = NEG_INF;
     int bi = 0x7fffffff;  // none yet: loses to every value's index
 #pragma unroll 8
@@ -127,5 +128,101 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, in
     bi = lane < (int)(blockDim.x >> 5) ? wi[lane] : 0x7fffffff;
     argmax_warp(bv, bi);
     // Every value NaN or -inf past a NaN first one: the first index, as the sequential scan.
-    if (lane == 0) out[blockIdx.x] = row[0] != row[0] || bi == 0x7fffffff ? 0 : bi;
+    if (lane == 0) *out = row[0] != row[0] || bi == 0x7fffffff ? 0 : bi;
+}
+extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, int* __restrict__ out) { pdl_entry_small();
+    row_argmax(x + (size_t)blockIdx.x * cols, cols, out + blockIdx.x);
+}
+
+// Each row's pick by its draw (sampling::pick): with temperature temps[r] = 0 row_argmax's;
+// else the token whose share of the weights exp(-(max − l) / T), in token order, holds us[r] of
+// their total (in f64, as the host computes them), or -1 when the row has a NaN or no finite
+// largest value (the host then picks from the row, as sampling::pick does). One block of 1024
+// threads a row: thread j weighs a contiguous run of ceil(cols / 1024) tokens, the runs' sums
+// are scanned, and the thread whose run holds the target walks it; when rounding leaves the
+// target past every run, the last token of any weight, as the host's walk ends. The runs'
+// sums round otherwise than the host's one sequential sum: a pick differs from the host's only
+// when the target lies within that rounding of a token's edge.
+__device__ __forceinline__ double scan_warp(double v) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        double n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __restrict__ x, int cols, const float* __restrict__ temps,
+                                                               const double* __restrict__ us, int* __restrict__ out) { pdl_entry_small();
+    const float* row = x + (size_t)blockIdx.x * cols;
+    float temp = temps[blockIdx.x];
+    if (!(temp > 0.f)) {
+        row_argmax(row, cols, out + blockIdx.x);
+        return;
+    }
+    __shared__ float scratch[32];
+    __shared__ double warp_total[32];
+    __shared__ int picked, last_any, claim;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    float m = NEG_INF;
+    int nan = 0;
+    for (int i = tid; i < cols; i += blockDim.x) {
+        float v = row[i];
+        nan |= v != v;
+        m = fmaxf(m, v);
+    }
+    nan = __syncthreads_or(nan);
+    m = block_max(m, scratch);
+    if (nan || !(m > NEG_INF && m < -NEG_INF)) {
+        if (tid == 0) out[blockIdx.x] = -1;
+        return;
+    }
+    if (tid == 0) picked = -1, last_any = -1, claim = 0x7fffffff;
+    double t = temp, top = m;
+    int per = (cols + blockDim.x - 1) / blockDim.x, lo = min(tid * per, cols), hi = min(lo + per, cols);
+    double sum = 0.0;
+    int last = -1;
+    for (int i = lo; i < hi; i++) {
+        double w = exp(-((top - (double)row[i]) / t));
+        sum += w;
+        if (w > 0.0) last = i;
+    }
+    // The runs' sums scanned: this thread's run spans [lo_sum, hi_sum) of the total, where
+    // lo_sum is the thread before's hi_sum, bit for bit, so the spans meet without gap or overlap.
+    double incl = scan_warp(sum);
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        double v = lane < nw ? warp_total[lane] : 0.0;
+        v = scan_warp(v);
+        __syncwarp();
+        warp_total[lane] = v;
+    }
+    __syncthreads();
+    double hi_sum = (warp > 0 ? warp_total[warp - 1] : 0.0) + incl;
+    double lo_sum = __shfl_up_sync(0xffffffffu, hi_sum, 1);
+    __syncthreads();  // (every warp has read warp_total)
+    if (lane == 31) warp_total[warp] = hi_sum;
+    __syncthreads();
+    if (lane == 0) lo_sum = warp > 0 ? warp_total[warp - 1] : 0.0;
+    double total = warp_total[nw - 1], target = us[blockIdx.x] * total;
+    if (last >= 0) atomicMax(&last_any, last);
+    // The thread whose span holds the target (the first, should rounding make two).
+    if (target >= lo_sum && target < hi_sum) atomicMin(&claim, tid);
+    __syncthreads();
+    if (tid == claim) {
+        double r = target - lo_sum;
+        int pick = last;  // (rounding past the run's end: its last token of any weight)
+        for (int i = lo; i < hi; i++) {
+            double w = exp(-((top - (double)row[i]) / t));
+            if (r < w) {
+                pick = i;
+                break;
+            }
+            r -= w;
+        }
+        picked = pick;
+    }
+    __syncthreads();
+    if (tid == 0) out[blockIdx.x] = picked >= 0 ? picked : last_any;
 }

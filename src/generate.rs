@@ -64,9 +64,13 @@ pub fn generate<B: Backend>(
             // Decode steps replay one graph per length bucket on the GPU.
             model.decode_logits(&input, &batch, &mut cache)?
         };
-        // Greedy decoding reads only the token from the device, not the vocabulary's logits.
+        // Greedy decoding (and temperature draws without filters, `sampling_on_device`) reads
+        // only the token from the device, not the vocabulary's logits.
         let token = if sampler.params.is_greedy() {
             model.backend.argmax_rows(&logits)?.first().copied().context("no logits row to pick from")?
+        } else if sampler.draws_on_device() {
+            let draw = sampler.device_draw().context("internal: no device draw")?;
+            model.backend.sample_rows(&logits, &[draw])?.first().copied().context("no logits row to pick from")?
         } else {
             sampler.sample(&model.backend.to_host(&logits)?)
         };

@@ -94,85 +94,137 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let p = self.params.clone();
-        if p.is_greedy() {
+        if self.params.is_greedy() {
             return argmax(logits);
         }
-        let n = logits.len();
-        let top_k = p.top_k > 0 && p.top_k < n;
-        // The largest logit, where weights can be made of it (finite, and no NaN anywhere).
-        let max = if top_k { None } else { finite_max(logits) };
-        let Some(max) = max else {
-            // Top-k (or logits no weight can be made of): the k best, sorted. With top-k only
-            // the k best are selected, then sorted, instead of sorting the whole vocabulary.
-            let mut idx: Vec<u32> = (0..n as u32).collect();
-            if top_k {
-                idx.select_nth_unstable_by(p.top_k - 1, |a, b| better(logits, a, b));
-                idx.truncate(p.top_k);
-            }
-            idx.sort_unstable_by(|a, b| better(logits, a, b));
-            let max = logits[idx[0] as usize] as f64;
-            let probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / p.temperature as f64).exp()).collect();
-            let total: f64 = probs.iter().sum();
-            return self.pick_from_head(&idx, probs, total);
-        };
-        // The whole vocabulary: every token's weight exp((l - max) / T) (the best token's is 1)
-        // in one pass, and only the head that top-p and min-p keep is sorted (sorting all of a
-        // real vocabulary took 5.5 ms a token on one core).
-        let t = p.temperature as f64;
-        let dist = |l: f32| (max as f64 - l as f64) / t; // -ln(weight)
-        let weights: Vec<f64> = logits.iter().map(|&l| (-dist(l)).exp()).collect();
-        let total: f64 = weights.iter().sum();
-        if p.top_p >= 1.0 && p.min_p <= 0.0 {
-            // No filter: the inverse distribution function in token order.
-            let mut u = self.rng.uniform() * total;
-            let mut last = 0;
-            for (i, &w) in weights.iter().enumerate() {
-                if u < w {
-                    return i as u32;
-                }
-                if w > 0.0 {
-                    last = i;
-                }
-                u -= w;
-            }
-            return last as u32;
-        }
-        let idx = head(logits, &weights, total, dist, &p);
-        let probs: Vec<f64> = idx.iter().map(|&i| weights[i as usize]).collect();
-        self.pick_from_head(&idx, probs, total)
+        // Every draw takes one uniform, whatever the filters.
+        let u = self.rng.uniform();
+        draw(&self.params, logits, u)
     }
 
-    /// The pick among `idx` (the best tokens, sorted, with their unnormalized probabilities of
-    /// `total`): top-p and min-p cut the head, then a draw from what they keep.
-    fn pick_from_head(&mut self, idx: &[u32], mut probs: Vec<f64>, total: f64) -> u32 {
+    /// Whether `device_draw` gives the next pick: greedy, or `sampling_on_device` and a
+    /// temperature without filters.
+    pub fn draws_on_device(&self) -> bool {
         let p = &self.params;
-        probs.iter_mut().for_each(|x| *x /= total);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (i, x) in probs.iter().enumerate() {
-                cum += x;
-                if cum >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p as f64;
-            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
-        }
-        let total: f64 = probs[..keep].iter().sum();
-        let mut u = self.rng.uniform() * total;
-        for (i, x) in probs[..keep].iter().enumerate() {
-            if u < *x {
-                return idx[i];
-            }
-            u -= x;
-        }
-        idx[keep - 1]
+        p.is_greedy() || (sampling_on_device() && p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0)
     }
+
+    /// The next pick as a draw that a backend can make where the logits are (greedy, or a
+    /// temperature without filters: what OpenAI clients send by default), taking its uniform
+    /// now as `sample` would; None when the pick needs the logits on the host (top-k, top-p,
+    /// min-p), and then `sample` makes it.
+    pub fn device_draw(&mut self) -> Option<Draw> {
+        let p = &self.params;
+        if p.is_greedy() {
+            return Some(Draw::Greedy);
+        }
+        (p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0).then(|| Draw::InOrder { temperature: p.temperature, u: self.rng.uniform() })
+    }
+}
+
+/// Whether temperature draws are made where the logits are (`DUET_DEVICE_SAMPLING=1`; off by
+/// default until the CUDA kernel, sample_rows, is measured against the host's picks on the
+/// GPU): greedy picks always are.
+pub fn sampling_on_device() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DUET_DEVICE_SAMPLING").is_ok_and(|v| v != "0"))
+}
+
+/// A pick that needs no sampler state (`Sampler::device_draw`): backends make it where the
+/// logits are (`Backend::sample_rows`), the host with `pick`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Draw {
+    /// The first largest logit (`argmax`).
+    Greedy,
+    /// The token whose share of exp(logit / temperature), in token order, holds u (uniform in
+    /// [0, 1)) of the total: `sample` without filters.
+    InOrder { temperature: f32, u: f64 },
+}
+
+/// `d`'s pick from `logits`, as `Sampler::sample` makes it.
+pub fn pick(logits: &[f32], d: &Draw) -> u32 {
+    match *d {
+        Draw::Greedy => argmax(logits),
+        Draw::InOrder { temperature, u } => draw(&SamplingParams { temperature, ..Default::default() }, logits, u),
+    }
+}
+
+/// A non-greedy pick of `p` from `logits` with the uniform `u`.
+fn draw(p: &SamplingParams, logits: &[f32], u: f64) -> u32 {
+    let n = logits.len();
+    let top_k = p.top_k > 0 && p.top_k < n;
+    // The largest logit, where weights can be made of it (finite, and no NaN anywhere).
+    let max = if top_k { None } else { finite_max(logits) };
+    let Some(max) = max else {
+        // Top-k (or logits no weight can be made of): the k best, sorted. With top-k only
+        // the k best are selected, then sorted, instead of sorting the whole vocabulary.
+        let mut idx: Vec<u32> = (0..n as u32).collect();
+        if top_k {
+            idx.select_nth_unstable_by(p.top_k - 1, |a, b| better(logits, a, b));
+            idx.truncate(p.top_k);
+        }
+        idx.sort_unstable_by(|a, b| better(logits, a, b));
+        let max = logits[idx[0] as usize] as f64;
+        let probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / p.temperature as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        return pick_from_head(p, &idx, probs, total, u);
+    };
+    // The whole vocabulary: every token's weight exp((l - max) / T) (the best token's is 1)
+    // in one pass, and only the head that top-p and min-p keep is sorted (sorting all of a
+    // real vocabulary took 5.5 ms a token on one core).
+    let t = p.temperature as f64;
+    let dist = |l: f32| (max as f64 - l as f64) / t; // -ln(weight)
+    let weights: Vec<f64> = logits.iter().map(|&l| (-dist(l)).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    if p.top_p >= 1.0 && p.min_p <= 0.0 {
+        // No filter: the inverse distribution function in token order (the last token of
+        // any weight when rounding leaves u past the end).
+        let mut u = u * total;
+        let mut last = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            if u < w {
+                return i as u32;
+            }
+            if w > 0.0 {
+                last = i;
+            }
+            u -= w;
+        }
+        return last as u32;
+    }
+    let idx = head(logits, &weights, total, dist, p);
+    let probs: Vec<f64> = idx.iter().map(|&i| weights[i as usize]).collect();
+    pick_from_head(p, &idx, probs, total, u)
+}
+
+/// The pick among `idx` (the best tokens, sorted, with their unnormalized probabilities of
+/// `total`): top-p and min-p cut the head, then the draw `u` from what they keep.
+fn pick_from_head(p: &SamplingParams, idx: &[u32], mut probs: Vec<f64>, total: f64, u: f64) -> u32 {
+    probs.iter_mut().for_each(|x| *x /= total);
+    let mut keep = probs.len();
+    if p.top_p < 1.0 {
+        let mut cum = 0.0;
+        for (i, x) in probs.iter().enumerate() {
+            cum += x;
+            if cum >= p.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    if p.min_p > 0.0 {
+        let floor = probs[0] * p.min_p as f64;
+        keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+    }
+    let total: f64 = probs[..keep].iter().sum();
+    let mut u = u * total;
+    for (i, x) in probs[..keep].iter().enumerate() {
+        if u < *x {
+            return idx[i];
+        }
+        u -= x;
+    }
+    idx[keep - 1]
 }
 
 /// The best tokens, sorted, as far down as top-p and min-p of `p` can keep (`weights` the
@@ -246,7 +298,7 @@ mod tests {
         let max = logits[idx[0] as usize] as f64;
         let probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / s.params.temperature as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
-        s.pick_from_head(&idx, probs, total)
+        pick_from_head(&s.params, &idx, probs, total, s.rng.uniform())
     }
 
     #[test]
@@ -303,6 +355,28 @@ mod tests {
             assert!((got - want).abs() < 0.01, "token {i}: {got} drawn, {want} expected");
         }
         assert_eq!(seen[4], 0, "a -inf logit is never drawn");
+    }
+
+    #[test]
+    fn device_draws_pick_what_the_sampler_picks() {
+        let mut gen = Rng::new(8);
+        let normal: Vec<f32> = (0..5000).map(|_| (gen.normal() * 2.0) as f32).collect();
+        let mut with_nan = normal.clone();
+        with_nan[17] = f32::NAN;
+        let mut with_inf = normal.clone();
+        with_inf[99] = f32::INFINITY;
+        for logits in [&normal, &with_nan, &with_inf] {
+            for temperature in [0.0, 0.3, 1.0, 1.7] {
+                let params = SamplingParams { temperature, seed: Some(11), ..Default::default() };
+                let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
+                for _ in 0..100 {
+                    let d = b.device_draw().expect("no filters: a device draw");
+                    assert_eq!(pick(logits, &d), a.sample(logits), "T {temperature}");
+                }
+            }
+        }
+        let filtered = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
+        assert_eq!(Sampler::new(filtered).device_draw(), None, "top-p needs the host's logits");
     }
 
     #[test]

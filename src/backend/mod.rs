@@ -318,6 +318,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let v = self.to_host(t)?;
         Ok((0..rows).map(|r| crate::sampling::argmax(&v[r * cols..(r + 1) * cols])).collect())
     }
+    /// Each row's pick by its draw (`sampling::pick`: greedy, or a temperature draw without
+    /// filters): a backend may make them where the logits are, and copy only the tokens.
+    fn sample_rows(&self, t: &Self::Tensor, draws: &[crate::sampling::Draw]) -> Result<Vec<u32>> {
+        let (rows, cols) = self.shape(t);
+        if draws.len() != rows {
+            anyhow::bail!("{} draws for {rows} rows of logits", draws.len());
+        }
+        let v = self.to_host(t)?;
+        Ok(draws.iter().enumerate().map(|(r, d)| crate::sampling::pick(&v[r * cols..(r + 1) * cols], d)).collect())
+    }
 
     // ---- elementwise and layout ----------------------------------------------------------
     /// Rows of `table` for each id.

@@ -126,16 +126,24 @@ impl<B: Backend> Stage<B> {
                 Sampler::new(SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k as usize, min_p: s.min_p, seed: Some(s.seed) })
             });
         }
-        // Greedy picks without log-probabilities need only the argmax, found on the device; when
-        // a pick needs the logits on the host, they serve every pick (the sampler's greedy pick
-        // is the same argmax).
-        let on_host = picks.iter().any(|s| s.logprobs || !self.samplers[&s.seq].params.is_greedy());
+        // Greedy picks without log-probabilities need only the argmax, found on the device (and
+        // temperature draws without filters their draw, `sampling_on_device`); when a pick needs
+        // the logits on the host, they serve every pick (the sampler's greedy pick is the same
+        // argmax).
+        let on_host = picks.iter().any(|s| s.logprobs || !self.samplers[&s.seq].draws_on_device());
         let host = if on_host { Some(b.to_host(&logits)?) } else { None };
-        let device_argmax = if on_host { vec![] } else { b.argmax_rows(&logits)? };
+        let device_picks = if on_host {
+            vec![]
+        } else if picks.iter().all(|s| self.samplers[&s.seq].params.is_greedy()) {
+            b.argmax_rows(&logits)?
+        } else {
+            let draws = picks.iter().map(|s| self.samplers.get_mut(&s.seq).and_then(|m| m.device_draw()).context("internal: no device draw")).collect::<Result<Vec<_>>>()?;
+            b.sample_rows(&logits, &draws)?
+        };
         let mut out = Vec::with_capacity(picks.len());
         for (i, s) in picks.iter().enumerate() {
             let Some(host) = &host else {
-                out.push(WireToken { seq: s.seq, token: device_argmax[i], logprob: 0.0, top: vec![] });
+                out.push(WireToken { seq: s.seq, token: device_picks[i], logprob: 0.0, top: vec![] });
                 continue;
             };
             let row = &host[i * vocab..(i + 1) * vocab];

@@ -563,6 +563,51 @@ impl Backend for CudaBackend {
         Ok(v[..t.rows].iter().map(|&i| i as u32).collect())
     }
 
+    fn sample_rows(&self, t: &CudaTensor, draws: &[crate::sampling::Draw]) -> Result<Vec<u32>> {
+        use crate::sampling::Draw;
+        if draws.len() != t.rows {
+            bail!("{} draws for {} rows of logits", draws.len(), t.rows);
+        }
+        if t.rows == 0 {
+            return Ok(vec![]);
+        }
+        if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
+            bail!("sampling over rows of {} values", t.cols);
+        }
+        let (temps, us): (Vec<f32>, Vec<f64>) = draws
+            .iter()
+            .map(|d| match *d {
+                Draw::Greedy => (0.0, 0.0),
+                Draw::InOrder { temperature, u } => (temperature, u),
+            })
+            .unzip();
+        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e:?}");
+        let (temps_d, us_d) = (self.stream.clone_htod(&temps).map_err(cuda)?, self.stream.clone_htod(&us).map_err(cuda)?);
+        let idx = self.alloc_indices(t.rows)?;
+        self.launch(
+            "sample_rows",
+            (t.rows as u32, 1, 1),
+            1024,
+            0,
+            &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&temps_d)), Arg::Ptr(self.ptr(&us_d)), Arg::Ptr(self.ptr(&idx))],
+        )?;
+        let v = self.stream.clone_dtoh(&idx).map_err(cuda)?;
+        self.synchronize()?;
+        // Rows with a NaN or no finite largest value (-1) are picked on the host.
+        let mut picks = Vec::with_capacity(t.rows);
+        for (r, (&i, d)) in v.iter().zip(draws).enumerate() {
+            picks.push(match u32::try_from(i) {
+                Ok(i) => i,
+                Err(_) => {
+                    let row = self.stream.clone_dtoh(&t.buf.slice(r * t.cols..(r + 1) * t.cols)).map_err(cuda)?;
+                    self.synchronize()?;
+                    crate::sampling::pick(&row, d)
+                }
+            });
+        }
+        Ok(picks)
+    }
+
     fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
         let [p] = table.parts.as_slice() else { bail!("embedding tables must be one matrix") };
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.rows) {
