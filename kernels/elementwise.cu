@@ -139,10 +139,10 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, in
 // their total (in f64, as the host computes them), or -1 when the row has a NaN or no finite
 // largest value (the host then picks from the row, as sampling::pick does). One block of 1024
 // threads a row: thread j weighs a contiguous run of ceil(cols / 1024) tokens, the runs' sums
-// are scanned, and the thread whose run holds the target walks it; when rounding leaves the
-// target past every run, the last token of any weight, as the host's walk ends. The runs'
-// sums round otherwise than the host's one sequential sum: a pick differs from the host's only
-// when the target lies within that rounding of a token's edge.
+// are scanned, and the thread whose run holds the target walks it. The runs' sums round
+// otherwise than the host's one sequential sum, and the device's exp may differ from the
+// host's by an ulp: a pick differs from the host's only when the target lies within that
+// rounding of a token's edge.
 __device__ __forceinline__ double scan_warp(double v) {
     int lane = threadIdx.x & 31;
 #pragma unroll
@@ -162,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __re
     }
     __shared__ float scratch[32];
     __shared__ double warp_total[32];
-    __shared__ int picked, last_any, claim;
+    __shared__ int picked, first_any, last_before, claim;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     float m = NEG_INF;
     int nan = 0;
@@ -177,15 +177,15 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __re
         if (tid == 0) out[blockIdx.x] = -1;
         return;
     }
-    if (tid == 0) picked = -1, last_any = -1, claim = 0x7fffffff;
+    if (tid == 0) picked = -1, first_any = 0x7fffffff, last_before = -1, claim = 0x7fffffff;
     double t = temp, top = m;
     int per = (cols + blockDim.x - 1) / blockDim.x, lo = min(tid * per, cols), hi = min(lo + per, cols);
     double sum = 0.0;
-    int last = -1;
+    int first = 0x7fffffff, last = -1;
     for (int i = lo; i < hi; i++) {
         double w = exp(-((top - (double)row[i]) / t));
         sum += w;
-        if (w > 0.0) last = i;
+        if (w > 0.0) first = min(first, i), last = i;
     }
     // The runs' sums scanned: this thread's run spans [lo_sum, hi_sum) of the total, where
     // lo_sum is the thread before's hi_sum, bit for bit, so the spans meet without gap or overlap.
@@ -206,9 +206,13 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __re
     __syncthreads();
     if (lane == 0) lo_sum = warp > 0 ? warp_total[warp - 1] : 0.0;
     double total = warp_total[nw - 1], target = us[blockIdx.x] * total;
-    if (last >= 0) atomicMax(&last_any, last);
-    // The thread whose span holds the target (the first, should rounding make two).
-    if (target >= lo_sum && target < hi_sum) atomicMin(&claim, tid);
+    // The thread whose span holds the target (the first, should rounding make two); a run of
+    // no weight, whose span the scan's rounding may still give an ulp, never claims. Else the
+    // last token of any weight before the target (all of them when rounding left the target
+    // past the end, as the host's walk ends), or the first.
+    if (sum > 0.0 && target >= lo_sum && target < hi_sum) atomicMin(&claim, tid);
+    if (last >= 0 && hi_sum <= target) atomicMax(&last_before, last);
+    if (last >= 0) atomicMin(&first_any, first);
     __syncthreads();
     if (tid == claim) {
         double r = target - lo_sum;
@@ -224,5 +228,5 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __re
         picked = pick;
     }
     __syncthreads();
-    if (tid == 0) out[blockIdx.x] = picked >= 0 ? picked : last_any;
+    if (tid == 0) out[blockIdx.x] = picked >= 0 ? picked : last_before >= 0 ? last_before : first_any;
 }

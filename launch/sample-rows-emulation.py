@@ -40,17 +40,19 @@ def scan_warp(v):
 def kernel(logits, t, u, threads=1024):
     n, m = len(logits), max(logits)
     per = (n + threads - 1) // threads
-    sums, lasts, runs = [], [], []
+    sums, firsts, lasts, runs = [], [], [], []
     for j in range(threads):
         lo = min(j * per, n)
         hi = min(lo + per, n)
-        s, last = 0.0, -1
+        s, first, last = 0.0, None, -1
         for i in range(lo, hi):
             w = math.exp(-((m - logits[i]) / t))
             s += w
             if w > 0:
+                first = i if first is None else first
                 last = i
         sums.append(s)
+        firsts.append(first)
         lasts.append(last)
         runs.append((lo, hi))
     warps = threads // 32
@@ -61,21 +63,22 @@ def kernel(logits, t, u, threads=1024):
     hi_sum = [(totals[j // 32 - 1] if j >= 32 else 0.0) + incl[j] for j in range(threads)]
     lo_sum = [hi_sum[j - 1] if j > 0 else 0.0 for j in range(threads)]
     target = u * hi_sum[-1]
-    claim = next((j for j in range(threads) if lo_sum[j] <= target < hi_sum[j]), None)
+    claim = next((j for j in range(threads) if sums[j] > 0 and lo_sum[j] <= target < hi_sum[j]), None)
     if claim is None:
-        return max(lasts)
+        before = [lasts[j] for j in range(threads) if lasts[j] >= 0 and hi_sum[j] <= target]
+        return max(before) if before else min(f for f in firsts if f is not None)
     r, (lo, hi), pick = target - lo_sum[claim], runs[claim], lasts[claim]
     for i in range(lo, hi):
         w = math.exp(-((m - logits[i]) / t))
         if r < w:
             return i
         r -= w
-    return pick if pick >= 0 else max(lasts)
+    return pick
 
 
 def main():
     rnd = random.Random(1)
-    for name, uniforms in [("u in [0, 1)", lambda: [0.0, 0.5, rnd.random(), rnd.random(), rnd.random()]), ("u = 1 - 2^-52", lambda: [1 - 2**-52])]:
+    for name, uniforms in [("u in [0, 1)", lambda: [0.0, 0.5, rnd.random(), rnd.random(), rnd.random()]), ("u = 1 - 2^-53", lambda: [1 - 2**-53])]:
         trials = differ = 0
         for n in [1, 7, 1000, 1025, 4099, 40000]:
             for _ in range(6):

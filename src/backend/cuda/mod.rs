@@ -218,6 +218,42 @@ impl CudaBackend {
         &self.ctx
     }
 
+    /// The picks of `sample_rows` as the device makes them: -1 for a row it leaves to the host
+    /// (a NaN, or no finite largest logit).
+    pub fn sample_rows_on_device(&self, t: &CudaTensor, draws: &[crate::sampling::Draw]) -> Result<Vec<i32>> {
+        use crate::sampling::Draw;
+        if draws.len() != t.rows {
+            bail!("{} draws for {} rows of logits", draws.len(), t.rows);
+        }
+        if t.rows == 0 {
+            return Ok(vec![]);
+        }
+        if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
+            bail!("sampling over rows of {} values", t.cols);
+        }
+        let (temps, us): (Vec<f32>, Vec<f64>) = draws
+            .iter()
+            .map(|d| match *d {
+                Draw::Greedy => (0.0, 0.0),
+                Draw::InOrder { temperature, u } => (temperature, u),
+            })
+            .unzip();
+        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e:?}");
+        let (temps_d, us_d) = (self.stream.clone_htod(&temps).map_err(cuda)?, self.stream.clone_htod(&us).map_err(cuda)?);
+        let idx = self.alloc_indices(t.rows)?;
+        self.launch(
+            "sample_rows",
+            (t.rows as u32, 1, 1),
+            1024,
+            0,
+            &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&temps_d)), Arg::Ptr(self.ptr(&us_d)), Arg::Ptr(self.ptr(&idx))],
+        )?;
+        let mut v = self.stream.clone_dtoh(&idx).map_err(cuda)?;
+        self.synchronize()?;
+        v.truncate(t.rows);
+        Ok(v)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| anyhow!("CUDA: {e:?}"))
     }
@@ -564,35 +600,8 @@ impl Backend for CudaBackend {
     }
 
     fn sample_rows(&self, t: &CudaTensor, draws: &[crate::sampling::Draw]) -> Result<Vec<u32>> {
-        use crate::sampling::Draw;
-        if draws.len() != t.rows {
-            bail!("{} draws for {} rows of logits", draws.len(), t.rows);
-        }
-        if t.rows == 0 {
-            return Ok(vec![]);
-        }
-        if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
-            bail!("sampling over rows of {} values", t.cols);
-        }
-        let (temps, us): (Vec<f32>, Vec<f64>) = draws
-            .iter()
-            .map(|d| match *d {
-                Draw::Greedy => (0.0, 0.0),
-                Draw::InOrder { temperature, u } => (temperature, u),
-            })
-            .unzip();
+        let v = self.sample_rows_on_device(t, draws)?;
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e:?}");
-        let (temps_d, us_d) = (self.stream.clone_htod(&temps).map_err(cuda)?, self.stream.clone_htod(&us).map_err(cuda)?);
-        let idx = self.alloc_indices(t.rows)?;
-        self.launch(
-            "sample_rows",
-            (t.rows as u32, 1, 1),
-            1024,
-            0,
-            &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&temps_d)), Arg::Ptr(self.ptr(&us_d)), Arg::Ptr(self.ptr(&idx))],
-        )?;
-        let v = self.stream.clone_dtoh(&idx).map_err(cuda)?;
-        self.synchronize()?;
         // Rows with a NaN or no finite largest value (-1) are picked on the host.
         let mut picks = Vec::with_capacity(t.rows);
         for (r, (&i, d)) in v.iter().zip(draws).enumerate() {

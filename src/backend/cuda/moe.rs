@@ -499,7 +499,7 @@ impl CudaBackend {
             };
             weights.push(w);
         }
-        let e = experts_from(&self.stream, weights, &(0..table.len()).collect::<Vec<_>>())?;
+        let e = experts_from(&self.stream, weights)?;
         if e.mma.is_some() {
             self.note_mma_fmts([e.fmt_gate_up, e.fmt_down]);
         }

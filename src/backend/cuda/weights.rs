@@ -435,24 +435,20 @@ pub fn upload_expert_weights(stream: &std::sync::Arc<CudaStream>, experts: &[cra
     Ok(weights)
 }
 
-/// The expert set over uploaded `weights` (gate/up stacked, down) whose expert e is
-/// `weights[table[e]]`.
-pub fn experts_from(stream: &std::sync::Arc<CudaStream>, weights: Vec<(CudaLinear, CudaLinear)>, table: &[usize]) -> Result<CudaExperts> {
-    if let Some(&i) = table.iter().find(|&&i| i >= weights.len()) {
-        bail!("expert table names upload {i} of {}", weights.len());
-    }
-    let Some((gu0, dn0)) = weights.first().filter(|_| !table.is_empty()) else { bail!("an MoE layer without experts") };
+/// The expert set over uploaded `weights` (gate/up stacked, down), expert e being `weights[e]`.
+pub fn experts_from(stream: &std::sync::Arc<CudaStream>, weights: Vec<(CudaLinear, CudaLinear)>) -> Result<CudaExperts> {
+    let Some((gu0, dn0)) = weights.first() else { bail!("an MoE layer without experts") };
     let (fmt_gate_up, fmt_down) = (gu0.fmt, dn0.fmt);
     if let Some((gu, dn)) = weights.iter().find(|(g, d)| g.fmt != fmt_gate_up || d.fmt != fmt_down) {
         bail!("{} / {}: experts of one layer must share a format", gu.module, dn.module);
     }
     let (inter, hidden) = (gu0.rows / 2, gu0.cols);
-    let gate_up_table = stream.clone_htod(&table.iter().map(|&i| weights[i].0.desc).collect::<Vec<_>>())?;
-    let down_table = stream.clone_htod(&table.iter().map(|&i| weights[i].1.desc).collect::<Vec<_>>())?;
+    let gate_up_table = stream.clone_htod(&weights.iter().map(|w| w.0.desc).collect::<Vec<_>>())?;
+    let down_table = stream.clone_htod(&weights.iter().map(|w| w.1.desc).collect::<Vec<_>>())?;
     let variants = |(g, d): &(CudaLinear, CudaLinear)| Some((MmaVariant::of(g.fmt, &g.desc)?, MmaVariant::of(d.fmt, &d.desc)?));
     let first = variants(&weights[0]);
     let mma = first.filter(|_| weights.iter().all(|w| variants(w) == first));
-    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: table.len(), mma, _weights: weights, gate_up_table, down_table })
+    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
 }
 
 #[cfg(test)]
