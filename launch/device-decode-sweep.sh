@@ -7,7 +7,8 @@
 # runs alternate between the configurations, ROUNDS times (default 2).
 #   usage: launch/device-decode-sweep.sh < configs
 #   for example: bash launch/device-decode-sweep.sh < launch/sweeps/graph-buffers.txt
-# TEMPERATURE=T samples at that temperature (seed 1) instead of greedy picks, for example to
+# TEMPERATURE=T samples at that temperature (seed 1, no top-p or top-k whatever the checkpoint's
+# generation_config.json says) instead of greedy picks, for example to
 # compare temperature draws on the device and on the host:
 #   printf 'DUET_DEVICE_SAMPLING=0\nDUET_DEVICE_SAMPLING=1\n' | TEMPERATURE=1 SLICE=/tmp/glm52-int4 bash launch/device-decode-sweep.sh
 # SLICE=DIR takes another checkpoint, for example the INT4 slice as the real GLM INT4 checkpoints
@@ -26,7 +27,7 @@ prompt=$(python3 -c "import random; r = random.Random(1); print(','.join(str(r.r
 for round in $(seq "${ROUNDS:-2}"); do
     for cfg in "${cfgs[@]}"; do
         out=$(env -S "$cfg" timeout 300 sh -c '"${DUET_BIN:-./target/release/duet}" "$@"' duet generate --model "$slice" --device cuda --prompt-ids "$prompt" \
-            --max-new-tokens 64 --temperature "${TEMPERATURE:-0}" --seed 1 --ignore-eos --json 2>&1 | tail -1)
+            --max-new-tokens 64 --temperature "${TEMPERATURE:-0}" --top-p 1 --top-k 0 --seed 1 --ignore-eos --json 2>&1 | tail -1)
         echo "round $round | $cfg | $(python3 -c "import json, sys; j = json.loads(sys.argv[1]); import hashlib; print(f\"{1e3 / j['decode_tok_s']:.3f} ms/token ({j['decode_tok_s']:.1f} tok/s), tokens {hashlib.md5(str(j['token_ids']).encode()).hexdigest()[:8]}\")" "$out" 2>/dev/null || echo "failed: $out")"
     done
 done
