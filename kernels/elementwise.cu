@@ -134,15 +134,25 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, in
     row_argmax(x + (size_t)blockIdx.x * cols, cols, out + blockIdx.x);
 }
 
-// Each row's pick by its draw (sampling::pick): with temperature temps[r] = 0 row_argmax's;
-// else the token whose share of the weights exp(-(max − l) / T), in token order, holds us[r] of
-// their total (in f64, as the host computes them), or -1 when the row has a NaN or no finite
-// largest value (the host then picks from the row, as sampling::pick does). One block of 1024
-// threads a row: thread j weighs a contiguous run of ceil(cols / 1024) tokens, the runs' sums
-// are scanned, and the thread whose run holds the target walks it. The runs' sums round
-// otherwise than the host's one sequential sum, and the device's exp may differ from the
-// host's by an ulp: a pick differs from the host's only when the target lies within that
-// rounding of a token's edge.
+// Each row's pick by its draw (sampling::pick), the draw's numbers in params[4r ..]:
+// temperature T, top-p, min-p and the uniform u. T = 0: row_argmax's. Else the weights are
+// exp(-(max − l) / T) in f64, as the host computes them, and the pick is -1 (the host then
+// picks from the row, as sampling::pick does) when the row has a NaN or no finite largest
+// value, or when the head top-p and min-p keep holds more than HEAD_CAP tokens.
+// - Without top-p and min-p: the token whose share of the weights, in token order, holds u of
+//   their total. Thread j weighs a contiguous run of ceil(cols / 1024) tokens, the runs' sums
+//   are scanned, and the thread whose run holds the target walks it.
+// - With them, sampling.rs's head: the weights' mass in bins of -ln(weight) (HEAD_BINS a unit)
+//   finds the bin where top-p's share is reached (or min-p's bin), the tokens of the bins up to
+//   it are gathered and sorted (bitonic, by logit, then index) in shared memory, and one thread
+//   cuts and draws from them as pick_from_head does.
+// The sums round otherwise than the host's sequential ones, and the device's exp and log may
+// differ from the host's by an ulp: a pick differs from the host's only when the target lies
+// within that rounding of a token's edge (or a bin's). Dynamic shared memory: SAMPLE_SMEM bytes.
+#define HEAD_BINS 64     // sampling.rs
+#define HEAD_LAST 4096   // sampling.rs: the last bin (64 units of -ln(weight))
+#define HEAD_CAP 4096    // the most head tokens sorted here (a power of two)
+#define SAMPLE_SMEM ((HEAD_LAST + 1 + HEAD_CAP) * 8 + HEAD_CAP * 8)  // SAMPLE_SMEM in cuda/mod.rs
 __device__ __forceinline__ double scan_warp(double v) {
     int lane = threadIdx.x & 31;
 #pragma unroll
@@ -152,33 +162,28 @@ __device__ __forceinline__ double scan_warp(double v) {
     }
     return v;
 }
-extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __restrict__ x, int cols, const float* __restrict__ temps,
-                                                               const double* __restrict__ us, int* __restrict__ out) { pdl_entry_small();
-    const float* row = x + (size_t)blockIdx.x * cols;
-    float temp = temps[blockIdx.x];
-    if (!(temp > 0.f)) {
-        row_argmax(row, cols, out + blockIdx.x);
-        return;
-    }
-    __shared__ float scratch[32];
+// The block's sum of v, in every thread (scratch: 32 doubles).
+__device__ double block_sum_f64(double v, double* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();  // (scratch may hold a sum read before)
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = 0.0;
+    for (int k = 0; k < nw; k++) v += scratch[k];
+    return v;
+}
+// Whether the head token (la, ia) comes before (lb, ib): a higher logit, or the same at a lower
+// index (sampling.rs `better`).
+__device__ __forceinline__ bool before(float la, int ia, float lb, int ib) { return la > lb || (la == lb && ia < ib); }
+
+// The no-filter draw (see above); the pick into *out.
+__device__ void draw_in_order(const float* __restrict__ row, int cols, double top, double t, double u, int* out) {
     __shared__ double warp_total[32];
     __shared__ int picked, first_any, last_before, claim;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
-    float m = NEG_INF;
-    int nan = 0;
-    for (int i = tid; i < cols; i += blockDim.x) {
-        float v = row[i];
-        nan |= v != v;
-        m = fmaxf(m, v);
-    }
-    nan = __syncthreads_or(nan);
-    m = block_max(m, scratch);
-    if (nan || !(m > NEG_INF && m < -NEG_INF)) {
-        if (tid == 0) out[blockIdx.x] = -1;
-        return;
-    }
     if (tid == 0) picked = -1, first_any = 0x7fffffff, last_before = -1, claim = 0x7fffffff;
-    double t = temp, top = m;
     int per = (cols + blockDim.x - 1) / blockDim.x, lo = min(tid * per, cols), hi = min(lo + per, cols);
     double sum = 0.0;
     int first = 0x7fffffff, last = -1;
@@ -205,7 +210,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __re
     if (lane == 31) warp_total[warp] = hi_sum;
     __syncthreads();
     if (lane == 0) lo_sum = warp > 0 ? warp_total[warp - 1] : 0.0;
-    double total = warp_total[nw - 1], target = us[blockIdx.x] * total;
+    double total = warp_total[nw - 1], target = u * total;
     // The thread whose span holds the target (the first, should rounding make two); a run of
     // no weight, whose span the scan's rounding may still give an ulp, never claims. Else the
     // last token of any weight before the target (all of them when rounding left the target
@@ -228,5 +233,156 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __re
         picked = pick;
     }
     __syncthreads();
-    if (tid == 0) out[blockIdx.x] = picked >= 0 ? picked : last_before >= 0 ? last_before : first_any;
+    if (tid == 0) *out = picked >= 0 ? picked : last_before >= 0 ? last_before : first_any;
+}
+
+// The top-p / min-p draw (see above); the pick into *out. smem: SAMPLE_SMEM bytes.
+__device__ void draw_from_head(const float* __restrict__ row, int cols, double top, double t, double top_p, double min_p, double u, int* out,
+                               unsigned char* smem) {
+    double* mass = (double*)smem;                    // [HEAD_LAST + 1]
+    double* hw = mass + HEAD_LAST + 1;               // [HEAD_CAP] the head's weights,
+    float* hl = (float*)(hw + HEAD_CAP);             // logits
+    int* hi = (int*)(hl + HEAD_CAP);                 // and indices
+    __shared__ double scratch[32];
+    __shared__ int n, cut, done;
+    int tid = threadIdx.x;
+    for (int b = tid; b <= HEAD_LAST; b += blockDim.x) mass[b] = 0.0;
+    __syncthreads();
+    double part = 0.0;
+    for (int i = tid; i < cols; i += blockDim.x) {
+        double dist = (top - (double)row[i]) / t, w = exp(-dist);
+        part += w;
+        atomicAdd(&mass[(int)fmin(dist * HEAD_BINS, (double)HEAD_LAST)], w);
+    }
+    double total = block_sum_f64(part, scratch);
+    int min_p_cut = min_p > 0.0 ? min((int)(-log(min_p) * HEAD_BINS) + 1, HEAD_LAST) : HEAD_LAST;
+    if (tid == 0) {
+        int c = min_p_cut;
+        if (top_p < 1.0) {
+            double target = top_p * total, cum = 0.0;
+            int b = 0;
+            for (; b <= HEAD_LAST; b++) {
+                cum += mass[b];
+                if (cum >= target) break;
+            }
+            c = min(c, min(b, HEAD_LAST));
+        }
+        cut = c, done = 0;
+    }
+    __syncthreads();
+    while (!done) {
+        if (tid == 0) n = 0;
+        __syncthreads();
+        for (int i = tid; i < cols; i += blockDim.x) {
+            double dist = (top - (double)row[i]) / t;
+            if ((int)fmin(dist * HEAD_BINS, (double)HEAD_LAST) <= cut) {
+                int k = atomicAdd(&n, 1);
+                if (k < HEAD_CAP) hw[k] = exp(-dist), hl[k] = row[i], hi[k] = i;
+            }
+        }
+        __syncthreads();
+        int count = n;
+        if (count > HEAD_CAP) {
+            if (tid == 0) *out = -1;  // a head too long for shared memory: the host's
+            return;
+        }
+        int np = 1;
+        while (np < count) np <<= 1;
+        for (int k = count + tid; k < np; k += blockDim.x) hw[k] = 0.0, hl[k] = NEG_INF, hi[k] = 0x7fffffff;
+        __syncthreads();
+        // Bitonic sort of the np entries, best first.
+        for (int size = 2; size <= np; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int k = tid; k < np; k += blockDim.x) {
+                    int o = k ^ stride;
+                    if (o > k) {
+                        bool first_half = (k & size) == 0;
+                        bool swap = first_half ? before(hl[o], hi[o], hl[k], hi[k]) : before(hl[k], hi[k], hl[o], hi[o]);
+                        if (swap) {
+                            double w = hw[k];
+                            float l = hl[k];
+                            int i = hi[k];
+                            hw[k] = hw[o], hl[k] = hl[o], hi[k] = hi[o];
+                            hw[o] = w, hl[o] = l, hi[o] = i;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        if (tid == 0) {
+            // Top-p's share within the head, summed as pick_from_head sums it; short of it
+            // (rounding), down to min-p's bin (sampling.rs `head`).
+            double share = 0.0;
+            for (int k = 0; k < count; k++) share += hw[k] / total;
+            if (share >= top_p || cut >= min_p_cut) {
+                done = 1;
+                // pick_from_head: the probabilities, top-p's and min-p's cuts, then the draw.
+                for (int k = 0; k < count; k++) hw[k] /= total;
+                int keep = count;
+                if (top_p < 1.0) {
+                    double cum = 0.0;
+                    for (int k = 0; k < count; k++) {
+                        cum += hw[k];
+                        if (cum >= top_p) {
+                            keep = k + 1;
+                            break;
+                        }
+                    }
+                }
+                if (min_p > 0.0) {
+                    double floor_p = hw[0] * min_p;
+                    int lead = 0;
+                    while (lead < count && hw[lead] >= floor_p) lead++;
+                    keep = min(keep, max(lead, 1));
+                }
+                double kept = 0.0;
+                for (int k = 0; k < keep; k++) kept += hw[k];
+                double r = u * kept;
+                int pick = hi[keep - 1];
+                for (int k = 0; k < keep; k++) {
+                    if (r < hw[k]) {
+                        pick = hi[k];
+                        break;
+                    }
+                    r -= hw[k];
+                }
+                *out = pick;
+            } else {
+                cut = min_p_cut;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __restrict__ x, int cols, const double* __restrict__ params,
+                                                               int* __restrict__ out) { pdl_entry_small();
+    extern __shared__ __align__(16) unsigned char smem[];
+    const float* row = x + (size_t)blockIdx.x * cols;
+    const double* p = params + 4 * (size_t)blockIdx.x;
+    double t = p[0], top_p = p[1], min_p = p[2], u = p[3];
+    int* o = out + blockIdx.x;
+    if (!(t > 0.0)) {
+        row_argmax(row, cols, o);
+        return;
+    }
+    __shared__ float scratch[32];
+    float m = NEG_INF;
+    int nan = 0;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = row[i];
+        nan |= v != v;
+        m = fmaxf(m, v);
+    }
+    nan = __syncthreads_or(nan);
+    m = block_max(m, scratch);
+    if (nan || !(m > NEG_INF && m < -NEG_INF)) {
+        if (threadIdx.x == 0) *o = -1;
+        return;
+    }
+    if (top_p >= 1.0 && min_p <= 0.0)
+        draw_in_order(row, cols, m, t, u, o);
+    else
+        draw_from_head(row, cols, m, t, top_p, min_p, u, o, smem);
 }

@@ -103,28 +103,28 @@ impl Sampler {
     }
 
     /// Whether `device_draw` gives the next pick: greedy, or `sampling_on_device` and a
-    /// temperature without filters.
+    /// temperature without top-k.
     pub fn draws_on_device(&self) -> bool {
         let p = &self.params;
-        p.is_greedy() || (sampling_on_device() && p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0)
+        p.is_greedy() || (sampling_on_device() && p.top_k == 0)
     }
 
     /// The next pick as a draw that a backend can make where the logits are (greedy, or a
-    /// temperature without filters: what OpenAI clients send by default), taking its uniform
-    /// now as `sample` would; None when the pick needs the logits on the host (top-k, top-p,
-    /// min-p), and then `sample` makes it.
+    /// temperature with top-p and min-p: what OpenAI clients send), taking its uniform now as
+    /// `sample` would; None when the pick needs the logits on the host (top-k), and then
+    /// `sample` makes it.
     pub fn device_draw(&mut self) -> Option<Draw> {
         let p = &self.params;
         if p.is_greedy() {
             return Some(Draw::Greedy);
         }
-        (p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0).then(|| Draw::InOrder { temperature: p.temperature, u: self.rng.uniform() })
+        (p.top_k == 0).then(|| Draw::Temperature { temperature: p.temperature, top_p: p.top_p, min_p: p.min_p, u: self.rng.uniform() })
     }
 }
 
-/// Whether temperature draws are made where the logits are (`DUET_DEVICE_SAMPLING=1`; off by
-/// default until the CUDA kernel, sample_rows, is measured against the host's picks on the
-/// GPU): greedy picks always are.
+/// Whether temperature draws without top-k are made where the logits are
+/// (`DUET_DEVICE_SAMPLING=1`; off by default until the CUDA kernel, sample_rows, is measured
+/// against the host's picks on the GPU): greedy picks always are.
 pub fn sampling_on_device() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("DUET_DEVICE_SAMPLING").is_ok_and(|v| v != "0"))
@@ -136,16 +136,17 @@ pub fn sampling_on_device() -> bool {
 pub enum Draw {
     /// The first largest logit (`argmax`).
     Greedy,
-    /// The token whose share of exp(logit / temperature), in token order, holds u (uniform in
-    /// [0, 1)) of the total: `sample` without filters.
-    InOrder { temperature: f32, u: f64 },
+    /// `sample`'s pick at a temperature with top-p and min-p (1 and 0: none) and the uniform u
+    /// in [0, 1): without them, the token whose share of exp(logit / temperature), in token
+    /// order, holds u of the total; with them, the same over the best tokens they keep.
+    Temperature { temperature: f32, top_p: f32, min_p: f32, u: f64 },
 }
 
 /// `d`'s pick from `logits`, as `Sampler::sample` makes it.
 pub fn pick(logits: &[f32], d: &Draw) -> u32 {
     match *d {
         Draw::Greedy => argmax(logits),
-        Draw::InOrder { temperature, u } => draw(&SamplingParams { temperature, ..Default::default() }, logits, u),
+        Draw::Temperature { temperature, top_p, min_p, u } => draw(&SamplingParams { temperature, top_p, min_p, ..Default::default() }, logits, u),
     }
 }
 
@@ -366,17 +367,17 @@ mod tests {
         let mut with_inf = normal.clone();
         with_inf[99] = f32::INFINITY;
         for logits in [&normal, &with_nan, &with_inf] {
-            for temperature in [0.0, 0.3, 1.0, 1.7] {
-                let params = SamplingParams { temperature, seed: Some(11), ..Default::default() };
+            for (temperature, top_p, min_p) in [(0.0, 1.0, 0.0), (0.3, 1.0, 0.0), (1.0, 1.0, 0.0), (1.7, 1.0, 0.0), (1.0, 0.9, 0.0), (0.7, 0.95, 0.05)] {
+                let params = SamplingParams { temperature, top_p, min_p, seed: Some(11), ..Default::default() };
                 let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
                 for _ in 0..100 {
-                    let d = b.device_draw().expect("no filters: a device draw");
-                    assert_eq!(pick(logits, &d), a.sample(logits), "T {temperature}");
+                    let d = b.device_draw().expect("no top-k: a device draw");
+                    assert_eq!(pick(logits, &d), a.sample(logits), "T {temperature}, top-p {top_p}, min-p {min_p}");
                 }
             }
         }
-        let filtered = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
-        assert_eq!(Sampler::new(filtered).device_draw(), None, "top-p needs the host's logits");
+        let top_k = SamplingParams { temperature: 1.0, top_k: 40, ..Default::default() };
+        assert_eq!(Sampler::new(top_k).device_draw(), None, "top-k needs the host's logits");
     }
 
     #[test]

@@ -238,8 +238,9 @@ fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
 }
 
 /// Temperature draws on the device (`sample_rows`): every row's pick the host's for the same
-/// uniform, at a real vocabulary's width and at narrow ones; greedy rows among them, a uniform
-/// of 0, and rows the kernel leaves to the host (a NaN, +inf, all -inf). (A pick may differ from
+/// uniform, at a real vocabulary's width and at narrow ones; a greedy row, rows without filters
+/// and with top-p and min-p, a uniform of 0, and rows the kernel leaves to the host (a NaN,
+/// +inf, all -inf). (A pick may differ from
 /// the host's where the uniform lies within rounding of a token's edge: next to 1, the weights'
 /// sums in another order put the last tokens' edges elsewhere by an ulp, so no such uniform is
 /// drawn here; `launch/sample-rows-emulation.py`, the kernel's sums in Python, agrees with the
@@ -251,20 +252,32 @@ fn check_sampling(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Ta
         // Logits spread as a model's are (σ 3): a head of a few tokens and a long tail.
         let mut x: Vec<f32> = random(rng, rows * cols).iter().map(|v| 3.0 * v).collect();
         let row = |r: usize| r * cols..(r + 1) * cols;
+        // Rows 5-8 (with top-p and min-p) peaked as a model's next-token logits are (σ 8), so
+        // the head they keep fits the kernel's 4096 (with σ 3, 0.95 of the mass lies in some
+        // 14000 tokens, which the device leaves to the host).
+        for r in 5..9 {
+            x[row(r)].iter_mut().for_each(|v| *v *= 8.0 / 3.0);
+        }
         x[row(9)][cols / 2] = f32::NAN;
         x[row(10)][cols / 3] = f32::INFINITY;
         x[row(11)].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        // Rows 1-4 without filters, 5-8 with top-p and min-p (OpenAI clients' settings and a
+        // checkpoint's generation_config.json top-p of 0.95), 9-11 with either.
+        let filters = |r: usize| [(1.0, 0.0), (0.95, 0.0), (0.9, 0.05), (1.0, 0.1)][(r >= 5) as usize * (1 + r % 3)];
         let draws: Vec<Draw> = (0..rows)
-            .map(|r| match r {
-                0 => Draw::Greedy,
-                1 => Draw::InOrder { temperature: 1.0, u: 0.0 },
-                2 => Draw::InOrder { temperature: 0.7, u: 0.5 },
-                _ => Draw::InOrder { temperature: [0.3, 0.7, 1.0, 1.5][r % 4], u: rng.uniform() },
+            .map(|r| {
+                let (top_p, min_p) = filters(r);
+                let (temperature, u) = match r {
+                    1 => (1.0, 0.0),
+                    2 => (0.7, 0.5),
+                    _ => ([0.3, 0.7, 1.0, 1.5][r % 4], rng.uniform()),
+                };
+                if r == 0 { Draw::Greedy } else { Draw::Temperature { temperature, top_p, min_p, u } }
             })
             .collect();
         let (xc, xg) = pair(cpu, gpu, rows, cols, &x)?;
         let (want, got) = (cpu.sample_rows(&xc, &draws)?, gpu.sample_rows(&xg, &draws)?);
-        t.flag("sample rows", format!("[{rows},{cols}]: T 0.3-1.5, u in [0, 1), NaN, ±inf"), got == want, "= host");
+        t.flag("sample rows", format!("[{rows},{cols}]: T 0.3-1.5, top-p, min-p, NaN, ±inf"), got == want, "= host");
         // The device's own picks: every row but the three non-finite ones made there.
         let raw = gpu.sample_rows_on_device(&xg, &draws)?;
         let left = raw.iter().enumerate().filter(|(_, &p)| p < 0).map(|(r, _)| r).collect::<Vec<_>>();

@@ -59,22 +59,25 @@ fn builtin_tiny_chats() {
 
 #[test]
 fn temperature_draws_where_the_logits_are_pick_the_hosts_tokens() {
-    // DUET_DEVICE_SAMPLING hands a temperature draw without filters to the backend
+    // DUET_DEVICE_SAMPLING hands a temperature draw without top-k to the backend
     // (`Backend::sample_rows`) with the uniform the host sampler would have drawn: the same
-    // tokens, in one process and through a pipeline of two ranks (the last rank's stage). (No
-    // filters: the checkpoint's generation_config.json sets a top-p.)
+    // tokens, in one process and through a pipeline of two ranks (the last rank's stage),
+    // without filters and with the checkpoint's top-p (generation_config.json's 0.95) and a
+    // min-p.
     let d = TempDir::new("draws");
     duet_ok(&["tiny", "--out", d.s()]);
     let run = |device: &str, extra: &[&str]| {
-        let mut args = vec!["generate", "--model", d.s(), "--prompt-ids", "5,17,42", "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "1", "--top-k", "0", "--seed", "3", "--ignore-eos", "--json"];
+        let mut args = vec!["generate", "--model", d.s(), "--prompt-ids", "5,17,42", "--max-new-tokens", "12", "--temperature", "1.0", "--seed", "3", "--ignore-eos", "--json"];
         args.extend_from_slice(extra);
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_duet")).args(&args).env("DUET_LOG", "error").env("DUET_DEVICE_SAMPLING", device).output().expect("run duet");
         assert!(out.status.success(), "duet {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         last_json(&String::from_utf8(out.stdout).unwrap())["token_ids"].clone()
     };
-    let host = run("0", &[]);
-    assert_eq!(run("1", &[]), host);
-    assert_eq!(run("1", &["--ranks", "2", "--transport", "shm"]), host);
+    for filters in [&["--top-p", "1", "--top-k", "0"][..], &[], &["--min-p", "0.05"]] {
+        let host = run("0", filters);
+        assert_eq!(run("1", filters), host, "{filters:?}");
+        assert_eq!(run("1", &[filters, &["--ranks", "2", "--transport", "shm"]].concat()), host, "{filters:?}, two ranks");
+    }
 }
 
 #[test]

@@ -141,6 +141,10 @@ pub struct CudaBackend {
     device_name: String,
 }
 
+/// Dynamic shared memory of sample_rows (SAMPLE_SMEM in kernels/elementwise.cu): the head's
+/// bins of mass (4097 f64) and up to 4096 head tokens' weights, logits and indices.
+const SAMPLE_SMEM: usize = (4096 + 1 + 4096) * 8 + 4096 * 8;
+
 impl CudaBackend {
     /// Why no GPU can be used, or None when one can.
     pub fn probe() -> Option<String> {
@@ -219,7 +223,7 @@ impl CudaBackend {
     }
 
     /// The picks of `sample_rows` as the device makes them: -1 for a row it leaves to the host
-    /// (a NaN, or no finite largest logit).
+    /// (a NaN, no finite largest logit, or a top-p / min-p head longer than HEAD_CAP).
     pub fn sample_rows_on_device(&self, t: &CudaTensor, draws: &[crate::sampling::Draw]) -> Result<Vec<i32>> {
         use crate::sampling::Draw;
         if draws.len() != t.rows {
@@ -231,23 +235,18 @@ impl CudaBackend {
         if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
             bail!("sampling over rows of {} values", t.cols);
         }
-        let (temps, us): (Vec<f32>, Vec<f64>) = draws
+        // Each row's temperature, top-p, min-p and uniform (sample_rows' params).
+        let params: Vec<f64> = draws
             .iter()
-            .map(|d| match *d {
-                Draw::Greedy => (0.0, 0.0),
-                Draw::InOrder { temperature, u } => (temperature, u),
+            .flat_map(|d| match *d {
+                Draw::Greedy => [0.0; 4],
+                Draw::Temperature { temperature, top_p, min_p, u } => [temperature as f64, top_p as f64, min_p as f64, u],
             })
-            .unzip();
+            .collect();
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e:?}");
-        let (temps_d, us_d) = (self.stream.clone_htod(&temps).map_err(cuda)?, self.stream.clone_htod(&us).map_err(cuda)?);
+        let params = self.stream.clone_htod(&params).map_err(cuda)?;
         let idx = self.alloc_indices(t.rows)?;
-        self.launch(
-            "sample_rows",
-            (t.rows as u32, 1, 1),
-            1024,
-            0,
-            &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&temps_d)), Arg::Ptr(self.ptr(&us_d)), Arg::Ptr(self.ptr(&idx))],
-        )?;
+        self.launch("sample_rows", (t.rows as u32, 1, 1), 1024, SAMPLE_SMEM, &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&params)), Arg::Ptr(self.ptr(&idx))])?;
         let mut v = self.stream.clone_dtoh(&idx).map_err(cuda)?;
         self.synchronize()?;
         v.truncate(t.rows);
