@@ -175,8 +175,15 @@ __device__ double block_sum_f64(double v, double* scratch) {
     return v;
 }
 // Whether the head token (la, ia) comes before (lb, ib): a higher logit, or the same at a lower
-// index (sampling.rs `better`).
-__device__ __forceinline__ bool before(float la, int ia, float lb, int ib) { return la > lb || (la == lb && ia < ib); }
+// index (sampling.rs `better`, by total_cmp: +0 before -0; no NaNs reach here).
+__device__ __forceinline__ int total_key(float l) {
+    int k = __float_as_int(l);
+    return k ^ ((k >> 31) & 0x7fffffff);
+}
+__device__ __forceinline__ bool before(float la, int ia, float lb, int ib) {
+    int ka = total_key(la), kb = total_key(lb);
+    return ka > kb || (ka == kb && ia < ib);
+}
 
 // The no-filter draw (see above); the pick into *out.
 __device__ void draw_in_order(const float* __restrict__ row, int cols, double top, double t, double u, int* out) {
@@ -210,7 +217,7 @@ __device__ void draw_in_order(const float* __restrict__ row, int cols, double to
     if (lane == 31) warp_total[warp] = hi_sum;
     __syncthreads();
     if (lane == 0) lo_sum = warp > 0 ? warp_total[warp - 1] : 0.0;
-    double total = warp_total[nw - 1], target = u * total;
+    double total = warp_total[nw - 1], target = __dmul_rn(u, total);  // (not fused with what follows: the host's product)
     // The thread whose span holds the target (the first, should rounding make two); a run of
     // no weight, whose span the scan's rounding may still give an ulp, never claims. Else the
     // last token of any weight before the target (all of them when rounding left the target
@@ -255,7 +262,8 @@ __device__ void draw_from_head(const float* __restrict__ row, int cols, double t
         atomicAdd(&mass[(int)fmin(dist * HEAD_BINS, (double)HEAD_LAST)], w);
     }
     double total = block_sum_f64(part, scratch);
-    int min_p_cut = min_p > 0.0 ? min((int)(-log(min_p) * HEAD_BINS) + 1, HEAD_LAST) : HEAD_LAST;
+    // (The host's float-to-integer conversion saturates: a min-p above 1 cuts at bin 1.)
+    int min_p_cut = min_p > 0.0 ? min((int)fmin(fmax(-log(min_p) * HEAD_BINS, 0.0), (double)HEAD_LAST) + 1, HEAD_LAST) : HEAD_LAST;
     if (tid == 0) {
         int c = min_p_cut;
         if (top_p < 1.0) {
@@ -338,7 +346,7 @@ __device__ void draw_from_head(const float* __restrict__ row, int cols, double t
                 }
                 double kept = 0.0;
                 for (int k = 0; k < keep; k++) kept += hw[k];
-                double r = u * kept;
+                double r = __dmul_rn(u, kept);
                 int pick = hi[keep - 1];
                 for (int k = 0; k < keep; k++) {
                     if (r < hw[k]) {
@@ -363,8 +371,12 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* __re
     const double* p = params + 4 * (size_t)blockIdx.x;
     double t = p[0], top_p = p[1], min_p = p[2], u = p[3];
     int* o = out + blockIdx.x;
-    if (!(t > 0.0)) {
+    if (t == 0.0) {
         row_argmax(row, cols, o);
+        return;
+    }
+    if (!(t > 0.0 && t < 1e300)) {  // (a temperature no weight can be made with: the host's)
+        if (threadIdx.x == 0) *o = -1;
         return;
     }
     __shared__ float scratch[32];
