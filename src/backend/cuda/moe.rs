@@ -290,12 +290,43 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         },
         late.then_some(&shared_down as &dyn Fn() -> Result<()>),
         |(routing, pass, groups)| {
-            gpu.split_into(&pass.act, &pass.acts)?;
+            if !skipped(Skip::Split) {
+                gpu.split_into(&pass.act, &pass.acts)?;
+            }
             pass.down(gpu, experts, variants.1, decode_plan(&routing)?, routing.top_k, groups)?;
             Ok((routing, pass))
         },
     )?;
+    if skipped(Skip::Combine) {
+        return gpu.tensor_of(t, experts.hidden);
+    }
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
+}
+
+/// Launches of the overlapped block that `DUET_DIAG_SKIP` leaves out (`split`, `combine`, or
+/// both, comma-separated): a diagnostic for `duet bench kernels` that bounds what a block
+/// without them (one kernel from the routed gate/up to the combine) could gain. The block's
+/// output is then wrong; nothing but a timing sweep may set it.
+#[derive(Clone, Copy)]
+enum Skip {
+    Split,
+    Combine,
+}
+
+fn skipped(what: Skip) -> bool {
+    static SKIP: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+    let (split, combine) = *SKIP.get_or_init(|| {
+        let v = std::env::var("DUET_DIAG_SKIP").unwrap_or_default();
+        let set = |name: &str| v.split(',').any(|p| p.trim() == name);
+        if !v.is_empty() {
+            tracing::warn!("DUET_DIAG_SKIP={v}: MoE block launches left out for timing; its output is wrong");
+        }
+        (set("split"), set("combine"))
+    });
+    match what {
+        Skip::Split => split,
+        Skip::Combine => combine,
+    }
 }
 
 /// The plan the router made for a decode step.
