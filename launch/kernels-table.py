@@ -4,13 +4,15 @@
     python3 launch/kernels-table.py kernels.txt
 
 Rows keep their order; a MoE block row gets its floor multiple (the inverse of its fraction),
-and the indented rows under a block or an experts row fold into one line each."""
+the indented rows under a block or an experts row fold into one line each, and the sampling
+rows (a time, no bytes) keep their time."""
 import re
 import sys
 
 ROW = re.compile(r"^(\S.*?)\s+([\d.]+) µs\s+([\d.]+) GB/s\s+([\d.]+)%$")
 SPLIT = re.compile(r"^\s+(?:add \+ )?norm ([\d.]+) \+ router ([\d.]+) µs alone; the rest\s+([\d.]+) µs$")
 ALONE = re.compile(r"^\s+(gate/up|down) GEMV alone, .*?\s+([\d.]+) µs\s+[\d.]+ GB/s\s+([\d.]+)%$")
+TIME = re.compile(r"^(pick from .*?)\s+([\d.]+) µs$")
 
 
 def main(path):
@@ -33,7 +35,9 @@ def main(path):
             pending[m.group(1)] = (m.group(2), m.group(3))
             continue
         flush()
-        if m := SPLIT.match(line):
+        if m := TIME.match(line):
+            print(f"| {m.group(1)} | {m.group(2)} µs | | |")
+        elif m := SPLIT.match(line):
             print(f"| (alone: add + norm {m.group(1)} µs, router {m.group(2)} µs; the rest {m.group(3)} µs) | | | |")
         elif (m := ROW.match(line)) and not line.startswith("device copy"):
             label, us, gbs, pct = m.groups()

@@ -354,6 +354,42 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
             r.row(label, (ctx_len * 128 * 4) as f64, ms);
         }
     }
+
+    // A decode step's pick from GLM-5.2's 154880 logits, wall time per pick with its copies
+    // and synchronization: on the device (greedy, and `sample_rows`' temperature draws) and on
+    // the host (the logits copied to it and sampled there). Logits σ 8, peaked as a model's
+    // next-token distribution is (the head top-p keeps fits the device's).
+    if want("sampling") {
+        use crate::sampling::{Draw, Sampler, SamplingParams};
+        let vocab = 154_880;
+        let logits: Vec<f32> = (0..vocab).map(|_| (rng.normal() * 8.0) as f32).collect();
+        let x = gpu.tensor(1, vocab, &logits)?;
+        let wall = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            f()?;
+            let mut times: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f().map(|_| t.elapsed().as_secs_f64() * 1e3)
+                })
+                .collect::<Result<_>>()?;
+            times.sort_by(f64::total_cmp);
+            Ok(times[times.len() / 2])
+        };
+        let draw = |top_p: f32| Draw::Temperature { temperature: 1.0, top_p, min_p: 0.0, u: 0.37 };
+        for (label, d) in [("greedy", Draw::Greedy), ("temperature 1", draw(1.0)), ("temperature 1, top-p 0.95", draw(0.95))] {
+            let what = format!("pick from 1x{vocab} logits on the device: {label}");
+            if r.wants(&what) {
+                r.part(&what, wall(&mut || (if d == Draw::Greedy { gpu.argmax_rows(&x) } else { gpu.sample_rows(&x, &[d]) }).map(|_| ()))?);
+            }
+        }
+        let what = format!("pick from 1x{vocab} logits on the host: temperature 1, top-p 0.95");
+        if r.wants(&what) {
+            let mut sampler = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(1), ..Default::default() });
+            r.part(&what, wall(&mut || gpu.to_host(&x).map(|v| {
+                sampler.sample(&v);
+            }))?);
+        }
+    }
     Ok(())
 }
 

@@ -183,7 +183,7 @@ enum BenchCommand {
     Kernels {
         #[arg(long, default_value_t = 20)]
         reps: usize,
-        /// Only these parts: gemv, experts, mla (comma-separated).
+        /// Only these parts: gemv, experts, mla, sampling (comma-separated).
         #[arg(long)]
         only: Option<String>,
         /// Only the rows whose label contains this text, e.g. "experts int4 8/token x1" (so a
