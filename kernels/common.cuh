@@ -51,14 +51,14 @@ template <int FETCH> __device__ __forceinline__ uint4 ld_weight16(const void* p)
 #undef LD_WEIGHT16
 
 struct SumOp {
-    __device__ float operator()(float a, float b) const { return a + b; }
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
 };
 struct MaxOp {
     __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
 // Reduces over the warp with `op`; every lane gets the result.
-template <typename Op> __device__ __forceinline__ float warp_reduce(float v, Op op) {
+template <typename T, typename Op> __device__ __forceinline__ T warp_reduce(T v, Op op) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
@@ -67,15 +67,15 @@ template <typename Op> __device__ __forceinline__ float warp_reduce(float v, Op 
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
 __device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp()); }
 
-// Reduces over the block with `op` (identity `init`); `scratch` holds one float per warp. Every
-// thread gets the result.
-template <typename Op> __device__ __forceinline__ float block_reduce(float v, float* scratch, float init, Op op) {
+// Reduces over the block with `op` (identity `init`); `scratch` holds one value per warp. Every
+// thread gets the result, the warps' values taken in warp order (the same bits in every thread).
+template <typename T, typename Op> __device__ __forceinline__ T block_reduce(T v, T* scratch, T init, Op op) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) scratch[w] = v;
     __syncthreads();
-    float r = init;
+    T r = init;
     for (int i = 0; i < nw; i++) r = op(r, scratch[i]);
     return r;
 }

@@ -162,18 +162,6 @@ __device__ __forceinline__ double scan_warp(double v) {
     }
     return v;
 }
-// The block's sum of v, in every thread (scratch: 32 doubles).
-__device__ double block_sum_f64(double v, double* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();  // (scratch may hold a sum read before)
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = 0.0;
-    for (int k = 0; k < nw; k++) v += scratch[k];
-    return v;
-}
 // Whether the head token (la, ia) comes before (lb, ib): a higher logit, or the same at a lower
 // index (sampling.rs `better`, by total_cmp: +0 before -0; no NaNs reach here).
 __device__ __forceinline__ int total_key(float l) {
@@ -261,7 +249,7 @@ __device__ void draw_from_head(const float* __restrict__ row, int cols, double t
         part += w;
         atomicAdd(&mass[(int)fmin(dist * HEAD_BINS, (double)HEAD_LAST)], w);
     }
-    double total = block_sum_f64(part, scratch);
+    double total = block_reduce(part, scratch, 0.0, SumOp());
     // (The host's float-to-integer conversion saturates: a min-p above 1 cuts at bin 1.)
     int min_p_cut = min_p > 0.0 ? min((int)fmin(fmax(-log(min_p) * HEAD_BINS, 0.0), (double)HEAD_LAST) + 1, HEAD_LAST) : HEAD_LAST;
     if (tid == 0) {

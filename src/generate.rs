@@ -64,7 +64,7 @@ pub fn generate<B: Backend>(
             // Decode steps replay one graph per length bucket on the GPU.
             model.decode_logits(&input, &batch, &mut cache)?
         };
-        // Greedy decoding (and temperature draws without filters, `sampling_on_device`) reads
+        // Greedy decoding (and temperature draws without top-k, `sampling_on_device`) reads
         // only the token from the device, not the vocabulary's logits.
         let token = if sampler.params.is_greedy() {
             model.backend.argmax_rows(&logits)?.first().copied().context("no logits row to pick from")?

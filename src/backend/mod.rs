@@ -318,8 +318,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let v = self.to_host(t)?;
         Ok((0..rows).map(|r| crate::sampling::argmax(&v[r * cols..(r + 1) * cols])).collect())
     }
-    /// Each row's pick by its draw (`sampling::pick`: greedy, or a temperature draw without
-    /// filters): a backend may make them where the logits are, and copy only the tokens.
+    /// Each row's pick by its draw (`sampling::pick`: greedy, or a temperature draw with top-p
+    /// and min-p): a backend may make them where the logits are, and copy only the tokens.
     fn sample_rows(&self, t: &Self::Tensor, draws: &[crate::sampling::Draw]) -> Result<Vec<u32>> {
         let (rows, cols) = self.shape(t);
         if draws.len() != rows {

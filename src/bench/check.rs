@@ -240,10 +240,9 @@ fn check_elementwise(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
 /// Temperature draws on the device (`sample_rows`): every row's pick the host's for the same
 /// uniform, at a real vocabulary's width and at narrow ones; a greedy row, rows without filters
 /// and with top-p and min-p, a uniform of 0, and rows the kernel leaves to the host (a NaN,
-/// +inf, all -inf). (A pick may differ from
-/// the host's where the uniform lies within rounding of a token's edge: next to 1, the weights'
-/// sums in another order put the last tokens' edges elsewhere by an ulp, so no such uniform is
-/// drawn here; `launch/sample-rows-emulation.py`, the kernel's sums in Python, agrees with the
+/// +inf, all -inf). (A pick may differ from the host's where the uniform lies within rounding
+/// of a token's edge: next to 1, the weights' sums in another order put the last tokens' edges
+/// elsewhere by an ulp, so no such uniform is drawn here; `launch/sample-rows-emulation.py`, the kernel's sums in Python, agrees with the
 /// host on 720 of 720 draws away from 1 and differs on 8 of 144 at 1 - 2^-53.)
 fn check_sampling(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
     use crate::sampling::Draw;

@@ -127,7 +127,7 @@ impl<B: Backend> Stage<B> {
             });
         }
         // Greedy picks without log-probabilities need only the argmax, found on the device (and
-        // temperature draws without filters their draw, `sampling_on_device`); when a pick needs
+        // temperature draws without top-k their draw, `sampling_on_device`); when a pick needs
         // the logits on the host, they serve every pick (the sampler's greedy pick is the same
         // argmax).
         let on_host = picks.iter().any(|s| s.logprobs || !self.samplers[&s.seq].draws_on_device());

@@ -232,9 +232,6 @@ impl CudaBackend {
         if t.rows == 0 {
             return Ok(vec![]);
         }
-        if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
-            bail!("sampling over rows of {} values", t.cols);
-        }
         // Each row's temperature, top-p, min-p and uniform (sample_rows' params).
         let params: Vec<f64> = draws
             .iter()
@@ -243,11 +240,26 @@ impl CudaBackend {
                 Draw::Temperature { temperature, top_p, min_p, u } => [temperature as f64, top_p as f64, min_p as f64, u],
             })
             .collect();
-        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA: {e:?}");
-        let params = self.stream.clone_htod(&params).map_err(cuda)?;
+        let params = self.stream.clone_htod(&params).map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        self.row_picks(t, "sample_rows", SAMPLE_SMEM, &[Arg::Ptr(self.ptr(&params))])
+    }
+
+    /// One index per row of `t` by `kernel` (a block of 1024 threads a row; its arguments the
+    /// rows, their width, `extra`, then the indices), copied to the host.
+    fn row_picks(&self, t: &CudaTensor, kernel: &'static str, smem: usize, extra: &[Arg]) -> Result<Vec<i32>> {
+        if t.rows == 0 {
+            return Ok(vec![]);
+        }
+        // (The kernels' column index, an int, steps by their 1024 threads past the last column.)
+        if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
+            bail!("{kernel} over rows of {} values", t.cols);
+        }
         let idx = self.alloc_indices(t.rows)?;
-        self.launch("sample_rows", (t.rows as u32, 1, 1), 1024, SAMPLE_SMEM, &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&params)), Arg::Ptr(self.ptr(&idx))])?;
-        let mut v = self.stream.clone_dtoh(&idx).map_err(cuda)?;
+        let mut args = vec![Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32)];
+        args.extend_from_slice(extra);
+        args.push(Arg::Ptr(self.ptr(&idx)));
+        self.launch(kernel, (t.rows as u32, 1, 1), 1024, smem, &args)?;
+        let mut v = self.stream.clone_dtoh(&idx).map_err(|e| anyhow!("CUDA: {e:?}"))?;
         self.synchronize()?;
         v.truncate(t.rows);
         Ok(v)
@@ -584,18 +596,7 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_rows(&self, t: &CudaTensor) -> Result<Vec<u32>> {
-        if t.rows == 0 {
-            return Ok(vec![]);
-        }
-        // (The kernel's column index, an int, steps by its 1024 threads past the last column.)
-        if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
-            bail!("argmax over rows of {} values", t.cols);
-        }
-        let idx = self.alloc_indices(t.rows)?;
-        self.launch("argmax_rows", (t.rows as u32, 1, 1), 1024, 0, &[Arg::Ptr(self.ptr(&t.buf)), Arg::I32(t.cols as i32), Arg::Ptr(self.ptr(&idx))])?;
-        let v = self.stream.clone_dtoh(&idx).map_err(|e| anyhow!("CUDA: {e:?}"))?;
-        self.synchronize()?;
-        Ok(v[..t.rows].iter().map(|&i| i as u32).collect())
+        Ok(self.row_picks(t, "argmax_rows", 0, &[])?.into_iter().map(|i| i as u32).collect())
     }
 
     fn sample_rows(&self, t: &CudaTensor, draws: &[crate::sampling::Draw]) -> Result<Vec<u32>> {
