@@ -933,12 +933,15 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
 // a block reads its plan entry and weight descriptor (a chain of dependent loads) once for
 // several tiles when the host launches fewer blocks than tiles (mma_block in linear.rs).
 
-// act[p, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t): the tile's rows are 8 gate rows and the
-// matching up rows; grid (up to ceil(I / 8), groups); x split for the format (T rows).
-template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) {
+// act[j, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t) for the plan's j-th pair p (token t = p / K):
+// the activations in plan order, so that a group's rows are contiguous (the one-token block
+// splits and projects its experts in two waves: moe.rs). The tile's rows are 8 gate rows and
+// the matching up rows; grid (up to ceil(I / 8), groups from group g0); x split for the format
+// (T rows).
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0) {
     __shared__ float res[16 * MMA_TOKENS];
     PlanGroup pg;
-    if (!plan_group(plan, P, blockIdx.y, pg)) return;
+    if (!plan_group(plan, P, g0 + blockIdx.y, pg)) return;
     const WDesc d = gu[pg.expert];
     const int* pairs = pg.pairs;
     int g = (threadIdx.x & 31) >> 2;
@@ -955,18 +958,18 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         if (mine) {
             int p = pairs[p0 + t];
             float u = pow2(-d.scale_exp), s = pow2(-exps[p / K]), gv = res[i] * u * s, uv = res[i + 8 * MMA_TOKENS] * u * s;
-            act[(size_t)p * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
+            act[(size_t)(p0 + t) * I + r0 + r] = gv / (1.f + expf(-gv)) * uv;
         }
     }
     }
 }
 
-// part[p, r] = down_e[r] · act[p]; grid (up to ceil(H / 16), groups); act split for the format
-// (P rows).
-template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) {
+// part[p, r] = down_e[r] · act[j] for the plan's j-th pair p (act in plan order, as gate/up
+// writes it); grid (up to ceil(H / 16), groups from group g0); act split for the format (P rows).
+template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) {
     __shared__ float res[16 * MMA_TOKENS];
     PlanGroup pg;
-    if (!plan_group(plan, P, blockIdx.y, pg)) return;
+    if (!plan_group(plan, P, g0 + blockIdx.y, pg)) return;
     const WDesc d = dn[pg.expert];
     const int* pairs = pg.pairs;
     int g = (threadIdx.x & 31) >> 2;
@@ -974,7 +977,8 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     int ra = r0 + g < H ? r0 + g : -1, rb = r0 + 8 + g < H ? r0 + 8 + g : -1;
     for (int p0 = pg.first; p0 < pg.end; p0 += V::SLOTS) {
         int nt = min(V::SLOTS, pg.end - p0), trow[MMA_TOKENS];
-        slot_rows(trow, pairs + p0, nt, 1);
+#pragma unroll
+        for (int j = 0; j < MMA_TOKENS; j++) trow[j] = j < nt ? p0 + j : -1;
         float2 v = V::part(d, ra, rb, trow, acts, sums);
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
@@ -982,7 +986,7 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         tile_reduce(v, res);
         if (mine) {
             int p = pairs[p0 + t];
-            part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[p]);
+            part[(size_t)p * H + r0 + r] = res[i] * pow2(-d.scale_exp) * pow2(-exps[p0 + t]);
         }
     }
     }
@@ -992,12 +996,13 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I) { pdl_entry(); \
-        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I);                                                     \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait) { \
+        if (wait) pdl_entry();                                                                                          \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0);                                                 \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) { \
         pdl_entry();                                                                                                    \
-        moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H);                                                        \
+        moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H, g0);                                                    \
     }
 
 // The INT4 variants' names: g<group><a: zero points | s: none><slots>_int4 (linear.rs builds

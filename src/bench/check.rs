@@ -261,8 +261,10 @@ fn check_sampling(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Ta
         x[row(10)][cols / 3] = f32::INFINITY;
         x[row(11)].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
         // Row 12: -0 then +0 as the largest (+0 sorts first, as total_cmp has it), and -inf
-        // among the rest.
-        x[row(12)].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 5 == 4 { f32::NEG_INFINITY } else { -v.abs() - 1.0 });
+        // among the rest, which lie 20 below them so that top-p keeps a short head at a real
+        // vocabulary's width too (1 below, the 154880 tails outweighed the two zeros and the
+        // head was too long for the kernel: the device left the row to the host, H200).
+        x[row(12)].iter_mut().enumerate().for_each(|(i, v)| *v = if i % 5 == 4 { f32::NEG_INFINITY } else { -v.abs() - 20.0 });
         x[row(12)][0] = -0.0;
         x[row(12)][cols - 1] = 0.0;
         // Rows 1-4 without filters; 5-8 and 12-13 with top-p and min-p (OpenAI clients' settings

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::buffer::DevBuf;
 use super::weights::{CudaLinear, CudaWeight, Fmt, WDesc};
-use super::{kernels, Arg, CudaBackend, CudaTensor, Kernel};
+use super::{kernels, Arg, CudaBackend, CudaTensor, Kernel, Lane};
 
 impl CudaBackend {
     /// `y[:, yoff .. yoff + w.rows] = x · Wᵀ` for every part of `w`.
@@ -77,7 +77,7 @@ impl CudaBackend {
         if let Some(w) = forced_mma_warps() {
             return Ok((32 * w.min(most) as u32, 1));
         }
-        let share = if self.on_side.load(Ordering::Relaxed) { side_share() } else { 1 };
+        let share = if self.current_lane() == Lane::Side { side_share() } else { 1 };
         // Decided once per launch shape: the occupancy calculator is not free.
         let key = (kernel, most, tiles, share, loops);
         if let Some(&block) = self.mma_block.read().unwrap().get(&key) {
@@ -207,11 +207,31 @@ impl CudaBackend {
     /// Splits `x` into `s` (from `split_alloc` for its shape): split_planes for INT4 writes
     /// every plane byte and sum, split_act both f16 halves of every element.
     pub(super) fn split_into(&self, x: &CudaTensor, s: &Split) -> Result<()> {
-        let grid = (x.rows as u32, (x.cols as u32).div_ceil(SPLIT_SEG), 1);
-        let (data, exps) = (Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(self.ptr(&s.exps)));
+        self.split_rows_into(x, s, 0..x.rows)
+    }
+
+    /// `split_into` for `rows` of `x` alone (into the same rows of `s`: every array of a split
+    /// is laid out a row after another).
+    pub(super) fn split_rows_into(&self, x: &CudaTensor, s: &Split, rows: std::ops::Range<usize>) -> Result<()> {
+        if rows.end > x.rows || rows.start > rows.end {
+            bail!("internal: split of rows {rows:?} of {}", x.rows);
+        }
+        let (r0, n, cols) = (rows.start as u64, rows.len(), x.cols);
+        if n == 0 {
+            return Ok(());
+        }
+        let grid = (n as u32, (cols as u32).div_ceil(SPLIT_SEG), 1);
+        let x_ptr = Arg::Ptr(self.ptr(&x.buf) + r0 * 4 * cols as u64);
+        let exps = Arg::Ptr(self.ptr(&s.exps) + r0 * 4);
         match &s.sums {
-            Some(sums) => self.launch("split_planes", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, Arg::Ptr(self.ptr(sums)), exps]),
-            None => self.launch("split_act", grid, 256, 0, &[Arg::Ptr(self.ptr(&x.buf)), Arg::I32(x.cols as i32), data, exps]),
+            Some(sums) => {
+                // PLANES bytes a value; (cols / 32 + cols / 128) · PLANES sums a row.
+                let data = Arg::Ptr(self.ptr(&s.data) + r0 * (PLANES * cols) as u64);
+                let sums = Arg::Ptr(self.ptr(sums) + r0 * 4 * ((cols / 32 + cols / 128) * PLANES) as u64);
+                self.launch("split_planes", grid, 256, 0, &[x_ptr, Arg::I32(cols as i32), data, sums, exps])
+            }
+            // Two f16 halves a value.
+            None => self.launch("split_act", grid, 256, 0, &[x_ptr, Arg::I32(cols as i32), Arg::Ptr(self.ptr(&s.data) + r0 * (4 * cols) as u64), exps]),
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod timeline;
 pub mod weights;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -105,6 +105,33 @@ fn kernel_name((family, fmt): Kernel) -> String {
 /// whether it loops over tiles).
 type MmaLaunchShape = (Kernel, usize, usize, usize, bool);
 
+/// The backend's streams, as a launch picks one (`CudaBackend::lane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Lane {
+    Main = 0,
+    Side = 1,
+    Aux = 2,
+}
+
+impl Lane {
+    fn from_u8(v: u8) -> Lane {
+        match v {
+            1 => Lane::Side,
+            2 => Lane::Aux,
+            _ => Lane::Main,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Lane::Main => "main",
+            Lane::Side => "side",
+            Lane::Aux => "aux",
+        }
+    }
+}
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -116,8 +143,15 @@ pub struct CudaBackend {
     join_event: CudaEvent,
     /// Where `concurrently`'s late side part waits for the main stream.
     late_event: CudaEvent,
-    /// Set while `concurrently` runs a side part: launches go to `side`.
-    on_side: AtomicBool,
+    /// A third stream, for the second wave of a one-token MoE block's routed experts
+    /// (`moe::waves`): the first wave's split and down projection run on it while the second
+    /// wave's gate/up streams on the main stream; with the events that fork it and join it back.
+    aux: Arc<CudaStream>,
+    aux_fork: CudaEvent,
+    aux_join: CudaEvent,
+    /// The stream launches go to (a `Lane` as u8): `Side` while `concurrently` runs a side
+    /// part, `Aux` while `on_aux` runs.
+    lane: AtomicU8,
     /// Set while a graph is captured: buffers come from `alloc_stream`, never captured, and the
     /// keeper holds them for the graph (see `buffer`).
     capture: Mutex<Option<Keeper>>,
@@ -188,6 +222,8 @@ impl CudaBackend {
         let alloc_stream = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let event = || ctx.new_event(None).map_err(|e| anyhow!("{e:?}"));
         let (fork_event, join_event, late_event) = (event()?, event()?, event()?);
+        let aux = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
+        let (aux_fork, aux_join) = (event()?, event()?);
         Ok(CudaBackend {
             ctx,
             stream,
@@ -195,7 +231,10 @@ impl CudaBackend {
             fork_event,
             join_event,
             late_event,
-            on_side: AtomicBool::new(false),
+            aux,
+            aux_fork,
+            aux_join,
+            lane: AtomicU8::new(Lane::Main as u8),
             capture: Mutex::new(None),
             alloc_stream,
             mma_fmts: AtomicU8::new(0),
@@ -323,10 +362,36 @@ impl CudaBackend {
 
     /// `f` with its launches on the side stream.
     fn on_side_stream(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.on_side.store(true, Ordering::Relaxed);
+        self.on_lane(Lane::Side, f)
+    }
+
+    /// `f` with its launches on `lane`'s stream (then back to the main stream's).
+    fn on_lane(&self, lane: Lane, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.lane.store(lane as u8, Ordering::Relaxed);
         let r = f();
-        self.on_side.store(false, Ordering::Relaxed);
+        self.lane.store(Lane::Main as u8, Ordering::Relaxed);
         r
+    }
+
+    /// The stream launches go to now.
+    fn current_lane(&self) -> Lane {
+        Lane::from_u8(self.lane.load(Ordering::Relaxed))
+    }
+
+    /// Runs `aux` with its launches on the aux stream once everything issued so far on the main
+    /// stream is done, then `main` on the main stream beside it; the main stream then waits for
+    /// `aux`'s work. In a graph capture the two become parallel branches. Like `concurrently`'s
+    /// side parts, `aux` may only launch into buffers allocated before this call. Called from
+    /// the main lane only.
+    fn beside_aux<R>(&self, aux: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
+        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA aux stream fork/join: {e:?}");
+        self.aux_fork.record(&self.stream).map_err(cuda)?;
+        self.aux.wait(&self.aux_fork).map_err(cuda)?;
+        let result = self.on_lane(Lane::Aux, aux).and_then(|()| main());
+        // Joined whatever happened, so a capture never ends with the aux stream apart.
+        self.aux_join.record(&self.aux).map_err(cuda)?;
+        self.stream.wait(&self.aux_join).map_err(cuda)?;
+        result
     }
 
     fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
@@ -351,9 +416,9 @@ impl CudaBackend {
                 Arg::Meta(v) => v as *const StepMeta as *mut std::ffi::c_void,
             })
             .collect();
-        let on_side = self.on_side.load(Ordering::Relaxed);
+        let lane = self.current_lane();
         if timeline::enabled() {
-            self.timeline.note(kernel_name(kernel), grid, block, on_side);
+            self.timeline.note(kernel_name(kernel), grid, block, lane);
         }
         // Safety: a zeroed attribute is valid; id and value are set below.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -367,7 +432,11 @@ impl CudaBackend {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem as u32,
-            hStream: if on_side { self.side.cu_stream() } else { self.stream.cu_stream() },
+            hStream: match lane {
+                Lane::Main => self.stream.cu_stream(),
+                Lane::Side => self.side.cu_stream(),
+                Lane::Aux => self.aux.cu_stream(),
+            },
             attrs: &mut attr,
             numAttrs: kernels::pdl() as u32,
         };
@@ -389,7 +458,7 @@ impl CudaBackend {
     /// While a graph is captured they come from the allocation stream and live as long as the
     /// graph (see `buffer`).
     fn uninit<T: AnyBits>(&self, n: usize) -> Result<DevBuf<T>> {
-        if self.on_side.load(Ordering::Relaxed) {
+        if self.current_lane() != Lane::Main {
             bail!("internal: a buffer allocated inside a side-stream closure (allocate it before `concurrently`)");
         }
         // (The lock only when captures may keep buffers: this is every operation's allocation.)

@@ -285,15 +285,21 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
             let pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
             let groups = (t * routing.top_k).min(experts.count) as u32;
-            pass.gate_up(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, groups)?;
-            Ok((routing, pass, groups))
+            let split = waves(t, groups);
+            pass.gate_up_groups(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, 0..split.unwrap_or(groups), true)?;
+            Ok((routing, pass, groups, split))
         },
         late.then_some(&shared_down as &dyn Fn() -> Result<()>),
-        |(routing, pass, groups)| {
+        |(routing, pass, groups, split)| {
+            let plan = decode_plan(&routing)?;
+            if let Some(split) = split {
+                pass.second_wave(gpu, experts, variants, xs, plan, routing.top_k, groups, split)?;
+                return Ok((routing, pass));
+            }
             if !skipped(Skip::Split) {
                 gpu.split_into(&pass.act, &pass.acts)?;
             }
-            pass.down(gpu, experts, variants.1, decode_plan(&routing)?, routing.top_k, groups)?;
+            pass.down(gpu, experts, variants.1, plan, routing.top_k, groups)?;
             Ok((routing, pass))
         },
     )?;
@@ -301,6 +307,27 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
         return gpu.tensor_of(t, experts.hidden);
     }
     combine(gpu, &pass.part, &routing.weights, Some(&shared_pass.part), t, routing.top_k, experts.hidden)
+}
+
+/// Where a one-token overlapped block splits its `groups` routed experts into two waves
+/// (`MmaPass::second_wave`), or None for one pass: `DUET_MOE_WAVES`, the first wave's share in
+/// eighths of the groups (1 to 7; 0 turns waves off; default 4, half). H200, INT4 block at one
+/// token over four alternations: group 64 +1.0-1.6 points, group 32 +0.5, group 128 +0.1-0.6,
+/// FP8 +0.4-0.9; 3 and 5 eighths lost (performance.md, eighteenth session).
+fn waves(tokens: usize, groups: u32) -> Option<u32> {
+    static EIGHTHS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let eighths = *EIGHTHS.get_or_init(|| super::kernels::env_usize("DUET_MOE_WAVES", "0 to 7", |n| n <= 7).unwrap_or(4) as u32);
+    let split = (groups * eighths / 8).max(1);
+    (tokens == 1 && eighths > 0 && groups >= 2 && !skipped(Skip::Split)).then_some(split.min(groups - 1))
+}
+
+/// Whether the second wave's gate/up starts without waiting for the first wave's
+/// (`DUET_WAVE_NOWAIT`, default on): it reads only the plan and the step's split input, made
+/// before the first wave's launch passed its own wait, so it may run as the first's blocks
+/// drain; 0 makes it wait as every other launch does (H200: 1-1.5 points lower at one token).
+fn second_wave_early() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_WAVE_NOWAIT", true))
 }
 
 /// Launches of the overlapped block that `DUET_DIAG_SKIP` leaves out (`split`, `combine`, or
@@ -453,6 +480,15 @@ impl MmaPass {
 
     #[allow(clippy::too_many_arguments)]
     fn gate_up(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        self.gate_up_groups(gpu, experts, v, xs, plan, k, 0..groups, true)
+    }
+
+    /// `gate_up` for the plan's groups `groups` alone. Without `wait` the kernel does not wait
+    /// for the kernel before it on the stream (it still starts only once that kernel's blocks
+    /// have all passed their own wait: programmatic dependent launch), for the second wave of
+    /// `waves`, which reads nothing the first wave writes.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_groups(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: std::ops::Range<u32>, wait: bool) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
         // The tile width follows the tokens (pairs / k), as an expert's group has at most one
@@ -461,22 +497,76 @@ impl MmaPass {
             MmaFamily::GateUp,
             v,
             pairs / k,
-            ((i as u32).div_ceil(8), groups, 1),
+            ((i as u32).div_ceil(8), groups.len() as u32, 1),
             h,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&xs.data)), Arg::Ptr(xs.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&xs.exps)), Arg::Ptr(gpu.ptr(&self.act.buf)), Arg::I32(k as i32), Arg::I32(i as i32)],
+            &[
+                a,
+                b,
+                c,
+                Arg::Ptr(gpu.ptr(&xs.data)),
+                Arg::Ptr(xs.sums_ptr(gpu)),
+                Arg::Ptr(gpu.ptr(&xs.exps)),
+                Arg::Ptr(gpu.ptr(&self.act.buf)),
+                Arg::I32(k as i32),
+                Arg::I32(i as i32),
+                Arg::I32(groups.start as i32),
+                Arg::I32(wait as i32),
+            ],
         )
     }
 
     fn down(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: u32) -> Result<()> {
+        self.down_groups(gpu, experts, v, plan, k, 0..groups)
+    }
+
+    /// `down` for the plan's groups `groups` alone.
+    fn down_groups(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: std::ops::Range<u32>) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
             MmaFamily::Down,
             v,
             pairs / k,
-            ((h as u32).div_ceil(16), groups, 1),
+            ((h as u32).div_ceil(16), groups.len() as u32, 1),
             i,
-            &[a, b, c, Arg::Ptr(gpu.ptr(&self.acts.data)), Arg::Ptr(self.acts.sums_ptr(gpu)), Arg::Ptr(gpu.ptr(&self.acts.exps)), Arg::Ptr(gpu.ptr(&self.part)), Arg::I32(h as i32)],
+            &[
+                a,
+                b,
+                c,
+                Arg::Ptr(gpu.ptr(&self.acts.data)),
+                Arg::Ptr(self.acts.sums_ptr(gpu)),
+                Arg::Ptr(gpu.ptr(&self.acts.exps)),
+                Arg::Ptr(gpu.ptr(&self.part)),
+                Arg::I32(h as i32),
+                Arg::I32(groups.start as i32),
+            ],
+        )
+    }
+
+    /// The rest of a one-token step's routed experts after the first wave's gate/up (groups
+    /// `0..split`, launched by the caller): the first wave's split and down projection on the
+    /// aux stream, streaming beside the second wave's gate/up (groups `split..groups`) instead
+    /// of after it, then the second wave's split and down. The second wave's gate/up starts as
+    /// the first's blocks drain (it does not wait for the first: `gate_up_groups`). At one
+    /// token a group is one pair, so a wave's activations are the rows of its groups (gate/up
+    /// writes them in plan order). See `waves`.
+    #[allow(clippy::too_many_arguments)]
+    fn second_wave(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32, split: u32) -> Result<()> {
+        if self.act.rows != k || split == 0 || split >= groups {
+            bail!("internal: two waves of {split} and {groups} groups over {} pairs of {k} a token", self.act.rows);
+        }
+        let first = 0..split as usize;
+        let second = split as usize..groups as usize;
+        gpu.beside_aux(
+            || {
+                gpu.split_rows_into(&self.act, &self.acts, first)?;
+                self.down_groups(gpu, experts, down, plan, k, 0..split)
+            },
+            || {
+                self.gate_up_groups(gpu, experts, gate_up, xs, plan, k, split..groups, !second_wave_early())?;
+                gpu.split_rows_into(&self.act, &self.acts, second)?;
+                self.down_groups(gpu, experts, down, plan, k, split..groups)
+            },
         )
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use anyhow::{anyhow, Result};
 
-use super::CudaBackend;
+use super::{CudaBackend, Lane};
 
 /// Bytes of a record: grid id, arrived, first, last (u64); grid x, y, block x, blocks (u32).
 const RECORD: usize = 48;
@@ -40,7 +40,7 @@ pub struct Launch {
     pub kernel: String,
     pub grid: (u32, u32),
     pub block: u32,
-    pub side: bool,
+    pub lane: Lane,
 }
 
 /// The launches noted since `CudaBackend::timeline_reset` (host order).
@@ -48,10 +48,10 @@ pub struct Launch {
 pub(super) struct Log(Mutex<Vec<Launch>>);
 
 impl Log {
-    pub(super) fn note(&self, kernel: String, grid: (u32, u32, u32), block: u32, side: bool) {
+    pub(super) fn note(&self, kernel: String, grid: (u32, u32, u32), block: u32, lane: Lane) {
         let mut log = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if log.len() < LOG_MAX {
-            log.push(Launch { kernel, grid: (grid.0, grid.1), block, side });
+            log.push(Launch { kernel, grid: (grid.0, grid.1), block, lane });
         }
     }
 }
@@ -126,12 +126,12 @@ impl CudaBackend {
 pub fn table(marks: &[Mark]) -> String {
     let mut out = String::from("    kernel                                     stream  grid        blocks  arrived   first    last  -> next on stream\n");
     for (i, m) in marks.iter().enumerate() {
-        let side = m.launch.as_ref().is_some_and(|l| l.side);
-        let next = marks[i + 1..].iter().find(|n| n.launch.as_ref().is_some_and(|l| l.side) == side).map_or(String::new(), |n| format!("{:7.2}", n.first - m.first));
+        let lane = m.launch.as_ref().map(|l| l.lane);
+        let next = marks[i + 1..].iter().find(|n| n.launch.as_ref().map(|l| l.lane) == lane).map_or(String::new(), |n| format!("{:7.2}", n.first - m.first));
         let name = m.launch.as_ref().map_or("?", |l| l.kernel.as_str());
         out += &format!(
             "    {name:<42} {:<6}  {:>4}x{:<4}  {:>6}  {:7.2} {:7.2} {:7.2}  {next}\n",
-            if side { "side" } else { "main" },
+            lane.map_or("?", Lane::name),
             m.grid.0,
             m.grid.1,
             m.blocks,
