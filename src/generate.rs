@@ -66,9 +66,7 @@ pub fn generate<B: Backend>(
         };
         // Greedy decoding (and temperature draws without top-k, `sampling_on_device`) reads
         // only the token from the device, not the vocabulary's logits.
-        let token = if sampler.params.is_greedy() {
-            model.backend.argmax_rows(&logits)?.first().copied().context("no logits row to pick from")?
-        } else if sampler.draws_on_device() {
+        let token = if sampler.draws_on_device() {
             let draw = sampler.device_draw().context("internal: no device draw")?;
             model.backend.sample_rows(&logits, &[draw])?.first().copied().context("no logits row to pick from")?
         } else {

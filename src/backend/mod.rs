@@ -311,15 +311,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn selection_from_host(&self, rows: usize, topk: usize, data: &[i32]) -> Result<Self::Selection>;
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
-    /// Each row's index of its largest value, the first on ties, as `sampling::argmax` (greedy
-    /// decoding): a backend may find them where the values are, and copy only the indices.
-    fn argmax_rows(&self, t: &Self::Tensor) -> Result<Vec<u32>> {
-        let (rows, cols) = self.shape(t);
-        let v = self.to_host(t)?;
-        Ok((0..rows).map(|r| crate::sampling::argmax(&v[r * cols..(r + 1) * cols])).collect())
-    }
-    /// Each row's pick by its draw (`sampling::pick`: greedy, or a temperature draw with top-p
-    /// and min-p): a backend may make them where the logits are, and copy only the tokens.
+    /// Each row's pick by its draw (`sampling::pick`: greedy, the first largest value as
+    /// `sampling::argmax`, or a temperature draw with top-p and min-p): a backend may make them
+    /// where the logits are, and copy only the tokens.
     fn sample_rows(&self, t: &Self::Tensor, draws: &[crate::sampling::Draw]) -> Result<Vec<u32>> {
         let (rows, cols) = self.shape(t);
         if draws.len() != rows {

@@ -299,7 +299,7 @@ fn check_sampling(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Ta
     Ok(())
 }
 
-/// Greedy picks on the device: every row's argmax the oracle's, at a real vocabulary's width
+/// Greedy picks on the device (`sample_rows` with every draw greedy: argmax_rows): every row's argmax the oracle's, at a real vocabulary's width
 /// and at narrow ones, with the maximum tied (the first wins, also +0 against -0), rows of -inf,
 /// NaN first (it stays the answer) and NaNs elsewhere (they never win, even beside the maximum).
 fn check_argmax(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
@@ -325,7 +325,8 @@ fn check_argmax(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Tabl
         x[at(5, cols / 4)] = -0.0;
         x[at(5, cols / 2)] = 0.0;
         let (xc, xg) = pair(cpu, gpu, rows, cols, &x)?;
-        let (want, got) = (cpu.argmax_rows(&xc)?, gpu.argmax_rows(&xg)?);
+        let greedy = vec![crate::sampling::Draw::Greedy; rows];
+        let (want, got) = (cpu.sample_rows(&xc, &greedy)?, gpu.sample_rows(&xg, &greedy)?);
         t.flag("argmax rows", format!("[{rows},{cols}]: ties, -inf, NaN, ±0"), got == want, "= oracle");
     }
     Ok(())

@@ -126,16 +126,13 @@ impl<B: Backend> Stage<B> {
                 Sampler::new(SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k as usize, min_p: s.min_p, seed: Some(s.seed) })
             });
         }
-        // Greedy picks without log-probabilities need only the argmax, found on the device (and
-        // temperature draws without top-k their draw, `sampling_on_device`); when a pick needs
-        // the logits on the host, they serve every pick (the sampler's greedy pick is the same
-        // argmax).
+        // Greedy picks and temperature draws without top-k (`sampling_on_device`), without
+        // log-probabilities, are made on the device (`Backend::sample_rows`); when a pick needs
+        // the logits on the host, they serve every pick (the sampler's picks are the same).
         let on_host = picks.iter().any(|s| s.logprobs || !self.samplers[&s.seq].draws_on_device());
         let host = if on_host { Some(b.to_host(&logits)?) } else { None };
         let device_picks = if on_host {
             vec![]
-        } else if picks.iter().all(|s| self.samplers[&s.seq].params.is_greedy()) {
-            b.argmax_rows(&logits)?
         } else {
             let draws = picks.iter().map(|s| self.samplers.get_mut(&s.seq).and_then(|m| m.device_draw()).context("internal: no device draw")).collect::<Result<Vec<_>>>()?;
             b.sample_rows(&logits, &draws)?

@@ -262,7 +262,9 @@ impl CudaBackend {
     }
 
     /// The picks of `sample_rows` as the device makes them: -1 for a row it leaves to the host
-    /// (a NaN, no finite largest logit, or a top-p / min-p head longer than HEAD_CAP).
+    /// (a NaN, no finite largest logit, or a top-p / min-p head longer than HEAD_CAP; never a
+    /// greedy row). Greedy steps (every draw greedy) take argmax_rows, which needs no
+    /// parameters copied; others take sample_rows, whose greedy rows run the same row_argmax.
     pub fn sample_rows_on_device(&self, t: &CudaTensor, draws: &[crate::sampling::Draw]) -> Result<Vec<i32>> {
         use crate::sampling::Draw;
         if draws.len() != t.rows {
@@ -270,6 +272,9 @@ impl CudaBackend {
         }
         if t.rows == 0 {
             return Ok(vec![]);
+        }
+        if draws.iter().all(|d| *d == Draw::Greedy) {
+            return self.row_picks(t, "argmax_rows", 0, &[]);
         }
         // Each row's temperature, top-p, min-p and uniform (sample_rows' params).
         let params: Vec<f64> = draws
@@ -662,10 +667,6 @@ impl Backend for CudaBackend {
 
     fn shape(&self, t: &CudaTensor) -> (usize, usize) {
         (t.rows, t.cols)
-    }
-
-    fn argmax_rows(&self, t: &CudaTensor) -> Result<Vec<u32>> {
-        Ok(self.row_picks(t, "argmax_rows", 0, &[])?.into_iter().map(|i| i as u32).collect())
     }
 
     fn sample_rows(&self, t: &CudaTensor, draws: &[crate::sampling::Draw]) -> Result<Vec<u32>> {
