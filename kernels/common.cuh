@@ -374,6 +374,18 @@ __device__ __forceinline__ void pdl_entry() {
 #endif
     if (PDL_TRIGGER == 0) pdl_trigger();
 }
+// pdl_entry for a kernel that needs nothing of the kernel before it on its stream (the second
+// wave of a one-token MoE block's gate/up, moe.rs): no wait; the timeline still notes it (its
+// arrival is its release).
+__device__ __forceinline__ void pdl_nowait() {
+#if TIMELINE
+    if (threadIdx.x == 0) {
+        unsigned long long now = global_ns();
+        timeline_note(now, now);
+    }
+#endif
+    if (PDL_TRIGGER == 0) pdl_trigger();
+}
 __device__ __forceinline__ void pdl_late() {
     if (PDL_TRIGGER == 2) pdl_trigger();
 }

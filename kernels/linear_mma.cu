@@ -997,7 +997,7 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait) { \
-        if (wait) pdl_entry();                                                                                          \
+        if (wait) pdl_entry(); else pdl_nowait();                                                                       \
         moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0);                                                 \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) { \

@@ -299,9 +299,10 @@ fn check_sampling(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Ta
     Ok(())
 }
 
-/// Greedy picks on the device (`sample_rows` with every draw greedy: argmax_rows): every row's argmax the oracle's, at a real vocabulary's width
-/// and at narrow ones, with the maximum tied (the first wins, also +0 against -0), rows of -inf,
-/// NaN first (it stays the answer) and NaNs elsewhere (they never win, even beside the maximum).
+/// Greedy picks on the device (`sample_rows` with every draw greedy: argmax_rows): every row's
+/// argmax the oracle's, at a real vocabulary's width and at narrow ones, with the maximum tied
+/// (the first wins, also +0 against -0), rows of -inf, NaN first (it stays the answer) and NaNs
+/// elsewhere (they never win, even beside the maximum).
 fn check_argmax(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
     for cols in [154_880, 1, 5, 1000, 1025] {
         let rows = 7;

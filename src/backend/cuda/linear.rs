@@ -213,8 +213,8 @@ impl CudaBackend {
     /// `split_into` for `rows` of `x` alone (into the same rows of `s`: every array of a split
     /// is laid out a row after another).
     pub(super) fn split_rows_into(&self, x: &CudaTensor, s: &Split, rows: std::ops::Range<usize>) -> Result<()> {
-        if rows.end > x.rows || rows.start > rows.end {
-            bail!("internal: split of rows {rows:?} of {}", x.rows);
+        if rows.end > x.rows || rows.start > rows.end || x.rows > s.exps.len() {
+            bail!("internal: split of rows {rows:?} of {} into a split of {}", x.rows, s.exps.len());
         }
         let (r0, n, cols) = (rows.start as u64, rows.len(), x.cols);
         if n == 0 {

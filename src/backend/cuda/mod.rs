@@ -105,6 +105,11 @@ fn kernel_name((family, fmt): Kernel) -> String {
 /// whether it loops over tiles).
 type MmaLaunchShape = (Kernel, usize, usize, usize, bool);
 
+/// Makes `stream`'s later work wait for the work issued so far on `on` (through `event`).
+fn after(stream: &CudaStream, on: &CudaStream, event: &CudaEvent) -> Result<()> {
+    event.record(on).and_then(|()| stream.wait(event)).map_err(|e| anyhow!("CUDA stream fork/join: {e:?}"))
+}
+
 /// The backend's streams, as a launch picks one (`CudaBackend::lane`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -143,14 +148,14 @@ pub struct CudaBackend {
     join_event: CudaEvent,
     /// Where `concurrently`'s late side part waits for the main stream.
     late_event: CudaEvent,
-    /// A third stream, for the second wave of a one-token MoE block's routed experts
-    /// (`moe::waves`): the first wave's split and down projection run on it while the second
-    /// wave's gate/up streams on the main stream; with the events that fork it and join it back.
+    /// A third stream, for a one-token MoE block's routed experts in two waves (`moe::waves`):
+    /// the first wave's split and down projection run on it while the second wave's gate/up
+    /// streams on the main stream; with the events that fork it and join it back.
     aux: Arc<CudaStream>,
     aux_fork: CudaEvent,
     aux_join: CudaEvent,
     /// The stream launches go to (a `Lane` as u8): `Side` while `concurrently` runs a side
-    /// part, `Aux` while `on_aux` runs.
+    /// part, `Aux` while `beside_aux` runs its aux part.
     lane: AtomicU8,
     /// Set while a graph is captured: buffers come from `alloc_stream`, never captured, and the
     /// keeper holds them for the graph (see `buffer`).
@@ -340,8 +345,8 @@ impl CudaBackend {
     /// work; the main stream then waits for the side's work, so what follows sees both. In a
     /// graph capture the two become parallel branches. The side parts may only launch into
     /// buffers allocated before this call: allocations and frees are ordered on the main stream,
-    /// and `uninit` refuses while a side part runs. (The backend is driven by one thread at a time, as a stage's loop
-    /// drives it: the side flag belongs to that thread's launches.)
+    /// and `uninit` refuses while a side part runs. (The backend is driven by one thread at a
+    /// time, as a stage's loop drives it: the lane belongs to that thread's launches.)
     fn concurrently<S, R>(
         &self,
         side: impl FnOnce() -> Result<()>,
@@ -350,12 +355,12 @@ impl CudaBackend {
         main_late: impl FnOnce(S) -> Result<R>,
     ) -> Result<R> {
         let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA stream fork/join: {e:?}");
-        self.fork_event.record(&self.stream).map_err(cuda)?;
-        self.side.wait(&self.fork_event).map_err(cuda)?;
+        self.main_lane_only("concurrently")?;
+        after(&self.side, &self.stream, &self.fork_event)?;
         let mut result = self.on_side_stream(side).and_then(|()| main());
         if let Some(late) = side_late {
             // (Errors here too still reach the join below.)
-            let waited = self.late_event.record(&self.stream).and_then(|()| self.side.wait(&self.late_event)).map_err(cuda);
+            let waited = after(&self.side, &self.stream, &self.late_event);
             result = result.and_then(|s| waited.and_then(|()| self.on_side_stream(late)).map(|()| s));
         }
         // Joined whatever happened, so a capture never ends with the side stream apart.
@@ -365,16 +370,24 @@ impl CudaBackend {
         result
     }
 
+    /// An error unless launches go to the main stream now (`what` forks from it).
+    fn main_lane_only(&self, what: &str) -> Result<()> {
+        match self.current_lane() {
+            Lane::Main => Ok(()),
+            lane => bail!("internal: {what} called from the {} stream's part", lane.name()),
+        }
+    }
+
     /// `f` with its launches on the side stream.
     fn on_side_stream(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
         self.on_lane(Lane::Side, f)
     }
 
-    /// `f` with its launches on `lane`'s stream (then back to the main stream's).
+    /// `f` with its launches on `lane`'s stream (then back to the stream they went to before).
     fn on_lane(&self, lane: Lane, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.lane.store(lane as u8, Ordering::Relaxed);
+        let before = self.lane.swap(lane as u8, Ordering::Relaxed);
         let r = f();
-        self.lane.store(Lane::Main as u8, Ordering::Relaxed);
+        self.lane.store(before, Ordering::Relaxed);
         r
     }
 
@@ -389,14 +402,12 @@ impl CudaBackend {
     /// side parts, `aux` may only launch into buffers allocated before this call. Called from
     /// the main lane only.
     fn beside_aux<R>(&self, aux: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
-        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA aux stream fork/join: {e:?}");
-        self.aux_fork.record(&self.stream).map_err(cuda)?;
-        self.aux.wait(&self.aux_fork).map_err(cuda)?;
+        self.main_lane_only("beside_aux")?;
+        after(&self.aux, &self.stream, &self.aux_fork)?;
         let result = self.on_lane(Lane::Aux, aux).and_then(|()| main());
         // Joined whatever happened, so a capture never ends with the aux stream apart.
-        self.aux_join.record(&self.aux).map_err(cuda)?;
-        self.stream.wait(&self.aux_join).map_err(cuda)?;
-        result
+        let joined = after(&self.stream, &self.aux, &self.aux_join);
+        result.and_then(|r| joined.map(|()| r))
     }
 
     fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
@@ -464,7 +475,7 @@ impl CudaBackend {
     /// graph (see `buffer`).
     fn uninit<T: AnyBits>(&self, n: usize) -> Result<DevBuf<T>> {
         if self.current_lane() != Lane::Main {
-            bail!("internal: a buffer allocated inside a side-stream closure (allocate it before `concurrently`)");
+            bail!("internal: a buffer allocated inside a side or aux stream's part (allocate it before `concurrently` or `beside_aux`)");
         }
         // (The lock only when captures may keep buffers: this is every operation's allocation.)
         let keeper = if graphs::keep_buffers() { self.capture.lock().unwrap_or_else(|e| e.into_inner()).clone() } else { None };

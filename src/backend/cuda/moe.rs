@@ -322,9 +322,14 @@ fn waves(tokens: usize, groups: u32) -> Option<u32> {
 }
 
 /// Whether the second wave's gate/up starts without waiting for the first wave's
-/// (`DUET_WAVE_NOWAIT`, default on): it reads only the plan and the step's split input, made
-/// before the first wave's launch passed its own wait, so it may run as the first's blocks
-/// drain; 0 makes it wait as every other launch does (H200: 1-1.5 points lower at one token).
+/// (`DUET_WAVE_NOWAIT`, default on; 0 makes it wait as every other launch does: H200, 1-1.5
+/// points lower at one token). Sound because (1) it is launched right after the first wave's
+/// gate/up, whose blocks all wait for the kernels before them at entry and trigger the next
+/// launch only after that wait, so it starts after the route and the split input are complete;
+/// (2) it reads only those and writes only its own groups' activation rows (at one token a
+/// group is one pair, so the rows of the two waves are apart); (3) nothing later on the main
+/// stream needs the first wave's gate/up but through the aux stream's fork and join, which wait
+/// for its completion.
 fn second_wave_early() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::kernels::env_switch("DUET_WAVE_NOWAIT", true))
@@ -364,10 +369,11 @@ fn decode_plan(routing: &CudaRouting) -> Result<&CudaSlice<i32>> {
     }
 }
 
-/// Whether the overlapped block's shared expert runs its down projection late, while the routed
-/// experts' activations are split (`DUET_SIDE_DOWN_LATE`, default off until measured on the
-/// H200; on: the shared down no longer shares the bandwidth with the routed gate/up but fills
-/// the split's gap).
+/// Whether the overlapped block's shared expert runs its down projection late, once the routed
+/// gate/up is done (`DUET_SIDE_DOWN_LATE`, default off: H200, the same or 0.3-1.6 points better
+/// at two tokens, 4 points worse at one with waves; performance.md). Then it streams while the
+/// routed experts' activations are split, not beside their gate/up; at one token with waves it
+/// waits only for the first wave's gate/up.
 fn late_shared_down() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::kernels::env_switch("DUET_SIDE_DOWN_LATE", false))
@@ -484,12 +490,12 @@ impl MmaPass {
     }
 
     /// `gate_up` for the plan's groups `groups` alone. Without `wait` the kernel does not wait
-    /// for the kernel before it on the stream (it still starts only once that kernel's blocks
-    /// have all passed their own wait: programmatic dependent launch), for the second wave of
-    /// `waves`, which reads nothing the first wave writes.
+    /// for the kernel before it on the stream: only `second_wave` launches so, right after the
+    /// first wave's gate/up (see `second_wave_early`).
     #[allow(clippy::too_many_arguments)]
     fn gate_up_groups(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: std::ops::Range<u32>, wait: bool) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
+        check_groups(&groups, pairs)?;
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
         // The tile width follows the tokens (pairs / k), as an expert's group has at most one
         // pair per token (the kernels loop over a group's pairs, so any count is still right).
@@ -522,6 +528,7 @@ impl MmaPass {
     /// `down` for the plan's groups `groups` alone.
     fn down_groups(&self, gpu: &CudaBackend, experts: &CudaExperts, v: MmaVariant, plan: &CudaSlice<i32>, k: usize, groups: std::ops::Range<u32>) -> Result<()> {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
+        check_groups(&groups, pairs)?;
         let [a, b, c] = plan_args(gpu, &experts.down_table, plan, pairs);
         gpu.launch_mma(
             MmaFamily::Down,
@@ -569,6 +576,15 @@ impl MmaPass {
             },
         )
     }
+}
+
+/// A launch's range of plan groups: within the plan's `pairs` entries (a plan holds at most a
+/// group a pair), and not empty (a grid of no blocks cannot launch).
+fn check_groups(groups: &std::ops::Range<u32>, pairs: usize) -> Result<()> {
+    if groups.is_empty() || groups.end as usize > pairs {
+        bail!("internal: expert launch over plan groups {groups:?} of at most {pairs}");
+    }
+    Ok(())
 }
 
 /// The two grouped expert GEMVs of a decode step on the tensor cores, their inputs (plan,

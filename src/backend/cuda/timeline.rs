@@ -126,12 +126,14 @@ impl CudaBackend {
 pub fn table(marks: &[Mark]) -> String {
     let mut out = String::from("    kernel                                     stream  grid        blocks  arrived   first    last  -> next on stream\n");
     for (i, m) in marks.iter().enumerate() {
-        let lane = m.launch.as_ref().map(|l| l.lane);
-        let next = marks[i + 1..].iter().find(|n| n.launch.as_ref().map(|l| l.lane) == lane).map_or(String::new(), |n| format!("{:7.2}", n.first - m.first));
+        // (A mark without its launch counts as the main stream's.)
+        let lane_of = |m: &Mark| m.launch.as_ref().map_or(Lane::Main, |l| l.lane);
+        let lane = lane_of(m);
+        let next = marks[i + 1..].iter().find(|n| lane_of(n) == lane).map_or(String::new(), |n| format!("{:7.2}", n.first - m.first));
         let name = m.launch.as_ref().map_or("?", |l| l.kernel.as_str());
         out += &format!(
             "    {name:<42} {:<6}  {:>4}x{:<4}  {:>6}  {:7.2} {:7.2} {:7.2}  {next}\n",
-            lane.map_or("?", Lane::name),
+            lane.name(),
             m.grid.0,
             m.grid.1,
             m.blocks,
