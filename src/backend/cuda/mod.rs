@@ -17,7 +17,7 @@ pub mod timeline;
 pub mod weights;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -146,8 +146,10 @@ pub struct CudaBackend {
     side: Arc<CudaStream>,
     fork_event: CudaEvent,
     join_event: CudaEvent,
-    /// Where `concurrently`'s late side part waits for the main stream.
+    /// Where `side_after_main`'s work waits for the main stream.
     late_event: CudaEvent,
+    /// Set while `concurrently` has the side stream forked (until its join).
+    side_forked: AtomicBool,
     /// A third stream, for a one-token MoE block's routed experts in two waves (`moe::waves`):
     /// the first wave's split and down projection run on it while the second wave's gate/up
     /// streams on the main stream; with the events that fork it and join it back.
@@ -236,6 +238,7 @@ impl CudaBackend {
             fork_event,
             join_event,
             late_event,
+            side_forked: AtomicBool::new(false),
             aux,
             aux_fork,
             aux_join,
@@ -338,36 +341,38 @@ impl CudaBackend {
     }
 
     /// Runs `side` with its launches on the side stream, after everything issued so far, while
-    /// `main` issues on the main stream; then `side_late`, when given, on the side stream once
-    /// the work `main` issued is done (so side work can fill a gap in the main stream's
-    /// streaming: the shared expert's down projection while the routed experts' activations are
-    /// split); then `main_late` (given `main`'s result) on the main stream, beside the side's
-    /// work; the main stream then waits for the side's work, so what follows sees both. In a
-    /// graph capture the two become parallel branches. The side parts may only launch into
-    /// buffers allocated before this call: allocations and frees are ordered on the main stream,
-    /// and `uninit` refuses while a side part runs. (The backend is driven by one thread at a
-    /// time, as a stage's loop drives it: the lane belongs to that thread's launches.)
-    fn concurrently<S, R>(
-        &self,
-        side: impl FnOnce() -> Result<()>,
-        main: impl FnOnce() -> Result<S>,
-        side_late: Option<&dyn Fn() -> Result<()>>,
-        main_late: impl FnOnce(S) -> Result<R>,
-    ) -> Result<R> {
-        let cuda = |e: cudarc::driver::DriverError| anyhow!("CUDA stream fork/join: {e:?}");
+    /// `main` issues on the main stream; then `main_late` (given `main`'s result) on the main
+    /// stream, beside the side's work, which may add side work that waits for the main stream's
+    /// work so far (`side_after_main`: the shared expert's down projection once the routed
+    /// gate/up is done); the main stream then waits for all the side's work, so what follows
+    /// sees both. In a graph capture the two become parallel branches. The side parts may only
+    /// launch into buffers allocated before this call: allocations and frees are ordered on the
+    /// main stream, and `uninit` refuses while a side part runs. (The backend is driven by one
+    /// thread at a time, as a stage's loop drives it: the lane belongs to that thread's
+    /// launches.)
+    fn concurrently<S, R>(&self, side: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<S>, main_late: impl FnOnce(S) -> Result<R>) -> Result<R> {
         self.main_lane_only("concurrently")?;
-        after(&self.side, &self.stream, &self.fork_event)?;
-        let mut result = self.on_side_stream(side).and_then(|()| main());
-        if let Some(late) = side_late {
-            // (Errors here too still reach the join below.)
-            let waited = after(&self.side, &self.stream, &self.late_event);
-            result = result.and_then(|s| waited.and_then(|()| self.on_side_stream(late)).map(|()| s));
+        if self.side_forked.swap(true, Ordering::Relaxed) {
+            bail!("internal: concurrently inside concurrently");
         }
+        let result = after(&self.side, &self.stream, &self.fork_event).and_then(|()| {
+            let started = self.on_side_stream(side).and_then(|()| main());
+            started.and_then(main_late)
+        });
         // Joined whatever happened, so a capture never ends with the side stream apart.
-        self.join_event.record(&self.side).map_err(cuda)?;
-        let result = result.and_then(main_late);
-        self.stream.wait(&self.join_event).map_err(cuda)?;
-        result
+        self.side_forked.store(false, Ordering::Relaxed);
+        let joined = after(&self.stream, &self.side, &self.join_event);
+        result.and_then(|r| joined.map(|()| r))
+    }
+
+    /// Inside `concurrently`'s main parts: `f` with its launches on the side stream, once the
+    /// work issued so far on the main stream is done.
+    fn side_after_main(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        if !self.side_forked.load(Ordering::Relaxed) {
+            bail!("internal: side_after_main outside concurrently");
+        }
+        after(&self.side, &self.stream, &self.late_event)?;
+        self.on_side_stream(f)
     }
 
     /// An error unless launches go to the main stream now (`what` forks from it).

@@ -265,11 +265,11 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
     // With `late_shared_down`, the shared expert's down projection waits for the routed
-    // gate/up and streams while the routed activations are split (where nothing else streams)
-    // and beside the routed down; else the side stream runs the shared expert through, beside
-    // the router and the routed gate/up.
+    // gate/up (both waves') and streams while the routed activations are split (where nothing
+    // else streams) and beside the routed down; else the side stream runs the shared expert
+    // through, beside the router and the routed gate/up.
     let late = late_shared_down();
-    let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1);
+    let late_down = || if late { gpu.side_after_main(|| shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1)) } else { Ok(()) };
     let (routing, pass) = gpu.concurrently(
         || {
             if let SoloPlan::Step(plan) = &shared_plan {
@@ -279,7 +279,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             if late {
                 return Ok(());
             }
-            shared_down()
+            shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1)
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
@@ -289,13 +289,13 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             pass.gate_up_groups(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, 0..split.unwrap_or(groups), true)?;
             Ok((routing, pass, groups, split))
         },
-        late.then_some(&shared_down as &dyn Fn() -> Result<()>),
         |(routing, pass, groups, split)| {
             let plan = decode_plan(&routing)?;
             if let Some(split) = split {
-                pass.second_wave(gpu, experts, variants, xs, plan, routing.top_k, groups, split)?;
+                pass.second_wave(gpu, experts, variants, xs, plan, routing.top_k, groups, split, &late_down)?;
                 return Ok((routing, pass));
             }
+            late_down()?;
             if !skipped(Skip::Split) {
                 gpu.split_into(&pass.act, &pass.acts)?;
             }
@@ -371,9 +371,9 @@ fn decode_plan(routing: &CudaRouting) -> Result<&CudaSlice<i32>> {
 
 /// Whether the overlapped block's shared expert runs its down projection late, once the routed
 /// gate/up is done (`DUET_SIDE_DOWN_LATE`, default off: H200, the same or 0.3-1.6 points better
-/// at two tokens, 4 points worse at one with waves; performance.md). Then it streams while the
-/// routed experts' activations are split, not beside their gate/up; at one token with waves it
-/// waits only for the first wave's gate/up.
+/// at two tokens; performance.md). Then it streams while the routed experts' activations are
+/// split, not beside their gate/up; with waves, once both waves' gate/up are done (until
+/// 3bb6cd8 it waited only for the first wave's, 4 points worse at one token).
 fn late_shared_down() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::kernels::env_switch("DUET_SIDE_DOWN_LATE", false))
@@ -556,9 +556,21 @@ impl MmaPass {
     /// of after it, then the second wave's split and down. The second wave's gate/up starts as
     /// the first's blocks drain (it does not wait for the first: `gate_up_groups`). At one
     /// token a group is one pair, so a wave's activations are the rows of its groups (gate/up
-    /// writes them in plan order). See `waves`.
+    /// writes them in plan order). See `waves`. `after_gate_up` is issued once the second
+    /// wave's gate/up is (the overlapped block's late shared down, `late_shared_down`).
     #[allow(clippy::too_many_arguments)]
-    fn second_wave(&self, gpu: &CudaBackend, experts: &CudaExperts, (gate_up, down): (MmaVariant, MmaVariant), xs: &Split, plan: &CudaSlice<i32>, k: usize, groups: u32, split: u32) -> Result<()> {
+    fn second_wave(
+        &self,
+        gpu: &CudaBackend,
+        experts: &CudaExperts,
+        (gate_up, down): (MmaVariant, MmaVariant),
+        xs: &Split,
+        plan: &CudaSlice<i32>,
+        k: usize,
+        groups: u32,
+        split: u32,
+        after_gate_up: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
         if self.act.rows != k || split == 0 || split >= groups {
             bail!("internal: two waves of {split} and {groups} groups over {} pairs of {k} a token", self.act.rows);
         }
@@ -571,6 +583,7 @@ impl MmaPass {
             },
             || {
                 self.gate_up_groups(gpu, experts, gate_up, xs, plan, k, split..groups, !second_wave_early())?;
+                after_gate_up()?;
                 gpu.split_rows_into(&self.act, &self.acts, second)?;
                 self.down_groups(gpu, experts, down, plan, k, split..groups)
             },
