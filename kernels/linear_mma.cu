@@ -60,6 +60,13 @@
 #ifndef INT4_UNR_SMALL_WIDE
 #define INT4_UNR_SMALL_WIDE 2  // groups of 32 or 64, three or four token slots (1 -> 2: g64 experts x4 77 -> 83%)
 #endif
+// ZEROS_BESIDE_SCALES=1: INT4 tiles with zero points and one or two groups a chunk read each
+// chunk's zero points in the same vector load as its scales (WDesc.scale_zero16, made by the
+// upload when DUET_ZEROS_BESIDE_SCALES=1 sets this define), not a byte load a chunk and row: no
+// zero-point registers per chunk, at 1 byte a group more (+1.5% of group-128's bytes).
+#ifndef ZEROS_BESIDE_SCALES
+#define ZEROS_BESIDE_SCALES 0
+#endif
 #ifndef INT8_REGS
 #define INT8_REGS 128
 #endif
@@ -395,6 +402,10 @@ template <int NT> __device__ __forceinline__ float2 planes_result(const float (&
 // only. The result is times 16·2^k·2^scale_exp (split_planes folds the 16 into the row's exponent).
 template <int GPC, int NT, bool ASYM> struct Int4Tile {
     static constexpr bool CONTIG = GPC == 1;
+    // Zero points beside the scales (ZEROS_BESIDE_SCALES): a chunk's PER halves, its GPC scales
+    // then its GPC zero points.
+    static constexpr bool ZS = ASYM && ZEROS_BESIDE_SCALES && GPC <= 2;
+    static constexpr int PER = ZS ? 2 * GPC : GPC;
     static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : INT4_UNR_WIDE) : (NT == 1 ? INT4_UNR_SMALL : INT4_UNR_SMALL_WIDE);
     struct Chunk {
         uint4 a, b, x[NT][2];
@@ -417,8 +428,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
         // The upload keeps groups to at most 128 columns (weights.rs), so chunk q's groups are
         // q·GPC onwards.
         rc.init(d.w, d.cols / 2, ra, rb);
-        sra = d.scale16 + (size_t)max(ra, 0) * d.sc;
-        srb = d.scale16 + (size_t)max(rb, 0) * d.sc;
+        sra = ZS ? d.scale_zero16 + (size_t)max(ra, 0) * 2 * d.sc : d.scale16 + (size_t)max(ra, 0) * d.sc;
+        srb = ZS ? d.scale_zero16 + (size_t)max(rb, 0) * 2 * d.sc : d.scale16 + (size_t)max(rb, 0) * d.sc;
         zra = d.zero + (size_t)max(ra, 0) * d.sc;
         zrb = d.zero + (size_t)max(rb, 0) * d.sc;
         int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, spans = (d.cols >> 5) + (d.cols >> 7);
@@ -435,8 +446,8 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     // Moves the cursors to chunk qb.
     __device__ void seek(int qb) {
         int dq = rc.seek(qb);
-        sra += GPC * dq;
-        srb += GPC * dq;
+        sra += PER * dq;
+        srb += PER * dq;
         zra += GPC * dq;
         zrb += GPC * dq;
 #pragma unroll
@@ -453,16 +464,16 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
     // The run's scales (after seek(qb): the cursors are at qb).
     template <bool CHECK> __device__ void load_scales(int qb, Chunk (&ch)[UNR]) const {
-        run_scale_pair<GPC, UNR, CHECK>(sra, srb, ra, rb, qb, chunks(), ch);
+        run_scale_pair<PER, UNR, CHECK>(sra, srb, ra, rb, qb, chunks(), ch);
     }
-    // Scale s of a chunk's scales.
+    // Scale s of a chunk's scales (half s of its PER halves).
     static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
     // Chunk q's weights and zero points (load_w), the run's scales from qb (load_scales) and
     // chunk q's activation planes and plane sums (load_x). CHECK: q may be past the last chunk,
     // and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b);
-        if (ASYM) {
+        if (ASYM && !ZS) {
             int r = q - rc.qc;  // chunk q from the cursors
             bool ok = !CHECK || q < chunks(), oa = ok && (!CHECK || ra >= 0), ob = ok && (!CHECK || rb >= 0);
             ch.za = oa ? zeros(zra + GPC * r) : 0;
@@ -533,8 +544,11 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
             // Group s of the chunk: its scales, and its zero points below.
             float sa = scale(ch.sa, s), sb = scale(ch.sb, s);
             float za = 0.f, zb = 0.f;
-            if (ASYM) {
-                // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx.
+            if (ZS) {
+                // Σ 16(q − zp)·x = Σ 16q·x − 16zp·Σx, −16·zp stored as f16 after the scales.
+                za = scale(ch.sa, GPC + s);
+                zb = scale(ch.sb, GPC + s);
+            } else if (ASYM) {
                 za = -16.f * (float)(signed char)(ch.za >> (8 * s));
                 zb = -16.f * (float)(signed char)(ch.zb >> (8 * s));
             }

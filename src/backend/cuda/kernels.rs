@@ -51,7 +51,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_SIDE_DOWN_LATE", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_SIDE_DOWN_LATE", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_ZEROS_BESIDE_SCALES", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }
@@ -64,8 +64,21 @@ pub fn settings() -> String {
 /// (chunks in flight, register caps) for sweeps on the device without a rebuild.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    if zeros_beside_scales() {
+        opts.push("-DZEROS_BESIDE_SCALES=1".into());
+    }
     opts.extend(extra_defines().iter().cloned());
     opts
+}
+
+/// Whether INT4 weights with zero points keep them beside their scales for the tensor-core
+/// kernels (`DUET_ZEROS_BESIDE_SCALES=1`; default off until measured on the H200): the upload
+/// makes WDesc.scale_zero16 and the kernels are built with ZEROS_BESIDE_SCALES (one switch for
+/// both, so the table and the kernels that read it come together). Group 128's main loop: 305
+/// -> 272 instructions a run, 38 -> 30 loads (SASS, sm_90a), at 1 byte a group more read.
+pub fn zeros_beside_scales() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| env_switch("DUET_ZEROS_BESIDE_SCALES", false))
 }
 
 /// The `-D` defines of `DUET_KERNEL_DEFINES` (read once; anything else in it is ignored with a

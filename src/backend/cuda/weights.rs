@@ -52,6 +52,7 @@ pub struct WDesc {
     pub scale: u64,
     pub scale16: u64,
     pub zero: u64,
+    pub scale_zero16: u64,
     pub rows: i32,
     pub cols: i32,
     pub br: i32,
@@ -76,6 +77,7 @@ pub struct CudaLinear {
     _scale: Option<CudaSlice<f32>>,
     _scale16: Option<CudaSlice<u16>>,
     _zero: Option<CudaSlice<i8>>,
+    _scale_zero16: Option<CudaSlice<u16>>,
     pub desc: WDesc,
 }
 
@@ -257,8 +259,8 @@ impl HostLinear {
             Fmt::Int4 | Fmt::Int8 => f16_scales(&self.scale),
             _ => None,
         };
-        let (scale, scale16, scale_exp) = match half {
-            Some((bits, exp)) => (None, Some(stream.clone_htod(&bits)?), exp),
+        let (scale, scale16, scale_exp) = match &half {
+            Some((bits, exp)) => (None, Some(stream.clone_htod(bits)?), *exp),
             None if self.scale.is_empty() => (None, None, 0),
             None => (Some(stream.clone_htod(&self.scale)?), None, 0),
         };
@@ -275,11 +277,18 @@ impl HostLinear {
             Some(z) => Some(stream.clone_htod(z)?),
             None => None,
         };
+        let scale_zero16 = match (&half, &self.zero) {
+            (Some((bits, _)), Some(z)) if mma && self.fmt == Fmt::Int4 && super::kernels::zeros_beside_scales() => {
+                scale_zero_halves(bits, z, self.rows, self.sc, 128 / self.group).map(|t| stream.clone_htod(&t)).transpose()?
+            }
+            _ => None,
+        };
         let desc = WDesc {
             w: w.device_ptr(stream).0,
             scale: scale.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             scale16: scale16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             zero: zero.as_ref().map_or(0, |z| z.device_ptr(stream).0),
+            scale_zero16: scale_zero16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             rows: self.rows as i32,
             cols: self.cols as i32,
             br: self.br as i32,
@@ -291,8 +300,28 @@ impl HostLinear {
             interleaved: interleave as i32,
             scale_exp,
         };
-        Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, desc })
+        Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, _scale_zero16: scale_zero16, desc })
     }
+}
+
+/// The tensor-core INT4 kernels' scales and zero points side by side (WDesc.scale_zero16, for
+/// ZEROS_BESIDE_SCALES in kernels/linear_mma.cu): per row and 128-column chunk, its `per_chunk`
+/// f16 scale bits (`scales`, [rows, sc]), then its zero points `zero` ([rows, sc]) as the f16
+/// bits of −16·zp, exact for every int8 zero point. None above two groups a chunk (the kernels'
+/// chunk scales then fill more than the 8 bytes they hold).
+fn scale_zero_halves(scales: &[u16], zero: &[i8], rows: usize, sc: usize, per_chunk: usize) -> Option<Vec<u16>> {
+    if per_chunk == 0 || per_chunk > 2 || sc % per_chunk != 0 || scales.len() != rows * sc || zero.len() != rows * sc {
+        return None;
+    }
+    let mut out = Vec::with_capacity(2 * rows * sc);
+    for r in 0..rows {
+        for q in 0..sc / per_chunk {
+            let g = r * sc + q * per_chunk..r * sc + (q + 1) * per_chunk;
+            out.extend_from_slice(&scales[g.clone()]);
+            out.extend(zero[g].iter().map(|&z| half::f16::from_f32(-16.0 * z as f32).to_bits()));
+        }
+    }
+    Some(out)
 }
 
 impl CudaLinear {
@@ -304,14 +333,27 @@ impl CudaLinear {
         let scale = self._scale.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
         let scale16 = self._scale16.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
         let zero = self._zero.as_ref().map(|z| stream.clone_dtod(z)).transpose()?;
+        let scale_zero16 = self._scale_zero16.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
         let desc = WDesc {
             w: w.device_ptr(stream).0,
             scale: scale.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             scale16: scale16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             zero: zero.as_ref().map_or(0, |z| z.device_ptr(stream).0),
+            scale_zero16: scale_zero16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             ..self.desc
         };
-        Ok(CudaLinear { module: self.module.clone(), fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, desc })
+        Ok(CudaLinear {
+            module: self.module.clone(),
+            fmt: self.fmt,
+            rows: self.rows,
+            cols: self.cols,
+            _w: w,
+            _scale: scale,
+            _scale16: scale16,
+            _zero: zero,
+            _scale_zero16: scale_zero16,
+            desc,
+        })
     }
 }
 
@@ -453,7 +495,24 @@ pub fn experts_from(stream: &std::sync::Arc<CudaStream>, weights: Vec<(CudaLinea
 
 #[cfg(test)]
 mod tests {
-    use super::{f16_scales, interleave_int8, permute_int4, regroup, tile_rows};
+    use super::{f16_scales, interleave_int8, permute_int4, regroup, scale_zero_halves, tile_rows};
+
+    #[test]
+    fn zero_points_follow_each_chunks_scales() {
+        // Two rows of four groups, two groups a chunk: row r, chunk q holds its two scales,
+        // then its two zero points as f16 −16·zp.
+        let scales: Vec<u16> = (0..8).collect();
+        let zero: Vec<i8> = vec![-8, -1, 0, 7, 1, 2, 3, 4];
+        let h = |z: f32| half::f16::from_f32(-16.0 * z).to_bits();
+        let t = scale_zero_halves(&scales, &zero, 2, 4, 2).unwrap();
+        assert_eq!(t, vec![0, 1, h(-8.0), h(-1.0), 2, 3, h(0.0), h(7.0), 4, 5, h(1.0), h(2.0), 6, 7, h(3.0), h(4.0)]);
+        // One group a chunk: a scale, then its zero point.
+        assert_eq!(scale_zero_halves(&scales[..4], &zero[..4], 1, 4, 1).unwrap()[..4], [0, h(-8.0), 1, h(-1.0)]);
+        // Every int8 zero point converts exactly.
+        assert!((-128..=127).all(|z: i32| half::f16::from_bits(h(z as f32)).to_f32() == -16.0 * z as f32));
+        // Four groups a chunk do not fit the kernels' 8 bytes of scales a chunk.
+        assert!(scale_zero_halves(&scales, &zero, 2, 4, 4).is_none());
+    }
 
     #[test]
     fn tiles_hold_each_pieces_sixteen_rows_together() {
