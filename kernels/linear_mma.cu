@@ -409,8 +409,9 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : INT4_UNR_WIDE) : (NT == 1 ? INT4_UNR_SMALL : INT4_UNR_SMALL_WIDE);
     struct Chunk {
         uint4 a, b, x[NT][2];
-        uint2 sa, sb;            // the chunk's GPC group scales of ra and rb (f16 bits),
-        u32 za, zb;              // ASYM: their zero points (byte s: group s),
+        uint2 sa, sb;            // the chunk's PER halves of ra and rb: its GPC group scales (f16
+                                 // bits), then with ZS its GPC zero points (f16 −16·zp),
+        u32 za, zb;              // ASYM without ZS: the zero points (byte s: group s),
         int2 sums[NT][GPC];      // and the plane sums of the lane's C columns per group
     };
     const WDesc& d;
@@ -468,8 +469,9 @@ template <int GPC, int NT, bool ASYM> struct Int4Tile {
     }
     // Scale s of a chunk's scales (half s of its PER halves).
     static __device__ __forceinline__ float scale(uint2 v, int s) { return f16_to_f32((u16)((s < 2 ? v.x : v.y) >> (16 * (s & 1)))); }
-    // Chunk q's weights and zero points (load_w), the run's scales from qb (load_scales) and
-    // chunk q's activation planes and plane sums (load_x). CHECK: q may be past the last chunk,
+    // Chunk q's weights and (ASYM without ZS) zero points (load_w), the run's scales (with ZS
+    // and zero points) from qb (load_scales) and chunk q's activation planes and plane sums
+    // (load_x). CHECK: q may be past the last chunk,
     // and rows may be missing (zeros then).
     template <bool CHECK> __device__ void load_w(int q, Chunk& ch) const {
         rc.template load_pair<CHECK>(q, chunks(), ra, rb, ch.a, ch.b);

@@ -76,9 +76,14 @@ fn options() -> Vec<String> {
 /// makes WDesc.scale_zero16 and the kernels are built with ZEROS_BESIDE_SCALES (one switch for
 /// both, so the table and the kernels that read it come together). Group 128's main loop: 305
 /// -> 272 instructions a run, 38 -> 30 loads (SASS, sm_90a), at 1 byte a group more read.
+/// (A `-DZEROS_BESIDE_SCALES=N` in DUET_KERNEL_DEFINES, N not 0, turns it on too, so the
+/// kernels never read a table the upload did not make.)
 pub fn zeros_beside_scales() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| env_switch("DUET_ZEROS_BESIDE_SCALES", false))
+    *ON.get_or_init(|| {
+        let defined = extra_defines().iter().any(|d| d.strip_prefix("-DZEROS_BESIDE_SCALES").is_some_and(|v| v.is_empty() || v.strip_prefix('=').is_some_and(|n| n.trim().parse::<i64>() != Ok(0))));
+        defined || env_switch("DUET_ZEROS_BESIDE_SCALES", false)
+    })
 }
 
 /// The `-D` defines of `DUET_KERNEL_DEFINES` (read once; anything else in it is ignored with a
@@ -127,19 +132,22 @@ pub fn full_source(name: &str, src: &str) -> String {
 
 /// Compiles one module to a cubin (warnings are logged).
 pub fn compile(name: &str, src: &str) -> Result<Vec<u8>> {
-    let (cubin, log) = compile_logged(name, src)?;
+    let (cubin, log) = compile_logged(name, src, &[])?;
     if !log.is_empty() {
         tracing::warn!("kernel {name}.cu compiles with warnings: {log}");
     }
     Ok(cubin)
 }
 
-/// Compiles one module to a cubin, with NVRTC's log (its warnings; empty when clean).
-fn compile_logged(name: &str, src: &str) -> Result<(Vec<u8>, String)> {
+/// Compiles one module to a cubin, with NVRTC's log (its warnings; empty when clean); `extra`
+/// options follow the usual ones.
+fn compile_logged(name: &str, src: &str, extra: &[&str]) -> Result<(Vec<u8>, String)> {
     let full = CString::new(full_source(name, src)).context("kernel source contains a NUL byte")?;
     let fname = CString::new(format!("{name}.cu")).unwrap();
     let prog = nvrtc::create_program(&full, Some(&fname)).map_err(|e| anyhow!("nvrtc cannot create {name}.cu: {e:?}"))?;
-    let compiled = unsafe { nvrtc::compile_program(prog, &options()) };
+    let mut opts = options();
+    opts.extend(extra.iter().map(|o| o.to_string()));
+    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
     let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
     let log = unsafe { CStr::from_ptr(log.as_ptr()) }.to_string_lossy().trim().to_string();
     let result = match compiled {
@@ -181,23 +189,30 @@ pub fn cubin(name: &str, src: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Compiles every embedded module (no cache): the CI check that kernels build, and build
-/// without warnings.
-pub fn compile_all() -> Result<Vec<(&'static str, usize)>> {
+/// Compiles every embedded module (no cache), and the variants that switches build (`VARIANTS`):
+/// the CI check that kernels build, and build without warnings.
+pub fn compile_all() -> Result<Vec<(String, usize)>> {
     if !nvrtc_available() {
         bail!("libnvrtc is not available (install nvidia-cuda-nvrtc and put its lib folder on LD_LIBRARY_PATH)");
     }
-    SOURCES
-        .iter()
-        .map(|(name, src)| {
-            let (cubin, log) = compile_logged(name, src)?;
+    let plain = SOURCES.iter().map(|&(name, src)| (name, src, None));
+    let variants = VARIANTS.iter().filter_map(|&(name, define)| SOURCES.iter().find(|(n, _)| *n == name).map(|&(_, src)| (name, src, Some(define))));
+    plain
+        .chain(variants)
+        .map(|(name, src, define)| {
+            let (cubin, log) = compile_logged(name, src, define.as_slice())?;
+            let label = define.map_or(name.to_string(), |d| format!("{name} {d}"));
             if !log.is_empty() {
-                bail!("kernel {name}.cu compiles with warnings: {log}");
+                bail!("kernel {label} compiles with warnings: {log}");
             }
-            Ok((*name, cubin.len()))
+            Ok((label, cubin.len()))
         })
         .collect()
 }
+
+/// Kernel variants that a run-time switch builds, compiled by `compile_all` beside the plain
+/// modules so that they keep compiling while off: (module, define).
+const VARIANTS: [(&str, &str); 1] = [("linear_mma", "-DZEROS_BESIDE_SCALES=1")];
 
 #[cfg(test)]
 mod tests {

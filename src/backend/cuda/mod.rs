@@ -368,6 +368,7 @@ impl CudaBackend {
     /// Inside `concurrently`'s main parts: `f` with its launches on the side stream, once the
     /// work issued so far on the main stream is done.
     fn side_after_main(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.main_lane_only("side_after_main")?;
         if !self.side_forked.load(Ordering::Relaxed) {
             bail!("internal: side_after_main outside concurrently");
         }

@@ -372,8 +372,8 @@ fn decode_plan(routing: &CudaRouting) -> Result<&CudaSlice<i32>> {
 /// Whether the overlapped block's shared expert runs its down projection late, once the routed
 /// gate/up is done (`DUET_SIDE_DOWN_LATE`, default off: H200, the same or 0.3-1.6 points better
 /// at two tokens; performance.md). Then it streams while the routed experts' activations are
-/// split, not beside their gate/up; with waves, once both waves' gate/up are done (until
-/// 3bb6cd8 it waited only for the first wave's, 4 points worse at one token).
+/// split, not beside their gate/up; with waves, once both waves' gate/up are done (before
+/// f5bf81c it waited only for the first wave's, 4 points worse at one token).
 fn late_shared_down() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::kernels::env_switch("DUET_SIDE_DOWN_LATE", false))
