@@ -446,7 +446,7 @@ mod tests {
             let b = length_bucket(n);
             assert!(b >= n && b >= last, "bucket({n}) = {b}");
             assert_eq!(length_bucket(b), b, "a bucket is its own bucket");
-            assert!(b % 64 == 0 && b - n < 64.max(n / 4), "bucket({n}) = {b}");
+            assert!(b.is_multiple_of(64) && b - n < 64.max(n / 4), "bucket({n}) = {b}");
             last = b;
         }
         assert_eq!(length_bucket(1), 64);

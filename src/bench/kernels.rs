@@ -326,7 +326,7 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
         let q: Vec<f32> = (0..64 * 256).map(|_| (rng.next_u64() % 1000) as f32 * 1e-3 - 0.5).collect();
         let q = gpu.tensor(1, 64 * 256, &q)?;
         let iq = gpu.tensor(1, 32 * 128, &vec![0.01; 32 * 128])?;
-        let iw = gpu.tensor(1, 32, &vec![1.0; 32])?;
+        let iw = gpu.tensor(1, 32, &[1.0; 32])?;
         let sel = gpu.index_select(&iq, &iw, &cache, 0, &step, &idims)?;
         let (ql, qp) = gpu.mla_queries(&q, &heads[0], &step)?;
         let keys = 2048.min(ctx_len);

@@ -207,7 +207,7 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.n_routed_experts % self.n_group != 0 {
+        if !self.n_routed_experts.is_multiple_of(self.n_group) {
             bail!(
                 "field 'n_group': {} routed experts cannot be split into {} equal groups",
                 self.n_routed_experts,
@@ -229,7 +229,7 @@ impl ModelConfig {
                 self.topk_group
             );
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             bail!("field 'qk_rope_head_dim': {} must be even (RoPE rotates pairs)", self.qk_rope_head_dim);
         }
         if self.index_head_dim < self.qk_rope_head_dim {
@@ -275,7 +275,7 @@ impl ModelConfig {
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         // The MTP layer (index num_hidden_layers) is an MoE layer in every GLM-5.x checkpoint.
-        self.mlp_layer_types.get(layer).map_or(true, |k| *k == MlpKind::Sparse)
+        self.mlp_layer_types.get(layer).is_none_or(|k| *k == MlpKind::Sparse)
     }
 
     pub fn indexer_kind(&self, layer: usize) -> IndexerKind {

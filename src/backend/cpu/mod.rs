@@ -212,7 +212,7 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        if x.cols % 2 != 0 {
+        if !x.cols.is_multiple_of(2) {
             bail!("swiglu: odd width {}", x.cols);
         }
         Ok(CpuTensor::new(x.rows, x.cols / 2, swiglu_rows(&x.data, x.rows, x.cols)))

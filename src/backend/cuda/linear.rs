@@ -133,7 +133,7 @@ impl CudaBackend {
     /// where it does not apply.
     pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<(&CudaLinear, &CudaTensor)>) -> Result<bool> {
         let fmts = self.mma_fmts.load(Ordering::Relaxed);
-        if fmts == 0 || x.rows > MMA_MAX_TOKENS || x.cols % 128 != 0 || x.cols > NORM_MAX_COLS {
+        if fmts == 0 || x.rows > MMA_MAX_TOKENS || !x.cols.is_multiple_of(128) || x.cols > NORM_MAX_COLS {
             return Ok(false);
         }
         if let Some((gate, logits)) = router {
@@ -181,7 +181,7 @@ impl CudaBackend {
     /// each, a block per SM: the gate's words take registers) fit in `norm_router_waves` waves.
     pub(super) fn norm_router_fits(&self, x: &CudaTensor, gate: &CudaLinear) -> bool {
         let blocks = norm_blocks(x.cols, Some(gate.rows)) as usize;
-        gate.fmt == Fmt::Bf16 && gate.desc.mma == 0 && gate.cols == x.cols && x.cols % 128 == 0 && x.cols <= NORM_MAX_COLS && x.rows * blocks <= self.sms * norm_router_waves()
+        gate.fmt == Fmt::Bf16 && gate.desc.mma == 0 && gate.cols == x.cols && x.cols.is_multiple_of(128) && x.cols <= NORM_MAX_COLS && x.rows * blocks <= self.sms * norm_router_waves()
     }
 
     pub(super) fn split_uncached(&self, x: &CudaTensor, fmt: Fmt) -> Result<Split> {
@@ -195,7 +195,7 @@ impl CudaBackend {
     pub(super) fn split_alloc(&self, rows: usize, cols: usize, fmt: Fmt) -> Result<Split> {
         let exps = self.alloc_indices(rows)?;
         if planes(fmt) {
-            if cols % 128 != 0 {
+            if !cols.is_multiple_of(128) {
                 bail!("split_planes: {cols} columns are not a multiple of 128");
             }
             let sums = self.alloc_indices(rows * (cols / 32 + cols / 128) * PLANES)?;

@@ -754,7 +754,7 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        if x.cols % 2 != 0 {
+        if !x.cols.is_multiple_of(2) {
             bail!("swiglu: odd width {}", x.cols);
         }
         let n = x.cols / 2;

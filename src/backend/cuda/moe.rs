@@ -45,7 +45,7 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     if p.n_group > 64 || p.topk_group > 64 || p.top_k > 64 {
         bail!("route: at most 64 expert groups and 64 experts per token are supported");
     }
-    if p.top_k > e || p.n_group == 0 || e % p.n_group != 0 {
+    if p.top_k > e || p.n_group == 0 || !e.is_multiple_of(p.n_group) {
         bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
     }
     let logits = match logits {

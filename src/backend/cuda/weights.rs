@@ -153,11 +153,11 @@ impl HostLinear {
     /// Whether rows can be read in 16-byte units.
     fn vec_ok(&self) -> bool {
         let u = self.fmt.unit();
-        self.cols % u == 0
+        self.cols.is_multiple_of(u)
             && match self.fmt {
-                Fmt::Fp8 => self.bc % 16 == 0,
-                Fmt::Int4 => self.group % 32 == 0,
-                Fmt::Int8 => self.group % 16 == 0,
+                Fmt::Fp8 => self.bc.is_multiple_of(16),
+                Fmt::Int4 => self.group.is_multiple_of(32),
+                Fmt::Int8 => self.group.is_multiple_of(16),
                 _ => true,
             }
     }
@@ -169,9 +169,9 @@ impl HostLinear {
     /// integer formats read the activation planes, made per 128 columns.
     fn mma_ok(&self) -> bool {
         match self.fmt {
-            Fmt::Fp8 => self.cols % 64 == 0 && self.bc % 64 == 0 && (self.bc / 64).is_power_of_two(),
-            Fmt::Int4 => self.cols % 128 == 0 && self.group >= 32 && self.group.is_power_of_two(),
-            Fmt::Int8 => self.cols % 128 == 0 && self.group >= 64 && self.group.is_power_of_two() && self.zero.is_none(),
+            Fmt::Fp8 => self.cols.is_multiple_of(64) && self.bc.is_multiple_of(64) && (self.bc / 64).is_power_of_two(),
+            Fmt::Int4 => self.cols.is_multiple_of(128) && self.group >= 32 && self.group.is_power_of_two(),
+            Fmt::Int8 => self.cols.is_multiple_of(128) && self.group >= 64 && self.group.is_power_of_two() && self.zero.is_none(),
             _ => false,
         }
     }
@@ -315,7 +315,7 @@ impl HostLinear {
 /// bits of −16·zp, exact for every int8 zero point. None above two groups a chunk (the kernels'
 /// chunk scales then fill more than the 8 bytes they hold).
 fn scale_zero_halves(scales: &[u16], zero: &[i8], rows: usize, sc: usize, per_chunk: usize) -> Option<Vec<u16>> {
-    if per_chunk == 0 || per_chunk > 2 || sc % per_chunk != 0 || scales.len() != rows * sc || zero.len() != rows * sc {
+    if per_chunk == 0 || per_chunk > 2 || !sc.is_multiple_of(per_chunk) || scales.len() != rows * sc || zero.len() != rows * sc {
         return None;
     }
     let mut out = Vec::with_capacity(2 * rows * sc);
