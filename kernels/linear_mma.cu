@@ -60,6 +60,12 @@
 #ifndef INT4_UNR_SMALL_WIDE
 #define INT4_UNR_SMALL_WIDE 2  // groups of 32 or 64, three or four token slots (1 -> 2: g64 experts x4 77 -> 83%)
 #endif
+// WHOLE_DISPATCH=1: tiles whose rows hold whole runs of chunks take a main loop of their own
+// (tile_dots), without the chunk-by-chunk scale loads of partial runs.
+#ifndef WHOLE_DISPATCH
+#define WHOLE_DISPATCH 0
+#endif
+
 // ZEROS_BESIDE_SCALES=1: INT4 tiles with zero points and one or two groups a chunk read each
 // chunk's zero points in the same vector load as its scales (WDesc.scale_zero16, made by the
 // upload when DUET_ZEROS_BESIDE_SCALES=1 sets this define), not a byte load a chunk and row: no
@@ -150,6 +156,14 @@ template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
     int qb = warp * UNR;
+#if WHOLE_DISPATCH
+    // Rows of whole runs (every expert and GEMV of GLM-5.x) take a loop of their own, in which
+    // the compiler knows it and drops the scales' chunk-by-chunk path (run_scales).
+    if (nq % UNR == 0) {
+        for (; qb < nq; qb += nw * UNR) tile_run<false>(tile, qb, nq);
+        return tile.result();
+    }
+#endif
     for (; qb + UNR <= nq; qb += nw * UNR) tile_run<false>(tile, qb, nq);
     if (qb < nq) tile_run<true>(tile, qb, nq);
     return tile.result();
