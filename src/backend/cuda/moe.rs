@@ -269,7 +269,8 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     // else streams) and beside the routed down; else the side stream runs the shared expert
     // through, beside the router and the routed gate/up.
     let late = late_shared_down();
-    let late_down = || if late { gpu.side_after_main(|| shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1)) } else { Ok(()) };
+    let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1);
+    let late_down = || if late { gpu.side_after_main(shared_down) } else { Ok(()) };
     let (routing, pass) = gpu.concurrently(
         || {
             if let SoloPlan::Step(plan) = &shared_plan {
@@ -279,7 +280,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             if late {
                 return Ok(());
             }
-            shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1)
+            shared_down()
         },
         || {
             let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
@@ -313,7 +314,7 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
 /// (`MmaPass::second_wave`), or None for one pass: `DUET_MOE_WAVES`, the first wave's share in
 /// eighths of the groups (1 to 7; 0 turns waves off; default 4, half). H200, INT4 block at one
 /// token over four alternations: group 64 +1.0-1.6 points, group 32 +0.5, group 128 +0.1-0.6,
-/// FP8 +0.4-0.9; 3 and 5 eighths lost (performance.md, eighteenth session).
+/// FP8 +0.4-0.9; 2, 3 and 5 eighths lost, 6 tied (performance.md, eighteenth session).
 fn waves(tokens: usize, groups: u32) -> Option<u32> {
     static EIGHTHS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let eighths = *EIGHTHS.get_or_init(|| super::kernels::env_usize("DUET_MOE_WAVES", "0 to 7", |n| n <= 7).unwrap_or(4) as u32);
