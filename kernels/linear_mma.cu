@@ -60,6 +60,16 @@
 #ifndef INT4_UNR_SMALL_WIDE
 #define INT4_UNR_SMALL_WIDE 2  // groups of 32 or 64, three or four token slots (1 -> 2: g64 experts x4 77 -> 83%)
 #endif
+// DOWN_ATOMIC=1: the expert down projection's two-warp blocks (one token: mma_block in
+// linear.rs) add each warp's half of a tile to the output with atomics instead of summing the
+// halves through shared memory behind two barriers a tile (tile_reduce); gate/up zeroes the
+// output rows first. Two addends onto zero give the same sum in either order, and the scales
+// are powers of two, so the result is tile_reduce's (but for subnormals, which float atomics
+// flush to zero).
+#ifndef DOWN_ATOMIC
+#define DOWN_ATOMIC 0
+#endif
+
 // WHOLE_DISPATCH=1: tiles whose rows hold whole runs of chunks take a main loop of their own
 // (tile_dots), without the chunk-by-chunk scale loads of partial runs.
 #ifndef WHOLE_DISPATCH
@@ -967,8 +977,9 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
 // the activations in plan order, so that a group's rows are contiguous (the one-token block
 // splits and projects its experts in two waves: moe.rs). The tile's rows are 8 gate rows and
 // the matching up rows; grid (up to ceil(I / 8), groups from group g0); x split for the format
-// (T rows).
-template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0) {
+// (T rows). With DOWN_ATOMIC it also zeroes the rows of `part` ([P, H]) its group's pairs'
+// down projections will add to.
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, float* part, int H) {
     __shared__ float res[16 * MMA_TOKENS];
     PlanGroup pg;
     if (!plan_group(plan, P, g0 + blockIdx.y, pg)) return;
@@ -992,6 +1003,11 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         }
     }
     }
+    if (DOWN_ATOMIC) {
+        int stride = gridDim.x * blockDim.x;
+        for (int j = pg.first; j < pg.end; j++)
+            for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < H; c += stride) part[(size_t)pairs[j] * H + c] = 0.f;
+    }
 }
 
 // part[p, r] = down_e[r] · act[j] for the plan's j-th pair p (act in plan order, as gate/up
@@ -1013,6 +1029,17 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
         pdl_late();
+        if (DOWN_ATOMIC && blockDim.x == 64) {
+            // Lane (g, c) holds rows g and g + 8 of token slot c (planes_result).
+            int c = threadIdx.x & 3;
+            if (c < nt) {
+                float* y = part + (size_t)pairs[p0 + c] * H;
+                float s = pow2(-d.scale_exp) * pow2(-exps[p0 + c]);
+                if (ra >= 0) atomicAdd(y + ra, v.x * s);
+                if (rb >= 0) atomicAdd(y + rb, v.y * s);
+            }
+            continue;
+        }
         tile_reduce(v, res);
         if (mine) {
             int p = pairs[p0 + t];
@@ -1026,9 +1053,9 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait, float* part, int H) { \
         if (wait) pdl_entry(); else pdl_nowait();                                                                       \
-        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0);                                                 \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0, part, H);                                        \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) { \
         pdl_entry();                                                                                                    \

@@ -518,6 +518,9 @@ impl MmaPass {
                 Arg::I32(i as i32),
                 Arg::I32(groups.start as i32),
                 Arg::I32(wait as i32),
+                // (Zeroed here for the down projection's atomics under DOWN_ATOMIC.)
+                Arg::Ptr(gpu.ptr(&self.part)),
+                Arg::I32(h as i32),
             ],
         )
     }
