@@ -60,8 +60,8 @@
 #ifndef INT4_UNR_SMALL_WIDE
 #define INT4_UNR_SMALL_WIDE 2  // groups of 32 or 64, three or four token slots (1 -> 2: g64 experts x4 77 -> 83%)
 #endif
-// DOWN_ATOMIC=1: the expert down projection's two-warp blocks (one token: mma_block in
-// linear.rs) add each warp's half of a tile to the output with atomics instead of summing the
+// DOWN_ATOMIC=1: the expert down projection's two-warp blocks (one token, and wherever
+// mma_block in linear.rs finds no larger block) add each warp's half of a tile to the output with atomics instead of summing the
 // halves through shared memory behind two barriers a tile (tile_reduce); gate/up zeroes the
 // output rows first. Two addends onto zero give the same sum in either order, and the scales
 // are powers of two, so the result is tile_reduce's (but for subnormals, which float atomics

@@ -212,7 +212,11 @@ pub fn compile_all() -> Result<Vec<(String, usize)>> {
 
 /// Kernel variants that a run-time switch builds, compiled by `compile_all` beside the plain
 /// modules so that they keep compiling while off: (module, define).
-const VARIANTS: [(&str, &str); 3] = [("linear_mma", "-DZEROS_BESIDE_SCALES=1"), ("linear_mma", "-DWHOLE_DISPATCH=1"), ("linear_mma", "-DDOWN_ATOMIC=1")];
+const VARIANTS: [(&str, &str); 3] = [
+    ("linear_mma", "-DZEROS_BESIDE_SCALES=1"),
+    ("linear_mma", "-DWHOLE_DISPATCH=1"),
+    ("linear_mma", "-DDOWN_ATOMIC=1"),
+];
 
 #[cfg(test)]
 mod tests {

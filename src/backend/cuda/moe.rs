@@ -327,8 +327,9 @@ fn waves(tokens: usize, groups: u32) -> Option<u32> {
 /// points lower at one token). Sound because (1) it is launched right after the first wave's
 /// gate/up, whose blocks all wait for the kernels before them at entry and trigger the next
 /// launch only after that wait, so it starts after the route and the split input are complete;
-/// (2) it reads only those and writes only its own groups' activation rows (at one token a
-/// group is one pair, so the rows of the two waves are apart); (3) nothing later on the main
+/// (2) it reads only those and writes only its own groups' activation rows (and, with
+/// DOWN_ATOMIC, zeroes its own pairs' output rows; at one token a group is one pair, so the
+/// rows of the two waves are apart); (3) nothing later on the main
 /// stream needs the first wave's gate/up but through the aux stream's fork and join, which wait
 /// for its completion.
 fn second_wave_early() -> bool {
