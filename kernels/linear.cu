@@ -246,12 +246,21 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
     __syncthreads();
 }
 
-// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / 4), ceil(T / NT)).
+// Weight rows a block of the one-token GEMV takes (GEMV_ROWS; the host's gemv_rows in
+// kernels.rs sets both): each block reads the whole activation row once for its rows, so more
+// rows a block read fewer activation bytes per weight byte (at bf16, twice the weights' bytes
+// with 4 rows a block).
+#ifndef GEMV_ROWS
+#define GEMV_ROWS 4
+#endif
+
+// y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / ROWS), ceil(T / NT))
+// with ROWS GEMV_ROWS for one token, else 4.
 // (One row per block, to spread the 256-row router gate over more SMs, measured slower in the
 // MoE block: performance.md.)
 template <int FMT, int NT>
 __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restrict__ y, int T, int ldy, int yoff) {
-    constexpr int ROWS = 4;
+    constexpr int ROWS = NT == 1 ? GEMV_ROWS : 4;
     __shared__ float res[ROWS * NT];
     int r0 = blockIdx.x * ROWS;
     // The block's rows are contiguous in the plain layout.

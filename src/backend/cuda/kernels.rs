@@ -51,7 +51,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_SIDE_DOWN_LATE", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_ZEROS_BESIDE_SCALES", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_SIDE_DOWN_LATE", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_ZEROS_BESIDE_SCALES", "DUET_GEMV_ROWS", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }
@@ -67,6 +67,9 @@ fn options() -> Vec<String> {
     if zeros_beside_scales() {
         opts.push("-DZEROS_BESIDE_SCALES=1".into());
     }
+    if gemv_rows() != 4 {
+        opts.push(format!("-DGEMV_ROWS={}", gemv_rows()));
+    }
     opts.extend(extra_defines().iter().cloned());
     opts
 }
@@ -80,9 +83,28 @@ fn options() -> Vec<String> {
 /// kernels never read a table the upload did not make.)
 pub fn zeros_beside_scales() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        let defined = extra_defines().iter().any(|d| d.strip_prefix("-DZEROS_BESIDE_SCALES").is_some_and(|v| v.is_empty() || v.strip_prefix('=').is_some_and(|n| n.trim().parse::<i64>() != Ok(0))));
-        defined || env_switch("DUET_ZEROS_BESIDE_SCALES", false)
+    *ON.get_or_init(|| define_value("ZEROS_BESIDE_SCALES").is_some_and(|v| v != 0) || env_switch("DUET_ZEROS_BESIDE_SCALES", false))
+}
+
+/// Weight rows a block of the one-token CUDA-core GEMV takes (`DUET_GEMV_ROWS`, 1 to 16;
+/// default 4), as the host sizes its grid and the kernels are built (GEMV_ROWS in
+/// kernels/linear.cu; a `-DGEMV_ROWS=N` in DUET_KERNEL_DEFINES sets it too).
+pub fn gemv_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        let defined = define_value("GEMV_ROWS").and_then(|v| usize::try_from(v).ok()).filter(|n| (1..=16).contains(n));
+        defined.or_else(|| env_usize("DUET_GEMV_ROWS", "1 to 16", |n| (1..=16).contains(&n))).unwrap_or(4)
+    })
+}
+
+/// The value of `-DNAME` (1) or `-DNAME=V` in DUET_KERNEL_DEFINES, if it is there and a number.
+fn define_value(name: &str) -> Option<i64> {
+    extra_defines().iter().find_map(|d| {
+        let v = d.strip_prefix("-D")?.strip_prefix(name)?;
+        if v.is_empty() {
+            return Some(1);
+        }
+        v.strip_prefix('=')?.trim().parse().ok()
     })
 }
 
@@ -212,10 +234,11 @@ pub fn compile_all() -> Result<Vec<(String, usize)>> {
 
 /// Kernel variants that a run-time switch builds, compiled by `compile_all` beside the plain
 /// modules so that they keep compiling while off: (module, define).
-const VARIANTS: [(&str, &str); 3] = [
+const VARIANTS: [(&str, &str); 4] = [
     ("linear_mma", "-DZEROS_BESIDE_SCALES=1"),
     ("linear_mma", "-DWHOLE_DISPATCH=1"),
     ("linear_mma", "-DDOWN_ATOMIC=1"),
+    ("linear", "-DGEMV_ROWS=8"),
 ];
 
 #[cfg(test)]

@@ -29,9 +29,11 @@ impl CudaBackend {
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
+                // (gemv's ROWS: kernels::gemv_rows for one token, else 4.)
+                let rows_per_block = if nt == 1 { kernels::gemv_rows() } else { 4 };
                 self.launch_kernel(
                     (kernel, Some(p.fmt)),
-                    ((p.rows as u32).div_ceil(4), (x.rows as u32).div_ceil(nt), 1),
+                    ((p.rows as u32).div_ceil(rows_per_block as u32), (x.rows as u32).div_ceil(nt), 1),
                     threads_for(p.cols, p.fmt),
                     0,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&x.buf)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
