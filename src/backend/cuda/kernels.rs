@@ -99,7 +99,13 @@ pub fn gemv_rows() -> usize {
 
 /// The value of `-DNAME` (1) or `-DNAME=V` in DUET_KERNEL_DEFINES, if it is there and a number.
 fn define_value(name: &str) -> Option<i64> {
-    extra_defines().iter().find_map(|d| {
+    define_in(&extra_defines().join(" "), name)
+}
+
+/// The value of `-DNAME` (1) or `-DNAME=V` among the space-separated `defs` (DUET_KERNEL_DEFINES'
+/// form), if it is there and a number, as the kernels' `#if NAME` reads it.
+pub fn define_in(defs: &str, name: &str) -> Option<i64> {
+    defs.split_whitespace().find_map(|d| {
         let v = d.strip_prefix("-D")?.strip_prefix(name)?;
         if v.is_empty() {
             return Some(1);
@@ -243,6 +249,19 @@ const VARIANTS: [(&str, &str); 4] = [
 
 #[cfg(test)]
 mod tests {
+    use super::define_in;
+
+    #[test]
+    fn defines_read_as_the_kernels_read_them() {
+        for (defs, want) in [("-DTIMELINE", Some(1)), ("-DTIMELINE=1", Some(1)), ("-DINT4_REGS=96 -DTIMELINE=2", Some(2)), ("-DTIMELINE=0", Some(0))] {
+            assert_eq!(define_in(defs, "TIMELINE"), want, "{defs}");
+        }
+        for defs in ["", "-DTIMELINES=1", "-DINT4_REGS=96", "-DTILE=1", "TIMELINE=1"] {
+            assert_eq!(define_in(defs, "TIMELINE"), None, "{defs}");
+        }
+        assert_eq!(define_in("-DDOWN_ATOMIC=1 -DGEMV_ROWS=8", "GEMV_ROWS"), Some(8));
+    }
+
     /// CI sets DUET_REQUIRE_NVRTC=1 with the nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH, so a
     /// kernel that does not compile fails CI without a GPU.
     #[test]

@@ -22,16 +22,7 @@ const LOG_MAX: usize = 1 << 16;
 /// in DUET_KERNEL_DEFINES, as the kernels' `#if TIMELINE` reads it).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DUET_KERNEL_DEFINES").is_ok_and(|d| defines_timeline(&d)))
-}
-
-/// Whether the `-D` defines `defs` (DUET_KERNEL_DEFINES' form) turn the timeline on.
-fn defines_timeline(defs: &str) -> bool {
-    defs.split_whitespace().any(|w| match w.strip_prefix("-DTIMELINE") {
-        Some("") => true,
-        Some(v) => v.strip_prefix('=').is_some_and(|n| n.trim().parse::<i64>() != Ok(0)),
-        None => false,
-    })
+    *ON.get_or_init(|| std::env::var("DUET_KERNEL_DEFINES").is_ok_and(|d| super::kernels::define_in(&d, "TIMELINE").is_some_and(|v| v != 0)))
 }
 
 /// One launch the host made while the timeline was on: its kernel, grid, block and stream.
@@ -143,19 +134,4 @@ pub fn table(marks: &[Mark]) -> String {
         );
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::defines_timeline;
-
-    #[test]
-    fn the_switch_reads_the_define_as_the_kernels_do() {
-        for on in ["-DTIMELINE", "-DTIMELINE=1", "-DINT4_REGS=96 -DTIMELINE=2"] {
-            assert!(defines_timeline(on), "{on}");
-        }
-        for off in ["", "-DTIMELINE=0", "-DTIMELINES=1", "-DINT4_REGS=96", "-DTILE=1"] {
-            assert!(!defines_timeline(off), "{off}");
-        }
-    }
 }
