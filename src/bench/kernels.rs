@@ -30,8 +30,13 @@ fn time_ms(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, warmup: usize, reps
         end.synchronize().map_err(|e| anyhow!("{e:?}"))?;
         times.push(start.elapsed_ms(&end).map_err(|e| anyhow!("{e:?}"))? as f64);
     }
+    Ok(median(times))
+}
+
+/// The median of `times` (not empty).
+fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    times[times.len() / 2]
 }
 
 /// Times `f` as the GPU runs it, without host launch overhead: `inner` calls are captured in a
@@ -366,14 +371,13 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
         let x = gpu.tensor(1, vocab, &logits)?;
         let wall = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
             f()?;
-            let mut times: Vec<f64> = (0..reps)
+            let times: Vec<f64> = (0..reps)
                 .map(|_| {
                     let t = std::time::Instant::now();
                     f().map(|_| t.elapsed().as_secs_f64() * 1e3)
                 })
                 .collect::<Result<_>>()?;
-            times.sort_by(f64::total_cmp);
-            Ok(times[times.len() / 2])
+            Ok(median(times))
         };
         let draw = |top_p: f32| Draw::Temperature { temperature: 1.0, top_p, min_p: 0.0, u: 0.37 };
         for (label, d) in [("greedy", Draw::Greedy), ("temperature 1", draw(1.0)), ("temperature 1, top-p 0.95", draw(0.95))] {

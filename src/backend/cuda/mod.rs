@@ -341,31 +341,45 @@ impl CudaBackend {
     }
 
     /// Runs `side` with its launches on the side stream, after everything issued so far, while
-    /// `main` issues on the main stream; then `main_late` (given `main`'s result) on the main
-    /// stream, beside the side's work, which may add side work that waits for the main stream's
-    /// work so far (`side_after_main`: the shared expert's down projection once the routed
-    /// gate/up is done); the main stream then waits for all the side's work, so what follows
-    /// sees both. In a graph capture the two become parallel branches. The side parts may only
-    /// launch into buffers allocated before this call: allocations and frees are ordered on the
-    /// main stream, and `uninit` refuses while a side part runs. (The backend is driven by one
-    /// thread at a time, as a stage's loop drives it: the lane belongs to that thread's
-    /// launches.)
-    fn concurrently<S, R>(&self, side: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<S>, main_late: impl FnOnce(S) -> Result<R>) -> Result<R> {
-        self.main_lane_only("concurrently")?;
+    /// `main` issues on the main stream; `main` may add side work that waits for the main
+    /// stream's work so far (`side_after_main`: the shared expert's down projection once the
+    /// routed gate/up is done). The main stream then waits for all the side's work, so what
+    /// follows sees both. In a graph capture the two become parallel branches. The side parts
+    /// may only launch into buffers allocated before this call: allocations and frees are
+    /// ordered on the main stream, and `uninit` refuses while a side part runs. (The backend is
+    /// driven by one thread at a time, as a stage's loop drives it: the lane belongs to that
+    /// thread's launches.)
+    fn concurrently<R>(&self, side: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
         if self.side_forked.swap(true, Ordering::Relaxed) {
             bail!("internal: concurrently inside concurrently");
         }
-        let result = after(&self.side, &self.stream, &self.fork_event).and_then(|()| {
-            let started = self.on_side_stream(side).and_then(|()| main());
-            started.and_then(main_late)
-        });
-        // Joined whatever happened, so a capture never ends with the side stream apart.
+        let result = self.forked(Lane::Side, (&self.fork_event, &self.join_event), side, main);
         self.side_forked.store(false, Ordering::Relaxed);
-        let joined = after(&self.stream, &self.side, &self.join_event);
+        result
+    }
+
+    /// `part` with its launches on `lane`'s stream once everything issued so far on the main
+    /// stream is done, then `main` on the main stream beside it; the main stream then waits for
+    /// `part`'s work (joined whatever happened, so a capture never ends with a stream apart).
+    fn forked<R>(&self, lane: Lane, (fork, join): (&CudaEvent, &CudaEvent), part: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.main_lane_only("a fork")?;
+        let stream = self.lane_stream(lane);
+        after(stream, &self.stream, fork)?;
+        let result = self.on_lane(lane, part).and_then(|()| main());
+        let joined = after(&self.stream, stream, join);
         result.and_then(|r| joined.map(|()| r))
     }
 
-    /// Inside `concurrently`'s main parts: `f` with its launches on the side stream, once the
+    /// The stream of `lane`.
+    fn lane_stream(&self, lane: Lane) -> &CudaStream {
+        match lane {
+            Lane::Main => &self.stream,
+            Lane::Side => &self.side,
+            Lane::Aux => &self.aux,
+        }
+    }
+
+    /// Inside `concurrently`'s main part: `f` with its launches on the side stream, once the
     /// work issued so far on the main stream is done.
     fn side_after_main(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
         self.main_lane_only("side_after_main")?;
@@ -402,18 +416,10 @@ impl CudaBackend {
         Lane::from_u8(self.lane.load(Ordering::Relaxed))
     }
 
-    /// Runs `aux` with its launches on the aux stream once everything issued so far on the main
-    /// stream is done, then `main` on the main stream beside it; the main stream then waits for
-    /// `aux`'s work. In a graph capture the two become parallel branches. Like `concurrently`'s
-    /// side parts, `aux` may only launch into buffers allocated before this call. Called from
-    /// the main lane only.
+    /// `forked` on the aux stream: in a graph capture the two become parallel branches. Like
+    /// `concurrently`'s side parts, `aux` may only launch into buffers allocated before this call.
     fn beside_aux<R>(&self, aux: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
-        self.main_lane_only("beside_aux")?;
-        after(&self.aux, &self.stream, &self.aux_fork)?;
-        let result = self.on_lane(Lane::Aux, aux).and_then(|()| main());
-        // Joined whatever happened, so a capture never ends with the aux stream apart.
-        let joined = after(&self.stream, &self.aux, &self.aux_join);
-        result.and_then(|r| joined.map(|()| r))
+        self.forked(Lane::Aux, (&self.aux_fork, &self.aux_join), aux, main)
     }
 
     fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
@@ -454,11 +460,7 @@ impl CudaBackend {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem as u32,
-            hStream: match lane {
-                Lane::Main => self.stream.cu_stream(),
-                Lane::Side => self.side.cu_stream(),
-                Lane::Aux => self.aux.cu_stream(),
-            },
+            hStream: self.lane_stream(lane).cu_stream(),
             attrs: &mut attr,
             numAttrs: kernels::pdl() as u32,
         };

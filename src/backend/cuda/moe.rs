@@ -287,11 +287,8 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             let pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
             let groups = (t * routing.top_k).min(experts.count) as u32;
             let split = waves(t, groups);
-            pass.gate_up_groups(gpu, experts, variants.0, xs, decode_plan(&routing)?, routing.top_k, 0..split.unwrap_or(groups), true)?;
-            Ok((routing, pass, groups, split))
-        },
-        |(routing, pass, groups, split)| {
             let plan = decode_plan(&routing)?;
+            pass.gate_up_groups(gpu, experts, variants.0, xs, plan, routing.top_k, 0..split.unwrap_or(groups), true)?;
             if let Some(split) = split {
                 pass.second_wave(gpu, experts, variants, xs, plan, routing.top_k, groups, split, &late_down)?;
                 return Ok((routing, pass));

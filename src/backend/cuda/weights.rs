@@ -73,12 +73,48 @@ pub struct CudaLinear {
     pub fmt: Fmt,
     pub rows: usize,
     pub cols: usize,
-    _w: CudaSlice<u8>,
-    _scale: Option<CudaSlice<f32>>,
-    _scale16: Option<CudaSlice<u16>>,
-    _zero: Option<CudaSlice<i8>>,
-    _scale_zero16: Option<CudaSlice<u16>>,
+    bufs: DeviceBuffers,
     pub desc: WDesc,
+}
+
+/// The device memory a `CudaLinear`'s descriptor points into.
+struct DeviceBuffers {
+    w: CudaSlice<u8>,
+    scale: Option<CudaSlice<f32>>,
+    scale16: Option<CudaSlice<u16>>,
+    zero: Option<CudaSlice<i8>>,
+    scale_zero16: Option<CudaSlice<u16>>,
+}
+
+impl DeviceBuffers {
+    /// `desc` with its pointers at these buffers.
+    fn describe(&self, desc: WDesc, stream: &std::sync::Arc<CudaStream>) -> WDesc {
+        fn ptr<T>(b: &Option<CudaSlice<T>>, stream: &std::sync::Arc<CudaStream>) -> u64 {
+            b.as_ref().map_or(0, |s| s.device_ptr(stream).0)
+        }
+        WDesc {
+            w: self.w.device_ptr(stream).0,
+            scale: ptr(&self.scale, stream),
+            scale16: ptr(&self.scale16, stream),
+            zero: ptr(&self.zero, stream),
+            scale_zero16: ptr(&self.scale_zero16, stream),
+            ..desc
+        }
+    }
+
+    /// A copy in device memory of its own.
+    fn replica(&self, stream: &std::sync::Arc<CudaStream>) -> Result<DeviceBuffers> {
+        fn copy<T: DeviceRepr>(b: &Option<CudaSlice<T>>, stream: &std::sync::Arc<CudaStream>) -> Result<Option<CudaSlice<T>>> {
+            Ok(b.as_ref().map(|s| stream.clone_dtod(s)).transpose()?)
+        }
+        Ok(DeviceBuffers {
+            w: stream.clone_dtod(&self.w)?,
+            scale: copy(&self.scale, stream)?,
+            scale16: copy(&self.scale16, stream)?,
+            zero: copy(&self.zero, stream)?,
+            scale_zero16: copy(&self.scale_zero16, stream)?,
+        })
+    }
 }
 
 /// Host-side form of a weight before upload: raw rows plus per-row scale and zero tables.
@@ -288,12 +324,8 @@ impl HostLinear {
             }
             _ => None,
         };
+        let bufs = DeviceBuffers { w, scale, scale16, zero, scale_zero16 };
         let desc = WDesc {
-            w: w.device_ptr(stream).0,
-            scale: scale.as_ref().map_or(0, |s| s.device_ptr(stream).0),
-            scale16: scale16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
-            zero: zero.as_ref().map_or(0, |z| z.device_ptr(stream).0),
-            scale_zero16: scale_zero16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
             rows: self.rows as i32,
             cols: self.cols as i32,
             br: self.br as i32,
@@ -304,8 +336,10 @@ impl HostLinear {
             mma: mma as i32,
             interleaved: interleave as i32,
             scale_exp,
+            ..WDesc::default()
         };
-        Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, _w: w, _scale: scale, _scale16: scale16, _zero: zero, _scale_zero16: scale_zero16, desc })
+        let desc = bufs.describe(desc, stream);
+        Ok(CudaLinear { module: self.module, fmt: self.fmt, rows: self.rows, cols: self.cols, bufs, desc })
     }
 }
 
@@ -334,31 +368,9 @@ impl CudaLinear {
     /// benchmarks that stand a few distinct experts for a layer's many still read every
     /// expert from its own memory, as the real layer does, not the same bytes again from L2.
     pub fn replica(&self, stream: &std::sync::Arc<CudaStream>) -> Result<CudaLinear> {
-        let w = stream.clone_dtod(&self._w)?;
-        let scale = self._scale.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
-        let scale16 = self._scale16.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
-        let zero = self._zero.as_ref().map(|z| stream.clone_dtod(z)).transpose()?;
-        let scale_zero16 = self._scale_zero16.as_ref().map(|s| stream.clone_dtod(s)).transpose()?;
-        let desc = WDesc {
-            w: w.device_ptr(stream).0,
-            scale: scale.as_ref().map_or(0, |s| s.device_ptr(stream).0),
-            scale16: scale16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
-            zero: zero.as_ref().map_or(0, |z| z.device_ptr(stream).0),
-            scale_zero16: scale_zero16.as_ref().map_or(0, |s| s.device_ptr(stream).0),
-            ..self.desc
-        };
-        Ok(CudaLinear {
-            module: self.module.clone(),
-            fmt: self.fmt,
-            rows: self.rows,
-            cols: self.cols,
-            _w: w,
-            _scale: scale,
-            _scale16: scale16,
-            _zero: zero,
-            _scale_zero16: scale_zero16,
-            desc,
-        })
+        let bufs = self.bufs.replica(stream)?;
+        let desc = bufs.describe(self.desc, stream);
+        Ok(CudaLinear { module: self.module.clone(), fmt: self.fmt, rows: self.rows, cols: self.cols, bufs, desc })
     }
 }
 
