@@ -228,7 +228,7 @@ struct WDesc {
                               // the bytes of f32, as the checkpoint stores them
     const signed char* zero;  // int: [rows, sc] zero points, or null when symmetric
     const u16* scale_zero16;  // INT4 with zero points and at most 2 groups a 128-column chunk, for
-                              // linear_mma.cu with ZEROS_BESIDE_SCALES: [rows, 2·sc] halves, each
+                              // linear_mma.cu's tensor-core kernels: [rows, 2·sc] halves, each
                               // chunk's scale16 values then its zero points as f16 −16·zp
     int rows, cols;
     int br, bc;               // fp8 block shape

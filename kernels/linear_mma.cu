@@ -60,29 +60,6 @@
 #ifndef INT4_UNR_SMALL_WIDE
 #define INT4_UNR_SMALL_WIDE 2  // groups of 32 or 64, three or four token slots (1 -> 2: g64 experts x4 77 -> 83%)
 #endif
-// DOWN_ATOMIC=1: the expert down projection's two-warp blocks (one token, and wherever
-// mma_block in linear.rs finds no larger block) add each warp's half of a tile to the output with atomics instead of summing the
-// halves through shared memory behind two barriers a tile (tile_reduce); gate/up zeroes the
-// output rows first. Two addends onto zero give the same sum in either order, and the scales
-// are powers of two, so the result is tile_reduce's (but for subnormals, which float atomics
-// flush to zero).
-#ifndef DOWN_ATOMIC
-#define DOWN_ATOMIC 0
-#endif
-
-// WHOLE_DISPATCH=1: tiles whose rows hold whole runs of chunks take a main loop of their own
-// (tile_dots), without the chunk-by-chunk scale loads of partial runs.
-#ifndef WHOLE_DISPATCH
-#define WHOLE_DISPATCH 0
-#endif
-
-// ZEROS_BESIDE_SCALES=1: INT4 tiles with zero points and one or two groups a chunk read each
-// chunk's zero points in the same vector load as its scales (WDesc.scale_zero16, made by the
-// upload when DUET_ZEROS_BESIDE_SCALES=1 sets this define), not a byte load a chunk and row: no
-// zero-point registers per chunk, at 1 byte a group more (+1.5% of group-128's bytes).
-#ifndef ZEROS_BESIDE_SCALES
-#define ZEROS_BESIDE_SCALES 0
-#endif
 #ifndef INT8_REGS
 #define INT8_REGS 128
 #endif
@@ -166,14 +143,13 @@ template <class Tile> __device__ float2 tile_dots(Tile& tile) {
     constexpr int UNR = Tile::UNR;
     int warp = threadIdx.x >> 5, nw = blockDim.x >> 5, nq = tile.chunks();
     int qb = warp * UNR;
-#if WHOLE_DISPATCH
     // Rows of whole runs (every expert and GEMV of GLM-5.x) take a loop of their own, in which
-    // the compiler knows it and drops the scales' chunk-by-chunk path (run_scales).
+    // the compiler knows it and drops the scales' chunk-by-chunk path (run_scales): H200, with
+    // zero points beside the scales, +0.5-1 point at one token, +1-2.5 at four (performance.md).
     if (nq % UNR == 0) {
         for (; qb < nq; qb += nw * UNR) tile_run<false>(tile, qb, nq);
         return tile.result();
     }
-#endif
     for (; qb + UNR <= nq; qb += nw * UNR) tile_run<false>(tile, qb, nq);
     if (qb < nq) tile_run<true>(tile, qb, nq);
     return tile.result();
@@ -426,9 +402,12 @@ template <int NT> __device__ __forceinline__ float2 planes_result(const float (&
 // only. The result is times 16·2^k·2^scale_exp (split_planes folds the 16 into the row's exponent).
 template <int GPC, int NT, bool ASYM> struct Int4Tile {
     static constexpr bool CONTIG = GPC == 1;
-    // Zero points beside the scales (ZEROS_BESIDE_SCALES): a chunk's PER halves, its GPC scales
-    // then its GPC zero points.
-    static constexpr bool ZS = ASYM && ZEROS_BESIDE_SCALES && GPC <= 2;
+    // Zero points beside the scales (WDesc.scale_zero16, which the upload makes for one or two
+    // groups a chunk): a chunk's PER halves, its GPC scales then its GPC zero points, in the
+    // scales' one vector load; no zero-point load a chunk and row (group 128's main loop 305 ->
+    // 272 instructions; H200, +1-1.5 points at one token; performance.md). Four groups a chunk
+    // would need more than the 8 bytes a chunk's scales fill: group 32 loads its zero points.
+    static constexpr bool ZS = ASYM && GPC <= 2;
     static constexpr int PER = ZS ? 2 * GPC : GPC;
     static constexpr int UNR = CONTIG ? (NT == 1 ? (ASYM ? INT4_UNR_ASYM : INT4_UNR_SYM) : INT4_UNR_WIDE) : (NT == 1 ? INT4_UNR_SMALL : INT4_UNR_SMALL_WIDE);
     struct Chunk {
@@ -977,9 +956,8 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
 // the activations in plan order, so that a group's rows are contiguous (the one-token block
 // splits and projects its experts in two waves: moe.rs). The tile's rows are 8 gate rows and
 // the matching up rows; grid (up to ceil(I / 8), groups from group g0); x split for the format
-// (T rows). With DOWN_ATOMIC it also zeroes the rows of `part` ([P, H]) its group's pairs'
-// down projections will add to.
-template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, float* part, int H) {
+// (T rows).
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0) {
     __shared__ float res[16 * MMA_TOKENS];
     PlanGroup pg;
     if (!plan_group(plan, P, g0 + blockIdx.y, pg)) return;
@@ -1003,11 +981,6 @@ template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* p
         }
     }
     }
-    if (DOWN_ATOMIC) {
-        int stride = gridDim.x * blockDim.x;
-        for (int j = pg.first; j < pg.end; j++)
-            for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < H; c += stride) part[(size_t)pairs[j] * H + c] = 0.f;
-    }
 }
 
 // part[p, r] = down_e[r] · act[j] for the plan's j-th pair p (act in plan order, as gate/up
@@ -1029,17 +1002,6 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
         int i = threadIdx.x, r = i / MMA_TOKENS, t = i % MMA_TOKENS;
         bool mine = i < 16 * MMA_TOKENS && t < nt && r0 + r < H;
         pdl_late();
-        if (DOWN_ATOMIC && blockDim.x == 64) {
-            // Lane (g, c) holds rows g and g + 8 of token slot c (planes_result).
-            int c = threadIdx.x & 3;
-            if (c < nt) {
-                float* y = part + (size_t)pairs[p0 + c] * H;
-                float s = pow2(-d.scale_exp) * pow2(-exps[p0 + c]);
-                if (ra >= 0) atomicAdd(y + ra, v.x * s);
-                if (rb >= 0) atomicAdd(y + rb, v.y * s);
-            }
-            continue;
-        }
         tile_reduce(v, res);
         if (mine) {
             int p = pairs[p0 + t];
@@ -1053,9 +1015,9 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait, float* part, int H) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait) { \
         if (wait) pdl_entry(); else pdl_nowait();                                                                       \
-        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0, part, H);                                        \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0);                                        \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) { \
         pdl_entry();                                                                                                    \

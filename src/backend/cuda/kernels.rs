@@ -51,7 +51,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_SIDE_DOWN_LATE", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_ZEROS_BESIDE_SCALES", "DUET_GEMV_ROWS", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_GEMV_ROWS", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }
@@ -64,26 +64,11 @@ pub fn settings() -> String {
 /// (chunks in flight, register caps) for sweeps on the device without a rebuild.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
-    if zeros_beside_scales() {
-        opts.push("-DZEROS_BESIDE_SCALES=1".into());
-    }
     if gemv_rows() != 4 {
         opts.push(format!("-DGEMV_ROWS={}", gemv_rows()));
     }
     opts.extend(extra_defines().iter().cloned());
     opts
-}
-
-/// Whether INT4 weights with zero points keep them beside their scales for the tensor-core
-/// kernels (`DUET_ZEROS_BESIDE_SCALES=1`; default off until measured on the H200): the upload
-/// makes WDesc.scale_zero16 and the kernels are built with ZEROS_BESIDE_SCALES (one switch for
-/// both, so the table and the kernels that read it come together). Group 128's main loop: 305
-/// -> 272 instructions a run, 38 -> 30 loads (SASS, sm_90a), at 1 byte a group more read.
-/// (A `-DZEROS_BESIDE_SCALES=N` in DUET_KERNEL_DEFINES, N not 0, turns it on too, so the
-/// kernels never read a table the upload did not make.)
-pub fn zeros_beside_scales() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| define_value("ZEROS_BESIDE_SCALES").is_some_and(|v| v != 0) || env_switch("DUET_ZEROS_BESIDE_SCALES", false))
 }
 
 /// Weight rows a block of the one-token CUDA-core GEMV takes (`DUET_GEMV_ROWS`, 1 to 16;
@@ -240,12 +225,7 @@ pub fn compile_all() -> Result<Vec<(String, usize)>> {
 
 /// Kernel variants that a run-time switch builds, compiled by `compile_all` beside the plain
 /// modules so that they keep compiling while off: (module, define).
-const VARIANTS: [(&str, &str); 4] = [
-    ("linear_mma", "-DZEROS_BESIDE_SCALES=1"),
-    ("linear_mma", "-DWHOLE_DISPATCH=1"),
-    ("linear_mma", "-DDOWN_ATOMIC=1"),
-    ("linear", "-DGEMV_ROWS=8"),
-];
+const VARIANTS: [(&str, &str); 1] = [("linear", "-DGEMV_ROWS=8")];
 
 #[cfg(test)]
 mod tests {
@@ -259,7 +239,7 @@ mod tests {
         for defs in ["", "-DTIMELINES=1", "-DINT4_REGS=96", "-DTILE=1", "TIMELINE=1"] {
             assert_eq!(define_in(defs, "TIMELINE"), None, "{defs}");
         }
-        assert_eq!(define_in("-DDOWN_ATOMIC=1 -DGEMV_ROWS=8", "GEMV_ROWS"), Some(8));
+        assert_eq!(define_in("-DINT4_REGS=96 -DGEMV_ROWS=8", "GEMV_ROWS"), Some(8));
     }
 
     /// CI sets DUET_REQUIRE_NVRTC=1 with the nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH, so a

@@ -265,12 +265,11 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
     // With `late_shared_down`, the shared expert's down projection waits for the routed
-    // gate/up (both waves') and streams while the routed activations are split (where nothing
+    // gate/up and streams while the routed activations are split (where nothing
     // else streams) and beside the routed down; else the side stream runs the shared expert
     // through, beside the router and the routed gate/up.
-    let late = late_shared_down();
+    let late = late_shared_down(t);
     let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1);
-    let late_down = || if late { gpu.side_after_main(shared_down) } else { Ok(()) };
     let (routing, pass) = gpu.concurrently(
         || {
             if let SoloPlan::Step(plan) = &shared_plan {
@@ -290,10 +289,12 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             let plan = decode_plan(&routing)?;
             pass.gate_up_groups(gpu, experts, variants.0, xs, plan, routing.top_k, 0..split.unwrap_or(groups), true)?;
             if let Some(split) = split {
-                pass.second_wave(gpu, experts, variants, xs, plan, routing.top_k, groups, split, &late_down)?;
+                pass.second_wave(gpu, experts, variants, xs, plan, routing.top_k, groups, split)?;
                 return Ok((routing, pass));
             }
-            late_down()?;
+            if late {
+                gpu.side_after_main(shared_down)?;
+            }
             if !skipped(Skip::Split) {
                 gpu.split_into(&pass.act, &pass.acts)?;
             }
@@ -324,10 +325,8 @@ fn waves(tokens: usize, groups: u32) -> Option<u32> {
 /// points lower at one token). Sound because (1) it is launched right after the first wave's
 /// gate/up, whose blocks all wait for the kernels before them at entry and trigger the next
 /// launch only after that wait, so it starts after the route and the split input are complete;
-/// (2) it reads only those and writes only its own groups' activation rows (and, with
-/// DOWN_ATOMIC, zeroes its own pairs' output rows; at one token a group is one pair, so the
-/// rows of the two waves are apart); (3) nothing later on the main
-/// stream needs the first wave's gate/up but through the aux stream's fork and join, which wait
+/// (2) it reads only those and writes only its own groups' activation rows; (3) nothing later
+/// on the main stream needs the first wave's gate/up but through the aux stream's fork and join, which wait
 /// for its completion.
 fn second_wave_early() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -369,13 +368,12 @@ fn decode_plan(routing: &CudaRouting) -> Result<&CudaSlice<i32>> {
 }
 
 /// Whether the overlapped block's shared expert runs its down projection late, once the routed
-/// gate/up is done (`DUET_SIDE_DOWN_LATE`, default off: H200, the same or 0.3-1.6 points better
-/// at two tokens; performance.md). Then it streams while the routed experts' activations are
-/// split, not beside their gate/up; with waves, once both waves' gate/up are done (before
-/// f5bf81c it waited only for the first wave's, 4 points worse at one token).
-fn late_shared_down() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_SIDE_DOWN_LATE", false))
+/// gate/up is done: above one token. Then it streams while the routed experts' activations are
+/// split, not beside their gate/up. H200 (performance.md, nineteenth session): +1 to +1.4 points
+/// at two and four tokens; at one token, where the routed experts go in two waves (`waves`) and
+/// the late point is after both waves' gate/up, 1 point lower for INT4 (0.5 higher for FP8).
+fn late_shared_down(tokens: usize) -> bool {
+    tokens > 1
 }
 
 /// The plan of one expert alone over a decode step's tokens (the shared expert's beside the
@@ -516,9 +514,6 @@ impl MmaPass {
                 Arg::I32(i as i32),
                 Arg::I32(groups.start as i32),
                 Arg::I32(wait as i32),
-                // (Zeroed here for the down projection's atomics under DOWN_ATOMIC.)
-                Arg::Ptr(gpu.ptr(&self.part)),
-                Arg::I32(h as i32),
             ],
         )
     }
@@ -558,8 +553,7 @@ impl MmaPass {
     /// of after it, then the second wave's split and down. The second wave's gate/up starts as
     /// the first's blocks drain (it does not wait for the first: `gate_up_groups`). At one
     /// token a group is one pair, so a wave's activations are the rows of its groups (gate/up
-    /// writes them in plan order). See `waves`. `after_gate_up` is issued once the second
-    /// wave's gate/up is (the overlapped block's late shared down, `late_shared_down`).
+    /// writes them in plan order). See `waves`.
     #[allow(clippy::too_many_arguments)]
     fn second_wave(
         &self,
@@ -571,7 +565,6 @@ impl MmaPass {
         k: usize,
         groups: u32,
         split: u32,
-        after_gate_up: &dyn Fn() -> Result<()>,
     ) -> Result<()> {
         if self.act.rows != k || split == 0 || split >= groups {
             bail!("internal: two waves of {split} and {groups} groups over {} pairs of {k} a token", self.act.rows);
@@ -585,7 +578,6 @@ impl MmaPass {
             },
             || {
                 self.gate_up_groups(gpu, experts, gate_up, xs, plan, k, split..groups, !second_wave_early())?;
-                after_gate_up()?;
                 gpu.split_rows_into(&self.act, &self.acts, second)?;
                 self.down_groups(gpu, experts, down, plan, k, split..groups)
             },

@@ -316,7 +316,7 @@ impl HostLinear {
         // (Kept beside scale16 and zero, which the CUDA-core kernels read for prefill: 4 more
         // bytes a group resident, +6% of group 128's bytes.)
         let scale_zero16 = match (&half, &self.zero) {
-            (Some((bits, _)), Some(z)) if mma && self.fmt == Fmt::Int4 && self.group >= 64 && super::kernels::zeros_beside_scales() => {
+            (Some((bits, _)), Some(z)) if mma && self.fmt == Fmt::Int4 && self.group >= 64 => {
                 let Some(table) = scale_zero_halves(bits, z, self.rows, self.sc, 128 / self.group) else {
                     bail!("{}: {} scales and {} zero points for {} rows of {} groups", self.module, bits.len(), z.len(), self.rows, self.sc);
                 };
@@ -343,8 +343,8 @@ impl HostLinear {
     }
 }
 
-/// The tensor-core INT4 kernels' scales and zero points side by side (WDesc.scale_zero16, for
-/// ZEROS_BESIDE_SCALES in kernels/linear_mma.cu): per row and 128-column chunk, its `per_chunk`
+/// The tensor-core INT4 kernels' scales and zero points side by side (WDesc.scale_zero16, which
+/// Int4Tile in kernels/linear_mma.cu reads for one or two groups a chunk): per row and 128-column chunk, its `per_chunk`
 /// f16 scale bits (`scales`, [rows, sc]), then its zero points `zero` ([rows, sc]) as the f16
 /// bits of −16·zp, exact for every int8 zero point. None above two groups a chunk (the kernels'
 /// chunk scales then fill more than the 8 bytes they hold).
