@@ -100,6 +100,10 @@ fn formats() -> Vec<SynthFormat> {
         SynthFormat::Int { bits: 4, group: 32, symmetric: false },
         SynthFormat::Int { bits: 4, group: 64, symmetric: true },
         SynthFormat::Int { bits: 4, group: 128, symmetric: true },
+        // Zero points with one or two groups a chunk: the tensor-core kernels read them beside
+        // the scales (weights.rs, scale_zero16). Group 128 is AWQ's layout.
+        SynthFormat::Int { bits: 4, group: 64, symmetric: false },
+        SynthFormat::Int { bits: 4, group: 128, symmetric: false },
         SynthFormat::Int { bits: 8, group: 32, symmetric: true },
         SynthFormat::Int { bits: 8, group: 64, symmetric: false },
         // The attention and shared experts of the real GLM INT4 checkpoints (the tensor-core
@@ -504,6 +508,7 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
         SynthFormat::Int { bits: 4, group: 32, symmetric: false },
         SynthFormat::Int { bits: 4, group: 64, symmetric: true },
         SynthFormat::Int { bits: 4, group: 128, symmetric: true },
+        SynthFormat::Int { bits: 4, group: 128, symmetric: false },
     ];
     // Each format's experts, uploaded once to both backends; expert `e` is the shared one.
     let mut experts = Vec::new();
