@@ -51,7 +51,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_GEMV_ROWS", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }
@@ -61,24 +61,30 @@ pub fn settings() -> String {
 
 /// The compile options: OPTIONS, then any `-D` defines in
 /// `DUET_KERNEL_DEFINES` (space separated), which override the kernels' tuning constants
-/// (chunks in flight, register caps) for sweeps on the device without a rebuild.
+/// (chunks in flight, register caps) for sweeps on the device without a rebuild. GEMV_ROWS,
+/// which the host sizes a grid by too, goes as `gemv_rows` read it.
 fn options() -> Vec<String> {
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
+    opts.extend(extra_defines().iter().filter(|d| define_in(d, "GEMV_ROWS").is_none()).cloned());
     if gemv_rows() != 4 {
         opts.push(format!("-DGEMV_ROWS={}", gemv_rows()));
     }
-    opts.extend(extra_defines().iter().cloned());
     opts
 }
 
-/// Weight rows a block of the one-token CUDA-core GEMV takes (`DUET_GEMV_ROWS`, 1 to 16;
-/// default 4), as the host sizes its grid and the kernels are built (GEMV_ROWS in
-/// kernels/linear.cu; a `-DGEMV_ROWS=N` in DUET_KERNEL_DEFINES sets it too).
+/// Weight rows a block of the one-token CUDA-core GEMV takes (GEMV_ROWS in kernels/linear.cu,
+/// default 4; `-DGEMV_ROWS=N` in DUET_KERNEL_DEFINES, 1 to 16), as the host sizes its grid and
+/// the kernels are built. (H200: 4 beat 2, 8 and 16 on bf16 6144->2048, the one GEMV it moves
+/// near 80%; performance.md, nineteenth session.)
 pub fn gemv_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        let defined = define_value("GEMV_ROWS").and_then(|v| usize::try_from(v).ok()).filter(|n| (1..=16).contains(n));
-        defined.or_else(|| env_usize("DUET_GEMV_ROWS", "1 to 16", |n| (1..=16).contains(&n))).unwrap_or(4)
+    *ROWS.get_or_init(|| match define_value("GEMV_ROWS") {
+        Some(n @ 1..=16) => n as usize,
+        Some(n) => {
+            tracing::warn!("DUET_KERNEL_DEFINES: GEMV_ROWS={n} is not 1 to 16; 4 taken");
+            4
+        }
+        None => 4,
     })
 }
 
