@@ -668,11 +668,6 @@ extern "C" __global__ void index_scores(const float* __restrict__ q, const float
     }
 }
 
-__device__ __forceinline__ u32 order_key(float f) {
-    u32 b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
 // ---- top-k of long score rows, across many blocks ---------------------------------------------
 // The k largest scores of each row (positions 0..pos): a histogram of the top 12 bits of every
 // score's order key (many blocks), the bin holding the k-th largest (one block per row), then

@@ -133,20 +133,34 @@ __device__ __forceinline__ void norm_row(const float* xr, const float* ar, float
     }
 }
 
+// Inclusive prefix sum over the warp, lane by lane in order of the steps below.
+template <typename T> __device__ __forceinline__ T warp_scan(T v) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        T n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
 // Inclusive prefix sum over the block (blockDim a multiple of 32); `scratch` holds one value
 // per warp. Every thread of the block must call it.
 __device__ __forceinline__ u32 block_scan(u32 v, u32* scratch) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        u32 n = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += n;
-    }
+    v = warp_scan(v);
     __syncthreads();
     if (lane == 31) scratch[w] = v;
     __syncthreads();
     for (int j = 0; j < w; j++) v += scratch[j];
     return v;
+}
+
+// A float's place in total order (total_cmp: -0 before +0) as an unsigned key: larger keys
+// for larger floats.
+__device__ __forceinline__ u32 order_key(float f) {
+    u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
 // acc[j] += Σ_c q[c][j]·k[c] over dims c0..c1 for 8 heads j: q is dim-major (stride4 float4s per

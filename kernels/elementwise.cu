@@ -153,23 +153,10 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int cols, in
 #define HEAD_LAST 4096   // sampling.rs: the last bin (64 units of -ln(weight))
 #define HEAD_CAP 4096    // the most head tokens sorted here (a power of two)
 #define SAMPLE_SMEM ((HEAD_LAST + 1 + HEAD_CAP) * 8 + HEAD_CAP * 8)  // SAMPLE_SMEM in cuda/mod.rs
-__device__ __forceinline__ double scan_warp(double v) {
-    int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        double n = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += n;
-    }
-    return v;
-}
 // Whether the head token (la, ia) comes before (lb, ib): a higher logit, or the same at a lower
 // index (sampling.rs `better`, by total_cmp: +0 before -0; no NaNs reach here).
-__device__ __forceinline__ int total_key(float l) {
-    int k = __float_as_int(l);
-    return k ^ ((k >> 31) & 0x7fffffff);
-}
 __device__ __forceinline__ bool before(float la, int ia, float lb, int ib) {
-    int ka = total_key(la), kb = total_key(lb);
+    u32 ka = order_key(la), kb = order_key(lb);
     return ka > kb || (ka == kb && ia < ib);
 }
 
@@ -189,12 +176,12 @@ __device__ void draw_in_order(const float* __restrict__ row, int cols, double to
     }
     // The runs' sums scanned: this thread's run spans [lo_sum, hi_sum) of the total, where
     // lo_sum is the thread before's hi_sum, bit for bit, so the spans meet without gap or overlap.
-    double incl = scan_warp(sum);
+    double incl = warp_scan(sum);
     if (lane == 31) warp_total[warp] = incl;
     __syncthreads();
     if (warp == 0) {
         double v = lane < nw ? warp_total[lane] : 0.0;
-        v = scan_warp(v);
+        v = warp_scan(v);
         __syncwarp();
         warp_total[lane] = v;
     }

@@ -28,7 +28,7 @@ def host(logits, t, u):
     return last
 
 
-def scan_warp(v):
+def warp_scan(v):
     v = list(v)
     o = 1
     while o < 32:
@@ -58,8 +58,8 @@ def kernel(logits, t, u, threads=1024):
     warps = threads // 32
     incl = []
     for w in range(warps):
-        incl += scan_warp(sums[32 * w:32 * w + 32])
-    totals = scan_warp([incl[32 * w + 31] for w in range(warps)] + [0.0] * (32 - warps))
+        incl += warp_scan(sums[32 * w:32 * w + 32])
+    totals = warp_scan([incl[32 * w + 31] for w in range(warps)] + [0.0] * (32 - warps))
     hi_sum = [(totals[j // 32 - 1] if j >= 32 else 0.0) + incl[j] for j in range(threads)]
     lo_sum = [hi_sum[j - 1] if j > 0 else 0.0 for j in range(threads)]
     target = u * hi_sum[-1]

@@ -299,9 +299,6 @@ impl CudaBackend {
     /// One index per row of `t` by `kernel` (a block of 1024 threads a row; its arguments the
     /// rows, their width, `extra`, then the indices), copied to the host.
     fn row_picks(&self, t: &CudaTensor, kernel: &'static str, smem: usize, extra: &[Arg]) -> Result<Vec<i32>> {
-        if t.rows == 0 {
-            return Ok(vec![]);
-        }
         // (The kernels' column index, an int, steps by their 1024 threads past the last column.)
         if t.cols == 0 || t.cols > (i32::MAX - 1024) as usize {
             bail!("{kernel} over rows of {} values", t.cols);
@@ -387,7 +384,7 @@ impl CudaBackend {
             bail!("internal: side_after_main outside concurrently");
         }
         after(&self.side, &self.stream, &self.late_event)?;
-        self.on_side_stream(f)
+        self.on_lane(Lane::Side, f)
     }
 
     /// An error unless launches go to the main stream now (`what` forks from it).
@@ -396,11 +393,6 @@ impl CudaBackend {
             Lane::Main => Ok(()),
             lane => bail!("internal: {what} called from the {} stream's part", lane.name()),
         }
-    }
-
-    /// `f` with its launches on the side stream.
-    fn on_side_stream(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.on_lane(Lane::Side, f)
     }
 
     /// `f` with its launches on `lane`'s stream (then back to the stream they went to before).

@@ -264,10 +264,10 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
     let shared_plan = solo_plan(gpu, index, t)?;
     let shared_pass = MmaPass::new(gpu, t, shared)?;
     let routed = RouterParams { shared: None, ..*p };
-    // With `late_shared_down`, the shared expert's down projection waits for the routed
-    // gate/up and streams while the routed activations are split (where nothing
-    // else streams) and beside the routed down; else the side stream runs the shared expert
-    // through, beside the router and the routed gate/up.
+    // With `late_shared_down`, the shared expert's down projection waits for the routed gate/up
+    // and streams while the routed activations are split (where nothing else streams) and
+    // beside the routed down; else the side stream runs the shared expert through, beside the
+    // router and the routed gate/up.
     let late = late_shared_down(t);
     let shared_down = || shared_pass.down(gpu, shared, shared_variants.1, &shared_plan, 1, 1);
     let (routing, pass) = gpu.concurrently(
@@ -330,8 +330,8 @@ fn waves(tokens: usize, groups: u32) -> Option<u32> {
 /// gate/up, whose blocks all wait for the kernels before them at entry and trigger the next
 /// launch only after that wait, so it starts after the route and the split input are complete;
 /// (2) it reads only those and writes only its own groups' activation rows; (3) nothing later
-/// on the main stream needs the first wave's gate/up but through the aux stream's fork and join, which wait
-/// for its completion.
+/// on the main stream needs the first wave's gate/up but through the aux stream's fork and
+/// join, which wait for its completion.
 fn second_wave_early() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::kernels::env_switch("DUET_WAVE_NOWAIT", true))
