@@ -115,8 +115,9 @@ fn formats() -> Vec<SynthFormat> {
 
 fn check_linear(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
     for fmt in formats() {
-        // 256 columns take the 16-byte path; 200 the scalar path of some formats.
-        for (rows, cols) in [(320, 256), (72, 200)] {
+        // 256 columns take the 16-byte path; 200 the scalar path of some formats; 66 rows end
+        // in a part of a block (of a 16-row tile, of a one-token GEMV's block of rows).
+        for (rows, cols) in [(320, 256), (72, 200), (66, 256)] {
             let w = synthetic_linear("w", rows, cols, fmt, rng);
             let (wc, wg) = (cpu.weight(&w)?, gpu.weight(&w)?);
             // 1 and 2 tokens take the INT4 kernels of two token slots, 3 to 8 those of four
