@@ -419,8 +419,8 @@ __device__ __forceinline__ void pdl_entry_small() {
 }
 
 // Asks L2 for up to PDL_PREFETCH bytes at p (16-byte aligned; 0 turns it off), from one thread
-// of the block, without waiting. The dense GEMVs call it for the first weights they will read
-// before their wait: weights depend on no kernel, so they stream in while the kernel before
+// of the block, without waiting. The tensor-core GEMVs call it for the first weights they will
+// read before their wait (the CUDA-core GEMV asks in lines, GEMV_LINE_PREFETCH in linear.cu): weights depend on no kernel, so they stream in while the kernel before
 // finishes (FP8/INT8 6144->2048 54 -> 62% of the copy bandwidth). Only the first block of each
 // SM's worth asks: the blocks that start before the wait ends. When every block asked for its
 // first tile, the GEMVs of several waves lost 8-20 points (the expert down projection at 2-4
@@ -433,6 +433,11 @@ __device__ __forceinline__ void pdl_entry_small() {
 __device__ __forceinline__ void l2_prefetch(const void* p, size_t n) {
     u32 len = (u32)n & ~15u;
     if (len != 0 && ((size_t)p & 15) == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(len) : "memory");
+}
+// Asks L2 for the n bytes at p in 128-byte lines, a line a thread of the block (the load
+// units' requests, many in flight, where l2_prefetch is one bulk request), without waiting.
+__device__ __forceinline__ void prefetch_lines(const void* p, size_t n) {
+    for (size_t off = threadIdx.x * 128; off < n; off += blockDim.x * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));
 }
 __device__ __forceinline__ void prefetch_weights(const void* p, size_t bytes) {
     if (PDL_PREFETCH == 0 || threadIdx.x != 0) return;

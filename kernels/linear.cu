@@ -253,6 +253,13 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
 #ifndef GEMV_ROWS
 #define GEMV_ROWS 4
 #endif
+// Bytes of its rows every block of the one-token GEMV asks L2 for before its wait, in 128-byte
+// lines a thread each (prefetch_lines; 0: none). H200, against prefetch_weights' one bulk
+// request from each first-wave block: bf16 6144->2048 79.7 -> 81.5-82.0% of the copy
+// bandwidth, 16384->6144 99.5 -> 101%; 16 KB +0.5 point, 32 KB 65% (performance.md).
+#ifndef GEMV_LINE_PREFETCH
+#define GEMV_LINE_PREFETCH 8192
+#endif
 
 // y[t, yoff + r] = x[t] · W[r] for NT tokens per block row; grid (ceil(rows / ROWS), ceil(T / NT))
 // with ROWS GEMV_ROWS for one token, else 4.
@@ -266,7 +273,7 @@ __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restri
     // The block's rows are contiguous in the plain layout.
     if (d.vec && !d.mma && r0 < d.rows) {
         size_t rb = (size_t)(d.cols / Fmt<FMT>::U) * 16;
-        prefetch_weights((const u8*)d.w + r0 * rb, min(ROWS, d.rows - r0) * rb);
+        prefetch_lines((const u8*)d.w + r0 * rb, min(min(ROWS, d.rows - r0) * rb, (size_t)GEMV_LINE_PREFETCH));
     }
     pdl_entry();
     int t0 = blockIdx.y * NT;
