@@ -420,8 +420,8 @@ __device__ __forceinline__ void pdl_entry_small() {
 
 // Asks L2 for up to PDL_PREFETCH bytes at p (16-byte aligned; 0 turns it off), from one thread
 // of the block, without waiting. The tensor-core GEMVs call it for the first weights they will
-// read before their wait (the CUDA-core GEMV asks in lines, GEMV_LINE_PREFETCH in linear.cu): weights depend on no kernel, so they stream in while the kernel before
-// finishes (FP8/INT8 6144->2048 54 -> 62% of the copy bandwidth). Only the first block of each
+// read before their wait (the CUDA-core GEMV asks in lines: GEMV_LINE_PREFETCH in linear.cu):
+// weights depend on no kernel, so they stream in while the kernel before finishes (FP8/INT8 6144->2048 54 -> 62% of the copy bandwidth). Only the first block of each
 // SM's worth asks: the blocks that start before the wait ends. When every block asked for its
 // first tile, the GEMVs of several waves lost 8-20 points (the expert down projection at 2-4
 // tokens, bf16 6144->2048), and asking in the expert down projection did too (performance.md).

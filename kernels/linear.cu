@@ -253,8 +253,8 @@ __device__ __forceinline__ void block_dots(const WDesc& d, const int* rows, cons
 #ifndef GEMV_ROWS
 #define GEMV_ROWS 4
 #endif
-// Bytes of its rows every block of the one-token GEMV asks L2 for before its wait, in 128-byte
-// lines a thread each (prefetch_lines; 0: none). H200, against prefetch_weights' one bulk
+// Bytes of its rows every block of the GEMV asks L2 for before its wait, in 128-byte lines a
+// thread each (prefetch_lines; 0: none). H200 at one token, against prefetch_weights' one bulk
 // request from each first-wave block: bf16 6144->2048 79.7 -> 81.5-82.0% of the copy
 // bandwidth, 16384->6144 99.5 -> 101%; 16 KB +0.5 point, 32 KB 65% (performance.md).
 #ifndef GEMV_LINE_PREFETCH
