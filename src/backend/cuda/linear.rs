@@ -133,17 +133,17 @@ impl CudaBackend {
     /// to s too. With `router` (a gate that `norm_router_fits`, and its logits), the launch
     /// also computes the router's logits of the normalized rows. False, launching nothing,
     /// where it does not apply.
-    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<(&CudaLinear, &CudaTensor)>) -> Result<bool> {
+    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<NormRouter<'_>>) -> Result<bool> {
         let fmts = self.mma_fmts.load(Ordering::Relaxed);
         if fmts == 0 || x.rows > MMA_MAX_TOKENS || !x.cols.is_multiple_of(128) || x.cols > NORM_MAX_COLS {
             return Ok(false);
         }
-        if let Some((gate, logits)) = router {
+        if let Some(NormRouter { gate, logits, .. }) = router {
             if !self.norm_router_fits(x, gate) || logits.rows != x.rows || logits.cols != gate.rows {
                 bail!("internal: a router that rms_norm_split cannot take ({} rows of {}, {:?} gate {}x{})", x.rows, x.cols, gate.fmt, gate.rows, gate.cols);
             }
         }
-        let blocks = norm_blocks(x.cols, router.map(|(gate, _)| gate.rows));
+        let blocks = norm_blocks(x.cols, router.map(|r| r.gate.rows));
         let halves = if fmts & MMA_FP8 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Fp8)?) } else { None };
         let planes = if fmts & MMA_INT4 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Int4)?) } else { None };
         let (hd, he) = halves.as_ref().map_or((0, 0), |s| (self.ptr(&s.data), self.ptr(&s.exps)));
@@ -163,8 +163,13 @@ impl CudaBackend {
             Arg::Ptr(add.map_or(0, |(_, s)| self.ptr(&s.buf))),
         ];
         let name = match router {
-            Some((gate, logits)) => {
+            Some(NormRouter { gate, logits, prefetch }) => {
                 args.extend([Arg::Ptr(gate.desc.w), Arg::I32(gate.rows as i32), Arg::Ptr(self.ptr(&logits.buf))]);
+                // The first NORM_PREFETCH regions (the rest, if any, are scales: small).
+                for i in 0..NORM_PREFETCH {
+                    let (p, n) = prefetch.get(i).copied().unwrap_or((0, 0));
+                    args.extend([Arg::Ptr(p), Arg::Ptr(n)]);
+                }
                 "rms_norm_split_router"
             }
             None => "rms_norm_split",
@@ -264,6 +269,19 @@ fn side_share() -> usize {
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
 /// and eight warps.
+/// The router that `rms_norm_split` computes in the norm's launch: its gate and the logits it
+/// writes, and device memory (address, bytes) the launch asks L2 for before its wait (the
+/// shared expert's weights: moe.rs `add_norm_block`).
+#[derive(Clone, Copy)]
+pub(super) struct NormRouter<'a> {
+    pub gate: &'a CudaLinear,
+    pub logits: &'a CudaTensor,
+    pub prefetch: &'a [(u64, u64)],
+}
+
+/// Regions rms_norm_split_router prefetches at most (NORM_PREFETCH in kernels/linear_mma.cu).
+const NORM_PREFETCH: usize = 4;
+
 pub(super) fn threads_for(cols: usize, fmt: Fmt) -> u32 {
     let units = cols.div_ceil(fmt.unit());
     (units.div_ceil(32) * 32).clamp(64, 256) as u32

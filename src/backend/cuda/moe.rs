@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
-use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
+use super::linear::{threads_for, MmaFamily, MmaVariant, NormRouter, Split, MMA_MAX_TOKENS};
 use super::weights::{experts_from, upload_expert_weights, CudaExperts, CudaLinear, CudaWeight, WDesc};
 use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
@@ -173,14 +173,15 @@ pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWei
 /// it does not apply. The logits' sums run in another order than the GEMV's.
 pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<CudaTensor>> {
     let Some(side) = side_expert(x, block.experts, block.shared, block.router) else { return Ok(None) };
-    let Some((y, logits)) = add_norm_logits(gpu, x, a, w, eps, block)? else { return Ok(None) };
+    let Some((y, logits)) = add_norm_logits(gpu, x, a, w, eps, block, side)? else { return Ok(None) };
     overlapped(gpu, &y, block.gate, block.bias, block.experts, block.router, side, Some(logits)).map(Some)
 }
 
 /// The add, the norm and the router's logits in the norm's launch, as `add_norm_block` begins
-/// (for a block that overlaps its shared expert: `side_expert`): the norm's output and the
+/// (for a block that overlaps its shared expert `side`: `side_expert`), the launch asking L2
+/// for the shared expert's weights as `shared_prefetch` says: the norm's output and the
 /// logits, or None, launching nothing, where they do not apply.
-fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<(CudaTensor, CudaTensor)>> {
+fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>, (shared, index): (&CudaExperts, usize)) -> Result<Option<(CudaTensor, CudaTensor)>> {
     if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
         return Ok(None);
     }
@@ -189,7 +190,12 @@ fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &Cu
         return Ok(None);
     }
     let (sum, y, logits) = (gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, part.rows)?);
-    if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some((part, &logits)))? {
+    let prefetch = match shared_prefetch() {
+        0 => Vec::new(),
+        n => shared.decode_regions(index, n == 2, &gpu.stream),
+    };
+    let router = NormRouter { gate: part, logits: &logits, prefetch: &prefetch };
+    if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some(router))? {
         return Ok(None);
     }
     gpu.replace_tensor(x, sum);
@@ -202,16 +208,27 @@ impl CudaBackend {
     /// route with its plan (the routed experts', as the overlapped block routes them), for
     /// `duet bench kernels` to time the block's chain before the experts.
     pub fn add_norm_route(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<CudaRouting> {
-        if side_expert(x, block.experts, block.shared, block.router).is_none() {
+        let Some(side) = side_expert(x, block.experts, block.shared, block.router) else {
             return self.route(&self.add_rms_norm(x, a, w, eps)?, block.gate, block.bias, block.router);
-        }
+        };
         let routed = RouterParams { shared: None, ..*block.router };
-        let (y, logits) = match add_norm_logits(self, x, a, w, eps, block)? {
+        let (y, logits) = match add_norm_logits(self, x, a, w, eps, block, side)? {
             Some((y, logits)) => (y, Some(logits)),
             None => (self.add_rms_norm(x, a, w, eps)?, None),
         };
         route_planned(self, &y, block.gate, block.bias, &routed, block.experts.count, logits)
     }
+}
+
+/// What of the overlapped block's shared expert the norm's launch asks L2 for before its wait
+/// (`DUET_SHARED_PREFETCH`: 0 nothing, the default until measured; 1 its gate/up weights, which
+/// the side stream reads first, right after the norm; 2 its down projection's too). The norm
+/// streams nothing else, and the shared expert's weights depend on no kernel: so its bytes
+/// could come while the norm runs, and the shared expert then read them from L2, leaving the
+/// memory to the routed experts sooner.
+fn shared_prefetch() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| super::kernels::env_usize("DUET_SHARED_PREFETCH", "0 to 2", |n| n <= 2).unwrap_or(0))
 }
 
 /// Whether the router's gate GEMV runs in the decode norm's launch (`DUET_NORM_ROUTER`, default
