@@ -267,8 +267,6 @@ fn side_share() -> usize {
     *SHARE.get_or_init(|| kernels::env_usize("DUET_SIDE_SHARE", "1 to 8", |w| (1..=8).contains(&w)).unwrap_or(2))
 }
 
-/// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
-/// and eight warps.
 /// The router that `rms_norm_split` computes in the norm's launch: its gate and the logits it
 /// writes, and device memory (address, bytes) the launch asks L2 for before its wait (the
 /// shared expert's weights: moe.rs `add_norm_block`).
@@ -282,6 +280,8 @@ pub(super) struct NormRouter<'a> {
 /// Regions rms_norm_split_router prefetches at most (NORM_PREFETCH in kernels/linear_mma.cu).
 const NORM_PREFETCH: usize = 4;
 
+/// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
+/// and eight warps.
 pub(super) fn threads_for(cols: usize, fmt: Fmt) -> u32 {
     let units = cols.div_ceil(fmt.unit());
     (units.div_ceil(32) * 32).clamp(64, 256) as u32
