@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 use super::buffer::DevBuf;
 use super::linear::{threads_for, MmaFamily, MmaVariant, NormRouter, Split, MMA_MAX_TOKENS};
 use super::weights::{experts_from, upload_expert_weights, CudaExperts, CudaLinear, CudaWeight, WDesc};
-use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
+use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector, WaveMark};
 use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
 
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
@@ -354,6 +354,16 @@ fn second_wave_early() -> bool {
     *ON.get_or_init(|| super::kernels::env_switch("DUET_WAVE_NOWAIT", true))
 }
 
+/// Whether a one-token block's two waves take their splits aside (`DUET_WAVE_SPLITS_ASIDE`,
+/// default off until measured): both splits on the aux stream, both down projections on the
+/// main stream after the second wave's gate/up (`MmaPass::second_wave`), against the first
+/// wave's split and down on aux beside the second wave's gate/up and the second wave's split
+/// between its gate/up and down on the main stream.
+fn splits_aside() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::kernels::env_switch("DUET_WAVE_SPLITS_ASIDE", false))
+}
+
 /// Launches of the overlapped block that `DUET_DIAG_SKIP` leaves out (`split`, `combine`, or
 /// both, comma-separated): a diagnostic for `duet bench kernels` that bounds what a block
 /// without them (one kernel from the routed gate/up to the combine) could gain. The block's
@@ -592,6 +602,28 @@ impl MmaPass {
         }
         let first = 0..split as usize;
         let second = split as usize..groups as usize;
+        if splits_aside() {
+            // Both downs on the main stream after the second gate/up, both splits on aux: the
+            // second split runs beside the first down instead of between the second gate/up and
+            // down, where nothing else streams.
+            return gpu.beside_aux(
+                || {
+                    gpu.split_rows_into(&self.act, &self.acts, first)?;
+                    gpu.mark(WaveMark::AuxFirst)
+                },
+                || {
+                    self.gate_up_groups(gpu, experts, gate_up, xs, plan, k, split..groups, !second_wave_early())?;
+                    gpu.aux_after_main(|| {
+                        gpu.split_rows_into(&self.act, &self.acts, second)?;
+                        gpu.mark(WaveMark::AuxSecond)
+                    })?;
+                    gpu.wait_mark(WaveMark::AuxFirst)?;
+                    self.down_groups(gpu, experts, down, plan, k, 0..split)?;
+                    gpu.wait_mark(WaveMark::AuxSecond)?;
+                    self.down_groups(gpu, experts, down, plan, k, split..groups)
+                },
+            );
+        }
         gpu.beside_aux(
             || {
                 gpu.split_rows_into(&self.act, &self.acts, first)?;
