@@ -329,8 +329,8 @@ __device__ __forceinline__ bool plan_group(const int* plan, int P, int grp, Plan
 // ---- programmatic dependent launch -----------------------------------------------------------
 // Every kernel is launched so that it may start while the kernel before it on the stream is
 // still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act (after
-// asking L2 for weights, prefetch_weights) is to wait until that kernel has completed and its
-// writes are visible, so no kernel reads an input before it is complete.
+// asking L2 for weights: prefetch_weights, prefetch_lines) is to wait until that kernel has
+// completed and its writes are visible, so no kernel reads an input before it is complete.
 // When a kernel lets the next one launch is the PDL_TRIGGER knob:
 //   0: at entry, right after the wait;
 //   1: only at exit (the implicit trigger);
@@ -408,7 +408,7 @@ __device__ __forceinline__ void pdl_late() {
 }
 // Kernels of a few short blocks (norms, splits, the router, plans, combines) let the next kernel
 // launch right after their wait: its blocks take the SMs these leave idle and a GEMV asks L2
-// for its first weights (prefetch_weights) while this kernel runs. (INT4 MoE block at one token
+// for its first weights (prefetch_weights, prefetch_lines) while this kernel runs. (INT4 MoE block at one token
 // +1-3 points; PDL_EARLY=0 to compare, performance.md.)
 #ifndef PDL_EARLY
 #define PDL_EARLY 1
@@ -421,8 +421,9 @@ __device__ __forceinline__ void pdl_entry_small() {
 // Asks L2 for up to PDL_PREFETCH bytes at p (16-byte aligned; 0 turns it off), from one thread
 // of the block, without waiting. The tensor-core GEMVs call it for the first weights they will
 // read before their wait (the CUDA-core GEMV asks in lines: GEMV_LINE_PREFETCH in linear.cu):
-// weights depend on no kernel, so they stream in while the kernel before finishes (FP8/INT8 6144->2048 54 -> 62% of the copy bandwidth). Only the first block of each
-// SM's worth asks: the blocks that start before the wait ends. When every block asked for its
+// weights depend on no kernel, so they stream in while the kernel before finishes (FP8/INT8
+// 6144->2048 54 -> 62% of the copy bandwidth). Only the first block of each SM's worth asks:
+// the blocks that start before the wait ends. When every block made this bulk request for its
 // first tile, the GEMVs of several waves lost 8-20 points (the expert down projection at 2-4
 // tokens, bf16 6144->2048), and asking in the expert down projection did too (performance.md).
 #ifndef PDL_PREFETCH
@@ -434,10 +435,11 @@ __device__ __forceinline__ void l2_prefetch(const void* p, size_t n) {
     u32 len = (u32)n & ~15u;
     if (len != 0 && ((size_t)p & 15) == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(len) : "memory");
 }
-// Asks L2 for the n bytes at p in 128-byte lines, a line a thread of the block (the load
-// units' requests, many in flight, where l2_prefetch is one bulk request), without waiting.
-__device__ __forceinline__ void prefetch_lines(const void* p, size_t n) {
-    for (size_t off = threadIdx.x * 128; off < n; off += blockDim.x * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));
+// Asks L2 for the n bytes at p in 128-byte lines, thread t of `threads` asking for lines t,
+// t + threads, ... (the load units' requests, many in flight, where l2_prefetch is one bulk
+// request), without waiting.
+__device__ __forceinline__ void prefetch_lines(const void* p, size_t n, size_t t, size_t threads) {
+    for (size_t off = t * 128; off < n; off += threads * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));
 }
 __device__ __forceinline__ void prefetch_weights(const void* p, size_t bytes) {
     if (PDL_PREFETCH == 0 || threadIdx.x != 0) return;

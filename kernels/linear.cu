@@ -270,10 +270,11 @@ __device__ void gemv(const WDesc d, const float* __restrict__ x, float* __restri
     constexpr int ROWS = NT == 1 ? GEMV_ROWS : 4;
     __shared__ float res[ROWS * NT];
     int r0 = blockIdx.x * ROWS;
-    // The block's rows are contiguous in the plain layout.
-    if (d.vec && !d.mma && r0 < d.rows) {
+    // The block's rows are contiguous in the plain layout (asked for once, by the blocks of the
+    // first token rows).
+    if (d.vec && !d.mma && r0 < d.rows && blockIdx.y == 0) {
         size_t rb = (size_t)(d.cols / Fmt<FMT>::U) * 16;
-        prefetch_lines((const u8*)d.w + r0 * rb, min(min(ROWS, d.rows - r0) * rb, (size_t)GEMV_LINE_PREFETCH));
+        prefetch_lines((const u8*)d.w + r0 * rb, min(min(ROWS, d.rows - r0) * rb, (size_t)GEMV_LINE_PREFETCH), threadIdx.x, blockDim.x);
     }
     pdl_entry();
     int t0 = blockIdx.y * NT;

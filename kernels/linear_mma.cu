@@ -828,21 +828,12 @@ extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u
 // norm: moe.rs), spread in 128-byte lines over every thread of the grid, before the wait: the
 // weights depend on no kernel, so they stream while nothing else does.
 #define NORM_PREFETCH 4  // NORM_PREFETCH in linear.rs
-__device__ __forceinline__ void prefetch_spread(const u8* p, unsigned long long n) {
-    unsigned long long threads = (unsigned long long)blockDim.x * gridDim.x * gridDim.y;
-    unsigned long long t = threadIdx.x + (unsigned long long)blockDim.x * (blockIdx.x + (unsigned long long)gridDim.x * blockIdx.y);
-    for (unsigned long long off = t * 128; off < n; off += threads * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
-}
 template <bool ROUTER>
 __device__ __forceinline__ void norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols, float eps,
                                            u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q, int* __restrict__ sums,
                                            int* __restrict__ q_exps, const float* __restrict__ a, float* __restrict__ s,
                                            const u16* __restrict__ gate, int gate_rows, float* __restrict__ logits,
                                            const u8* const* pre = nullptr, const unsigned long long* pre_n = nullptr) {
-    if constexpr (ROUTER) {
-#pragma unroll
-        for (int i = 0; i < NORM_PREFETCH; i++) prefetch_spread(pre[i], pre_n[i]);
-    }
     float4 g[NORM_VEC];
     norm_weights(w, cols, g);
     // The thread's gate words (4 bf16 a float4 of the row) of the block's gate rows.
@@ -856,6 +847,10 @@ __device__ __forceinline__ void norm_split(const float* __restrict__ x, const fl
                 int i = threadIdx.x + j * blockDim.x;
                 gw[rr][j] = e0 + rr < gate_rows && i < cols / 4 ? __ldg((const uint2*)(gate + (size_t)(e0 + rr) * cols) + i) : make_uint2(0, 0);
             }
+        // After the launch's own loads, so they do not queue behind these.
+        size_t threads = (size_t)blockDim.x * gridDim.x * gridDim.y, t = threadIdx.x + (size_t)blockDim.x * (blockIdx.x + (size_t)gridDim.x * blockIdx.y);
+#pragma unroll
+        for (int k = 0; k < NORM_PREFETCH; k++) prefetch_lines(pre[k], pre_n[k], t, threads);
     }
     pdl_entry_small();
     __shared__ float scratch[32];

@@ -131,8 +131,8 @@ impl CudaBackend {
     /// or INT4 linears, and each split is a launch saved. The same bits as `rms_norm` then
     /// `split` (kernels/linear_mma.cu). With `add` (a, s), the row normalized is x + a, written
     /// to s too. With `router` (a gate that `norm_router_fits`, and its logits), the launch
-    /// also computes the router's logits of the normalized rows. False, launching nothing,
-    /// where it does not apply.
+    /// also computes the router's logits of the normalized rows, and asks L2 for the router's
+    /// `prefetch` regions before its wait. False, launching nothing, where it does not apply.
     pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<NormRouter<'_>>) -> Result<bool> {
         let fmts = self.mma_fmts.load(Ordering::Relaxed);
         if fmts == 0 || x.rows > MMA_MAX_TOKENS || !x.cols.is_multiple_of(128) || x.cols > NORM_MAX_COLS {
@@ -269,16 +269,13 @@ fn side_share() -> usize {
 
 /// The router that `rms_norm_split` computes in the norm's launch: its gate and the logits it
 /// writes, and device memory (address, bytes) the launch asks L2 for before its wait (the
-/// shared expert's weights: moe.rs `add_norm_block`).
+/// shared expert's weights: moe.rs `add_norm_logits`; past NORM_PREFETCH regions, none).
 #[derive(Clone, Copy)]
 pub(super) struct NormRouter<'a> {
     pub gate: &'a CudaLinear,
     pub logits: &'a CudaTensor,
     pub prefetch: &'a [(u64, u64)],
 }
-
-/// Regions rms_norm_split_router prefetches at most (NORM_PREFETCH in kernels/linear_mma.cu).
-const NORM_PREFETCH: usize = 4;
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
 /// and eight warps.
@@ -413,6 +410,9 @@ const SPLIT_SEG: u32 = 1024;
 
 /// Gate rows per block of rms_norm_split_router (ROUTER_ROWS in kernels/linear_mma.cu).
 const ROUTER_ROWS: u32 = 4;
+
+/// Regions rms_norm_split_router prefetches at most (NORM_PREFETCH in kernels/linear_mma.cu).
+const NORM_PREFETCH: usize = 4;
 
 /// Blocks per row of rms_norm_split over `cols` columns: one per SPLIT_SEG-column segment, or
 /// with a router of `gate_rows` rows, enough for ROUTER_ROWS of them each too.

@@ -190,9 +190,10 @@ fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &Cu
         return Ok(None);
     }
     let (sum, y, logits) = (gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, part.rows)?);
+    // (The down projection only where it streams right after the gate/up, not late.)
     let prefetch = match shared_prefetch() {
         0 => Vec::new(),
-        n => shared.decode_regions(index, n == 2, &gpu.stream),
+        n => shared.decode_regions(index, n == 2 && !late_shared_down(x.rows), &gpu.stream),
     };
     let router = NormRouter { gate: part, logits: &logits, prefetch: &prefetch };
     if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some(router))? {
@@ -222,7 +223,8 @@ impl CudaBackend {
 
 /// What of the overlapped block's shared expert the norm's launch asks L2 for before its wait
 /// (`DUET_SHARED_PREFETCH`: 0 nothing, the default until measured; 1 its gate/up weights, which
-/// the side stream reads first, right after the norm; 2 its down projection's too). The norm
+/// the side stream reads first, right after the norm; 2 its down projection's too, where that
+/// is not late: `late_shared_down`). The norm
 /// streams nothing else, and the shared expert's weights depend on no kernel: so its bytes
 /// could come while the norm runs, and the shared expert then read them from L2, leaving the
 /// memory to the routed experts sooner.
