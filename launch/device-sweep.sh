@@ -9,6 +9,8 @@
 #   usage: launch/device-sweep.sh PART FILTER < configs
 # Prepared configuration lists are in launch/sweeps/, for example
 #   bash launch/device-sweep.sh gemv,experts 'gemv|experts|moe layer' < launch/sweeps/l2-fetch.txt
+# (They stay as the records of the sweeps docs/performance.md cites: a setting an old list names
+# may since have been removed, with the losers of its sweep; the commit of its table has it.)
 # launch/sweep-table.py turns the output into one markdown table (a column per configuration).
 # CHECK=1 also runs `duet bench check` under each configuration first and prints its verdict
 # (about 30 s each), for settings that change what the kernels compute.
