@@ -110,12 +110,13 @@ fn after(stream: &CudaStream, on: &CudaStream, event: &CudaEvent) -> Result<()> 
     event.record(on).and_then(|()| stream.wait(event)).map_err(|e| anyhow!("CUDA stream fork/join: {e:?}"))
 }
 
-/// The points `CudaBackend::mark` records between the main and aux streams.
+/// The points recorded between the main and aux streams (`CudaBackend::wave_marks`).
 #[derive(Clone, Copy)]
 enum WaveMark {
-    /// The main stream's work so far (`aux_after_main`).
+    /// The main stream's work so far, for the aux stream (`aux_after_main`).
     MainSoFar = 0,
-    /// The aux stream's first and second marks of a pass (`moe::MmaPass::second_wave`).
+    /// The aux stream's first and second marks of a pass, for the main stream (`mark` and
+    /// `wait_mark`: `moe::MmaPass::second_wave`).
     AuxFirst = 1,
     AuxSecond = 2,
 }
@@ -394,12 +395,18 @@ impl CudaBackend {
     /// Inside `concurrently`'s main part: `f` with its launches on the side stream, once the
     /// work issued so far on the main stream is done.
     fn side_after_main(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.main_lane_only("side_after_main")?;
         if !self.side_forked.load(Ordering::Relaxed) {
             bail!("internal: side_after_main outside concurrently");
         }
-        after(&self.side, &self.stream, &self.late_event)?;
-        self.on_lane(Lane::Side, f)
+        self.lane_after_main(Lane::Side, &self.late_event, f)
+    }
+
+    /// `f` with its launches on `lane`'s stream once the work issued so far on the main stream
+    /// is done (through `event`), called from the main stream's part of a fork.
+    fn lane_after_main(&self, lane: Lane, event: &CudaEvent, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.main_lane_only("a wait for the main stream")?;
+        after(self.lane_stream(lane), &self.stream, event)?;
+        self.on_lane(lane, f)
     }
 
     /// An error unless launches go to the main stream now (`what` forks from it).
@@ -443,9 +450,7 @@ impl CudaBackend {
     /// Inside `beside_aux`'s main part: `f` with its launches on the aux stream, once the work
     /// issued so far on the main stream is done.
     fn aux_after_main(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.main_lane_only("aux_after_main")?;
-        self.mark(WaveMark::MainSoFar)?;
-        self.on_lane(Lane::Aux, || self.wait_mark(WaveMark::MainSoFar).and_then(|()| f()))
+        self.lane_after_main(Lane::Aux, &self.wave_marks[WaveMark::MainSoFar as usize], f)
     }
 
     fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {
