@@ -823,17 +823,11 @@ extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u
 // segments write no segment). The gate's words are loaded before the wait: they depend on no
 // kernel. (Its own entry point: the words take 64 registers.)
 #define ROUTER_ROWS 4  // ROUTER_ROWS in linear.rs
-// With ROUTER the launch also asks L2 for up to NORM_PREFETCH regions of device memory (`pre`,
-// `pre_n` bytes each: the weights of the MoE block's shared expert, which it reads after the
-// norm: moe.rs), spread in 128-byte lines over every thread of the grid, before the wait: the
-// weights depend on no kernel, so they stream while nothing else does.
-#define NORM_PREFETCH 4  // NORM_PREFETCH in linear.rs
 template <bool ROUTER>
 __device__ __forceinline__ void norm_split(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int cols, float eps,
                                            u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q, int* __restrict__ sums,
                                            int* __restrict__ q_exps, const float* __restrict__ a, float* __restrict__ s,
-                                           const u16* __restrict__ gate, int gate_rows, float* __restrict__ logits,
-                                           const u8* const* pre = nullptr, const unsigned long long* pre_n = nullptr) {
+                                           const u16* __restrict__ gate, int gate_rows, float* __restrict__ logits) {
     float4 g[NORM_VEC];
     norm_weights(w, cols, g);
     // The thread's gate words (4 bf16 a float4 of the row) of the block's gate rows.
@@ -847,10 +841,6 @@ __device__ __forceinline__ void norm_split(const float* __restrict__ x, const fl
                 int i = threadIdx.x + j * blockDim.x;
                 gw[rr][j] = e0 + rr < gate_rows && i < cols / 4 ? __ldg((const uint2*)(gate + (size_t)(e0 + rr) * cols) + i) : make_uint2(0, 0);
             }
-        // After the launch's own loads, so they do not queue behind these.
-        size_t threads = (size_t)blockDim.x * gridDim.x * gridDim.y, t = threadIdx.x + (size_t)blockDim.x * (blockIdx.x + (size_t)gridDim.x * blockIdx.y);
-#pragma unroll
-        for (int k = 0; k < NORM_PREFETCH; k++) prefetch_lines(pre[k], pre_n[k], t, threads);
     }
     pdl_entry_small();
     __shared__ float scratch[32];
@@ -915,12 +905,8 @@ extern "C" __global__ void rms_norm_split_router(const float* __restrict__ x, co
                                                  float eps, u16* __restrict__ xs, int* __restrict__ xs_exps, u8* __restrict__ q,
                                                  int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
                                                  float* __restrict__ s, const u16* __restrict__ gate, int gate_rows,
-                                                 float* __restrict__ logits, const u8* p0, unsigned long long n0, const u8* p1,
-                                                 unsigned long long n1, const u8* p2, unsigned long long n2, const u8* p3,
-                                                 unsigned long long n3) {
-    const u8* pre[NORM_PREFETCH] = {p0, p1, p2, p3};
-    const unsigned long long pre_n[NORM_PREFETCH] = {n0, n1, n2, n3};
-    norm_split<true>(x, w, y, cols, eps, xs, xs_exps, q, sums, q_exps, a, s, gate, gate_rows, logits, pre, pre_n);
+                                                 float* __restrict__ logits) {
+    norm_split<true>(x, w, y, cols, eps, xs, xs_exps, q, sums, q_exps, a, s, gate, gate_rows, logits);
 }
 
 // The activation rows of a tile's token slots: slot j is row base[j]/div for j < n, else none.

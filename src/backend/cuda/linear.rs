@@ -131,19 +131,19 @@ impl CudaBackend {
     /// or INT4 linears, and each split is a launch saved. The same bits as `rms_norm` then
     /// `split` (kernels/linear_mma.cu). With `add` (a, s), the row normalized is x + a, written
     /// to s too. With `router` (a gate that `norm_router_fits`, and its logits), the launch
-    /// also computes the router's logits of the normalized rows, and asks L2 for the router's
-    /// `prefetch` regions before its wait. False, launching nothing, where it does not apply.
-    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<NormRouter<'_>>) -> Result<bool> {
+    /// also computes the router's logits of the normalized rows. False, launching nothing,
+    /// where it does not apply.
+    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<(&CudaLinear, &CudaTensor)>) -> Result<bool> {
         let fmts = self.mma_fmts.load(Ordering::Relaxed);
         if fmts == 0 || x.rows > MMA_MAX_TOKENS || !x.cols.is_multiple_of(128) || x.cols > NORM_MAX_COLS {
             return Ok(false);
         }
-        if let Some(NormRouter { gate, logits, .. }) = router {
+        if let Some((gate, logits)) = router {
             if !self.norm_router_fits(x, gate) || logits.rows != x.rows || logits.cols != gate.rows {
                 bail!("internal: a router that rms_norm_split cannot take ({} rows of {}, {:?} gate {}x{})", x.rows, x.cols, gate.fmt, gate.rows, gate.cols);
             }
         }
-        let blocks = norm_blocks(x.cols, router.map(|r| r.gate.rows));
+        let blocks = norm_blocks(x.cols, router.map(|(gate, _)| gate.rows));
         let halves = if fmts & MMA_FP8 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Fp8)?) } else { None };
         let planes = if fmts & MMA_INT4 != 0 { Some(self.split_alloc(x.rows, x.cols, Fmt::Int4)?) } else { None };
         let (hd, he) = halves.as_ref().map_or((0, 0), |s| (self.ptr(&s.data), self.ptr(&s.exps)));
@@ -163,13 +163,8 @@ impl CudaBackend {
             Arg::Ptr(add.map_or(0, |(_, s)| self.ptr(&s.buf))),
         ];
         let name = match router {
-            Some(NormRouter { gate, logits, prefetch }) => {
+            Some((gate, logits)) => {
                 args.extend([Arg::Ptr(gate.desc.w), Arg::I32(gate.rows as i32), Arg::Ptr(self.ptr(&logits.buf))]);
-                // The first NORM_PREFETCH regions (the rest, if any, are scales: small).
-                for i in 0..NORM_PREFETCH {
-                    let (p, n) = prefetch.get(i).copied().unwrap_or((0, 0));
-                    args.extend([Arg::Ptr(p), Arg::Ptr(n)]);
-                }
                 "rms_norm_split_router"
             }
             None => "rms_norm_split",
@@ -265,16 +260,6 @@ fn forced_mma_warps() -> Option<usize> {
 fn side_share() -> usize {
     static SHARE: OnceLock<usize> = OnceLock::new();
     *SHARE.get_or_init(|| kernels::env_usize("DUET_SIDE_SHARE", "1 to 8", |w| (1..=8).contains(&w)).unwrap_or(2))
-}
-
-/// The router that `rms_norm_split` computes in the norm's launch: its gate and the logits it
-/// writes, and device memory (address, bytes) the launch asks L2 for before its wait (the
-/// shared expert's weights: moe.rs `add_norm_logits`; past NORM_PREFETCH regions, none).
-#[derive(Clone, Copy)]
-pub(super) struct NormRouter<'a> {
-    pub gate: &'a CudaLinear,
-    pub logits: &'a CudaTensor,
-    pub prefetch: &'a [(u64, u64)],
 }
 
 /// Threads of a block-split dot product: one 16-byte unit of the row per thread, between two
@@ -410,9 +395,6 @@ const SPLIT_SEG: u32 = 1024;
 
 /// Gate rows per block of rms_norm_split_router (ROUTER_ROWS in kernels/linear_mma.cu).
 const ROUTER_ROWS: u32 = 4;
-
-/// Regions rms_norm_split_router prefetches at most (NORM_PREFETCH in kernels/linear_mma.cu).
-const NORM_PREFETCH: usize = 4;
 
 /// Blocks per row of rms_norm_split over `cols` columns: one per SPLIT_SEG-column segment, or
 /// with a router of `gate_rows` rows, enough for ROUTER_ROWS of them each too.

@@ -110,17 +110,6 @@ fn after(stream: &CudaStream, on: &CudaStream, event: &CudaEvent) -> Result<()> 
     event.record(on).and_then(|()| stream.wait(event)).map_err(|e| anyhow!("CUDA stream fork/join: {e:?}"))
 }
 
-/// The points recorded between the main and aux streams (`CudaBackend::wave_marks`).
-#[derive(Clone, Copy)]
-enum WaveMark {
-    /// The main stream's work so far, for the aux stream (`aux_after_main`).
-    MainSoFar = 0,
-    /// The aux stream's first and second marks of a pass, for the main stream (`mark` and
-    /// `wait_mark`: `moe::MmaPass::second_wave`).
-    AuxFirst = 1,
-    AuxSecond = 2,
-}
-
 /// The backend's streams, as a launch picks one (`CudaBackend::lane`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -167,9 +156,6 @@ pub struct CudaBackend {
     aux: Arc<CudaStream>,
     aux_fork: CudaEvent,
     aux_join: CudaEvent,
-    /// Points between the two streams of `beside_aux` (`WaveMark`), for a pass whose streams
-    /// wait on each other more than once (`moe::MmaPass::second_wave` with its splits aside).
-    wave_marks: [CudaEvent; 3],
     /// The stream launches go to (a `Lane` as u8): `Side` while `concurrently` runs a side
     /// part, `Aux` while `beside_aux` runs its aux part.
     lane: AtomicU8,
@@ -245,7 +231,6 @@ impl CudaBackend {
         let (fork_event, join_event, late_event) = (event()?, event()?, event()?);
         let aux = ctx.new_stream().map_err(|e| anyhow!("{e:?}"))?;
         let (aux_fork, aux_join) = (event()?, event()?);
-        let wave_marks = [event()?, event()?, event()?];
         Ok(CudaBackend {
             ctx,
             stream,
@@ -257,7 +242,6 @@ impl CudaBackend {
             aux,
             aux_fork,
             aux_join,
-            wave_marks,
             lane: AtomicU8::new(Lane::Main as u8),
             capture: Mutex::new(None),
             alloc_stream,
@@ -398,15 +382,9 @@ impl CudaBackend {
         if !self.side_forked.load(Ordering::Relaxed) {
             bail!("internal: side_after_main outside concurrently");
         }
-        self.lane_after_main(Lane::Side, &self.late_event, f)
-    }
-
-    /// `f` with its launches on `lane`'s stream once the work issued so far on the main stream
-    /// is done (through `event`), called from the main stream's part of a fork.
-    fn lane_after_main(&self, lane: Lane, event: &CudaEvent, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.main_lane_only("a wait for the main stream")?;
-        after(self.lane_stream(lane), &self.stream, event)?;
-        self.on_lane(lane, f)
+        self.main_lane_only("side_after_main")?;
+        after(&self.side, &self.stream, &self.late_event)?;
+        self.on_lane(Lane::Side, f)
     }
 
     /// An error unless launches go to the main stream now (`what` forks from it).
@@ -434,23 +412,6 @@ impl CudaBackend {
     /// `concurrently`'s side parts, `aux` may only launch into buffers allocated before this call.
     fn beside_aux<R>(&self, aux: impl FnOnce() -> Result<()>, main: impl FnOnce() -> Result<R>) -> Result<R> {
         self.forked(Lane::Aux, (&self.aux_fork, &self.aux_join), aux, main)
-    }
-
-    /// Inside `beside_aux`'s parts: marks the work issued so far on the stream launches go to
-    /// now, for the other stream to wait on later (`wait_mark`).
-    fn mark(&self, mark: WaveMark) -> Result<()> {
-        self.wave_marks[mark as usize].record(self.lane_stream(self.current_lane())).map_err(|e| anyhow!("CUDA event: {e:?}"))
-    }
-
-    /// Makes the stream launches go to now wait for the work `mark` marked.
-    fn wait_mark(&self, mark: WaveMark) -> Result<()> {
-        self.lane_stream(self.current_lane()).wait(&self.wave_marks[mark as usize]).map_err(|e| anyhow!("CUDA event wait: {e:?}"))
-    }
-
-    /// Inside `beside_aux`'s main part: `f` with its launches on the aux stream, once the work
-    /// issued so far on the main stream is done.
-    fn aux_after_main(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
-        self.lane_after_main(Lane::Aux, &self.wave_marks[WaveMark::MainSoFar as usize], f)
     }
 
     fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, smem: usize, args: &[Arg]) -> Result<()> {

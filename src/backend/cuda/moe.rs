@@ -5,9 +5,9 @@ use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::buffer::DevBuf;
-use super::linear::{threads_for, MmaFamily, MmaVariant, NormRouter, Split, MMA_MAX_TOKENS};
+use super::linear::{threads_for, MmaFamily, MmaVariant, Split, MMA_MAX_TOKENS};
 use super::weights::{experts_from, upload_expert_weights, CudaExperts, CudaLinear, CudaWeight, WDesc};
-use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector, WaveMark};
+use super::{Arg, CudaBackend, CudaRouting, CudaTensor, CudaVector};
 use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
 
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
@@ -173,15 +173,14 @@ pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWei
 /// it does not apply. The logits' sums run in another order than the GEMV's.
 pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<CudaTensor>> {
     let Some(side) = side_expert(x, block.experts, block.shared, block.router) else { return Ok(None) };
-    let Some((y, logits)) = add_norm_logits(gpu, x, a, w, eps, block, side)? else { return Ok(None) };
+    let Some((y, logits)) = add_norm_logits(gpu, x, a, w, eps, block)? else { return Ok(None) };
     overlapped(gpu, &y, block.gate, block.bias, block.experts, block.router, side, Some(logits)).map(Some)
 }
 
 /// The add, the norm and the router's logits in the norm's launch, as `add_norm_block` begins
-/// (for a block that overlaps its shared expert `side`: `side_expert`), the launch asking L2
-/// for the shared expert's weights as `shared_prefetch` says: the norm's output and the
+/// (for a block that overlaps its shared expert: `side_expert`): the norm's output and the
 /// logits, or None, launching nothing, where they do not apply.
-fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>, (shared, index): (&CudaExperts, usize)) -> Result<Option<(CudaTensor, CudaTensor)>> {
+fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<(CudaTensor, CudaTensor)>> {
     if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
         return Ok(None);
     }
@@ -190,13 +189,7 @@ fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &Cu
         return Ok(None);
     }
     let (sum, y, logits) = (gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, part.rows)?);
-    // (The down projection only where it streams right after the gate/up, not late.)
-    let prefetch = match shared_prefetch() {
-        0 => Vec::new(),
-        n => shared.decode_regions(index, n == 2 && !late_shared_down(x.rows), &gpu.stream),
-    };
-    let router = NormRouter { gate: part, logits: &logits, prefetch: &prefetch };
-    if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some(router))? {
+    if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some((part, &logits)))? {
         return Ok(None);
     }
     gpu.replace_tensor(x, sum);
@@ -209,28 +202,16 @@ impl CudaBackend {
     /// route with its plan (the routed experts', as the overlapped block routes them), for
     /// `duet bench kernels` to time the block's chain before the experts.
     pub fn add_norm_route(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<CudaRouting> {
-        let Some(side) = side_expert(x, block.experts, block.shared, block.router) else {
+        if side_expert(x, block.experts, block.shared, block.router).is_none() {
             return self.route(&self.add_rms_norm(x, a, w, eps)?, block.gate, block.bias, block.router);
-        };
+        }
         let routed = RouterParams { shared: None, ..*block.router };
-        let (y, logits) = match add_norm_logits(self, x, a, w, eps, block, side)? {
+        let (y, logits) = match add_norm_logits(self, x, a, w, eps, block)? {
             Some((y, logits)) => (y, Some(logits)),
             None => (self.add_rms_norm(x, a, w, eps)?, None),
         };
         route_planned(self, &y, block.gate, block.bias, &routed, block.experts.count, logits)
     }
-}
-
-/// What of the overlapped block's shared expert the norm's launch asks L2 for before its wait
-/// (`DUET_SHARED_PREFETCH`: 0 nothing, the default until measured; 1 its gate/up weights, which
-/// the side stream reads first, right after the norm; 2 its down projection's too, where that
-/// is not late: `late_shared_down`). The norm
-/// streams nothing else, and the shared expert's weights depend on no kernel: so its bytes
-/// could come while the norm runs, and the shared expert then read them from L2, leaving the
-/// memory to the routed experts sooner.
-fn shared_prefetch() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| super::kernels::env_usize("DUET_SHARED_PREFETCH", "0 to 2", |n| n <= 2).unwrap_or(0))
 }
 
 /// Whether the router's gate GEMV runs in the decode norm's launch (`DUET_NORM_ROUTER`, default
@@ -354,16 +335,6 @@ fn waves(tokens: usize, groups: u32) -> Option<u32> {
 fn second_wave_early() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::kernels::env_switch("DUET_WAVE_NOWAIT", true))
-}
-
-/// Whether a one-token block's two waves take their splits aside (`DUET_WAVE_SPLITS_ASIDE`,
-/// default off until measured): both splits on the aux stream, both down projections on the
-/// main stream after the second wave's gate/up (`MmaPass::second_wave`), against the first
-/// wave's split and down on aux beside the second wave's gate/up and the second wave's split
-/// between its gate/up and down on the main stream.
-fn splits_aside() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_WAVE_SPLITS_ASIDE", false))
 }
 
 /// Launches of the overlapped block that `DUET_DIAG_SKIP` leaves out (`split`, `combine`, or
@@ -604,28 +575,6 @@ impl MmaPass {
         }
         let first = 0..split as usize;
         let second = split as usize..groups as usize;
-        if splits_aside() {
-            // Both downs on the main stream after the second gate/up, both splits on aux: the
-            // second split runs beside the first down instead of between the second gate/up and
-            // down, where nothing else streams.
-            return gpu.beside_aux(
-                || {
-                    gpu.split_rows_into(&self.act, &self.acts, first)?;
-                    gpu.mark(WaveMark::AuxFirst)
-                },
-                || {
-                    self.gate_up_groups(gpu, experts, gate_up, xs, plan, k, split..groups, !second_wave_early())?;
-                    gpu.aux_after_main(|| {
-                        gpu.split_rows_into(&self.act, &self.acts, second)?;
-                        gpu.mark(WaveMark::AuxSecond)
-                    })?;
-                    gpu.wait_mark(WaveMark::AuxFirst)?;
-                    self.down_groups(gpu, experts, down, plan, k, 0..split)?;
-                    gpu.wait_mark(WaveMark::AuxSecond)?;
-                    self.down_groups(gpu, experts, down, plan, k, split..groups)
-                },
-            );
-        }
         gpu.beside_aux(
             || {
                 gpu.split_rows_into(&self.act, &self.acts, first)?;

@@ -102,25 +102,6 @@ impl DeviceBuffers {
         }
     }
 
-    /// Where the buffers a decode step's kernels read lie: (device address, bytes) of each, the
-    /// weights first (with zero points beside the scales, the tensor-core kernels read those
-    /// and neither scale16 nor zero, which stay for the CUDA-core kernels of prefill).
-    fn decode_regions(&self, stream: &std::sync::Arc<CudaStream>) -> Vec<(u64, u64)> {
-        fn region<T>(b: &CudaSlice<T>, stream: &std::sync::Arc<CudaStream>) -> (u64, u64) {
-            (b.device_ptr(stream).0, (b.len() * std::mem::size_of::<T>()) as u64)
-        }
-        let mut r = vec![region(&self.w, stream)];
-        match &self.scale_zero16 {
-            Some(b) => r.push(region(b, stream)),
-            None => {
-                r.extend(self.scale.as_ref().map(|b| region(b, stream)));
-                r.extend(self.scale16.as_ref().map(|b| region(b, stream)));
-                r.extend(self.zero.as_ref().map(|b| region(b, stream)));
-            }
-        }
-        r
-    }
-
     /// A copy in device memory of its own.
     fn replica(&self, stream: &std::sync::Arc<CudaStream>) -> Result<DeviceBuffers> {
         fn copy<T: DeviceRepr>(b: &Option<CudaSlice<T>>, stream: &std::sync::Arc<CudaStream>) -> Result<Option<CudaSlice<T>>> {
@@ -490,7 +471,7 @@ pub struct CudaExperts {
     pub count: usize,
     /// Every expert can take the tensor-core kernels, all in the same variant: these.
     pub(super) mma: Option<(MmaVariant, MmaVariant)>,
-    weights: Vec<(CudaLinear, CudaLinear)>,
+    _weights: Vec<(CudaLinear, CudaLinear)>,
     pub gate_up_table: CudaSlice<WDesc>,
     pub down_table: CudaSlice<WDesc>,
 }
@@ -499,19 +480,6 @@ impl CudaExperts {
     /// Whether decode steps run these experts on the tensor-core kernels.
     pub fn tensor_cores(&self) -> bool {
         self.mma.is_some()
-    }
-
-    /// The device memory the decode kernels read for expert `e`: (address, bytes) of its gate/up
-    /// weights and, with `down`, its down projection's, the weights before their scales.
-    pub(super) fn decode_regions(&self, e: usize, down: bool, stream: &std::sync::Arc<CudaStream>) -> Vec<(u64, u64)> {
-        let Some((gu, dn)) = self.weights.get(e) else { return Vec::new() };
-        let (mut gu, dn) = (gu.bufs.decode_regions(stream), if down { dn.bufs.decode_regions(stream) } else { Vec::new() });
-        // Weights first (they are nearly all the bytes), then the scales.
-        let scales = gu.split_off(1);
-        gu.extend(dn.first().copied());
-        gu.extend(scales);
-        gu.extend(dn.into_iter().skip(1));
-        gu
     }
 }
 
@@ -539,7 +507,7 @@ pub fn experts_from(stream: &std::sync::Arc<CudaStream>, weights: Vec<(CudaLinea
     let variants = |(g, d): &(CudaLinear, CudaLinear)| Some((MmaVariant::of(g.fmt, &g.desc)?, MmaVariant::of(d.fmt, &d.desc)?));
     let first = variants(&weights[0]);
     let mma = first.filter(|_| weights.iter().all(|w| variants(w) == first));
-    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, weights, gate_up_table, down_table })
+    Ok(CudaExperts { fmt_gate_up, fmt_down, inter, hidden, count: weights.len(), mma, _weights: weights, gate_up_table, down_table })
 }
 
 #[cfg(test)]
