@@ -326,6 +326,249 @@ __device__ __forceinline__ bool plan_group(const int* plan, int P, int grp, Plan
 }
 
 
+// Fills `plan` (the layout above plan_group) from the pairs' experts ex[0 .. P)
+// over E experts; cnt: E ints of shared scratch. One whole warp. Groups are the used experts in increasing order, and pairs
+// keep their order within a group.
+// Up to 32 pairs (a decode step's): a lane per pair, and 32 shuffles give each pair the count
+// of pairs and of groups of smaller experts: its group's offset, its group, and with the
+// earlier pairs of its expert (match_any) its slot; nothing is read per expert (at 256 experts
+// the scan below reads 256 counts). Else counts by shared atomics, groups and their offsets by
+// warp scans over 32 experts at a time, then each pair's slot, 32 pairs at a time. (One
+// thread doing all of it waited on shared memory once per expert.)
+__device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
+    const unsigned all = 0xffffffffu;
+    int lane = threadIdx.x & 31;
+    unsigned below = (1u << lane) - 1;
+    int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
+    if (P <= 32) {
+        int e = lane < P ? ex[lane] : 0x7fffffff;  // past the end: after every expert
+        unsigned same = __match_any_sync(all, e);
+        bool first = lane < P && (same & below) == 0;
+        unsigned firsts = __ballot_sync(all, first);
+        int less = 0, less_groups = 0;
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            bool lt = __shfl_sync(all, e, j) < e;
+            less += lt;
+            less_groups += lt && ((firsts >> j) & 1);
+        }
+        if (first) {
+            experts[less_groups] = e;
+            offs[less_groups] = less;
+        }
+        if (lane < P) pairs[less + __popc(same & below)] = lane;
+        if (lane == 0) {
+            plan[0] = __popc(firsts);
+            offs[__popc(firsts)] = P;
+        }
+        return;
+    }
+    for (int e = lane; e < E; e += 32) cnt[e] = 0;
+    __syncwarp();
+    for (int p = lane; p < P; p += 32) atomicAdd(&cnt[ex[p]], 1);
+    __syncwarp();
+    int groups = 0, off = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        int e = e0 + lane, n = e < E ? cnt[e] : 0, incl = n;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(all, incl, o);
+            if (lane >= o) incl += v;
+        }
+        unsigned used = __ballot_sync(all, n > 0);
+        if (n > 0) {
+            int gi = groups + __popc(used & below);
+            experts[gi] = e;
+            offs[gi] = off + incl - n;
+            cnt[e] = off + incl - n;  // becomes the next free slot of the group
+        }
+        groups += __popc(used);
+        off += __shfl_sync(all, incl, 31);
+    }
+    if (lane == 0) {
+        offs[groups] = off;
+        plan[0] = groups;
+    }
+    __syncwarp();
+    for (int p0 = 0; p0 < P; p0 += 32) {
+        int p = p0 + lane, e = p < P ? ex[p] : -1;
+        unsigned same = __match_any_sync(all, e);
+        if (p < P) pairs[cnt[e] + __popc(same & below)] = p;
+        __syncwarp();
+        if (p < P && (same >> lane) == 1) cnt[e] += __popc(same);  // the group's last lane
+        __syncwarp();
+    }
+}
+
+// ---- router ------------------------------------------------------------------------------
+// Sigmoid router with the selection-only bias and group-limited top-k (ties go to the lower
+// index), one token at a time: route_pick chooses, route_store writes the picks and weights.
+// moe_route (linear.cu) routes a step's tokens; the routed gate/up of a one-token decode block
+// routes its token in each of its blocks (route_group).
+// A token's shared-memory words: sigmoid scores [E], selection scores [E], candidates
+// [2·runs·KC] (an (expert, score) pair each: KC = min(K, 32), a run 32 experts), group scores
+// [G], rounded up to even so the candidates of every token's share stay 8-byte aligned.
+// route_words in moe.rs matches.
+#define ROUTE_MAX_K 64  // picks (and kept groups) a token at most: moe.rs checks
+__device__ __forceinline__ int route_words(int E, int G, int K) { return (2 * E + 2 * ((E + 31) / 32) * min(K, 32) + G + 1) & ~1; }
+
+// A token's K picks into chosen[0 .. K) (shared memory, in pick order) and its sigmoid scores
+// into sm[0 .. E) (for route_store), from its logits [E], by n threads tid = 0 .. n (n a
+// multiple of 32), in sm's route_words(E, G, K) words. Every thread of the block reaches its
+// barriers (the threads of a block's other tokens too: their control flow differs only within
+// warps' loops). Ends with a barrier: chosen is ready.
+__device__ __noinline__ void route_pick(const float* __restrict__ logits, const float* __restrict__ bias, int E, int G, int TG, int K, float* sm,
+                                        int* chosen, int tid, int n) {
+    int KC = min(K, 32), NC = (E + 31) / 32 * KC;
+    float* s = sm;                // sigmoid scores
+    float* c = s + E;             // selection scores
+    int2* cand = (int2*)(c + E);  // candidates: (expert, score bits)
+    float* gs = (float*)(cand + NC);  // group scores
+    for (int e = tid; e < E; e += n) {
+        float z = logits[e];
+        float v = 1.f / (1.f + expf(-z));
+        s[e] = v;
+        c[e] = v + bias[e];
+        if (!(c[e] == c[e])) c[e] = NEG_INF;  // NaN ranks last (every rank stays distinct)
+    }
+    __syncthreads();
+    int per = E / G;
+    if (G > 1) {
+        for (int g = tid; g < G; g += n) {
+            float a = NEG_INF, b = NEG_INF;
+            for (int j = 0; j < per; j++) {
+                float v = c[g * per + j];
+                if (v > a) { b = a; a = v; } else if (v > b) { b = v; }
+            }
+            gs[g] = a + b;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int k = 0; k < TG; k++) {
+                int bi = -1;
+                for (int g = 0; g < G; g++)
+                    if (gs[g] > NEG_INF && (bi < 0 || gs[g] > gs[bi])) bi = g;
+                if (bi >= 0) gs[bi] = NEG_INF;
+                chosen[k] = bi;
+            }
+            // Mark kept groups by 1 in gs (all others were not chosen).
+            for (int g = 0; g < G; g++) gs[g] = 0.f;
+            for (int k = 0; k < TG; k++) if (chosen[k] >= 0) gs[chosen[k]] = 1.f;
+        }
+        __syncthreads();
+        for (int e = tid; e < E; e += n)
+            if (gs[e / per] == 0.f) c[e] = NEG_INF;
+        __syncthreads();
+    }
+    // Top-K by rank: expert e is pick number `rank`, the count of experts that come before it
+    // (a higher score, or the same at a lower index: the CPU's order), when that is below K.
+    // (K rounds of a warp arg-max measured slower: K chains of shuffles.) In two passes, so a
+    // thread compares against far fewer than E scores: each run of 32 experts ranks itself
+    // within the run by shuffles, and its first KC become candidates, at slot run·KC + rank (an
+    // expert's rank within its run is at most its rank overall, so every pick is a candidate);
+    // then each candidate's rank among the candidates is its rank overall for the K picks
+    // (whatever comes before a pick is a pick) and at least K for the others (the K picks come
+    // before). A candidate carries its score, so the second pass's loads do not wait on each
+    // other. Lanes past E (the last run's) rank after every expert, so they fill their run's
+    // remaining slots and never come before an expert: at least K experts are candidates.
+    // (Whole warps: n is a multiple of 32, and base is the same across a warp.)
+    for (int base = (tid >> 5) * 32; base < E; base += n) {
+        int l = tid & 31, e = base + l;
+        float v = e < E ? c[e] : NEG_INF;  // past the end: last, behind every expert (index)
+        int rank = 0;
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            float u = __shfl_sync(0xffffffffu, v, j);
+            rank += u > v || (u == v && j < l);
+        }
+        if (rank < KC) cand[base / 32 * KC + rank] = make_int2(e, __float_as_int(v));
+    }
+    __syncthreads();
+    // Four threads a candidate, each comparing it with every fourth candidate (whole warps
+    // through the loop: i0 is the same across the token's threads).
+    for (int i0 = 0; i0 < NC; i0 += n / 4) {
+        int i = i0 + (tid >> 2), rank = 0;
+        int2 me = cand[i < NC ? i : 0];
+        float v = __int_as_float(me.y);
+        if (i < NC) {
+#pragma unroll 4
+            for (int j = tid & 3; j < NC; j += 4) {
+                int2 o = cand[j];
+                float u = __int_as_float(o.y);
+                rank += u > v || (u == v && o.x < me.x);
+            }
+        }
+        rank += __shfl_xor_sync(0xffffffffu, rank, 1);
+        rank += __shfl_xor_sync(0xffffffffu, rank, 2);
+        if (i < NC && (tid & 3) == 0 && rank < K) chosen[rank] = me.x;
+    }
+    __syncthreads();
+}
+
+// A token's picks and weights into idx and w (K entries in pick order; with shared ≥ 0 that
+// expert follows with weight 1), from route_pick's scores s and picks, by one whole warp: each
+// lane loads its picks' scores at once, and every lane sums them in pick order (the CPU's sum,
+// bit for bit).
+__device__ void route_store(const float* s, const int* chosen, int K, int norm, float scaling, int shared, int* idx, float* w) {
+    int lane = threadIdx.x & 31;
+    float sum = 0.f;
+    for (int k0 = 0; k0 < K; k0 += 32) {
+        float v = k0 + lane < K ? s[chosen[k0 + lane]] : 0.f;
+        for (int j = 0; j < min(32, K - k0); j++) sum += __shfl_sync(0xffffffffu, v, j);
+    }
+    float denom = norm ? sum + 1e-20f : 1.f;
+    for (int k = lane; k < K; k += 32) {
+        idx[k] = chosen[k];
+        w[k] = s[chosen[k]] / denom * scaling;
+    }
+    if (lane == 0 && shared >= 0) {
+        idx[K] = shared;
+        w[K] = 1.f;
+    }
+}
+
+// A one-token decode step routed in the blocks of its first expert kernel (the overlapped MoE
+// block's routed gate/up at one token: moe.rs): every block routes the token from its logits
+// (the same picks in each) and builds the plan (plan_from) in shared memory, where it finds its
+// group; so the chain to the experts' first bytes holds no route launch (its completion and
+// the next launch's release) and no load of the plan from global memory. Block (0, 0) also
+// writes the picks, weights and plan to global memory for the kernels after it (the down
+// projections, the combine); a step's two waves write the same values. (Routed thus, the
+// one-token INT4 block: performance.md, twenty-first session.)
+struct RouteOne {
+    const float* logits;  // the token's router logits [E]; null when the plan is given
+    const float* bias;    // the selection bias [E]
+    int* idx;             // out: the K picks in pick order
+    float* w;             // out: their weights
+    int E, G, TG, K, norm;
+    float scaling;
+};  // RouteOne in moe.rs matches
+__device__ __forceinline__ int plan_ints(int P) { return 2 + 3 * P; }
+// Dynamic shared memory of a launch that routes (words): route_pick's, the plan, the pairs'
+// experts and plan_from's counts. route_one_words in moe.rs matches.
+__device__ __forceinline__ int route_one_words(int E, int G, int K) { return route_words(E, G, K) + plan_ints(K) + K + E; }
+// Group grp of the routed token's plan (plan_group's answer); `plan` the step's plan in global
+// memory. Every thread of the block calls it.
+__device__ __forceinline__ bool route_group(const RouteOne& r, int* plan, int grp, PlanGroup& pg) {
+    extern __shared__ __align__(16) float route_sm[];
+    __shared__ int chosen[ROUTE_MAX_K];
+    int P = r.K;  // one token: a pair a pick
+    int* plan_s = (int*)route_sm + route_words(r.E, r.G, r.K);
+    int* ex = plan_s + plan_ints(P);
+    route_pick(r.logits, r.bias, r.E, r.G, r.TG, r.K, route_sm, chosen, threadIdx.x, blockDim.x);
+    bool first = blockIdx.x == 0 && blockIdx.y == 0;
+    if (threadIdx.x < 32) {
+        for (int p = threadIdx.x; p < P; p += 32) ex[p] = chosen[p];
+        __syncwarp();
+        plan_from(ex, P, r.E, ex + P, plan_s);
+        if (first) route_store(route_sm, chosen, r.K, r.norm, r.scaling, -1, r.idx, r.w);
+    }
+    __syncthreads();
+    if (first)
+        for (int i = threadIdx.x; i < plan_ints(P); i += blockDim.x) plan[i] = plan_s[i];
+    return plan_group(plan_s, P, grp, pg);
+}
+
 // ---- programmatic dependent launch -----------------------------------------------------------
 // Every kernel is launched so that it may start while the kernel before it on the stream is
 // still finishing (CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION). Its first act (after

@@ -493,6 +493,27 @@ fn check_wide_router(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
             check_route((cpu, gpu), (&xc, &xg), &router, &p, t)?;
         }
     }
+    // A one-token decode block routes in its routed gate/up's blocks (route_group in
+    // kernels/common.cuh), with their threads rather than moe_route's: at this width and with
+    // these ties, against the oracle and bit for bit against moe_route's routing (folded).
+    let (i, fmt) = (128, SynthFormat::Int { bits: 4, group: 128, symmetric: false });
+    let ws: Vec<ExpertWeights> = (0..=e)
+        .map(|j| ExpertWeights {
+            gate: synthetic_linear(&format!("wide.e{j}.gate"), i, h, fmt, rng),
+            up: synthetic_linear(&format!("wide.e{j}.up"), i, h, fmt, rng),
+            down: synthetic_linear(&format!("wide.e{j}.down"), h, i, fmt, rng),
+        })
+        .collect();
+    let (ex_c, ex_g) = (cpu.experts(&ws)?, gpu.experts(&ws)?);
+    let (xc, xg) = pair(cpu, gpu, 1, h, &random(rng, h))?;
+    for p in [glm, grouped].map(|p| RouterParams { shared: Some(e), ..p }) {
+        let case = format!("{fmt} {e}x[{i},{h}] top-{}, {} groups keep {} + shared x1", p.top_k, p.n_group, p.topk_group);
+        let yc = cpu.to_host(&cpu.moe_block(&xc, &gate_c, &bias_c, &ex_c, &p)?)?;
+        let yg = gpu.to_host(&gpu.moe_block(&xg, &gate_g, &bias_g, &ex_g, &p)?)?;
+        t.push("moe block", case.clone(), rel_err(&yg, &yc));
+        let folded = gpu.to_host(&gpu.moe(&xg, &ex_g, &gpu.route(&xg, &gate_g, &bias_g, &p)?)?)?;
+        t.flag("moe block", case, yg == folded, "= folded");
+    }
     Ok(())
 }
 

@@ -88,6 +88,7 @@ enum Arg {
     F32(f32),
     Desc(WDesc),
     Meta(StepMeta),
+    Route(moe::RouteOne),
 }
 
 /// A kernel entry point: a name, or a family and the weight format whose suffix completes it
@@ -102,8 +103,8 @@ fn kernel_name((family, fmt): Kernel) -> String {
 }
 
 /// What a tensor-core launch's block size depends on: (kernel, most warps, tiles, SM share,
-/// whether it loops over tiles).
-type MmaLaunchShape = (Kernel, usize, usize, usize, bool);
+/// whether it loops over tiles, dynamic shared memory).
+type MmaLaunchShape = (Kernel, usize, usize, usize, bool, usize);
 
 /// Makes `stream`'s later work wait for the work issued so far on `on` (through `event`).
 fn after(stream: &CudaStream, on: &CudaStream, event: &CudaEvent) -> Result<()> {
@@ -434,6 +435,7 @@ impl CudaBackend {
                 Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
                 Arg::Desc(v) => v as *const WDesc as *mut std::ffi::c_void,
                 Arg::Meta(v) => v as *const StepMeta as *mut std::ffi::c_void,
+                Arg::Route(v) => v as *const moe::RouteOne as *mut std::ffi::c_void,
             })
             .collect();
         let lane = self.current_lane();
