@@ -362,6 +362,80 @@ __device__ void moe_down(const WDesc* __restrict__ dn, const int* __restrict__ p
     }
 }
 
+// Fills `plan` (the layout above plan_group in common.cuh) from the pairs' experts ex[0 .. P)
+// over E experts; cnt: E ints of shared scratch. One whole warp. Groups are the used experts in increasing order, and pairs
+// keep their order within a group.
+// Up to 32 pairs (a decode step's): a lane per pair, and 32 shuffles give each pair the count
+// of pairs and of groups of smaller experts: its group's offset, its group, and with the
+// earlier pairs of its expert (match_any) its slot; nothing is read per expert (at 256 experts
+// the scan below reads 256 counts). Else counts by shared atomics, groups and their offsets by
+// warp scans over 32 experts at a time, then each pair's slot, 32 pairs at a time. (One
+// thread doing all of it waited on shared memory once per expert.)
+__device__ void plan_from(const int* ex, int P, int E, int* cnt, int* plan) {
+    const unsigned all = 0xffffffffu;
+    int lane = threadIdx.x & 31;
+    unsigned below = (1u << lane) - 1;
+    int *experts = plan + 1, *offs = plan + 1 + P, *pairs = plan + 2 + 2 * P;
+    if (P <= 32) {
+        int e = lane < P ? ex[lane] : 0x7fffffff;  // past the end: after every expert
+        unsigned same = __match_any_sync(all, e);
+        bool first = lane < P && (same & below) == 0;
+        unsigned firsts = __ballot_sync(all, first);
+        int less = 0, less_groups = 0;
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            bool lt = __shfl_sync(all, e, j) < e;
+            less += lt;
+            less_groups += lt && ((firsts >> j) & 1);
+        }
+        if (first) {
+            experts[less_groups] = e;
+            offs[less_groups] = less;
+        }
+        if (lane < P) pairs[less + __popc(same & below)] = lane;
+        if (lane == 0) {
+            plan[0] = __popc(firsts);
+            offs[__popc(firsts)] = P;
+        }
+        return;
+    }
+    for (int e = lane; e < E; e += 32) cnt[e] = 0;
+    __syncwarp();
+    for (int p = lane; p < P; p += 32) atomicAdd(&cnt[ex[p]], 1);
+    __syncwarp();
+    int groups = 0, off = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        int e = e0 + lane, n = e < E ? cnt[e] : 0, incl = n;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int v = __shfl_up_sync(all, incl, o);
+            if (lane >= o) incl += v;
+        }
+        unsigned used = __ballot_sync(all, n > 0);
+        if (n > 0) {
+            int gi = groups + __popc(used & below);
+            experts[gi] = e;
+            offs[gi] = off + incl - n;
+            cnt[e] = off + incl - n;  // becomes the next free slot of the group
+        }
+        groups += __popc(used);
+        off += __shfl_sync(all, incl, 31);
+    }
+    if (lane == 0) {
+        offs[groups] = off;
+        plan[0] = groups;
+    }
+    __syncwarp();
+    for (int p0 = 0; p0 < P; p0 += 32) {
+        int p = p0 + lane, e = p < P ? ex[p] : -1;
+        unsigned same = __match_any_sync(all, e);
+        if (p < P) pairs[cnt[e] + __popc(same & below)] = p;
+        __syncwarp();
+        if (p < P && (same >> lane) == 1) cnt[e] += __popc(same);  // the group's last lane
+        __syncwarp();
+    }
+}
+
 // The plan of a step's routes. Shared: a count per expert, then (when `staged`) the pairs'
 // experts, read from global in one parallel pass.
 extern "C" __global__ void moe_plan(const int* __restrict__ idx, int P, int E, int staged, int* __restrict__ plan) { pdl_entry_small();
@@ -425,32 +499,134 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
     }
 }
 
-// The router over a step's tokens (route_pick and route_store in common.cuh, the CPU's picks and
-// weights bit for bit); ROUTE_THREADS threads per token: a block of blockDim.x / ROUTE_THREADS
-// sub-blocks, each taking one token with its own share of shared memory (up to ROUTE_MAX_TOKENS
-// fit; the host puts a decode step of one or two tokens in one block, else one token a block).
-// With shared ≥ 0 that expert (the shared expert folded into the routed ones) follows every
-// token's K choices with weight 1, so idx and wout hold K + 1 entries per token. With `plan`
-// non-null the step's plan over PE experts is built here too (moe_plan's work, without its
-// launch): by the only block from its tokens' picks, or by the last block of several to finish:
-// blocks count themselves done in `done`, which the last one resets to zero for the next step.
-// Dynamic shared memory: the larger of sub-blocks·route_words(E, G, K) words and (PE + T·K1)
-// ints.
+// Sigmoid router with the selection-only bias and group-limited top-k (ties go to the lower
+// index); ROUTE_THREADS threads per token: a block of blockDim.x / ROUTE_THREADS sub-blocks,
+// each taking one token with its own share of shared memory (up to ROUTE_MAX_TOKENS fit; the
+// host puts a decode step of one or two tokens in one block, else one token a block). With
+// shared ≥ 0 that expert (the shared expert folded into the routed ones) follows every token's
+// K choices with weight 1, so idx and wout hold K + 1 entries per token. With `plan` non-null the step's
+// plan over PE experts is built here too (moe_plan's work, without its launch): by the only
+// block from its tokens' picks, or by the last block of several to finish: blocks count
+// themselves done in `done`, which the last one resets to zero for the next step. Dynamic
+// shared memory: the larger of sub-blocks·route_words(E, G, K) words and (PE + T·K1) ints.
+// A sub-block's words: sigmoid scores [E], selection scores [E], candidates [2·runs·KC] (an
+// (expert, score) pair each: KC = min(K, 32) a run of 32 experts), group scores [G], rounded up
+// to even so every sub-block's candidates stay 8-byte aligned. route_words in moe.rs matches.
 #define ROUTE_THREADS 256   // ROUTE_THREADS in moe.rs
 #define ROUTE_MAX_TOKENS 4  // sub-blocks a block at most (1024 threads)
+__device__ __forceinline__ int route_words(int E, int G, int K) { return (2 * E + 2 * ((E + 31) / 32) * min(K, 32) + G + 1) & ~1; }
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
                                      int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
     extern __shared__ __align__(16) float sm[];  // (the candidates are int2)
-    // Sub-block `sub` takes token t with threads tid; every barrier in route_pick is reached by
-    // all sub-blocks alike.
+    // Sub-block `sub` takes token t with threads tid; every barrier below is reached by all
+    // sub-blocks alike (their control flow differs only within warps' loops).
     int tpb = blockDim.x / ROUTE_THREADS, sub = threadIdx.x / ROUTE_THREADS, tid = threadIdx.x % ROUTE_THREADS;
-    int t = blockIdx.x * tpb + sub, K1 = K + (shared >= 0);
-    float* s = sm + sub * route_words(E, G, K);
-    __shared__ int chosen_all[ROUTE_MAX_TOKENS][ROUTE_MAX_K];
+    int t = blockIdx.x * tpb + sub, K1 = K + (shared >= 0), KC = min(K, 32), NC = (E + 31) / 32 * KC;
+    float* s = sm + sub * route_words(E, G, K);  // sigmoid scores
+    float* c = s + E;                            // selection scores
+    int2* cand = (int2*)(c + E);                 // candidates: (expert, score bits)
+    float* gs = (float*)(cand + NC);             // group scores
+    __shared__ int chosen_all[ROUTE_MAX_TOKENS][64];
     int* chosen = chosen_all[sub];
-    route_pick(logits + (size_t)t * E, bias, E, G, TG, K, s, chosen, tid, ROUTE_THREADS);
-    if (tid < 32) route_store(s, chosen, K, norm, scaling, shared, idx + t * K1, wout + t * K1);
+    for (int e = tid; e < E; e += ROUTE_THREADS) {
+        float z = logits[(size_t)t * E + e];
+        float v = 1.f / (1.f + expf(-z));
+        s[e] = v;
+        c[e] = v + bias[e];
+        if (!(c[e] == c[e])) c[e] = NEG_INF;  // NaN ranks last (every rank stays distinct)
+    }
+    __syncthreads();
+    int per = E / G;
+    if (G > 1) {
+        for (int g = tid; g < G; g += ROUTE_THREADS) {
+            float a = NEG_INF, b = NEG_INF;
+            for (int j = 0; j < per; j++) {
+                float v = c[g * per + j];
+                if (v > a) { b = a; a = v; } else if (v > b) { b = v; }
+            }
+            gs[g] = a + b;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int k = 0; k < TG; k++) {
+                int bi = -1;
+                for (int g = 0; g < G; g++)
+                    if (gs[g] > NEG_INF && (bi < 0 || gs[g] > gs[bi])) bi = g;
+                if (bi >= 0) gs[bi] = NEG_INF;
+                chosen[k] = bi;
+            }
+            // Mark kept groups by 1 in gs (all others were not chosen).
+            for (int g = 0; g < G; g++) gs[g] = 0.f;
+            for (int k = 0; k < TG; k++) if (chosen[k] >= 0) gs[chosen[k]] = 1.f;
+        }
+        __syncthreads();
+        for (int e = tid; e < E; e += ROUTE_THREADS)
+            if (gs[e / per] == 0.f) c[e] = NEG_INF;
+        __syncthreads();
+    }
+    // Top-K by rank: expert e is pick number `rank`, the count of experts that come before it
+    // (a higher score, or the same at a lower index: the CPU's order), when that is below K.
+    // (K rounds of a warp arg-max measured slower: K chains of shuffles.) In two passes, so a
+    // thread compares against far fewer than E scores: each run of 32 experts ranks itself
+    // within the run by shuffles, and its first KC become candidates, at slot run·KC + rank (an
+    // expert's rank within its run is at most its rank overall, so every pick is a candidate);
+    // then each candidate's rank among the candidates is its rank overall for the K picks
+    // (whatever comes before a pick is a pick) and at least K for the others (the K picks come
+    // before). A candidate carries its score, so the second pass's loads do not wait on each
+    // other. Lanes past E (the last run's) rank after every expert, so they fill their run's
+    // remaining slots and never come before an expert: at least K experts are candidates.
+    // (Whole warps: ROUTE_THREADS is a multiple of 32, and base is the same across a warp.)
+    for (int base = (tid >> 5) * 32; base < E; base += ROUTE_THREADS) {
+        int l = tid & 31, e = base + l;
+        float v = e < E ? c[e] : NEG_INF;  // past the end: last, behind every expert (index)
+        int rank = 0;
+#pragma unroll 8
+        for (int j = 0; j < 32; j++) {
+            float u = __shfl_sync(0xffffffffu, v, j);
+            rank += u > v || (u == v && j < l);
+        }
+        if (rank < KC) cand[base / 32 * KC + rank] = make_int2(e, __float_as_int(v));
+    }
+    __syncthreads();
+    // Four threads a candidate, each comparing it with every fourth candidate (whole warps
+    // through the loop: i0 is the same across the sub-block).
+    for (int i0 = 0; i0 < NC; i0 += ROUTE_THREADS / 4) {
+        int i = i0 + (tid >> 2), rank = 0;
+        int2 me = cand[i < NC ? i : 0];
+        float v = __int_as_float(me.y);
+        if (i < NC) {
+#pragma unroll 4
+            for (int j = tid & 3; j < NC; j += 4) {
+                int2 o = cand[j];
+                float u = __int_as_float(o.y);
+                rank += u > v || (u == v && o.x < me.x);
+            }
+        }
+        rank += __shfl_xor_sync(0xffffffffu, rank, 1);
+        rank += __shfl_xor_sync(0xffffffffu, rank, 2);
+        if (i < NC && (tid & 3) == 0 && rank < K) chosen[rank] = me.x;
+    }
+    __syncthreads();
+    // The token's picks and weights, by the sub-block's first warp: each lane loads its picks'
+    // scores at once, and every lane sums them in pick order (the CPU's sum, bit for bit).
+    if (tid < 32) {
+        int lane = tid;
+        float sum = 0.f;
+        for (int k0 = 0; k0 < K; k0 += 32) {
+            float v = k0 + lane < K ? s[chosen[k0 + lane]] : 0.f;
+            for (int j = 0; j < min(32, K - k0); j++) sum += __shfl_sync(0xffffffffu, v, j);
+        }
+        float denom = norm ? sum + 1e-20f : 1.f;
+        for (int k = lane; k < K; k += 32) {
+            idx[t * K1 + k] = chosen[k];
+            wout[t * K1 + k] = s[chosen[k]] / denom * scaling;
+        }
+        if (lane == 0 && shared >= 0) {
+            idx[t * K1 + K] = shared;
+            wout[t * K1 + K] = 1.f;
+        }
+    }
     if (!plan) return;
     int P = gridDim.x * tpb * K1;
     int* cnt = (int*)sm;

@@ -26,7 +26,6 @@ impl CudaBackend {
                     x.rows,
                     ((p.rows as u32).div_ceil(16), (x.rows as u32).div_ceil(v.slots(x.rows)), 1),
                     p.cols,
-                    0,
                     &[Arg::Desc(p.desc), Arg::Ptr(self.ptr(&s.data)), Arg::Ptr(s.sums_ptr(self)), Arg::Ptr(self.ptr(&s.exps)), Arg::Ptr(self.ptr(&y.buf)), t, ldy, off],
                 )?;
             } else {
@@ -50,15 +49,15 @@ impl CudaBackend {
     /// columns over `grid` tiles, with the block size from `mma_block`. The expert kernels'
     /// blocks loop over row tiles (every gridDim.x-th of their expert), so those launch
     /// `grid.0 / tiles per block` blocks per expert.
-    pub(super) fn launch_mma(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, smem: usize, args: &[Arg]) -> Result<()> {
+    pub(super) fn launch_mma(&self, family: MmaFamily, v: MmaVariant, tokens: usize, grid: (u32, u32, u32), cols: usize, args: &[Arg]) -> Result<()> {
         let (kernel, fmt) = (v.kernel(family, tokens), v.fmt());
         // Only at one token, where grid.1 (k experts) is exactly the groups the step has: with
         // more, a launch covers k·tokens groups of which fewer run (11 of 16 at two tokens of
         // 32 experts), the tiles spread over fewer blocks than the SMs hold, and the expert
         // GEMVs measured 68% -> 60% of copy bandwidth (four tokens: 65% -> 39%).
         let loops = !matches!(family, MmaFamily::Gemv) && tokens == 1;
-        let (threads, per_block) = self.mma_block(kernel, cols, fmt, (grid.0 * grid.1) as usize, loops, smem)?;
-        self.launch_kernel(kernel, (grid.0.div_ceil(per_block), grid.1, grid.2), threads, smem, args)
+        let (threads, per_block) = self.mma_block(kernel, cols, fmt, (grid.0 * grid.1) as usize, loops)?;
+        self.launch_kernel(kernel, (grid.0.div_ceil(per_block), grid.1, grid.2), threads, 0, args)
     }
 
     /// Threads and row tiles per block of a tensor-core launch over `tiles` row tiles.
@@ -73,8 +72,8 @@ impl CudaBackend {
     /// reads its plan entry and weight descriptor (a chain of dependent loads) once for several
     /// tiles and no second wave starts late (expert down projections at one token, H200: INT4
     /// group 128 / 64 / 32 65 / 62 / 64% -> 68 / 65 / 68% of copy bandwidth, FP8 82% -> 85%;
-    /// gate/up 0.5-1.7 points). Each block takes `smem` bytes of dynamic shared memory.
-    fn mma_block(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, loops: bool, smem: usize) -> Result<(u32, u32)> {
+    /// gate/up 0.5-1.7 points).
+    fn mma_block(&self, kernel: Kernel, cols: usize, fmt: Fmt, tiles: usize, loops: bool) -> Result<(u32, u32)> {
         let chunks = cols / if fmt == Fmt::Fp8 { 64 } else { 128 };
         let most = chunks.div_ceil(2).clamp(2, 16);
         if let Some(w) = forced_mma_warps() {
@@ -82,13 +81,13 @@ impl CudaBackend {
         }
         let share = if self.current_lane() == Lane::Side { side_share() } else { 1 };
         // Decided once per launch shape: the occupancy calculator is not free.
-        let key = (kernel, most, tiles, share, loops, smem);
+        let key = (kernel, most, tiles, share, loops);
         if let Some(&block) = self.mma_block.read().unwrap().get(&key) {
             return Ok(block);
         }
         let f = self.function(kernel)?;
         let resident = |t: u32| -> Result<usize> {
-            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, smem, None).map_err(|e| anyhow!("{e:?}"))? as usize;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(t, 0, None).map_err(|e| anyhow!("{e:?}"))? as usize;
             Ok(per_sm / share * self.sms)
         };
         let mut block = (64, if loops { tiles.div_ceil(resident(64)?.max(1)) as u32 } else { 1 });

@@ -103,8 +103,8 @@ fn kernel_name((family, fmt): Kernel) -> String {
 }
 
 /// What a tensor-core launch's block size depends on: (kernel, most warps, tiles, SM share,
-/// whether it loops over tiles, dynamic shared memory).
-type MmaLaunchShape = (Kernel, usize, usize, usize, bool, usize);
+/// whether it loops over tiles).
+type MmaLaunchShape = (Kernel, usize, usize, usize, bool);
 
 /// Makes `stream`'s later work wait for the work issued so far on `on` (through `event`).
 fn after(stream: &CudaStream, on: &CudaStream, event: &CudaEvent) -> Result<()> {

@@ -102,8 +102,8 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     Ok(CudaRouting { top_k: k1, idx, weights, plan })
 }
 
-/// Mirrors `struct RouteOne` in kernels/common.cuh: a one-token decode step's routing, done in
-/// the blocks of its routed gate/up launch (`route_in_gate_up`); all zeros where the launch is
+/// Mirrors `struct RouteOne` in kernels/linear_mma.cu: a one-token decode step's routing, done
+/// in the blocks of its routed gate/up launch (`gate_up_route`); all zeros where the launch is
 /// given its plan.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -113,33 +113,26 @@ pub(super) struct RouteOne {
     idx: u64,
     w: u64,
     experts: i32,
-    n_group: i32,
-    topk_group: i32,
     top_k: i32,
     norm: i32,
     scaling: f32,
 }
 
-impl RouteOne {
-    /// Dynamic shared memory of a launch that routes (route_one_words in kernels/common.cuh):
-    /// route_pick's words, the plan, the pairs' experts and plan_from's counts.
-    fn smem(&self) -> usize {
-        let (e, k) = (self.experts as usize, self.top_k as usize);
-        4 * (route_words(e, self.n_group as usize, k) + plan_len(k) + k + e)
-    }
-}
+/// Experts a lane of route_group holds at most (ROUTE_ONE_PER in kernels/linear_mma.cu).
+const ROUTE_ONE_PER: usize = 16;
 
 /// The routing of a one-token decode step over `gate`'s experts (without a folded shared
 /// expert) left to its routed gate/up launch: every block of it routes the token and builds the
-/// plan in shared memory (route_group in kernels/common.cuh), so that no route launch and no
+/// plan in shared memory (route_group in kernels/linear_mma.cu), so that no route launch and no
 /// load of the plan from global memory stand between the norm and the experts' first bytes; the
 /// launch's first block writes the picks, weights and plan that the down projections and the
 /// combine read. The launch's `RouteOne` without its buffers (`route_in_gate_up` adds them), or
-/// None where it does not apply: more tokens, a folded shared expert, a router whose shared
-/// memory passes the default 48 KB, or `DUET_ROUTE_IN_GATE_UP=0`.
+/// None where it does not apply: more tokens, a folded shared expert, a group limit, more than
+/// 32 picks or 32·ROUTE_ONE_PER experts (route_group's one warp), or `DUET_ROUTE_IN_GATE_UP=0`.
 fn gate_up_route(x: &CudaTensor, gate: &CudaWeight, p: &RouterParams) -> Option<RouteOne> {
-    let route = RouteOne { experts: gate.rows as i32, n_group: p.n_group as i32, topk_group: p.topk_group as i32, top_k: p.top_k as i32, norm: p.norm_topk_prob as i32, scaling: p.scaling, ..Default::default() };
-    (x.rows == 1 && p.shared.is_none() && route.smem() <= 48 * 1024 && route_in_gate_up_on()).then_some(route)
+    let fits = p.n_group == 1 && p.top_k <= 32 && gate.rows <= 32 * ROUTE_ONE_PER;
+    let route = RouteOne { experts: gate.rows as i32, top_k: p.top_k as i32, norm: p.norm_topk_prob as i32, scaling: p.scaling, ..Default::default() };
+    (x.rows == 1 && p.shared.is_none() && fits && route_in_gate_up_on()).then_some(route)
 }
 
 /// The buffers of a routing left to the gate/up launch (`gate_up_route`), with the plan over
@@ -589,7 +582,6 @@ impl MmaPass {
             pairs / k,
             ((i as u32).div_ceil(8), groups.len() as u32, 1),
             h,
-            self.route.map_or(0, |r| r.smem()),
             &[
                 a,
                 b,
@@ -622,7 +614,6 @@ impl MmaPass {
             pairs / k,
             ((h as u32).div_ceil(16), groups.len() as u32, 1),
             i,
-            0,
             &[
                 a,
                 b,
