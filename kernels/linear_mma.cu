@@ -952,114 +952,15 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
 // a block reads its plan entry and weight descriptor (a chain of dependent loads) once for
 // several tiles when the host launches fewer blocks than tiles (mma_block in linear.rs).
 
-// A one-token decode step routed in the blocks of its first expert kernel (the overlapped MoE
-// block's routed gate/up at one token: moe.rs): every block routes the token from its logits
-// (the same picks in each) and builds the plan in shared memory, where it finds its group; so
-// the chain to the experts' first bytes holds no route launch (its completion and the next
-// launch's release) and no load of the plan from global memory. Block (0, 0) also writes the
-// picks, weights and plan to global memory for the kernels after it (the down projections, the
-// combine); a step's two waves write the same values. Every block of the launch pays for the
-// routing, so it is one warp's few instructions (moe_route's ranking in a 2-warp block, run by
-// all of a launch's 1024 blocks, cost 11 µs at GLM-5.2's width on the H200): no group limit
-// (G = 1), K ≤ 32, E ≤ 32·ROUTE_ONE_PER; moe.rs sends other routers to moe_route. The picks
-// are moe_route's (linear.cu), by K rounds of a warp arg-max: lane l holds experts [l·per, (l + 1)·per) as
-// order keys (a higher score a larger key; a lower lane a lower index, so the lowest lane
-// holding the largest key holds the lower index among equal scores), and each round takes the
-// warp's largest (redux.sync), the lowest lane holding it and that lane's lowest such expert.
-#define ROUTE_ONE_PER 16
-struct RouteOne {
-    const float* logits;  // the token's router logits [E]; null when the plan is given
-    const float* bias;    // the selection bias [E]
-    int* idx;             // out: the K picks in pick order
-    float* w;             // out: their weights
-    int E, K, norm;
-    float scaling;
-};  // RouteOne in moe.rs matches
-__device__ __forceinline__ int plan_ints(int P) { return 2 + 3 * P; }
-// The lane's best expert among its keys (the largest, the first of equal ones): key, slot, score.
-__device__ __forceinline__ void route_one_best(const u32 (&key)[ROUTE_ONE_PER], const float (&sig)[ROUTE_ONE_PER], u32& bk, int& bj, float& bs) {
-    bk = 0u, bj = 0, bs = 0.f;
-#pragma unroll
-    for (int j = 0; j < ROUTE_ONE_PER; j++)
-        if (key[j] > bk) bk = key[j], bj = j, bs = sig[j];
-}
-// Group grp of the routed token's plan (plan_group's answer); `plan` the step's plan in global
-// memory. Every thread of the block calls it.
-__device__ __forceinline__ bool route_group(const RouteOne& r, int* plan, int grp, PlanGroup& pg) {
-    __shared__ int plan_s[2 + 3 * 32];
-    const unsigned all = 0xffffffffu;
-    int K = r.K, P = K;  // one token: a pair a pick
-    if (threadIdx.x < 32) {
-        int lane = threadIdx.x, per = (r.E + 31) / 32;
-        // Keys: 0 for none (taken, or past E): below every expert's (-inf's is 0x007fffff).
-        u32 key[ROUTE_ONE_PER];
-        float sig[ROUTE_ONE_PER];
-#pragma unroll
-        for (int j = 0; j < ROUTE_ONE_PER; j++) {
-            int e = lane * per + j;
-            key[j] = 0u, sig[j] = 0.f;
-            if (j < per && e < r.E) {
-                float v = 1.f / (1.f + expf(-r.logits[e])), c = v + r.bias[e];
-                if (!(c == c)) c = NEG_INF;  // NaN ranks last
-                sig[j] = v;
-                key[j] = order_key(c + 0.f);  // (+ 0: -0 is +0, equal as moe_route compares)
-            }
-        }
-        u32 bk;
-        int bj;
-        float bs;
-        route_one_best(key, sig, bk, bj, bs);
-        int my_e = 0x7fffffff;  // lane k < K: pick k and its score
-        float my_s = 0.f;
-        for (int k = 0; k < K; k++) {
-            u32 m = __reduce_max_sync(all, bk);
-            int wl = __ffs(__ballot_sync(all, bk == m)) - 1;
-            int wj = __shfl_sync(all, bj, wl);
-            float ws = __shfl_sync(all, bs, wl);
-            if (lane == k) my_e = wl * per + wj, my_s = ws;
-            if (lane == wl) {
-#pragma unroll
-                for (int j = 0; j < ROUTE_ONE_PER; j++)
-                    if (j == bj) key[j] = 0u;
-                route_one_best(key, sig, bk, bj, bs);
-            }
-        }
-        // Weights as moe_route makes them: the scores summed in pick order.
-        float sum = 0.f;
-        for (int k = 0; k < K; k++) sum += __shfl_sync(all, my_s, k);
-        float denom = r.norm ? sum + 1e-20f : 1.f;
-        // The plan (plan_from's for distinct experts): groups by increasing expert, a pair each.
-        int rank = 0;
-        for (int k = 0; k < K; k++) rank += __shfl_sync(all, my_e, k) < my_e;
-        if (lane < K) {
-            plan_s[1 + rank] = my_e;
-            plan_s[1 + P + rank] = rank;
-            plan_s[2 + 2 * P + rank] = lane;
-        }
-        if (lane == 0) plan_s[0] = K, plan_s[1 + P + K] = K;
-        if (blockIdx.x == 0 && blockIdx.y == 0 && lane < K) {
-            r.idx[lane] = my_e;
-            r.w[lane] = my_s / denom * r.scaling;
-        }
-    }
-    __syncthreads();
-    if (blockIdx.x == 0 && blockIdx.y == 0)
-        for (int i = threadIdx.x; i < plan_ints(P); i += blockDim.x) plan[i] = plan_s[i];
-    return plan_group(plan_s, P, grp, pg);
-}
-
 // act[j, r] = silu(gate_e[r]·x_t) · (up_e[r]·x_t) for the plan's j-th pair p (token t = p / K):
 // the activations in plan order, so that a group's rows are contiguous (the one-token block
 // splits and projects its experts in two waves: moe.rs). The tile's rows are 8 gate rows and
 // the matching up rows; grid (up to ceil(I / 8), groups from group g0); x split for the format
 // (T rows).
-// With route.logits the launch routes its one token itself and writes the plan (route_group).
-template <class V>
-__device__ void moe_gate_up_mma(const WDesc* gu, int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0,
-                                const RouteOne& route) {
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0) {
     __shared__ float res[16 * MMA_TOKENS];
     PlanGroup pg;
-    if (!(route.logits ? route_group(route, plan, g0 + blockIdx.y, pg) : plan_group(plan, P, g0 + blockIdx.y, pg))) return;
+    if (!plan_group(plan, P, g0 + blockIdx.y, pg)) return;
     const WDesc d = gu[pg.expert];
     const int* pairs = pg.pairs;
     int g = (threadIdx.x & 31) >> 2;
@@ -1114,9 +1015,9 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait, const RouteOne route) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait) { \
         if (wait) pdl_entry(); else pdl_nowait();                                                                       \
-        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0, route);                                          \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0);                                        \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) { \
         pdl_entry();                                                                                                    \

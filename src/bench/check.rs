@@ -493,9 +493,9 @@ fn check_wide_router(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
             check_route((cpu, gpu), (&xc, &xg), &router, &p, t)?;
         }
     }
-    // A one-token decode block routes in its routed gate/up's blocks (route_group in
-    // kernels/common.cuh), with their threads rather than moe_route's: at this width and with
-    // these ties, against the oracle and bit for bit against moe_route's routing (folded).
+    // A one-token decode block at this width and with these ties (its router overlapped with
+    // the shared expert): against the oracle, and bit for bit against the shared expert folded
+    // into the routed ones on one stream.
     let (i, fmt) = (128, SynthFormat::Int { bits: 4, group: 128, symmetric: false });
     let ws: Vec<ExpertWeights> = (0..=e)
         .map(|j| ExpertWeights {

@@ -88,7 +88,6 @@ enum Arg {
     F32(f32),
     Desc(WDesc),
     Meta(StepMeta),
-    Route(moe::RouteOne),
 }
 
 /// A kernel entry point: a name, or a family and the weight format whose suffix completes it
@@ -435,7 +434,6 @@ impl CudaBackend {
                 Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
                 Arg::Desc(v) => v as *const WDesc as *mut std::ffi::c_void,
                 Arg::Meta(v) => v as *const StepMeta as *mut std::ffi::c_void,
-                Arg::Route(v) => v as *const moe::RouteOne as *mut std::ffi::c_void,
             })
             .collect();
         let lane = self.current_lane();

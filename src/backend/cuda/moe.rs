@@ -19,7 +19,7 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
 /// Threads per token of moe_route (ROUTE_THREADS in kernels/linear.cu).
 const ROUTE_THREADS: usize = 256;
 
-/// Shared-memory words moe_route gives each token (route_words in kernels/common.cuh): sigmoid
+/// Shared-memory words moe_route gives each token (route_words in kernels/linear.cu): sigmoid
 /// and selection scores, an (expert, score) candidate for each of the first min(K, 32) of every
 /// run of 32 experts, and the group scores, rounded up to even.
 fn route_words(experts: usize, groups: usize, top_k: usize) -> usize {
@@ -35,29 +35,19 @@ fn route_tokens() -> usize {
     *N.get_or_init(|| super::kernels::env_usize("DUET_ROUTE_TOKENS", "1 to 4", |n| (1..=4).contains(&n)).unwrap_or(2))
 }
 
-/// An error unless the kernels can route over `gate`'s experts as `p` says, with `bias`.
-fn check_router(gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<()> {
+/// `route`, with the decode plan made for a set of `plan_experts` experts; with `logits`, the
+/// gate's GEMV of `x` already made (by the norm that made `x`: `add_norm_block`).
+fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: Option<CudaTensor>) -> Result<CudaRouting> {
     let e = gate.rows;
     if bias.0.len() != e {
         bail!("route: bias of {} for {e} experts", bias.0.len());
     }
-    if p.n_group > ROUTE_MAX_K || p.topk_group > ROUTE_MAX_K || p.top_k > ROUTE_MAX_K {
-        bail!("route: at most {ROUTE_MAX_K} expert groups and {ROUTE_MAX_K} experts per token are supported");
+    if p.n_group > 64 || p.topk_group > 64 || p.top_k > 64 {
+        bail!("route: at most 64 expert groups and 64 experts per token are supported");
     }
     if p.top_k > e || p.n_group == 0 || !e.is_multiple_of(p.n_group) {
         bail!("route: top-{} of {e} experts in {} groups", p.top_k, p.n_group);
     }
-    Ok(())
-}
-
-/// Picks (and kept groups) a token at most (ROUTE_MAX_K in kernels/common.cuh).
-const ROUTE_MAX_K: usize = 64;
-
-/// `route`, with the decode plan made for a set of `plan_experts` experts; with `logits`, the
-/// gate's GEMV of `x` already made (by the norm that made `x`: `add_norm_block`).
-fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: Option<CudaTensor>) -> Result<CudaRouting> {
-    check_router(gate, bias, p)?;
-    let e = gate.rows;
     let logits = match logits {
         Some(l) => l,
         None => gpu.linear(x, gate)?,
@@ -100,56 +90,6 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
         )?;
     }
     Ok(CudaRouting { top_k: k1, idx, weights, plan })
-}
-
-/// Mirrors `struct RouteOne` in kernels/linear_mma.cu: a one-token decode step's routing, done
-/// in the blocks of its routed gate/up launch (`gate_up_route`); all zeros where the launch is
-/// given its plan.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct RouteOne {
-    logits: u64,
-    bias: u64,
-    idx: u64,
-    w: u64,
-    experts: i32,
-    top_k: i32,
-    norm: i32,
-    scaling: f32,
-}
-
-/// Experts a lane of route_group holds at most (ROUTE_ONE_PER in kernels/linear_mma.cu).
-const ROUTE_ONE_PER: usize = 16;
-
-/// The routing of a one-token decode step over `gate`'s experts (without a folded shared
-/// expert) left to its routed gate/up launch: every block of it routes the token and builds the
-/// plan in shared memory (route_group in kernels/linear_mma.cu), so that no route launch and no
-/// load of the plan from global memory stand between the norm and the experts' first bytes; the
-/// launch's first block writes the picks, weights and plan that the down projections and the
-/// combine read. The launch's `RouteOne` without its buffers (`route_in_gate_up` adds them), or
-/// None where it does not apply: more tokens, a folded shared expert, a group limit, more than
-/// 32 picks or 32·ROUTE_ONE_PER experts (route_group's one warp), or `DUET_ROUTE_IN_GATE_UP=0`.
-fn gate_up_route(x: &CudaTensor, gate: &CudaWeight, p: &RouterParams) -> Option<RouteOne> {
-    let fits = p.n_group == 1 && p.top_k <= 32 && gate.rows <= 32 * ROUTE_ONE_PER;
-    let route = RouteOne { experts: gate.rows as i32, top_k: p.top_k as i32, norm: p.norm_topk_prob as i32, scaling: p.scaling, ..Default::default() };
-    (x.rows == 1 && p.shared.is_none() && fits && route_in_gate_up_on()).then_some(route)
-}
-
-/// The buffers of a routing left to the gate/up launch (`gate_up_route`), with the plan over
-/// `plan_experts` experts, and `route` pointed at them and at the token's `logits`.
-fn route_in_gate_up(gpu: &CudaBackend, mut route: RouteOne, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: &CudaTensor) -> Result<(CudaRouting, RouteOne)> {
-    check_router(gate, bias, p)?;
-    let k = p.top_k;
-    let (idx, weights, plan) = (gpu.alloc_indices(k)?, gpu.alloc(k)?, gpu.alloc_indices(plan_len(k))?);
-    (route.logits, route.bias, route.idx, route.w) = (gpu.ptr(&logits.buf), gpu.ptr(&bias.0), gpu.ptr(&idx), gpu.ptr(&weights));
-    Ok((CudaRouting { top_k: k, idx, weights, plan: Some((plan, plan_experts)) }, route))
-}
-
-/// Whether a one-token overlapped block routes in its routed gate/up (`DUET_ROUTE_IN_GATE_UP`,
-/// default on; 0 launches moe_route before it, as at more tokens).
-fn route_in_gate_up_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_ROUTE_IN_GATE_UP", true))
 }
 
 /// The routed (and folded shared) experts of a step, grouped by expert, and their weighted sum.
@@ -342,20 +282,8 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             shared_down()
         },
         || {
-            // At one token the routed gate/up routes (the logits kept until its launches).
-            let (routing, route, _logits) = match gate_up_route(x, gate, &routed) {
-                Some(route) => {
-                    let logits = match logits {
-                        Some(l) => l,
-                        None => gpu.linear(x, gate)?,
-                    };
-                    let (routing, route) = route_in_gate_up(gpu, route, gate, bias, &routed, experts.count, &logits)?;
-                    (routing, Some(route), Some(logits))
-                }
-                None => (route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?, None, None),
-            };
-            let mut pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
-            pass.route = route;
+            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
+            let pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
             let groups = (t * routing.top_k).min(experts.count) as u32;
             let split = waves(t, groups);
             let plan = decode_plan(&routing)?;
@@ -534,14 +462,11 @@ struct MmaPass {
     act: CudaTensor,
     acts: Split,
     part: DevBuf<f32>,
-    /// Set where the pass's gate/up launches route their one token themselves
-    /// (`gate_up_route`), filling the plan they are given.
-    route: Option<RouteOne>,
 }
 
 impl MmaPass {
     fn new(gpu: &CudaBackend, pairs: usize, experts: &CudaExperts) -> Result<MmaPass> {
-        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)?, route: None })
+        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)? })
     }
 
     /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
@@ -573,7 +498,6 @@ impl MmaPass {
         let (i, h, pairs) = (experts.inter, experts.hidden, self.act.rows);
         check_groups(&groups, pairs)?;
         let [a, b, c] = plan_args(gpu, &experts.gate_up_table, plan, pairs);
-        let route = self.route.unwrap_or_default();
         // The tile width follows the tokens (pairs / k), as an expert's group has at most one
         // pair per token (the kernels loop over a group's pairs, so any count is still right).
         gpu.launch_mma(
@@ -594,7 +518,6 @@ impl MmaPass {
                 Arg::I32(i as i32),
                 Arg::I32(groups.start as i32),
                 Arg::I32(wait as i32),
-                Arg::Route(route),
             ],
         )
     }
