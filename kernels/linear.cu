@@ -507,13 +507,8 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 // K choices with weight 1, so idx and wout hold K + 1 entries per token. With `plan` non-null the step's
 // plan over PE experts is built here too (moe_plan's work, without its launch): by the only
 // block from its tokens' picks, or by the last block of several to finish: blocks count
-// themselves done in `done`, which the last one resets to zero for the next step. With `table`
-// (the PE experts' gate/up weight descriptors) the only block also writes each group's
-// descriptor in plan order to pdesc, so that a gate/up block loads its plan entry and its
-// descriptor at once, not one after the other (moe_gate_up_mma); it copies the table to shared
-// memory before its wait (the table depends on no kernel), while the kernel before it runs.
-// Dynamic shared memory: the larger of sub-blocks·route_words(E, G, K) words and (PE + T·K1)
-// ints, rounded up to 16 bytes, then with `table` PE descriptors (route_smem in moe.rs).
+// themselves done in `done`, which the last one resets to zero for the next step. Dynamic
+// shared memory: the larger of sub-blocks·route_words(E, G, K) words and (PE + T·K1) ints.
 // A sub-block's words: sigmoid scores [E], selection scores [E], candidates [2·runs·KC] (an
 // (expert, score) pair each: KC = min(K, 32) a run of 32 experts), group scores [G], rounded up
 // to even so every sub-block's candidates stay 8-byte aligned. route_words in moe.rs matches.
@@ -522,17 +517,8 @@ extern "C" __global__ void moe_plan_one(int e, int P, int* __restrict__ plan) { 
 __device__ __forceinline__ int route_words(int E, int G, int K) { return (2 * E + 2 * ((E + 31) / 32) * min(K, 32) + G + 1) & ~1; }
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
-                                     int* __restrict__ plan, int* __restrict__ done, int PE, const WDesc* __restrict__ table,
-                                     WDesc* __restrict__ pdesc) {
+                                     int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
     extern __shared__ __align__(16) float sm[];  // (the candidates are int2)
-    constexpr int DESC_U4 = sizeof(WDesc) / 16;
-    static_assert(sizeof(WDesc) % 16 == 0, "descriptors copied in 16-byte units");
-    bool descs = table && plan && gridDim.x == 1;
-    int P1 = blockDim.x / ROUTE_THREADS * (K + (shared >= 0));
-    uint4* tsm = (uint4*)(sm + ((max(blockDim.x / ROUTE_THREADS * route_words(E, G, K), PE + P1) + 3) & ~3));
-    if (descs)
-        for (int i = threadIdx.x; i < PE * DESC_U4; i += blockDim.x) tsm[i] = __ldg((const uint4*)table + i);
-    pdl_entry_small();
     // Sub-block `sub` takes token t with threads tid; every barrier below is reached by all
     // sub-blocks alike (their control flow differs only within warps' loops).
     int tpb = blockDim.x / ROUTE_THREADS, sub = threadIdx.x / ROUTE_THREADS, tid = threadIdx.x % ROUTE_THREADS;
@@ -655,10 +641,6 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
         }
         __syncwarp();
         plan_from(ex, P, PE, cnt, plan);
-        if (!descs) return;
-        __syncwarp();  // (the plan's experts, written above)
-        int groups = plan[0];
-        for (int i = threadIdx.x; i < groups * DESC_U4; i += 32) ((uint4*)pdesc)[i] = tsm[plan[1 + i / DESC_U4] * DESC_U4 + i % DESC_U4];
         return;
     }
     // Several blocks (one token each: the host puts tokens together only in a block alone).

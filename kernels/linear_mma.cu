@@ -957,18 +957,11 @@ template <class V> __device__ void gemv_mma(const WDesc d, const void* xs, const
 // splits and projects its experts in two waves: moe.rs). The tile's rows are 8 gate rows and
 // the matching up rows; grid (up to ceil(I / 8), groups from group g0); x split for the format
 // (T rows).
-// With pdesc (the router's copy of each group's descriptor, in plan order: moe_route) a block
-// loads its descriptor beside its plan entry, one load after the kernel's wait, not two.
-template <class V>
-__device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0,
-                                const WDesc* pdesc) {
+template <class V> __device__ void moe_gate_up_mma(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0) {
     __shared__ float res[16 * MMA_TOKENS];
-    int grp = g0 + blockIdx.y;
-    WDesc given;
-    if (pdesc) given = pdesc[grp];  // (before the plan's answer: loaded with it)
     PlanGroup pg;
-    if (!plan_group(plan, P, grp, pg)) return;
-    const WDesc d = pdesc ? given : gu[pg.expert];
+    if (!plan_group(plan, P, g0 + blockIdx.y, pg)) return;
+    const WDesc d = gu[pg.expert];
     const int* pairs = pg.pairs;
     int g = (threadIdx.x & 31) >> 2;
     for (int r0 = blockIdx.x * 8; r0 < I; r0 += gridDim.x * 8) {
@@ -1022,9 +1015,9 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     extern "C" __global__ void __maxnreg__(REGS) gemv_mma_##NAME(const WDesc d, const void* xs, const int* sums, const int* exps, float* y, int T, int ldy, int yoff) { \
         gemv_mma<V>(d, xs, sums, exps, y, T, ldy, yoff);                                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait, const WDesc* pdesc) { \
+    extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait) { \
         if (wait) pdl_entry(); else pdl_nowait();                                                                       \
-        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0, pdesc);                                          \
+        moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0);                                        \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) { \
         pdl_entry();                                                                                                    \

@@ -289,7 +289,6 @@ pub fn run(reps: usize, only: Option<&str>, case: Option<&str>) -> Result<()> {
                 idx: stream.clone_htod(&idx).map_err(|e| anyhow!("{e:?}"))?.into(),
                 weights: stream.clone_htod(&vec![0.125f32; batch * 8]).map_err(|e| anyhow!("{e:?}"))?.into(),
                 plan: None,
-                plan_descs: None,
             };
             let ms = time_graph(&gpu, 8, reps, || gpu.moe(&x, ex, &routing).map(|_| ()))?;
             r.row(&label, distinct as f64 * expert_bytes, ms);

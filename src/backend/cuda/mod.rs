@@ -78,9 +78,6 @@ pub struct CudaRouting {
     /// The pairs grouped by expert (moe_plan's layout), when the router built it (decode
     /// steps), with the number of experts it counts.
     pub plan: Option<(DevBuf<i32>, usize)>,
-    /// With the plan, each group's gate/up weight descriptor in plan order (`WDESC_INTS` ints
-    /// each), when the router copied them (the overlapped decode block's routed experts).
-    pub plan_descs: Option<DevBuf<i32>>,
 }
 
 /// A kernel argument, passed by value.

@@ -13,7 +13,7 @@ use crate::backend::{Backend, ExpertWeights, MoeBlock, RouterParams};
 /// The router's gate GEMV and the sigmoid / group top-k selection (plus the plan at decode).
 pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams) -> Result<CudaRouting> {
     // The plan counts the appended shared expert too.
-    route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)), None, None)
+    route_planned(gpu, x, gate, bias, p, p.shared.map_or(gate.rows, |s| gate.rows.max(s + 1)), None)
 }
 
 /// Threads per token of moe_route (ROUTE_THREADS in kernels/linear.cu).
@@ -26,19 +26,6 @@ fn route_words(experts: usize, groups: usize, top_k: usize) -> usize {
     (2 * experts + 2 * experts.div_ceil(32) * top_k.min(32) + groups + 1) & !1
 }
 
-/// Bytes and ints of a weight descriptor (`WDesc`) as moe_route copies it into a plan's
-/// descriptors.
-const WDESC_BYTES: usize = std::mem::size_of::<WDesc>();
-const WDESC_INTS: usize = WDESC_BYTES / 4;
-const _: () = assert!(WDESC_BYTES.is_multiple_of(16), "moe_route copies descriptors in 16-byte units");
-
-/// Whether the router copies the plan's descriptors (`DUET_PLAN_DESCS`, default on until
-/// measured).
-fn plan_descs_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::kernels::env_switch("DUET_PLAN_DESCS", true))
-}
-
 /// The most tokens of a decode step moe_route takes in one block, which then builds the plan
 /// from its own picks (`DUET_ROUTE_TOKENS`, 1 to 4, the kernel's ROUTE_MAX_TOKENS; default 2:
 /// with the route of 1b2b2b5 four tokens in one block routed 1 µs slower than a block each,
@@ -49,11 +36,8 @@ fn route_tokens() -> usize {
 }
 
 /// `route`, with the decode plan made for a set of `plan_experts` experts; with `logits`, the
-/// gate's GEMV of `x` already made (by the norm that made `x`: `add_norm_block`); with `table`
-/// (the set's gate/up descriptors), the plan's groups' descriptors copied beside it where one
-/// block routes (`CudaRouting::plan_descs`).
-#[allow(clippy::too_many_arguments)]
-fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: Option<CudaTensor>, table: Option<&CudaSlice<WDesc>>) -> Result<CudaRouting> {
+/// gate's GEMV of `x` already made (by the norm that made `x`: `add_norm_block`).
+fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: Option<CudaTensor>) -> Result<CudaRouting> {
     let e = gate.rows;
     if bias.0.len() != e {
         bail!("route: bias of {} for {e} experts", bias.0.len());
@@ -74,7 +58,6 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     let weights = gpu.alloc(pairs)?;
     // Decode steps get their plan from the router (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
-    let mut plan_descs = None;
     if x.rows > 0 {
         // A decode step of up to route_tokens() tokens in one block, a sub-block a token, so
         // that block builds the plan from its own picks (no count across blocks); the tokens'
@@ -82,13 +65,7 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
         let per_token = route_words(e, p.n_group, p.top_k) * 4;
         let together = plan.is_some() && x.rows <= route_tokens() && x.rows * per_token <= 48 * 1024;
         let tokens_per_block = if together { x.rows } else { 1 };
-        let mut smem = (tokens_per_block * per_token).max(if plan.is_some() { (plan_experts + pairs) * 4 } else { 0 }).next_multiple_of(16);
-        // The descriptors where one block builds the plan, and the table with them fits.
-        let table = table.filter(|t| together && t.len() == plan_experts && smem + plan_experts * WDESC_BYTES <= 48 * 1024 && plan_descs_on());
-        if table.is_some() {
-            smem += plan_experts * WDESC_BYTES;
-            plan_descs = Some(gpu.alloc_indices(pairs * WDESC_INTS)?);
-        }
+        let smem = (tokens_per_block * per_token).max(if plan.is_some() { (plan_experts + pairs) * 4 } else { 0 });
         gpu.launch(
             "moe_route",
             ((x.rows / tokens_per_block) as u32, 1, 1),
@@ -109,12 +86,10 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
                 Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
                 Arg::Ptr(gpu.ptr(&gpu.route_done)),
                 Arg::I32(plan_experts as i32),
-                Arg::Ptr(table.map_or(0, |t| gpu.ptr(t))),
-                Arg::Ptr(plan_descs.as_ref().map_or(0, |d| gpu.ptr(d))),
             ],
         )?;
     }
-    Ok(CudaRouting { top_k: k1, idx, weights, plan, plan_descs })
+    Ok(CudaRouting { top_k: k1, idx, weights, plan })
 }
 
 /// The routed (and folded shared) experts of a step, grouped by expert, and their weighted sum.
@@ -235,7 +210,7 @@ impl CudaBackend {
             Some((y, logits)) => (y, Some(logits)),
             None => (self.add_rms_norm(x, a, w, eps)?, None),
         };
-        route_planned(self, &y, block.gate, block.bias, &routed, block.experts.count, logits, Some(&block.experts.gate_up_table))
+        route_planned(self, &y, block.gate, block.bias, &routed, block.experts.count, logits)
     }
 }
 
@@ -270,7 +245,7 @@ pub(super) fn expert_all(gpu: &CudaBackend, x: &CudaTensor, e: &CudaExperts) -> 
     if t > 0 {
         gpu.launch("fill", CudaBackend::elementwise_grid(t), 256, 0, &[Arg::Ptr(gpu.ptr(&weights)), Arg::Ptr(t as u64), Arg::F32(1.0)])?;
     }
-    moe(gpu, x, e, &CudaRouting { top_k: 1, idx, weights, plan: None, plan_descs: None })
+    moe(gpu, x, e, &CudaRouting { top_k: 1, idx, weights, plan: None })
 }
 
 /// The overlapped block: expert `index` of `shared` (the routed set itself, when the shared
@@ -307,9 +282,8 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             shared_down()
         },
         || {
-            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits, Some(&experts.gate_up_table))?;
-            let mut pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
-            pass.plan_descs = routing.plan_descs.as_ref().map_or(0, |d| gpu.ptr(d));
+            let routing = route_planned(gpu, x, gate, bias, &routed, experts.count, logits)?;
+            let pass = MmaPass::new(gpu, t * routing.top_k, experts)?;
             let groups = (t * routing.top_k).min(experts.count) as u32;
             let split = waves(t, groups);
             let plan = decode_plan(&routing)?;
@@ -488,14 +462,11 @@ struct MmaPass {
     act: CudaTensor,
     acts: Split,
     part: DevBuf<f32>,
-    /// Where the router copied the plan's groups' gate/up descriptors (`CudaRouting::plan_descs`),
-    /// or 0: the gate/up blocks then load theirs from the table after their plan entry.
-    plan_descs: u64,
 }
 
 impl MmaPass {
     fn new(gpu: &CudaBackend, pairs: usize, experts: &CudaExperts) -> Result<MmaPass> {
-        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)?, plan_descs: 0 })
+        Ok(MmaPass { act: gpu.tensor_of(pairs, experts.inter)?, acts: gpu.split_alloc(pairs, experts.inter, experts.fmt_down)?, part: gpu.alloc(pairs * experts.hidden)? })
     }
 
     /// Gate/up with SiLU·up (8 gate rows with their up rows per tile), the split of the
@@ -547,7 +518,6 @@ impl MmaPass {
                 Arg::I32(i as i32),
                 Arg::I32(groups.start as i32),
                 Arg::I32(wait as i32),
-                Arg::Ptr(self.plan_descs),
             ],
         )
     }
