@@ -497,13 +497,7 @@ fn check_wide_router(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
     // the shared expert): against the oracle, and bit for bit against the shared expert folded
     // into the routed ones on one stream.
     let (i, fmt) = (128, SynthFormat::Int { bits: 4, group: 128, symmetric: false });
-    let ws: Vec<ExpertWeights> = (0..=e)
-        .map(|j| ExpertWeights {
-            gate: synthetic_linear(&format!("wide.e{j}.gate"), i, h, fmt, rng),
-            up: synthetic_linear(&format!("wide.e{j}.up"), i, h, fmt, rng),
-            down: synthetic_linear(&format!("wide.e{j}.down"), h, i, fmt, rng),
-        })
-        .collect();
+    let ws: Vec<ExpertWeights> = (0..=e).map(|j| synthetic_expert(&format!("wide.e{j}"), i, h, fmt, rng)).collect();
     let (ex_c, ex_g) = (cpu.experts(&ws)?, gpu.experts(&ws)?);
     let (xc, xg) = pair(cpu, gpu, 1, h, &random(rng, h))?;
     for p in [glm, grouped].map(|p| RouterParams { shared: Some(e), ..p }) {
@@ -515,6 +509,15 @@ fn check_wide_router(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut
         t.flag("moe block", case, yg == folded, "= folded");
     }
     Ok(())
+}
+
+/// Random weights of expert `name` in `fmt`: gate and up [i, h], down [h, i].
+fn synthetic_expert(name: &str, i: usize, h: usize, fmt: SynthFormat, rng: &mut Rng) -> ExpertWeights {
+    ExpertWeights {
+        gate: synthetic_linear(&format!("{name}.gate"), i, h, fmt, rng),
+        up: synthetic_linear(&format!("{name}.up"), i, h, fmt, rng),
+        down: synthetic_linear(&format!("{name}.down"), h, i, fmt, rng),
+    }
 }
 
 fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
@@ -535,23 +538,13 @@ fn check_moe(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) 
     // Each format's experts, uploaded once to both backends; expert `e` is the shared one.
     let mut experts = Vec::new();
     for &fmt in &fmts {
-        let ws: Vec<ExpertWeights> = (0..=e)
-            .map(|j| ExpertWeights {
-                gate: synthetic_linear(&format!("e{j}.gate"), i, h, fmt, rng),
-                up: synthetic_linear(&format!("e{j}.up"), i, h, fmt, rng),
-                down: synthetic_linear(&format!("e{j}.down"), h, i, fmt, rng),
-            })
-            .collect();
+        let ws: Vec<ExpertWeights> = (0..=e).map(|j| synthetic_expert(&format!("e{j}"), i, h, fmt, rng)).collect();
         experts.push((fmt, cpu.experts(&ws)?, gpu.experts(&ws)?));
     }
     // Shared experts of other formats, each a one-expert set.
     let mut apart = Vec::new();
     for sfmt in [SynthFormat::Int { bits: 8, group: 64, symmetric: true }, SynthFormat::Fp8([128, 128])] {
-        let w = ExpertWeights {
-            gate: synthetic_linear("s.gate", i, h, sfmt, rng),
-            up: synthetic_linear("s.up", i, h, sfmt, rng),
-            down: synthetic_linear("s.down", h, i, sfmt, rng),
-        };
+        let w = synthetic_expert("s", i, h, sfmt, rng);
         apart.push((sfmt, cpu.experts(std::slice::from_ref(&w))?, gpu.experts(std::slice::from_ref(&w))?));
     }
     // 1 to 4 and 8 tokens take the tensor-core kernels for FP8 and INT4 (INT4 at 1 and 2 those
