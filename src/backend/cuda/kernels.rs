@@ -89,13 +89,13 @@ pub fn gemv_rows() -> usize {
 }
 
 /// The value of `-DNAME` (1) or `-DNAME=V` in DUET_KERNEL_DEFINES, if it is there and a number.
-fn define_value(name: &str) -> Option<i64> {
+pub fn define_value(name: &str) -> Option<i64> {
     define_in(&extra_defines().join(" "), name)
 }
 
 /// The value of `-DNAME` (1) or `-DNAME=V` among the space-separated `defs` (DUET_KERNEL_DEFINES'
 /// form), if it is there and a number, as the kernels' `#if NAME` reads it.
-pub fn define_in(defs: &str, name: &str) -> Option<i64> {
+fn define_in(defs: &str, name: &str) -> Option<i64> {
     defs.split_whitespace().find_map(|d| {
         let v = d.strip_prefix("-D")?.strip_prefix(name)?;
         if v.is_empty() {

@@ -288,11 +288,8 @@ fn overlapped(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaV
             let split = waves(t, groups);
             let plan = decode_plan(&routing)?;
             pass.gate_up_groups(gpu, experts, variants.0, xs, plan, routing.top_k, 0..split.unwrap_or(groups), true)?;
+            // Waves run at one token alone, the late shared down above it (`late_shared_down`).
             if let Some(split) = split {
-                // Waves run at one token alone, the late shared down above it.
-                if late {
-                    bail!("internal: a late shared down beside two waves of routed experts");
-                }
                 pass.second_wave(gpu, experts, variants, xs, plan, routing.top_k, groups, split)?;
                 return Ok((routing, pass));
             }

@@ -22,7 +22,7 @@ const LOG_MAX: usize = 1 << 16;
 /// in DUET_KERNEL_DEFINES, as the kernels' `#if TIMELINE` reads it).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DUET_KERNEL_DEFINES").is_ok_and(|d| super::kernels::define_in(&d, "TIMELINE").is_some_and(|v| v != 0)))
+    *ON.get_or_init(|| super::kernels::define_value("TIMELINE").is_some_and(|v| v != 0))
 }
 
 /// One launch the host made while the timeline was on: its kernel, grid, block and stream.
