@@ -348,15 +348,23 @@ __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.lau
 // src/backend/cuda/timeline.rs): each launch that waits in pdl_entry notes, in its module's
 // duet_timeline table (its slot found from %gridid), when its first block arrived at the wait,
 // when the wait first and last let a block go (the kernel before it had completed) and how many
-// blocks passed, on the device's global timer. The host starts each record empty (grid,
-// arrived and first all ones, the rest zeros); a note that finds no free slot in 32 is dropped.
+// blocks passed, on the device's global timer; a kernel holding a TIMELINE_END object also notes
+// when its blocks' first threads last left it (its end), and timeline_phase(k) when a block's
+// first thread last passed point k (a short kernel's stages). Every note is a store or an
+// atomic whose result is not used (a reduction: no round trip), so a note does not hold its
+// thread up (atomics that return, as a claimed slot needs, delayed every block's first thread
+// by a round trip, and with it every barrier after). A launch's slot is its grid id's hash
+// modulo the slots, not claimed: launches of consecutive ids take distinct slots, and the host
+// marks a record whose blocks outnumber its grid (two launches in one slot). The host starts
+// each record empty (grid, arrived and first all ones, the rest zeros).
 #ifndef TIMELINE
 #define TIMELINE 0
 #endif
+#define TIMELINE_PHASES 4
 #if TIMELINE
 #define TIMELINE_SLOTS 1024
 struct TimelineRec {
-    unsigned long long grid, arrived, first, last;
+    unsigned long long grid, arrived, first, last, end, phase[TIMELINE_PHASES];
     unsigned int gx, gy, bx, blocks;
 };
 __device__ TimelineRec duet_timeline[TIMELINE_SLOTS];
@@ -365,20 +373,40 @@ __device__ __forceinline__ unsigned long long global_ns() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-__device__ void timeline_note(unsigned long long arrived, unsigned long long passed) {
+// This launch's record.
+__device__ __forceinline__ TimelineRec* timeline_rec() {
     unsigned long long id;
     asm("mov.u64 %0, %%gridid;" : "=l"(id));
-    for (unsigned i = 0, h = (unsigned)(id * 2654435761ull); i < 32; i++) {
-        TimelineRec* r = &duet_timeline[(h + i) % TIMELINE_SLOTS];
-        unsigned long long prev = atomicCAS(&r->grid, ~0ull, id);
-        if (prev != ~0ull && prev != id) continue;
-        atomicMin(&r->arrived, arrived);
-        atomicMin(&r->first, passed);
-        atomicMax(&r->last, passed);
-        if (atomicAdd(&r->blocks, 1u) == 0) r->gx = gridDim.x, r->gy = gridDim.y, r->bx = blockDim.x;
-        return;
-    }
+    TimelineRec* r = &duet_timeline[(unsigned)(id * 2654435761ull) % TIMELINE_SLOTS];
+    r->grid = id;
+    return r;
 }
+__device__ void timeline_note(unsigned long long arrived, unsigned long long passed) {
+    TimelineRec* r = timeline_rec();
+    atomicMin(&r->arrived, arrived);
+    atomicMin(&r->first, passed);
+    atomicMax(&r->last, passed);
+    atomicAdd(&r->blocks, 1u);
+    r->gx = gridDim.x, r->gy = gridDim.y, r->bx = blockDim.x;
+}
+// k < TIMELINE_PHASES: phase k; TIMELINE_PHASES: the end.
+__device__ void timeline_at(int k) {
+    unsigned long long now = global_ns();
+    TimelineRec* r = timeline_rec();
+    atomicMax(k < TIMELINE_PHASES ? &r->phase[k] : &r->end, now);
+}
+struct TimelineEnd {
+    __device__ ~TimelineEnd() {
+        if (threadIdx.x == 0) timeline_at(TIMELINE_PHASES);
+    }
+};
+#define TIMELINE_END TimelineEnd timeline_end_
+__device__ __forceinline__ void timeline_phase(int k) {
+    if (threadIdx.x == 0) timeline_at(k);
+}
+#else
+#define TIMELINE_END
+__device__ __forceinline__ void timeline_phase(int) {}
 #endif
 
 __device__ __forceinline__ void pdl_entry() {

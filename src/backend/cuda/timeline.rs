@@ -1,7 +1,8 @@
 //! A diagnostic timeline of a captured step's kernels, on the device's global timer: built
 //! with `DUET_KERNEL_DEFINES=-DTIMELINE=1`, each kernel that waits in pdl_entry notes when its
 //! first block arrived at the wait and when the wait let its first and last block go
-//! (kernels/common.cuh, TIMELINE). Reading it beside the launches the host made shows where a
+//! (kernels/common.cuh, TIMELINE), and some kernels when their blocks ended and (the router)
+//! when it passed each of its stages. Reading it beside the launches the host made shows where a
 //! latency-bound chain (the MoE block at one token) spends its time: a kernel's first release
 //! is when the kernel before it on its stream completed. `duet bench kernels` prints one under
 //! each MoE block row when the define is set.
@@ -12,8 +13,12 @@ use anyhow::{anyhow, Result};
 
 use super::{CudaBackend, Lane};
 
-/// Bytes of a record: grid id, arrived, first, last (u64); grid x, y, block x, blocks (u32).
-const RECORD: usize = 48;
+/// Stage marks a record holds (TIMELINE_PHASES in kernels/common.cuh).
+const PHASES: usize = 4;
+
+/// Bytes of a record: grid id, arrived, first, last, end, the phases (u64); grid x, y, block
+/// x, blocks (u32).
+const RECORD: usize = 8 * (5 + PHASES) + 16;
 
 /// The most launches the host log keeps (a long run with the timeline on stops logging there).
 const LOG_MAX: usize = 1 << 16;
@@ -58,6 +63,10 @@ pub struct Mark {
     pub arrived: f64,
     pub first: f64,
     pub last: f64,
+    /// When its blocks last ended, for the kernels that note it.
+    pub end: Option<f64>,
+    /// When its blocks last passed each stage mark, for the kernels that have them.
+    pub phases: [Option<f64>; PHASES],
 }
 
 impl CudaBackend {
@@ -92,9 +101,13 @@ impl CudaBackend {
             let bytes = self.stream.clone_dtoh(&table).map_err(|e| anyhow!("{e:?}"))?;
             for r in bytes.chunks_exact(RECORD) {
                 let u64_at = |i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().unwrap());
-                let u32_at = |i: usize| u32::from_le_bytes(r[32 + 4 * i..36 + 4 * i].try_into().unwrap());
+                let u32_at = |i: usize| {
+                    let at = 8 * (5 + PHASES) + 4 * i;
+                    u32::from_le_bytes(r[at..at + 4].try_into().unwrap())
+                };
                 if u64_at(0) != u64::MAX {
-                    raw.push((u64_at(1), u64_at(2), u64_at(3), (u32_at(0), u32_at(1)), u32_at(2), u32_at(3)));
+                    let marks: [u64; PHASES + 1] = std::array::from_fn(|k| u64_at(4 + k));
+                    raw.push((u64_at(1), u64_at(2), u64_at(3), marks, (u32_at(0), u32_at(1)), u32_at(2), u32_at(3)));
                 }
             }
         }
@@ -102,28 +115,37 @@ impl CudaBackend {
         let t0 = raw.first().map_or(0, |r| r.1);
         let mut launches: Vec<Option<Launch>> = self.timeline.0.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().map(Some).collect();
         let us = |t: u64| (t as i64 - t0 as i64) as f64 * 1e-3;
+        // (A mark never set reads 0.)
+        let noted = |t: u64| (t != 0).then(|| us(t));
         Ok(raw
             .into_iter()
-            .map(|(arrived, first, last, grid, block, blocks)| {
+            .map(|(arrived, first, last, marks, grid, block, blocks)| {
                 let launch = launches.iter_mut().find(|l| l.as_ref().is_some_and(|l| l.grid == grid && l.block == block)).and_then(Option::take);
-                Mark { launch, grid, block, blocks, arrived: us(arrived), first: us(first), last: us(last) }
+                let phases = std::array::from_fn(|k| noted(marks[k + 1]));
+                Mark { launch, grid, block, blocks, arrived: us(arrived), first: us(first), last: us(last), end: noted(marks[0]), phases }
             })
             .collect())
     }
 }
 
 /// The marks as a table: kernel, stream, grid, when it arrived and was released (first, last),
-/// and the time from its first release to the next kernel's on the same stream.
+/// when it ended (for the kernels that note it), and the time from its first release to the
+/// next kernel's on the same stream; then the stage marks of the kernels that have them. A
+/// record with more blocks than its grid holds two launches' notes (their ids' slots met).
 pub fn table(marks: &[Mark]) -> String {
-    let mut out = String::from("    kernel                                     stream  grid        blocks  arrived   first    last  -> next on stream\n");
+    let mut out = String::from("    kernel                                     stream  grid        blocks  arrived   first    last     end  -> next on stream\n");
     for (i, m) in marks.iter().enumerate() {
         // (A mark without its launch counts as the main stream's.)
         let lane_of = |m: &Mark| m.launch.as_ref().map_or(Lane::Main, |l| l.lane);
         let lane = lane_of(m);
         let next = marks[i + 1..].iter().find(|n| lane_of(n) == lane).map_or(String::new(), |n| format!("{:7.2}", n.first - m.first));
-        let name = m.launch.as_ref().map_or("?", |l| l.kernel.as_str());
+        let mut name = m.launch.as_ref().map_or("?", |l| l.kernel.as_str()).to_string();
+        if m.blocks as u64 > m.grid.0 as u64 * m.grid.1 as u64 {
+            name += " (two launches' notes)";
+        }
+        let end = m.end.map_or("       ".into(), |e| format!("{e:7.2}"));
         out += &format!(
-            "    {name:<42} {:<6}  {:>4}x{:<4}  {:>6}  {:7.2} {:7.2} {:7.2}  {next}\n",
+            "    {name:<42} {:<6}  {:>4}x{:<4}  {:>6}  {:7.2} {:7.2} {:7.2} {end}  {next}\n",
             lane.name(),
             m.grid.0,
             m.grid.1,
@@ -132,6 +154,11 @@ pub fn table(marks: &[Mark]) -> String {
             m.first,
             m.last
         );
+    }
+    for m in marks.iter().filter(|m| m.phases.iter().any(Option::is_some)) {
+        let name = m.launch.as_ref().map_or("?", |l| l.kernel.as_str());
+        let stages: Vec<String> = m.phases.iter().enumerate().filter_map(|(k, t)| t.map(|t| format!("{k}: {t:.2}"))).collect();
+        out += &format!("    {name} released {:.2}, stages {}\n", m.first, stages.join(", "));
     }
     out
 }
