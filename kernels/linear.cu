@@ -477,6 +477,7 @@ INSTANTIATE(int8, FMT_INT8)
 // run apart from the routed ones: the same rounding as a last pair of weight 1).
 extern "C" __global__ void moe_combine(const float* __restrict__ part, const float* __restrict__ w, float* __restrict__ out,
                                        int T, int K, int H, const float* __restrict__ shared) { pdl_entry_small();
+    TIMELINE_END;
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)T * H) return;
     int t = i / H, r = i % H;
@@ -518,6 +519,7 @@ __device__ __forceinline__ int route_words(int E, int G, int K) { return (2 * E 
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
                                      float* __restrict__ wout, int E, int G, int TG, int K, int norm, float scaling, int shared,
                                      int* __restrict__ plan, int* __restrict__ done, int PE) { pdl_entry_small();
+    TIMELINE_END;
     extern __shared__ __align__(16) float sm[];  // (the candidates are int2)
     // Sub-block `sub` takes token t with threads tid; every barrier below is reached by all
     // sub-blocks alike (their control flow differs only within warps' loops).
@@ -537,6 +539,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
         if (!(c[e] == c[e])) c[e] = NEG_INF;  // NaN ranks last (every rank stays distinct)
     }
     __syncthreads();
+    timeline_phase(0);
     int per = E / G;
     if (G > 1) {
         for (int g = tid; g < G; g += ROUTE_THREADS) {
@@ -589,6 +592,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
         if (rank < KC) cand[base / 32 * KC + rank] = make_int2(e, __float_as_int(v));
     }
     __syncthreads();
+    timeline_phase(1);
     // Four threads a candidate, each comparing it with every fourth candidate (whole warps
     // through the loop: i0 is the same across the sub-block).
     for (int i0 = 0; i0 < NC; i0 += ROUTE_THREADS / 4) {
@@ -608,6 +612,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
         if (i < NC && (tid & 3) == 0 && rank < K) chosen[rank] = me.x;
     }
     __syncthreads();
+    timeline_phase(2);
     // The token's picks and weights, by the sub-block's first warp: each lane loads its picks'
     // scores at once, and every lane sums them in pick order (the CPU's sum, bit for bit).
     if (tid < 32) {
@@ -627,6 +632,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
             wout[t * K1 + K] = 1.f;
         }
     }
+    timeline_phase(3);
     if (!plan) return;
     int P = gridDim.x * tpb * K1;
     int* cnt = (int*)sm;
@@ -658,4 +664,83 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS * ROUTE_MAX_TOKENS) m
     __syncwarp();
     plan_from(ex, P, PE, cnt, plan);
     if (lane == 0) *done = 0;
+}
+
+// moe_route for a decode step of up to ROUTE_MAX_TOKENS tokens without expert groups (n_group
+// 1, as GLM-5.x), at most 32·ROUTE_WARP_PER experts and 32 picks a token: a warp a token, one
+// block. Lane l holds experts l·per .. l·per + per − 1 (per = ⌈E/32⌉) as order keys in
+// registers, and each of the K picks is one warp arg-max: the lane's best key by a scan of its
+// keys, then redux.sync over the lanes (the lowest lane with the top key holds the lowest index
+// among equals, and the scan keeps its lowest slot, so ties go to the lower index as the CPU's
+// order has it). The picks, their weights (summed in pick order: moe_route's bits) and the plan
+// are moe_route's. No barrier but the one before the plan: moe_route's five barriers and
+// shared-memory passes took 4.6 µs from its release to its end inside the INT4 block at one
+// token on the H200, this 3.4 (kernel timeline; each lane's keys sorted once so that a pick
+// pops the winner's head, not a scan, took 4.3: the sort costs more than the scans it saves;
+// performance.md).
+#define ROUTE_WARP_PER 8
+extern "C" __global__ void __launch_bounds__(32 * ROUTE_MAX_TOKENS) moe_route_warp(const float* __restrict__ logits, const float* __restrict__ bias, int* __restrict__ idx,
+                                                                               float* __restrict__ wout, int E, int K, int norm, float scaling, int shared,
+                                                                               int* __restrict__ plan, int PE) {
+    const unsigned all = 0xffffffffu;
+    int t = threadIdx.x >> 5, lane = threadIdx.x & 31, per = (E + 31) / 32, e0 = lane * per;
+    // The bias depends on no kernel: loaded before the wait.
+    float b[ROUTE_WARP_PER];
+#pragma unroll
+    for (int j = 0; j < ROUTE_WARP_PER; j++) b[j] = j < per && e0 + j < E ? __ldg(bias + e0 + j) : 0.f;
+    pdl_entry_small();
+    TIMELINE_END;
+    float s[ROUTE_WARP_PER];
+    u32 key[ROUTE_WARP_PER];
+#pragma unroll
+    for (int j = 0; j < ROUTE_WARP_PER; j++) {
+        bool in = j < per && e0 + j < E;
+        float z = in ? logits[(size_t)t * E + e0 + j] : 0.f;
+        s[j] = 1.f / (1.f + expf(-z));
+        float c = s[j] + b[j];
+        if (!(c == c)) c = NEG_INF;  // NaN ranks last
+        // (−0 as +0: they compare equal.) Key 0, which no float has: no expert, or taken.
+        key[j] = in ? order_key(c + 0.f) : 0u;
+    }
+    timeline_phase(0);
+    int my_e = -1;
+    float my_s = 0.f, sum = 0.f;
+    for (int k = 0; k < K; k++) {
+        u32 best = 0;
+        int bj = 0;
+#pragma unroll
+        for (int j = 0; j < ROUTE_WARP_PER; j++)
+            if (key[j] > best) best = key[j], bj = j;
+        u32 top = __reduce_max_sync(all, best);
+        int wl = __ffs(__ballot_sync(all, best == top)) - 1;
+        float sv = 0.f;
+#pragma unroll
+        for (int j = 0; j < ROUTE_WARP_PER; j++) {
+            if (j == bj) sv = s[j];
+            if (j == bj && lane == wl) key[j] = 0u;
+        }
+        int e = __shfl_sync(all, e0 + bj, wl);
+        float v = __shfl_sync(all, sv, wl);
+        sum += v;
+        if (lane == k) my_e = e, my_s = v;
+    }
+    timeline_phase(1);
+    int K1 = K + (shared >= 0), P = blockDim.x / 32 * K1;
+    float denom = norm ? sum + 1e-20f : 1.f;
+    __shared__ int ex[ROUTE_MAX_TOKENS * 33];
+    if (lane < K) {
+        idx[t * K1 + lane] = my_e;
+        wout[t * K1 + lane] = my_s / denom * scaling;
+        ex[t * K1 + lane] = my_e;
+    }
+    if (lane == 0 && shared >= 0) {
+        idx[t * K1 + K] = shared;
+        wout[t * K1 + K] = 1.f;
+        ex[t * K1 + K] = shared;
+    }
+    __syncthreads();
+    timeline_phase(2);
+    extern __shared__ int cnt[];  // PE ints (plan_from's scratch above 32 pairs)
+    if (t == 0) plan_from(ex, P, PE, cnt, plan);
+    timeline_phase(3);
 }

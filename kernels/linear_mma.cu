@@ -796,6 +796,7 @@ extern "C" __global__ void split_act(const float* __restrict__ x, int cols, u16*
 // covers whole 128-column chunks.
 extern "C" __global__ void split_planes(const float* __restrict__ x, int cols, u8* __restrict__ q, int* __restrict__ sums, int* __restrict__ exps) {
     pdl_entry_small();
+    TIMELINE_END;
     __shared__ float scratch[32];
     int r = blockIdx.x;
     const float4* xr = (const float4*)(x + (size_t)r * cols);
@@ -848,6 +849,7 @@ __device__ __forceinline__ void norm_split(const float* __restrict__ x, const fl
     size_t off = (size_t)r * cols;
     float4 v[NORM_VEC];
     norm_row(x + off, a ? a + off : nullptr, s ? s + off : nullptr, seg, g, cols, eps, v, scratch);
+    timeline_phase(0);
     float m = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_VEC; j++)
@@ -868,6 +870,7 @@ __device__ __forceinline__ void norm_split(const float* __restrict__ x, const fl
         if (xs) xs_exps[r] = kh;
         if (q) q_exps[r] = kq + 4;
     }
+    timeline_phase(1);
     if constexpr (ROUTER) {
         float dot[ROUTER_ROWS];
 #pragma unroll
@@ -906,6 +909,7 @@ extern "C" __global__ void rms_norm_split_router(const float* __restrict__ x, co
                                                  int* __restrict__ sums, int* __restrict__ q_exps, const float* __restrict__ a,
                                                  float* __restrict__ s, const u16* __restrict__ gate, int gate_rows,
                                                  float* __restrict__ logits) {
+    TIMELINE_END;
     norm_split<true>(x, w, y, cols, eps, xs, xs_exps, q, sums, q_exps, a, s, gate, gate_rows, logits);
 }
 
@@ -1017,10 +1021,12 @@ template <class V> __device__ void moe_down_mma(const WDesc* dn, const int* plan
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_gate_up_mma_##NAME(const WDesc* gu, const int* plan, int P, const void* xs, const int* sums, const int* exps, float* act, int K, int I, int g0, int wait) { \
         if (wait) pdl_entry(); else pdl_nowait();                                                                       \
+        TIMELINE_END;                                                                                                   \
         moe_gate_up_mma<V>(gu, plan, P, xs, sums, exps, act, K, I, g0);                                        \
     }                                                                                                                   \
     extern "C" __global__ void __maxnreg__(REGS) moe_down_mma_##NAME(const WDesc* dn, const int* plan, int P, const void* acts, const int* sums, const int* exps, float* part, int H, int g0) { \
         pdl_entry();                                                                                                    \
+        TIMELINE_END;                                                                                                   \
         moe_down_mma<V>(dn, plan, P, acts, sums, exps, part, H, g0);                                                    \
     }
 

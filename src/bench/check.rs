@@ -471,23 +471,39 @@ fn check_route(
     Ok(Some((c_route, g_route)))
 }
 
-/// Routers at GLM-5.2's width (256 experts, several runs of 32 in moe_route's ranking), with
-/// ties: the gate repeats 96 distinct rows and the bias repeats likewise, so every score comes
-/// two or three times, in one run and across runs, and the picks depend on the tie order (the
-/// lower index first, on both backends).
+/// Routers at GLM-5.2's width (256 experts, several runs of 32 in moe_route's ranking, 8 a
+/// lane in moe_route_warp's) and at 200 (a width no multiple of 32), with ties: the gate
+/// repeats 96 distinct rows and the bias repeats likewise, so every score comes two or three
+/// times, in one run and across runs, and the picks depend on the tie order (the lower index
+/// first, on both backends). Decode steps of one to four tokens without groups take
+/// moe_route_warp, the rest moe_route.
 fn check_wide_router(cpu: &CpuBackend, gpu: &CudaBackend, rng: &mut Rng, t: &mut Table) -> Result<()> {
-    let (e, h, distinct) = (256, 256, 96);
-    let rows = random(rng, distinct * h);
-    let w: Vec<f32> = (0..e).flat_map(|r| rows[(r % distinct) * h..(r % distinct + 1) * h].iter().map(|v| v / 16.0)).collect();
-    let data = TensorView::in_memory("wide.gate.weight", OwnedTensor::bf16(&[e, h], &w));
-    let gate = LinearWeight { module: "wide.gate".into(), rows: e, cols: h, data, format: Format::Plain };
-    let b = random(rng, distinct);
-    let bias: Vec<f32> = (0..e).map(|r| b[r % distinct] * 0.1).collect();
-    let (gate_c, bias_c, gate_g, bias_g) = (cpu.weight(&gate)?, cpu.vector(&bias)?, gpu.weight(&gate)?, gpu.vector(&bias)?);
-    let router = Router { cpu: (&gate_c, &bias_c), gpu: (&gate_g, &bias_g) };
+    let (h, distinct) = (256, 96);
     let glm = RouterParams { top_k: 8, n_group: 1, topk_group: 1, norm_topk_prob: true, scaling: 2.5, shared: None };
     let grouped = RouterParams { n_group: 8, topk_group: 4, ..glm };
-    for tokens in [1, 4, 13] {
+    let rows = random(rng, distinct * h);
+    let b = random(rng, distinct);
+    let tied_router = |e: usize| -> Result<_> {
+        let w: Vec<f32> = (0..e).flat_map(|r| rows[(r % distinct) * h..(r % distinct + 1) * h].iter().map(|v| v / 16.0)).collect();
+        let data = TensorView::in_memory("wide.gate.weight", OwnedTensor::bf16(&[e, h], &w));
+        let gate = LinearWeight { module: "wide.gate".into(), rows: e, cols: h, data, format: Format::Plain };
+        let bias: Vec<f32> = (0..e).map(|r| b[r % distinct] * 0.1).collect();
+        Ok((cpu.weight(&gate)?, cpu.vector(&bias)?, gpu.weight(&gate)?, gpu.vector(&bias)?))
+    };
+    {
+        let (gate_c, bias_c, gate_g, bias_g) = tied_router(200)?;
+        let router = Router { cpu: (&gate_c, &bias_c), gpu: (&gate_g, &bias_g) };
+        for tokens in [1, 3] {
+            let (xc, xg) = pair(cpu, gpu, tokens, h, &random(rng, tokens * h))?;
+            for p in [glm, RouterParams { shared: Some(200), ..glm }, RouterParams { top_k: 32, ..glm }] {
+                check_route((cpu, gpu), (&xc, &xg), &router, &p, t)?;
+            }
+        }
+    }
+    let e = 256;
+    let (gate_c, bias_c, gate_g, bias_g) = tied_router(e)?;
+    let router = Router { cpu: (&gate_c, &bias_c), gpu: (&gate_g, &bias_g) };
+    for tokens in [1, 2, 3, 4, 13] {
         let (xc, xg) = pair(cpu, gpu, tokens, h, &random(rng, tokens * h))?;
         for p in [glm, RouterParams { shared: Some(e), ..glm }, grouped, RouterParams { top_k: 40, ..glm }] {
             check_route((cpu, gpu), (&xc, &xg), &router, &p, t)?;

@@ -51,7 +51,7 @@ pub fn env_usize(name: &str, expects: &str, ok: impl Fn(usize) -> bool) -> Optio
 /// headers: programmatic dependent launch, extra defines, forced warps.
 pub fn settings() -> String {
     let mut parts = vec![format!("pdl {}", if pdl() { "on" } else { "off" })];
-    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
+    for var in ["DUET_KERNEL_DEFINES", "DUET_MMA_WARPS", "DUET_SIDE_SHARE", "DUET_ROUTE_TOKENS", "DUET_ROUTE_WARP", "DUET_NORM_ROUTER", "DUET_NORM_ROUTER_WAVES", "DUET_MOE_WAVES", "DUET_WAVE_NOWAIT", "DUET_DIAG_SKIP", "DUET_MLA_SPLIT_KEYS", "DUET_MLA_TC", "DUET_CUDA_GRAPHS", "DUET_GRAPH_KEEP_BUFFERS"] {
         if let Ok(v) = std::env::var(var) {
             parts.push(format!("{var}={v}"));
         }

@@ -35,6 +35,15 @@ fn route_tokens() -> usize {
     *N.get_or_init(|| super::kernels::env_usize("DUET_ROUTE_TOKENS", "1 to 4", |n| (1..=4).contains(&n)).unwrap_or(2))
 }
 
+/// Whether a decode step's router is moe_route_warp (a warp a token, one block): up to
+/// ROUTE_MAX_TOKENS tokens, no expert groups (n_group 1, as GLM-5.x), at most 32·ROUTE_WARP_PER
+/// experts and 32 picks a token (kernels/linear.cu); `DUET_ROUTE_WARP=0` keeps moe_route.
+fn warp_route(tokens: usize, experts: usize, p: &RouterParams) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| super::kernels::env_switch("DUET_ROUTE_WARP", true));
+    on && (1..=4).contains(&tokens) && p.n_group == 1 && experts <= 32 * 8 && p.top_k <= 32
+}
+
 /// `route`, with the decode plan made for a set of `plan_experts` experts; with `logits`, the
 /// gate's GEMV of `x` already made (by the norm that made `x`: `add_norm_block`).
 fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &CudaVector, p: &RouterParams, plan_experts: usize, logits: Option<CudaTensor>) -> Result<CudaRouting> {
@@ -58,7 +67,27 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     let weights = gpu.alloc(pairs)?;
     // Decode steps get their plan from the router (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
-    if x.rows > 0 {
+    if let Some((plan, _)) = plan.as_ref().filter(|_| warp_route(x.rows, e, p)) {
+        gpu.launch(
+            "moe_route_warp",
+            (1, 1, 1),
+            32 * x.rows as u32,
+            plan_experts * 4,
+            &[
+                Arg::Ptr(gpu.ptr(&logits.buf)),
+                Arg::Ptr(gpu.ptr(&bias.0)),
+                Arg::Ptr(gpu.ptr(&idx)),
+                Arg::Ptr(gpu.ptr(&weights)),
+                Arg::I32(e as i32),
+                Arg::I32(p.top_k as i32),
+                Arg::I32(p.norm_topk_prob as i32),
+                Arg::F32(p.scaling),
+                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
+                Arg::Ptr(gpu.ptr(plan)),
+                Arg::I32(plan_experts as i32),
+            ],
+        )?;
+    } else if x.rows > 0 {
         // A decode step of up to route_tokens() tokens in one block, a sub-block a token, so
         // that block builds the plan from its own picks (no count across blocks); the tokens'
         // scores must fit in the default 48 KB of shared memory.
