@@ -122,19 +122,22 @@ impl CudaBackend {
     /// Notes that weights of formats `fmts` take the tensor-core kernels.
     pub(super) fn note_mma_fmts(&self, fmts: impl IntoIterator<Item = Fmt>) {
         for f in fmts {
-            self.mma_fmts.fetch_or(if planes(f) { MMA_INT4 } else { MMA_FP8 }, Ordering::Relaxed);
+            self.mma_fmts.fetch_or(split_bit(f), Ordering::Relaxed);
         }
     }
 
     /// RMSNorm of decode rows into `y` with, in the same launch, the splits that the tensor-core
-    /// formats of the uploaded weights read (kept with `y`): a decode step's norms feed its FP8
-    /// or INT4 linears, and each split is a launch saved. The same bits as `rms_norm` then
+    /// formats of the uploaded weights read (kept with `y`), or with `readers` those that its
+    /// readers' formats read (a split no reader takes is work on the step's critical path): a
+    /// decode step's norms feed its FP8 or INT4 linears, and each split is a launch saved. The same bits as `rms_norm` then
     /// `split` (kernels/linear_mma.cu). With `add` (a, s), the row normalized is x + a, written
     /// to s too. With `router` (a gate that `norm_router_fits`, and its logits), the launch
     /// also computes the router's logits of the normalized rows. False, launching nothing,
     /// where it does not apply.
-    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<(&CudaLinear, &CudaTensor)>) -> Result<bool> {
-        let fmts = self.mma_fmts.load(Ordering::Relaxed);
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<(&CudaLinear, &CudaTensor)>, readers: Option<&[Fmt]>) -> Result<bool> {
+        let wanted = readers.map_or(!0, |r| r.iter().fold(0, |bits, &f| bits | split_bit(f)));
+        let fmts = self.mma_fmts.load(Ordering::Relaxed) & wanted;
         if fmts == 0 || x.rows > MMA_MAX_TOKENS || !x.cols.is_multiple_of(128) || x.cols > NORM_MAX_COLS {
             return Ok(false);
         }
@@ -385,6 +388,15 @@ fn planes(fmt: Fmt) -> bool {
 /// Bits of `CudaBackend::mma_fmts` (MMA_INT4: the planes, for INT4 and INT8).
 const MMA_FP8: u8 = 1;
 const MMA_INT4: u8 = 2;
+
+/// The `mma_fmts` bit of the split that weights of format `fmt` read.
+fn split_bit(fmt: Fmt) -> u8 {
+    if planes(fmt) {
+        MMA_INT4
+    } else {
+        MMA_FP8
+    }
+}
 
 /// The widest row rms_norm_split takes: each of its 256 threads holds NORM_VEC (8) float4s of
 /// the row (kernels/common.cuh); each block writes the SPLIT_SEG columns of its register index.

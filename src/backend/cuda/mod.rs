@@ -546,7 +546,7 @@ impl CudaBackend {
         if x.rows == 0 {
             return Ok(y);
         }
-        if !self.rms_norm_split(x, w, eps, &y, add, None)? {
+        if !self.rms_norm_split(x, w, eps, &y, add, None, None)? {
             let (a, s) = add.map_or((0, 0), |(a, s)| (self.ptr(&a.buf), self.ptr(&s.buf)));
             self.launch(
                 "rms_norm",

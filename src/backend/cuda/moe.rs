@@ -202,14 +202,15 @@ pub(super) fn moe_block_shared(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWei
 /// it does not apply. The logits' sums run in another order than the GEMV's.
 pub(super) fn add_norm_block(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<CudaTensor>> {
     let Some(side) = side_expert(x, block.experts, block.shared, block.router) else { return Ok(None) };
-    let Some((y, logits)) = add_norm_logits(gpu, x, a, w, eps, block)? else { return Ok(None) };
+    let Some((y, logits)) = add_norm_logits(gpu, x, a, w, eps, block, side.0)? else { return Ok(None) };
     overlapped(gpu, &y, block.gate, block.bias, block.experts, block.router, side, Some(logits)).map(Some)
 }
 
 /// The add, the norm and the router's logits in the norm's launch, as `add_norm_block` begins
-/// (for a block that overlaps its shared expert: `side_expert`): the norm's output and the
-/// logits, or None, launching nothing, where they do not apply.
-fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<Option<(CudaTensor, CudaTensor)>> {
+/// (for a block that overlaps its shared expert, `side`: `side_expert`): the norm's output,
+/// split for the routed and shared experts' gate/up only, and the logits, or None, launching
+/// nothing, where they do not apply.
+fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>, side: &CudaExperts) -> Result<Option<(CudaTensor, CudaTensor)>> {
     if !norm_router() || a.rows != x.rows || a.cols != x.cols || w.0.len() != x.cols {
         return Ok(None);
     }
@@ -218,7 +219,7 @@ fn add_norm_logits(gpu: &CudaBackend, x: &mut CudaTensor, a: &CudaTensor, w: &Cu
         return Ok(None);
     }
     let (sum, y, logits) = (gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, x.cols)?, gpu.tensor_of(x.rows, part.rows)?);
-    if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some((part, &logits)))? {
+    if !gpu.rms_norm_split(x, w, eps, &y, Some((a, &sum)), Some((part, &logits)), Some(&[block.experts.fmt_gate_up, side.fmt_gate_up]))? {
         return Ok(None);
     }
     gpu.replace_tensor(x, sum);
@@ -231,11 +232,11 @@ impl CudaBackend {
     /// route with its plan (the routed experts', as the overlapped block routes them), for
     /// `duet bench kernels` to time the block's chain before the experts.
     pub fn add_norm_route(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaVector, eps: f32, block: &MoeBlock<'_, CudaBackend>) -> Result<CudaRouting> {
-        if side_expert(x, block.experts, block.shared, block.router).is_none() {
+        let Some((side, _)) = side_expert(x, block.experts, block.shared, block.router) else {
             return self.route(&self.add_rms_norm(x, a, w, eps)?, block.gate, block.bias, block.router);
-        }
+        };
         let routed = RouterParams { shared: None, ..*block.router };
-        let (y, logits) = match add_norm_logits(self, x, a, w, eps, block)? {
+        let (y, logits) = match add_norm_logits(self, x, a, w, eps, block, side)? {
             Some((y, logits)) => (y, Some(logits)),
             None => (self.add_rms_norm(x, a, w, eps)?, None),
         };
