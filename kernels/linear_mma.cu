@@ -363,9 +363,9 @@ __device__ __forceinline__ void int4_s8(u32 w, u32& even, u32& odd) {
     odd = w & 0xf0f0f0f0u;
 }
 
-// Where split_planes puts column `col` of a plane: each 8 columns ordered 0 2 4 6 1 3 5 7, so
-// the bytes of one word's even nibbles and then its odd ones are adjacent.
-__device__ __forceinline__ int plane_pos(int col) { return (col & ~7) | ((col & 1) << 2) | ((col >> 1) & 3); }
+// The order of a plane's columns (plane_pos, as store_planes writes them): each 8 columns
+// ordered 0 2 4 6 1 3 5 7, column c at (c & ~7) | (c & 1) << 2 | (c >> 1 & 3), so the bytes of
+// one word's even nibbles and then its odd ones are adjacent.
 
 // An integer tile's result from its accumulators (acc[n]: B tile n's C fragment, the planes of
 // two token slots): lane c holds planes 2(c % 2), 2(c % 2) + 1 of slot 2n + c/2, its partner
@@ -742,19 +742,28 @@ __device__ __forceinline__ void store_planes(float4 v4, float s, int i, int r, i
     int lane = threadIdx.x & 31, n32 = cols / 32, spans = n32 + cols / 128;
     float v[4] = {v4.x * s, v4.y * s, v4.z * s, v4.w * s};
     int part[PLANES];
+    u32 b[PLANES][4];  // plane p's byte of column 4i + j
 #pragma unroll
     for (int p = 0; p < PLANES; p++) part[p] = 0;
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        int pos = plane_pos(4 * i + j);
         float rem = v[j];
 #pragma unroll
         for (int p = 0; p < PLANES; p++) {
             float t = fminf(fmaxf(rintf(rem), -127.f), 127.f);
-            q[((size_t)r * PLANES + p) * cols + pos] = (u8)(signed char)(int)t;
+            b[p][j] = (u8)(signed char)(int)t;
             part[p] += (int)t;
             rem = (rem - t) * (float)(1 << PLANE_BITS);  // exact: rem and t are within 1
         }
+    }
+    // In plane_pos order the columns 4i .. 4i + 3 sit at positions o, o + 4, o + 1, o + 5 of
+    // their 8 (o = 0 for even i, 2 for odd): two 2-byte stores a plane, not four of a byte.
+    size_t at = (size_t)(4 * i & ~7) + 2 * (i & 1);
+#pragma unroll
+    for (int p = 0; p < PLANES; p++) {
+        u8* qp = q + ((size_t)r * PLANES + p) * cols + at;
+        *(u16*)qp = (u16)(b[p][0] | b[p][2] << 8);
+        *(u16*)(qp + 4) = (u16)(b[p][1] | b[p][3] << 8);
     }
     int* rs = sums + (size_t)r * spans * PLANES;
 #pragma unroll
@@ -858,13 +867,19 @@ __device__ __forceinline__ void norm_split(const float* __restrict__ x, const fl
     m = block_max(m, scratch);
     int kh = halves_exponent(m), kq = planes_exponent(m);
     u16* hi = xs ? xs + (size_t)r * 2 * cols : nullptr;
+    // The block's segment, register seg's float4s, by selects (an index unknown at compile time
+    // would put v in local memory), so the stores below are compiled once: with a copy under
+    // each register's test the kernel was 87 KB of code, cold in the instruction cache at each
+    // call, for the one copy a block runs.
+    float4 mine = v[0];
 #pragma unroll
-    for (int j = 0; j < NORM_VEC; j++) {
-        int i = threadIdx.x + j * blockDim.x;
-        if (j != seg || i >= n4) continue;  // (a register index must be known at compile time)
-        ((float4*)(y + (size_t)r * cols))[i] = v[j];
-        if (xs) store_halves(v[j], pow2(kh), hi, hi + cols, i);
-        if (q) store_planes(v[j], pow2(kq), i, r, cols, q, sums);  // whole warps: n4 is a multiple of 32
+    for (int j = 1; j < NORM_VEC; j++)
+        if (j == seg) mine = v[j];
+    int i = threadIdx.x + seg * blockDim.x;
+    if (seg < NORM_VEC && i < n4) {
+        ((float4*)(y + (size_t)r * cols))[i] = mine;
+        if (xs) store_halves(mine, pow2(kh), hi, hi + cols, i);
+        if (q) store_planes(mine, pow2(kq), i, r, cols, q, sums);  // whole warps: n4 is a multiple of 32
     }
     if (threadIdx.x == 0 && seg == 0) {
         if (xs) xs_exps[r] = kh;
