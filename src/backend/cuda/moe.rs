@@ -18,6 +18,10 @@ pub(super) fn route(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: 
 
 /// Threads per token of moe_route (ROUTE_THREADS in kernels/linear.cu).
 const ROUTE_THREADS: usize = 256;
+/// Tokens a router block takes at most (ROUTE_MAX_TOKENS), and experts a lane of
+/// moe_route_warp holds (ROUTE_WARP_PER), in kernels/linear.cu.
+const ROUTE_MAX_TOKENS: usize = 4;
+const ROUTE_WARP_PER: usize = 8;
 
 /// Shared-memory words moe_route gives each token (route_words in kernels/linear.cu): sigmoid
 /// and selection scores, an (expert, score) candidate for each of the first min(K, 32) of every
@@ -32,7 +36,7 @@ fn route_words(experts: usize, groups: usize, top_k: usize) -> usize {
 /// two in one 0.4 µs faster, H200, performance.md; 1: a block a token).
 fn route_tokens() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| super::kernels::env_usize("DUET_ROUTE_TOKENS", "1 to 4", |n| (1..=4).contains(&n)).unwrap_or(2))
+    *N.get_or_init(|| super::kernels::env_usize("DUET_ROUTE_TOKENS", "1 to 4", |n| (1..=ROUTE_MAX_TOKENS).contains(&n)).unwrap_or(2))
 }
 
 /// Whether a decode step's router is moe_route_warp (a warp a token, one block): up to
@@ -41,7 +45,7 @@ fn route_tokens() -> usize {
 fn warp_route(tokens: usize, experts: usize, p: &RouterParams) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let on = *ON.get_or_init(|| super::kernels::env_switch("DUET_ROUTE_WARP", true));
-    on && (1..=4).contains(&tokens) && p.n_group == 1 && experts <= 32 * 8 && p.top_k <= 32
+    on && (1..=ROUTE_MAX_TOKENS).contains(&tokens) && p.n_group == 1 && experts <= 32 * ROUTE_WARP_PER && p.top_k <= 32
 }
 
 /// `route`, with the decode plan made for a set of `plan_experts` experts; with `logits`, the
@@ -67,26 +71,14 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     let weights = gpu.alloc(pairs)?;
     // Decode steps get their plan from the router (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
+    // The arguments both router kernels take: the scores' (logits, bias, the outputs for the
+    // picks and their weights, the expert count) first, then the picks' (top-k, normalize,
+    // scaling, shared expert) after moe_route's group arguments.
+    let scores = [Arg::Ptr(gpu.ptr(&logits.buf)), Arg::Ptr(gpu.ptr(&bias.0)), Arg::Ptr(gpu.ptr(&idx)), Arg::Ptr(gpu.ptr(&weights)), Arg::I32(e as i32)];
+    let picks = [Arg::I32(p.top_k as i32), Arg::I32(p.norm_topk_prob as i32), Arg::F32(p.scaling), Arg::I32(p.shared.map_or(-1, |s| s as i32))];
     if let Some((plan, _)) = plan.as_ref().filter(|_| warp_route(x.rows, e, p)) {
-        gpu.launch(
-            "moe_route_warp",
-            (1, 1, 1),
-            32 * x.rows as u32,
-            plan_experts * 4,
-            &[
-                Arg::Ptr(gpu.ptr(&logits.buf)),
-                Arg::Ptr(gpu.ptr(&bias.0)),
-                Arg::Ptr(gpu.ptr(&idx)),
-                Arg::Ptr(gpu.ptr(&weights)),
-                Arg::I32(e as i32),
-                Arg::I32(p.top_k as i32),
-                Arg::I32(p.norm_topk_prob as i32),
-                Arg::F32(p.scaling),
-                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
-                Arg::Ptr(gpu.ptr(plan)),
-                Arg::I32(plan_experts as i32),
-            ],
-        )?;
+        let args = [&scores[..], &picks, &[Arg::Ptr(gpu.ptr(plan)), Arg::I32(plan_experts as i32)]].concat();
+        gpu.launch("moe_route_warp", (1, 1, 1), 32 * x.rows as u32, plan_experts * 4, &args)?;
     } else if x.rows > 0 {
         // A decode step of up to route_tokens() tokens in one block, a sub-block a token, so
         // that block builds the plan from its own picks (no count across blocks); the tokens'
@@ -95,28 +87,10 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
         let together = plan.is_some() && x.rows <= route_tokens() && x.rows * per_token <= 48 * 1024;
         let tokens_per_block = if together { x.rows } else { 1 };
         let smem = (tokens_per_block * per_token).max(if plan.is_some() { (plan_experts + pairs) * 4 } else { 0 });
-        gpu.launch(
-            "moe_route",
-            ((x.rows / tokens_per_block) as u32, 1, 1),
-            (ROUTE_THREADS * tokens_per_block) as u32,
-            smem,
-            &[
-                Arg::Ptr(gpu.ptr(&logits.buf)),
-                Arg::Ptr(gpu.ptr(&bias.0)),
-                Arg::Ptr(gpu.ptr(&idx)),
-                Arg::Ptr(gpu.ptr(&weights)),
-                Arg::I32(e as i32),
-                Arg::I32(p.n_group as i32),
-                Arg::I32(p.topk_group as i32),
-                Arg::I32(p.top_k as i32),
-                Arg::I32(p.norm_topk_prob as i32),
-                Arg::F32(p.scaling),
-                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
-                Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
-                Arg::Ptr(gpu.ptr(&gpu.route_done)),
-                Arg::I32(plan_experts as i32),
-            ],
-        )?;
+        let groups = [Arg::I32(p.n_group as i32), Arg::I32(p.topk_group as i32)];
+        let planning = [Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))), Arg::Ptr(gpu.ptr(&gpu.route_done)), Arg::I32(plan_experts as i32)];
+        let args = [&scores[..], &groups, &picks, &planning].concat();
+        gpu.launch("moe_route", ((x.rows / tokens_per_block) as u32, 1, 1), (ROUTE_THREADS * tokens_per_block) as u32, smem, &args)?;
     }
     Ok(CudaRouting { top_k: k1, idx, weights, plan })
 }
