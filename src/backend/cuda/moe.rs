@@ -71,14 +71,26 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
     let weights = gpu.alloc(pairs)?;
     // Decode steps get their plan from the router (one launch fewer).
     let plan = if x.rows > 0 && x.rows <= MMA_MAX_TOKENS { Some((gpu.alloc_indices(plan_len(pairs))?, plan_experts)) } else { None };
-    // The arguments both router kernels take: the scores' (logits, bias, the outputs for the
-    // picks and their weights, the expert count) first, then the picks' (top-k, normalize,
-    // scaling, shared expert) after moe_route's group arguments.
-    let scores = [Arg::Ptr(gpu.ptr(&logits.buf)), Arg::Ptr(gpu.ptr(&bias.0)), Arg::Ptr(gpu.ptr(&idx)), Arg::Ptr(gpu.ptr(&weights)), Arg::I32(e as i32)];
-    let picks = [Arg::I32(p.top_k as i32), Arg::I32(p.norm_topk_prob as i32), Arg::F32(p.scaling), Arg::I32(p.shared.map_or(-1, |s| s as i32))];
     if let Some((plan, _)) = plan.as_ref().filter(|_| warp_route(x.rows, e, p)) {
-        let args = [&scores[..], &picks, &[Arg::Ptr(gpu.ptr(plan)), Arg::I32(plan_experts as i32)]].concat();
-        gpu.launch("moe_route_warp", (1, 1, 1), 32 * x.rows as u32, plan_experts * 4, &args)?;
+        gpu.launch(
+            "moe_route_warp",
+            (1, 1, 1),
+            32 * x.rows as u32,
+            plan_experts * 4,
+            &[
+                Arg::Ptr(gpu.ptr(&logits.buf)),
+                Arg::Ptr(gpu.ptr(&bias.0)),
+                Arg::Ptr(gpu.ptr(&idx)),
+                Arg::Ptr(gpu.ptr(&weights)),
+                Arg::I32(e as i32),
+                Arg::I32(p.top_k as i32),
+                Arg::I32(p.norm_topk_prob as i32),
+                Arg::F32(p.scaling),
+                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
+                Arg::Ptr(gpu.ptr(plan)),
+                Arg::I32(plan_experts as i32),
+            ],
+        )?;
     } else if x.rows > 0 {
         // A decode step of up to route_tokens() tokens in one block, a sub-block a token, so
         // that block builds the plan from its own picks (no count across blocks); the tokens'
@@ -87,10 +99,28 @@ fn route_planned(gpu: &CudaBackend, x: &CudaTensor, gate: &CudaWeight, bias: &Cu
         let together = plan.is_some() && x.rows <= route_tokens() && x.rows * per_token <= 48 * 1024;
         let tokens_per_block = if together { x.rows } else { 1 };
         let smem = (tokens_per_block * per_token).max(if plan.is_some() { (plan_experts + pairs) * 4 } else { 0 });
-        let groups = [Arg::I32(p.n_group as i32), Arg::I32(p.topk_group as i32)];
-        let planning = [Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))), Arg::Ptr(gpu.ptr(&gpu.route_done)), Arg::I32(plan_experts as i32)];
-        let args = [&scores[..], &groups, &picks, &planning].concat();
-        gpu.launch("moe_route", ((x.rows / tokens_per_block) as u32, 1, 1), (ROUTE_THREADS * tokens_per_block) as u32, smem, &args)?;
+        gpu.launch(
+            "moe_route",
+            ((x.rows / tokens_per_block) as u32, 1, 1),
+            (ROUTE_THREADS * tokens_per_block) as u32,
+            smem,
+            &[
+                Arg::Ptr(gpu.ptr(&logits.buf)),
+                Arg::Ptr(gpu.ptr(&bias.0)),
+                Arg::Ptr(gpu.ptr(&idx)),
+                Arg::Ptr(gpu.ptr(&weights)),
+                Arg::I32(e as i32),
+                Arg::I32(p.n_group as i32),
+                Arg::I32(p.topk_group as i32),
+                Arg::I32(p.top_k as i32),
+                Arg::I32(p.norm_topk_prob as i32),
+                Arg::F32(p.scaling),
+                Arg::I32(p.shared.map_or(-1, |s| s as i32)),
+                Arg::Ptr(plan.as_ref().map_or(0, |(b, _)| gpu.ptr(b))),
+                Arg::Ptr(gpu.ptr(&gpu.route_done)),
+                Arg::I32(plan_experts as i32),
+            ],
+        )?;
     }
     Ok(CudaRouting { top_k: k1, idx, weights, plan })
 }
