@@ -436,8 +436,8 @@ __device__ __forceinline__ void pdl_late() {
 }
 // Kernels of a few short blocks (norms, splits, the router, plans, combines) let the next kernel
 // launch right after their wait: its blocks take the SMs these leave idle and a GEMV asks L2
-// for its first weights (prefetch_weights, prefetch_lines) while this kernel runs. (INT4 MoE block at one token
-// +1-3 points; PDL_EARLY=0 to compare, performance.md.)
+// for its first weights (prefetch_weights, prefetch_lines) while this kernel runs. (INT4 MoE
+// block at one token +1-3 points; PDL_EARLY=0 to compare, performance.md.)
 #ifndef PDL_EARLY
 #define PDL_EARLY 1
 #endif

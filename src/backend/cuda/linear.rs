@@ -130,10 +130,10 @@ impl CudaBackend {
     /// formats of the uploaded weights read (kept with `y`), or with `readers` those that its
     /// readers' formats read (a split no reader takes is work on the step's critical path): a
     /// decode step's norms feed its FP8 or INT4 linears, and each split is a launch saved. The
-    /// same bits as `rms_norm` then `split` (kernels/linear_mma.cu). With `add` (a, s), the row normalized is x + a, written
-    /// to s too. With `router` (a gate that `norm_router_fits`, and its logits), the launch
-    /// also computes the router's logits of the normalized rows. False, launching nothing,
-    /// where it does not apply.
+    /// same bits as `rms_norm` then `split` (kernels/linear_mma.cu). With `add` (a, s), the row
+    /// normalized is x + a, written to s too. With `router` (a gate that `norm_router_fits`, and
+    /// its logits), the launch also computes the router's logits of the normalized rows. False,
+    /// launching nothing, where it does not apply.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn rms_norm_split(&self, x: &CudaTensor, w: &super::CudaVector, eps: f32, y: &CudaTensor, add: Option<(&CudaTensor, &CudaTensor)>, router: Option<(&CudaLinear, &CudaTensor)>, readers: Option<&[Fmt]>) -> Result<bool> {
         let wanted = readers.map_or(!0, |r| r.iter().fold(0, |bits, &f| bits | split_bit(f)));

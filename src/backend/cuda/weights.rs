@@ -346,8 +346,8 @@ impl HostLinear {
 /// The tensor-core INT4 kernels' scales and zero points side by side (WDesc.scale_zero16, which
 /// Int4Tile in kernels/linear_mma.cu reads for one or two groups a chunk): per row and
 /// 128-column chunk, its `per_chunk` f16 scale bits (`scales`, [rows, sc]), then its zero points
-/// `zero` ([rows, sc]) as the f16 bits of −16·zp, exact for every int8 zero point. None above two groups a chunk (the kernels'
-/// chunk scales then fill more than the 8 bytes they hold).
+/// `zero` ([rows, sc]) as the f16 bits of −16·zp, exact for every int8 zero point. None above
+/// two groups a chunk (the kernels' chunk scales then fill more than the 8 bytes they hold).
 fn scale_zero_halves(scales: &[u16], zero: &[i8], rows: usize, sc: usize, per_chunk: usize) -> Option<Vec<u16>> {
     if per_chunk == 0 || per_chunk > 2 || !sc.is_multiple_of(per_chunk) || scales.len() != rows * sc || zero.len() != rows * sc {
         return None;
